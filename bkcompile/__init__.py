@@ -1,0 +1,46 @@
+"""bkcompile: differentially private training of any PyTorch model through ``torch.compile``.
+
+``torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0})`` makes ``loss.backward()``
+produce the sum of per-sample-clipped gradients (DP-SGD's clipping, book-keeping style).
+"""
+
+from torch._dynamo.backends import registry as _registry
+
+from bkcompile import rules
+from bkcompile.backend import bk_dp
+from bkcompile.batch import mark_batch_dynamic
+from bkcompile.errors import (
+    BKError,
+    GraphBreakError,
+    LossReductionError,
+    NotSupportedYetError,
+    OptionError,
+    PrivacyError,
+    SampleMixingError,
+    UnsupportedOpError,
+)
+from bkcompile.norms import last_per_sample_norms
+from bkcompile.options import BKOptions
+from bkcompile.passes.rules import register_batch_rule
+
+# The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
+# here only when that has not happened (a plain ``import bkcompile`` before any lookup).
+if "bk_dp" not in _registry._BACKENDS:
+    _registry.register_backend(bk_dp, name="bk_dp")
+
+__all__ = [
+    "BKError",
+    "BKOptions",
+    "GraphBreakError",
+    "LossReductionError",
+    "NotSupportedYetError",
+    "OptionError",
+    "PrivacyError",
+    "SampleMixingError",
+    "UnsupportedOpError",
+    "bk_dp",
+    "last_per_sample_norms",
+    "mark_batch_dynamic",
+    "register_batch_rule",
+    "rules",
+]

@@ -1,0 +1,143 @@
+"""The ``bk_dp`` torch.compile backend: aot_autograd with the privatizing pass on the joint graph."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from bkcompile.errors import GraphBreakError
+from bkcompile.options import BKOptions, parse_options
+from bkcompile.passes import privatize
+from bkcompile.passes.facts import REPLICATED, Batched, Fact
+
+aten = torch.ops.aten
+
+# Fused backward ops whose parameter reductions the pass must see as plain sums.
+_DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_backward.default]
+# Ops the loss analysis reads as they are (their normaliser is part of the loss reduction).
+_KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default]
+
+
+def _param_name(source_name: str) -> str:
+    keys = re.findall(r"\['([^']+)'\]|\.(\w+)", source_name)
+    parts = [a or b for a, b in keys]
+    parts = [p for p in parts[1:] if p not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(parts) or source_name
+
+
+def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
+    """Fact, trainability and name of every graph input: parameters and buffers are replicated,
+    other tensors hold samples on ``options.batch_dim``."""
+    facts: list[Fact] = []
+    trainable: list[bool] = []
+    names: list[str] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None and isinstance(getattr(grapharg.source, "name", None), str) \
+            else (grapharg.source.name() if grapharg is not None else node.name)
+        is_state = source.startswith("L['self']") or source.startswith("G[") or "_buffers" in source
+        names.append(_param_name(source) if is_state or isinstance(example, torch.nn.Parameter) else node.name)
+        if isinstance(example, torch.nn.Parameter):
+            facts.append(REPLICATED)
+            trainable.append(example.requires_grad)
+        elif isinstance(example, torch.Tensor) and not is_state and example.dim() > options.batch_dim:
+            facts.append(Batched(options.batch_dim))
+            trainable.append(False)
+        else:
+            facts.append(REPLICATED)
+            trainable.append(False)
+    return facts, trainable, names
+
+
+def _refuse_graph_breaks(gm: torch.fx.GraphModule) -> None:
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None:
+        return
+    frames = list(reason.user_stack or [])
+    resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
+    if reason.graph_break or resumed:
+        where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "unknown location"
+        raise GraphBreakError(
+            f"the model has a graph break at {where}: {reason.reason}\n"
+            "  why: all-layer clipping needs every parameter's per-sample norm in one graph; clipping each "
+            "piece on its own would not bound a sample's whole gradient\n"
+            "  fix: remove the break (run torch.compile(model, fullgraph=True) to see where and why dynamo "
+            "breaks the graph)"
+        )
+
+
+def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
+    """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
+    has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
+    if not has_tangents or context.get("done"):
+        return
+    fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    context["state"] = privatize(gm, num_fwd_outputs, context["facts"], context["trainable"], context["names"],
+                                 context["options"], fake_mode)
+    context["done"] = True
+
+
+def _partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, context: dict, **kwargs: Any):
+    _joint_pass(joint, kwargs["num_fwd_outputs"], context)
+    return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+
+class _InductorJointPass:
+    """Inductor's ``joint_custom_pre_pass`` hook: privatize the joint graph before Inductor partitions it."""
+
+    def __init__(self, context: dict) -> None:
+        self.context = context
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        gm = graph.owning_module
+        outputs = list(graph.output_node().args[0])
+        primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+        _joint_pass(gm, len(outputs) - len(primals), self.context)
+
+    def uuid(self) -> None:
+        return None  # never cache: the pass depends on the options and the model
+
+
+@functools.cache
+def _inductor_decompositions() -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {op: fn for op, fn in select_decomp_table().items() if op not in _KEEP}
+
+
+def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
+    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients."""
+    opts = parse_options(options)
+    _refuse_graph_breaks(gm)
+    facts, trainable, names = _classify_inputs(gm, example_inputs, opts)
+    context = {"facts": facts, "trainable": trainable, "names": names, "options": opts}
+    if opts.compiler == "aot_eager":
+        from functorch.compile import make_boxed_func
+        from torch._decomp import get_decompositions
+
+        def boxed(graph: torch.fx.GraphModule, _inputs: Any):
+            return make_boxed_func(graph.forward)
+
+        return aot_autograd(
+            fw_compiler=boxed,
+            bw_compiler=boxed,
+            partition_fn=functools.partial(_partition, context=context),
+            decompositions=get_decompositions(_DECOMPOSE),
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(
+        gm,
+        example_inputs,
+        # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
+        config_patches={"joint_custom_pre_pass": _InductorJointPass(context), "trace.provenance_tracking_level": 1},
+        decompositions=_inductor_decompositions(),
+    )

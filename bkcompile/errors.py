@@ -1,0 +1,62 @@
+"""The package's error types: one per kind of failure, each message says what, where, why and the fix."""
+
+from __future__ import annotations
+
+import torch.fx
+
+
+class BKError(Exception):
+    """Base class of every error bkcompile raises."""
+
+
+class OptionError(BKError, ValueError):
+    """An option passed to the ``bk_dp`` backend is unknown, of the wrong type or out of range."""
+
+
+class PrivacyError(BKError):
+    """The graph cannot be privatized exactly; training it would not be differentially private."""
+
+
+class UnsupportedOpError(PrivacyError):
+    """An op has no batch-axis rule, so the pass cannot prove that it keeps samples apart."""
+
+
+class SampleMixingError(PrivacyError):
+    """An op combines values of different samples (batch-norm statistics, a mean over the batch)."""
+
+
+class NotSupportedYetError(PrivacyError):
+    """A construct that is per-sample but that the pass cannot clip yet (conv, embedding, shared weights)."""
+
+
+class LossReductionError(PrivacyError):
+    """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``."""
+
+
+class GraphBreakError(PrivacyError):
+    """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
+
+
+def user_location(node: torch.fx.Node | None) -> str:
+    """The innermost user source line recorded for ``node`` (from ``meta["stack_trace"]``)."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return "<no source line recorded>"
+    lines = [line for line in trace.strip().splitlines() if line.strip()]
+    files = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
+    if not files:
+        return lines[-1].strip()
+    last = files[-1]
+    where = lines[last].strip()
+    code = lines[last + 1].strip() if last + 1 < len(lines) else ""
+    return f"{where}: {code}" if code else where
+
+
+def op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
+def node_error(cls: type[PrivacyError], node: torch.fx.Node, why: str, fix: str) -> PrivacyError:
+    """Build an error naming the op, the user's source line, the reason and the fix."""
+    return cls(f"{op_name(node)} at {user_location(node)}\n  why: {why}\n  fix: {fix}")

@@ -1,0 +1,65 @@
+"""Options of the ``bk_dp`` backend: a frozen dataclass, validated once when the backend first runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from bkcompile.errors import OptionError
+
+LossReduction = Literal["mean", "sum"]
+Compiler = Literal["inductor", "aot_eager"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BKOptions:
+    """What the user passes as ``torch.compile(..., backend="bk_dp", options={...})``.
+
+    max_grad_norm: clipping threshold R of the per-sample gradient norm over all trainable
+        parameters (required, > 0).
+    loss_reduction: how a loss computed outside the compiled model reduces over the batch
+        ("mean", like ``F.cross_entropy``'s default, or "sum"). A loss returned by the compiled
+        function is recognised from its own reduction; passing a different value is an error.
+    compiler: the inner compiler of the forward and backward graphs ("inductor" or "aot_eager").
+    batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
+    """
+
+    max_grad_norm: float
+    loss_reduction: LossReduction = "mean"
+    compiler: Compiler = "inductor"
+    batch_dim: int = 0
+    # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
+    loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
+
+
+_CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager")}
+
+
+def parse_options(raw: dict[str, Any] | None) -> BKOptions:
+    """Validate the user's options dict; raise :class:`OptionError` naming the offending key."""
+    raw = dict(raw or {})
+    known = {f.name for f in dataclasses.fields(BKOptions) if f.repr}
+    for key in raw:
+        if key not in known:
+            raise OptionError(f"unknown option {key!r} for backend 'bk_dp'; known options: {sorted(known)}")
+    if "max_grad_norm" not in raw:
+        raise OptionError("option 'max_grad_norm' is required: the clipping threshold R, e.g. options={'max_grad_norm': 1.0}")
+    norm = raw["max_grad_norm"]
+    if isinstance(norm, bool) or not isinstance(norm, (int, float)):
+        raise OptionError(f"option 'max_grad_norm' must be a float, got {type(norm).__name__}")
+    if not (math.isfinite(norm) and norm > 0):
+        raise OptionError(f"option 'max_grad_norm' must be positive and finite, got {norm}")
+    for key, choices in _CHOICES.items():
+        if key in raw and raw[key] not in choices:
+            raise OptionError(f"option {key!r} must be one of {choices}, got {raw[key]!r}")
+    batch_dim = raw.get("batch_dim", 0)
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise OptionError(f"option 'batch_dim' must be a non-negative int, got {batch_dim!r}")
+    return BKOptions(
+        max_grad_norm=float(norm),
+        loss_reduction=raw.get("loss_reduction", "mean"),
+        compiler=raw.get("compiler", "inductor"),
+        batch_dim=batch_dim,
+        loss_reduction_given="loss_reduction" in raw,
+    )

@@ -1,0 +1,117 @@
+"""The privatizing pipeline over the aten joint (forward + backward) graph.
+
+Passes run in order on one :class:`PassState`; each is a plain function ``pass(state) -> None``:
+
+1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (rules.py)
+2. ``sites``       the op that reduces per-sample values into each parameter gradient (sites.py)
+3. ``loss_scale``  how the loss reduces over the batch: the per-sample scale s (loss.py)
+4. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
+
+Invariants after each pass: the graph lints, every node keeps a valid ``meta["val"]``, and no pass
+adds aliasing. A pass that cannot prove privacy raises a :class:`bkcompile.errors.PrivacyError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from bkcompile.errors import PrivacyError
+from bkcompile.options import BKOptions
+from bkcompile.passes.batch_axis import JointGraph, analyze
+from bkcompile.passes.clip import clip_single_sample, insert_clipping
+from bkcompile.passes.facts import Batched, Fact, same, to_expr
+from bkcompile.passes.loss import LossScale, find_loss_scale
+from bkcompile.passes.sites import Site, find_sites
+
+
+@dataclasses.dataclass
+class PassState:
+    joint: JointGraph
+    options: BKOptions
+    names: list[str]
+    fake_mode: Any
+    sites: list[Site] = dataclasses.field(default_factory=list)
+    scale: LossScale | None = None
+
+
+def _batch_axis(state: PassState) -> None:
+    analyze(state.joint)
+
+
+def _sites(state: PassState) -> None:
+    state.sites = find_sites(state.joint, state.names)
+
+
+def _loss_scale(state: PassState) -> None:
+    state.scale = find_loss_scale(state.joint, state.options)
+
+
+def _clipping(state: PassState) -> None:
+    insert_clipping(state.joint, state.sites, state.scale, state.options, state.fake_mode)
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(state.joint.gm.graph)
+
+
+def _single_sample(state: PassState) -> None:
+    clip_single_sample(state.joint, state.options, state.fake_mode)
+
+
+PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
+    ("batch_axis", _batch_axis),
+    ("sites", _sites),
+    ("loss_scale", _loss_scale),
+    ("clipping", _clipping),
+]
+# A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
+# and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
+SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [("single_sample", _single_sample)]
+
+
+def _batch_size(primals: list[torch.fx.Node], facts: list[Fact], names: list[str]):
+    batched = [(p, f, n) for p, f, n in zip(primals, facts, names) if isinstance(f, Batched)]
+    if not batched:
+        raise PrivacyError(
+            "the compiled function has no per-sample tensor input, so there is no batch to clip over; "
+            "pass the batch as a tensor argument (samples on dim 0)"
+        )
+    node, fact, _ = batched[0]
+    batch = to_expr(node.meta["val"].shape[fact.dim])
+    for other, other_fact, name in batched[1:]:
+        size = to_expr(other.meta["val"].shape[other_fact.dim])
+        if not same(size, batch):
+            raise PrivacyError(
+                f"input {name!r} has {size} rows on its batch dim but {names[primals.index(node)]!r} has "
+                f"{batch}: every per-sample input needs the same batch size on dim {fact.dim}"
+            )
+    return batch, (node, fact.dim)
+
+
+def privatize(
+    gm: torch.fx.GraphModule,
+    num_fwd_outputs: int,
+    input_facts: list[Fact],
+    trainable: list[bool],
+    names: list[str],
+    options: BKOptions,
+    fake_mode: Any,
+) -> PassState:
+    """Run the pipeline on a joint graph in place; return what the passes found."""
+    primals = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    if len(primals) != len(input_facts):
+        raise PrivacyError(
+            f"the joint graph has {len(primals)} inputs but the model has {len(input_facts)}: inputs that "
+            "alias each other or are mutated in place are not supported"
+        )
+    batch, source = _batch_size(primals, input_facts, names)
+    joint = JointGraph(gm, num_fwd_outputs, input_facts, trainable, batch, source)
+    state = PassState(joint, options, names, fake_mode)
+    for _, run in SINGLE_SAMPLE_PIPELINE if batch == 1 else PIPELINE:
+        run(state)
+        gm.graph.lint()
+    gm.recompile()
+    return state

@@ -1,0 +1,145 @@
+"""Batch-axis analysis: give every value of the joint graph a fact by running the rule table forward.
+
+Forward nodes are analysed first; the fact of each tangent is then the fact of the forward output it
+belongs to (a loss's tangent is replicated), and the backward nodes follow. A value computed only from
+replicated values is replicated whatever the op; every other op needs a rule, or it is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import sympy
+import torch
+import torch.fx
+
+from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
+from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
+from bkcompile.passes.rules import RULES, FactOut, RuleInput
+
+
+@dataclasses.dataclass
+class JointGraph:
+    """The joint graph with what the passes know about it."""
+
+    gm: torch.fx.GraphModule
+    num_fwd_outputs: int
+    primal_facts: list[Fact]  # one per primal placeholder, in order
+    trainable: list[bool]  # one per primal: a parameter whose gradient is clipped
+    batch: sympy.Expr  # the batch size B (symbolic when dynamic)
+    batch_source: tuple[torch.fx.Node, int] | None = None  # an input holding B on one of its dims
+    facts: dict[torch.fx.Node, FactOut] = dataclasses.field(default_factory=dict)
+
+    @property
+    def placeholders(self) -> list[torch.fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def primals(self) -> list[torch.fx.Node]:
+        return [n for n in self.placeholders if not n.name.startswith("tangents")]
+
+    @property
+    def tangents(self) -> list[torch.fx.Node]:
+        return [n for n in self.placeholders if n.name.startswith("tangents")]
+
+    @property
+    def outputs(self) -> list:
+        return list(self.gm.graph.output_node().args[0])
+
+    @property
+    def forward_outputs(self) -> list:
+        return self.outputs[: self.num_fwd_outputs]
+
+    @property
+    def gradient_outputs(self) -> list:
+        return self.outputs[self.num_fwd_outputs :]
+
+
+def _is_tensor_valued(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+
+
+def _backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set(joint.tangents)
+    for node in joint.gm.graph.nodes:
+        if node.op == "call_function" and any(a in seen for a in node.all_input_nodes):
+            seen.add(node)
+    return seen
+
+
+def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
+    if node.op != "call_function":
+        raise PrivacyError(f"unexpected {node.op} node {node.name} in the joint graph")
+    if node.target is operator.getitem:
+        source, index = node.args
+        fact = joint.facts[source]
+        return fact[index] if isinstance(fact, tuple) else fact
+    if not _is_tensor_valued(node):
+        return REPLICATED  # sizes and other scalars are not sample data
+    inputs = node.all_input_nodes
+    if all(isinstance(joint.facts[a], Replicated) for a in inputs) and node.target not in RULES:
+        return REPLICATED  # a function of sample-independent values is sample-independent
+    rule = RULES.get(node.target)
+    if rule is None:
+        raise node_error(
+            UnsupportedOpError,
+            node,
+            "the op has no batch-axis rule, so the pass cannot prove that it keeps samples apart",
+            "express it with supported ops, or register a rule: "
+            "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
+        )
+    return rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts))
+
+
+def _differentiable_outputs(joint: JointGraph) -> list:
+    out = []
+    for value in joint.forward_outputs:
+        val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex()):
+            out.append(value)
+    return out
+
+
+def _tangent_facts(joint: JointGraph) -> None:
+    outputs = _differentiable_outputs(joint)
+    tangents = joint.tangents
+    if len(outputs) != len(tangents):
+        raise PrivacyError(
+            f"cannot pair the {len(tangents)} output gradients of the graph with its {len(outputs)} floating "
+            "outputs (outputs that alias inputs or mutate them are not supported); return fresh tensors"
+        )
+    for output, tangent in zip(outputs, tangents):
+        fact = joint.facts[output]
+        if isinstance(fact, Reduced):
+            joint.facts[tangent] = REPLICATED  # d(loss): one scalar for the whole batch
+        elif isinstance(fact, Batched):
+            joint.facts[tangent] = fact
+        elif tangent.users:
+            raise node_error(
+                PrivacyError,
+                output,
+                "the compiled function returns a value that does not depend on the batch but needs a gradient; "
+                "its gradient comes from code outside the graph and cannot be clipped per sample",
+                "return only per-sample outputs (or the loss) from the compiled model, or detach this output",
+            )
+        else:
+            joint.facts[tangent] = REPLICATED
+
+
+def analyze(joint: JointGraph) -> None:
+    """Fill ``joint.facts`` for every node (pass 1 of the pipeline)."""
+    for node, fact in zip(joint.primals, joint.primal_facts):
+        joint.facts[node] = fact
+    backward = _backward_nodes(joint)
+    nodes = [n for n in joint.gm.graph.nodes if n.op == "call_function"]
+    for node in nodes:
+        if node not in backward:
+            joint.facts[node] = _fact_of(joint, node)
+    _tangent_facts(joint)
+    for node in nodes:
+        if node in backward:
+            joint.facts[node] = _fact_of(joint, node)

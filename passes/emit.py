@@ -1,0 +1,46 @@
+"""Build new nodes in the joint graph with valid ``meta["val"]`` (computed on fake tensors as we go)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+class Emitter:
+    """Creates call_function nodes at the graph's current insertion point and propagates fake values."""
+
+    def __init__(self, graph: torch.fx.Graph, fake_mode: Any) -> None:
+        self.graph = graph
+        self.fake_mode = fake_mode
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+        with self.fake_mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        return node
+
+    def size(self, value: torch.fx.Node, dim: int) -> int | torch.fx.Node:
+        """Size of ``value`` along ``dim``: an int when static, else a ``sym_size`` node."""
+        size = value.meta["val"].shape[dim]
+        if isinstance(size, int):
+            return size
+        return self(aten.sym_size.int, value, dim)
+
+    def sizes(self, value: torch.fx.Node) -> list[int | torch.fx.Node]:
+        return [self.size(value, d) for d in range(value.meta["val"].dim())]
+
+    def floordiv(self, a: int | torch.fx.Node, b: int | torch.fx.Node) -> int | torch.fx.Node:
+        if isinstance(a, int) and isinstance(b, int):
+            return a // b
+        return self(operator.floordiv, a, b)
+
+    def to_dtype(self, value: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+        if value.meta["val"].dtype == dtype:
+            return value
+        return self(torch.ops.prims.convert_element_type.default, value, dtype)

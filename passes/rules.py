@@ -1,0 +1,627 @@
+"""Batch-axis rules: one table keyed by aten overload, one small pure function per op family.
+
+A rule receives a :class:`RuleInput` (the node, the facts of its arguments, their shapes) and
+returns the fact of the node's output (a tuple of facts for ops with several outputs). A rule never
+mutates the graph. A rule raises :class:`PrivacyError` when the op mixes samples; an op without a
+rule is refused by the analysis. Register a rule for a custom op with :func:`register_batch_rule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import sympy
+import torch
+import torch.fx
+
+from bkcompile.errors import (
+    LossReductionError,
+    NotSupportedYetError,
+    SampleMixingError,
+    node_error,
+)
+from bkcompile.passes.facts import (
+    REDUCED,
+    REPLICATED,
+    Batched,
+    Fact,
+    Reduced,
+    Replicated,
+    exact_quotient,
+    product,
+    same,
+    shape_exprs,
+)
+
+aten = torch.ops.aten
+FactOut = Union[Fact, tuple]
+Rule = Callable[["RuleInput"], FactOut]
+RULES: dict[torch._ops.OpOverload, Rule] = {}
+
+
+@dataclasses.dataclass
+class RuleInput:
+    """What a rule may read: the node, the batch size B, and the facts of the node's arguments."""
+
+    node: torch.fx.Node
+    batch: sympy.Expr
+    facts: dict[torch.fx.Node, FactOut]
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def fact(self, value: Any) -> FactOut:
+        return self.facts[value] if isinstance(value, torch.fx.Node) else REPLICATED
+
+    def shape(self, value: torch.fx.Node) -> list[sympy.Expr]:
+        return shape_exprs(value.meta["val"])
+
+    def out_shape(self) -> list[sympy.Expr]:
+        return shape_exprs(self.node.meta["val"])
+
+    def tensor_args(self) -> list[torch.fx.Node]:
+        flat = torch.fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: n)
+        found: list[torch.fx.Node] = []
+        torch.fx.node.map_arg(flat, lambda n: found.append(n) if isinstance(n.meta.get("val"), torch.Tensor) else None)
+        return found
+
+    def mixing(self, why: str, fix: str) -> SampleMixingError:
+        return node_error(SampleMixingError, self.node, why, fix)
+
+
+def register_batch_rule(ops: torch._ops.OpOverload | Iterable[torch._ops.OpOverload]) -> Callable[[Rule], Rule]:
+    """Decorator: make ``rule`` the batch-axis rule of one op overload or a list of them.
+
+    Public: a custom op (``torch.library.custom_op``) gets a rule this way, e.g. an elementwise one::
+
+        bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.rules.pointwise)
+    """
+    op_list = [ops] if isinstance(ops, torch._ops.OpOverload) else list(ops)
+
+    def install(rule: Rule) -> Rule:
+        for op in op_list:
+            RULES[op] = rule
+        return rule
+
+    return install
+
+
+def _dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _dims(dims: Sequence[int] | int | None, ndim: int) -> list[int]:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted(_dim(d, max(ndim, 1)) for d in dims)
+
+
+def _same_inner(r: RuleInput, a: sympy.Expr, b: sympy.Expr) -> bool:
+    return r.batch == 1 or same(a, b)  # a batch of one owns every row, however they are grouped
+
+
+def _agree(r: RuleInput, batched: list[Batched]) -> Batched:
+    first = batched[0]
+    for other in batched[1:]:
+        if other.dim != first.dim or not _same_inner(r, other.inner, first.inner):
+            raise r.mixing(
+                "its operands hold samples on different axes, so the result combines different samples",
+                "keep the batch on the same axis of every operand (check transposes and reshapes)",
+            )
+    return first
+
+
+# --- pointwise: each output element depends on the elements at the same (broadcast) position ---------
+
+_LINEAR_IN_ALL = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default}
+_LINEAR_IN_ONE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+def pointwise(r: RuleInput) -> Fact:
+    """Elementwise with broadcasting: samples stay apart; a sum over samples may only be scaled or added."""
+    out_ndim = len(r.out_shape())
+    batched: list[Batched] = []
+    reduced: list[int] = []
+    for position, arg in enumerate(r.tensor_args()):
+        fact = r.fact(arg)
+        if isinstance(fact, Batched):
+            ndim = arg.meta["val"].dim()
+            dim = fact.dim + out_ndim - ndim
+            if not same(r.shape(arg)[fact.dim], r.out_shape()[dim]):
+                raise r.mixing("it broadcasts the sample axis", "do not broadcast over the batch dimension")
+            batched.append(Batched(dim, fact.inner))
+        elif isinstance(fact, Reduced):
+            reduced.append(position)
+    if reduced:
+        if batched:
+            raise r.mixing(
+                "it combines a sum over the batch with per-sample values, so every sample's output depends on "
+                "all samples (a mean or normaliser over the batch inside the model, or batch statistics)",
+                "compute statistics per sample (e.g. LayerNorm/GroupNorm instead of BatchNorm); a loss "
+                "normaliser must not depend on other samples: reduce each sample's loss on its own, then "
+                "sum or mean over the batch",
+            )
+        target = r.node.target
+        linear_in_one = target in _LINEAR_IN_ONE and reduced == [0] if target in (aten.div.Tensor, aten.div.Scalar) else (
+            target in _LINEAR_IN_ONE and len(reduced) == 1
+        )
+        if target in _LINEAR_IN_ALL or linear_in_one or target in _COPIES:
+            return REDUCED
+        raise r.mixing(
+            "it is a non-linear function of a sum over the batch (e.g. a normaliser computed from all samples)",
+            "make each sample's loss depend on that sample only (a per-sample loss), then sum or mean it",
+        )
+    return _agree(r, batched) if batched else REPLICATED
+
+
+_COPIES = {
+    aten.clone.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten._to_copy.default,
+    aten.lift_fresh_copy.default,
+    torch.ops.prims.convert_element_type.default,
+}
+register_batch_rule(_COPIES)(pointwise)
+
+
+def _register_tagged_pointwise() -> None:
+    # Every overload tagged pointwise is elementwise, so samples stay apart (add, mul, gelu, where, ...).
+    for name in dir(aten):
+        packet = getattr(aten, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload_name in packet.overloads():
+            overload = getattr(packet, overload_name)
+            if torch.Tag.pointwise in overload.tags and overload not in RULES:
+                RULES[overload] = pointwise
+
+
+_register_tagged_pointwise()
+
+
+@register_batch_rule([aten.native_dropout.default])
+def dropout(r: RuleInput) -> tuple:
+    """Dropout draws an independent mask per element: the output and the mask keep the input's fact."""
+    fact = r.fact(r.arg(0, "input"))
+    return (fact, fact)
+
+
+@register_batch_rule([aten.rand_like.default, aten.randn_like.default, aten.bernoulli.p, aten.bernoulli.default])
+def random_like(r: RuleInput) -> Fact:
+    """Fresh random values shaped like a per-sample tensor carry no sample data: batched on the same axis."""
+    fact = r.fact(r.arg(0, "self"))
+    return fact if isinstance(fact, Batched) else REPLICATED
+
+
+# --- views: the row-major order of elements is kept ------------------------------------------------------
+
+
+@register_batch_rule(
+    [
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.squeeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.unsqueeze.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+    ]
+)
+def view(r: RuleInput) -> Fact:
+    """A reshape keeps the sample axis when the dims before it keep their product: (B, T, d) -> (B*T, d)."""
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    if not isinstance(fact, Batched):
+        return fact
+    before = product(r.shape(source)[: fact.dim])
+    prefix = sympy.Integer(1)
+    for dim, size in enumerate(r.out_shape()):
+        if same(prefix, before):
+            inner = exact_quotient(size, r.batch)
+            if inner is not None and (size != 1 or r.batch == 1):
+                return Batched(dim, inner)
+        prefix = prefix * size
+    if r.batch == 1 and r.out_shape():
+        return Batched(0, r.out_shape()[0])  # a batch of one owns every element, whatever the layout
+    raise node_error(
+        NotSupportedYetError,
+        r.node,
+        "this reshape splits the sample axis or moves it behind another dimension",
+        "reshape so that the batch stays the leading factor of its dimension, e.g. (B, T, d) -> (B*T, d)",
+    )
+
+
+@register_batch_rule(aten.expand.default)
+def expand(r: RuleInput) -> Fact:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    if not isinstance(fact, Batched):
+        return fact
+    dim = fact.dim + len(r.out_shape()) - source.meta["val"].dim()
+    if not same(r.out_shape()[dim], r.shape(source)[fact.dim]):
+        raise r.mixing("it expands the sample axis", "do not expand the batch dimension")
+    return Batched(dim, fact.inner)
+
+
+def _moved(r: RuleInput, order: list[int]) -> Fact:
+    fact = r.fact(r.arg(0, "self"))
+    if not isinstance(fact, Batched):
+        return fact
+    return Batched(order.index(fact.dim), fact.inner)
+
+
+@register_batch_rule(aten.permute.default)
+def permute(r: RuleInput) -> Fact:
+    ndim = r.arg(0, "self").meta["val"].dim()
+    return _moved(r, [_dim(d, ndim) for d in r.arg(1, "dims")])
+
+
+@register_batch_rule([aten.t.default, aten.transpose.int])
+def transpose(r: RuleInput) -> Fact:
+    ndim = r.arg(0, "self").meta["val"].dim()
+    if ndim < 2:
+        return r.fact(r.arg(0, "self"))
+    a, b = (0, 1) if r.node.target == aten.t.default else (_dim(r.arg(1, "dim0"), ndim), _dim(r.arg(2, "dim1"), ndim))
+    order = list(range(ndim))
+    order[a], order[b] = order[b], order[a]
+    return _moved(r, order)
+
+
+def _index_on_batch(r: RuleInput) -> SampleMixingError:
+    return r.mixing(
+        "it indexes or slices the sample axis, so one sample's values reach other samples' outputs",
+        "index only non-batch dimensions inside the model (the batch is dim 0 of every input)",
+    )
+
+
+@register_batch_rule(aten.select.int)
+def select(r: RuleInput) -> Fact:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    if not isinstance(fact, Batched):
+        return fact
+    dim = _dim(r.arg(1, "dim"), source.meta["val"].dim())
+    if dim == fact.dim:
+        raise _index_on_batch(r)
+    return Batched(fact.dim - (dim < fact.dim), fact.inner)
+
+
+@register_batch_rule(aten.slice.Tensor)
+def slice_(r: RuleInput) -> Fact:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    if isinstance(fact, Batched) and _dim(r.arg(1, "dim", 0), source.meta["val"].dim()) == fact.dim:
+        if not same(r.shape(source)[fact.dim], r.out_shape()[fact.dim]):
+            raise _index_on_batch(r)
+    return fact
+
+
+@register_batch_rule([aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int])
+def split(r: RuleInput) -> tuple:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    count = len(r.node.meta["val"])
+    if not isinstance(fact, Batched):
+        return tuple([fact] * count)
+    ndim = source.meta["val"].dim()
+    dim = _dim(r.arg(1 if r.node.target == aten.unbind.int else 2, "dim", 0), ndim)
+    if dim == fact.dim:
+        raise _index_on_batch(r)
+    if r.node.target == aten.unbind.int:
+        return tuple([Batched(fact.dim - (dim < fact.dim), fact.inner)] * count)
+    return tuple([fact] * count)
+
+
+def _join(r: RuleInput, stacked: bool) -> Fact:
+    tensors = r.arg(0, "tensors")
+    facts = [r.fact(t) for t in tensors]
+    if any(isinstance(f, Reduced) for f in facts):
+        if all(isinstance(f, Reduced) for f in facts):
+            return REDUCED
+        raise r.mixing("it joins a sum over the batch with other values", "keep per-sample values apart from batch sums")
+    batched = [f for f in facts if isinstance(f, Batched)]
+    if not batched:
+        return REPLICATED
+    fact = _agree(r, batched)
+    out_ndim = len(r.out_shape())
+    dim = _dim(r.arg(1, "dim", 0), out_ndim)
+    if not stacked:
+        if dim == fact.dim:
+            raise _index_on_batch(r)
+        return fact
+    return Batched(fact.dim + (dim <= fact.dim), fact.inner)
+
+
+@register_batch_rule(aten.cat.default)
+def cat(r: RuleInput) -> Fact:
+    return _join(r, stacked=False)
+
+
+@register_batch_rule(aten.stack.default)
+def stack(r: RuleInput) -> Fact:
+    return _join(r, stacked=True)
+
+
+# --- reductions -------------------------------------------------------------------------------------
+
+
+def _reduce(r: RuleInput, dims_arg: tuple[int, str] | None, keepdim_arg: tuple[int, str] | None, linear: bool) -> Fact:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    ndim = source.meta["val"].dim()
+    dims = _dims(r.arg(*dims_arg) if dims_arg else None, ndim)
+    keepdim = bool(r.arg(*keepdim_arg, False)) if keepdim_arg else False
+    if isinstance(fact, Reduced):
+        if linear:
+            return REDUCED
+        raise r.mixing("it is a non-linear function of a sum over the batch", "reduce each sample on its own")
+    if not isinstance(fact, Batched):
+        return fact
+    if fact.dim in dims:
+        if linear:
+            return REDUCED
+        raise r.mixing(
+            "it reduces over the sample axis non-linearly (a max, a variance or batch statistics across samples)",
+            "reduce over per-sample dimensions only; use GroupNorm/LayerNorm instead of BatchNorm",
+        )
+    if keepdim:
+        return fact
+    return Batched(fact.dim - sum(d < fact.dim for d in dims), fact.inner)
+
+
+@register_batch_rule([aten.sum.dim_IntList, aten.mean.dim])
+def sum_dims(r: RuleInput) -> Fact:
+    """A sum (or mean) over dims: over the sample axis it is a sum over samples (a site or the loss)."""
+    return _reduce(r, (1, "dim"), (2, "keepdim"), linear=True)
+
+
+@register_batch_rule([aten.sum.default, aten.mean.default])
+def sum_all(r: RuleInput) -> Fact:
+    return _reduce(r, None, None, linear=True)
+
+
+@register_batch_rule(
+    [aten.amax.default, aten.amin.default, aten.logsumexp.default, aten.var.correction, aten.std.correction]
+)
+def nonlinear_reduce_dims(r: RuleInput) -> Fact:
+    return _reduce(r, (1, "dim"), (3 if r.node.target in (aten.var.correction, aten.std.correction) else 2, "keepdim"), linear=False)
+
+
+@register_batch_rule(aten.var_mean.correction)
+def var_mean(r: RuleInput) -> tuple:
+    """Variance and mean over dims (LayerNorm's statistics): per-sample unless the sample axis is reduced."""
+    fact = _reduce(r, (1, "dim"), (3, "keepdim"), linear=False)
+    return (fact, fact)
+
+
+@register_batch_rule([aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim])
+def nonlinear_reduce_dim(r: RuleInput) -> FactOut:
+    fact = _reduce(r, (1, "dim"), (2, "keepdim"), linear=False)
+    return (fact, fact) if r.node.target in (aten.max.dim, aten.min.dim) else fact
+
+
+@register_batch_rule([aten.max.default, aten.min.default, aten.prod.default])
+def nonlinear_reduce_all(r: RuleInput) -> Fact:
+    return _reduce(r, None, None, linear=False)
+
+
+# --- along one dim: softmax and its backward ------------------------------------------------------------
+
+
+@register_batch_rule(
+    [aten._softmax.default, aten._log_softmax.default, aten._softmax_backward_data.default,
+     aten._log_softmax_backward_data.default, aten.cumsum.default]
+)
+def along_dim(r: RuleInput) -> Fact:
+    """Softmax normalises along ``dim``: per-sample unless ``dim`` is the sample axis."""
+    fact = pointwise(r)
+    dim_index = 1 if r.node.target in (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default) else 2
+    if isinstance(fact, Batched) and _dim(r.arg(dim_index, "dim"), len(r.out_shape())) == fact.dim:
+        raise r.mixing("it normalises along the sample axis", "apply softmax over a per-sample dimension")
+    return fact
+
+
+# --- matrix products -----------------------------------------------------------------------------------
+
+
+def _matmul(r: RuleInput, a: torch.fx.Node, b: torch.fx.Node, lead: int) -> Fact:
+    """a (..., n, K) @ b (..., K, p) with ``lead`` shared leading dims.
+
+    Samples stay apart when they sit on a leading dim, on n of a or on p of b. A contraction over
+    the sample axis (K) is a sum over samples: the weight gradient of a linear layer.
+    """
+    fa, fb = r.fact(a), r.fact(b)
+    if isinstance(fa, Reduced) or isinstance(fb, Reduced):
+        if isinstance(fa, Batched) or isinstance(fb, Batched):
+            raise r.mixing("it multiplies a sum over the batch with per-sample values", "keep batch sums out of the model")
+        return REDUCED
+    n_dim, k_a, k_b, p_dim = lead, lead + 1, lead, lead + 1
+    kinds = set()
+    inner = []
+    if isinstance(fa, Batched):
+        kinds.add("lead" if fa.dim < lead else ("out" if fa.dim == n_dim else "contract"))
+        inner.append(fa.inner)
+    if isinstance(fb, Batched):
+        kinds.add("lead" if fb.dim < lead else ("out" if fb.dim == p_dim else "contract"))
+        inner.append(fb.inner)
+    if not kinds:
+        return REPLICATED
+    if len(inner) == 2 and not _same_inner(r, inner[0], inner[1]):
+        raise r.mixing("its operands group samples differently", "keep the batch on matching axes")
+    if kinds == {"lead"} and (not isinstance(fa, Batched) or not isinstance(fb, Batched) or fa.dim == fb.dim):
+        return fa if isinstance(fa, Batched) else fb
+    if kinds == {"out"} and (isinstance(fa, Batched) != isinstance(fb, Batched)):
+        return Batched(lead, fa.inner) if isinstance(fa, Batched) else Batched(lead + 1, fb.inner)
+    if kinds == {"contract"}:
+        if (not isinstance(fa, Batched) or fa.dim == k_a) and (not isinstance(fb, Batched) or fb.dim == k_b):
+            return REDUCED
+    raise r.mixing(
+        "it multiplies values of different samples with each other (a product across the sample axis)",
+        "contract only over per-sample dimensions",
+    )
+
+
+@register_batch_rule(aten.mm.default)
+def mm(r: RuleInput) -> Fact:
+    return _matmul(r, r.arg(0, "self"), r.arg(1, "mat2"), lead=0)
+
+
+@register_batch_rule(aten.bmm.default)
+def bmm(r: RuleInput) -> Fact:
+    return _matmul(r, r.arg(0, "self"), r.arg(1, "mat2"), lead=1)
+
+
+@register_batch_rule(aten.addmm.default)
+def addmm(r: RuleInput) -> Fact:
+    product_fact = _matmul(r, r.arg(1, "mat1"), r.arg(2, "mat2"), lead=0)
+    bias = r.fact(r.arg(0, "self"))
+    if isinstance(product_fact, Batched) and isinstance(bias, Replicated):
+        return product_fact
+    if isinstance(product_fact, Replicated):
+        return bias if not isinstance(bias, Batched) else pointwise(r)
+    if isinstance(product_fact, Reduced) and not isinstance(bias, Batched):
+        return REDUCED
+    raise r.mixing("it adds per-sample values to a product that mixes them", "keep the bias replicated")
+
+
+# --- normalisation layers ------------------------------------------------------------------------------
+
+
+@register_batch_rule(aten.native_layer_norm.default)
+def layer_norm(r: RuleInput) -> tuple:
+    """LayerNorm normalises over the trailing ``normalized_shape`` dims: per-sample when the batch is before them."""
+    source = r.arg(0, "input")
+    fact = r.fact(source)
+    if isinstance(fact, Batched):
+        if fact.dim >= source.meta["val"].dim() - len(r.arg(1, "normalized_shape")):
+            raise r.mixing("it normalises over the sample axis", "normalise over feature dimensions only")
+    return (fact, fact, fact)
+
+
+def _batch_norm(r: RuleInput, training: bool) -> tuple:
+    fact = r.fact(r.arg(0, "input"))
+    if training and isinstance(fact, Batched):
+        raise r.mixing(
+            "batch normalisation in training mode normalises with statistics over the whole batch",
+            "replace BatchNorm with GroupNorm or LayerNorm (e.g. opacus-style nn.GroupNorm(groups, C)), "
+            "or freeze the statistics with module.eval()",
+        )
+    count = len(r.node.meta["val"])
+    return (fact,) + (REPLICATED,) * (count - 1)
+
+
+@register_batch_rule([aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
+                      aten.native_batch_norm.default])
+def batch_norm(r: RuleInput) -> tuple:
+    return _batch_norm(r, training=bool(r.arg(5, "training")))
+
+
+@register_batch_rule(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_eval(r: RuleInput) -> tuple:
+    """Batch norm with frozen statistics is an elementwise affine map: per-sample."""
+    return _batch_norm(r, training=False)
+
+
+# --- losses --------------------------------------------------------------------------------------------
+
+_REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2
+
+
+@register_batch_rule(aten.nll_loss_forward.default)
+def nll_loss_forward(r: RuleInput) -> tuple:
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    target_fact = r.fact(r.arg(1, "target"))
+    batched = [f for f in (fact, target_fact) if isinstance(f, Batched)]
+    if not batched:
+        return (fact, REPLICATED)
+    fact = _agree(r, batched)
+    if fact.dim != 0 or source.meta["val"].dim() == 1:
+        raise r.mixing("the class dimension of the loss input holds samples", "pass (N, C) scores with the batch first")
+    reduction = r.arg(3, "reduction")
+    if reduction == _REDUCTION_NONE:
+        return (fact, REPLICATED)
+    if reduction == _REDUCTION_MEAN and not same(fact.inner, 1):
+        raise node_error(
+            LossReductionError,
+            r.node,
+            "the loss is a mean over all tokens of the whole batch: its normaliser (the count of non-ignored "
+            "tokens in the batch) depends on every sample, so a sample's gradient depends on the others",
+            "compute a per-sample loss: F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction='none')"
+            ".view(B, T), reduce it per sample (sum, or mean over that sample's tokens), then .mean() over the batch",
+        )
+    return (REDUCED, REDUCED)
+
+
+@register_batch_rule(aten.nll_loss_backward.default)
+def nll_loss_backward(r: RuleInput) -> Fact:
+    """The loss gradient of each row depends on that row and the (batch-wide) normaliser only."""
+    facts = [r.fact(r.arg(1, "self")), r.fact(r.arg(2, "target"))]
+    batched = [f for f in facts if isinstance(f, Batched)]
+    return _agree(r, batched) if batched else REPLICATED
+
+
+@register_batch_rule(aten.mse_loss.default)
+def mse_loss(r: RuleInput) -> Fact:
+    fact = pointwise(r)
+    if r.arg(2, "reduction", _REDUCTION_MEAN) == _REDUCTION_NONE or not isinstance(fact, Batched):
+        return fact
+    return REDUCED
+
+
+@register_batch_rule(aten.mse_loss_backward.default)
+def mse_loss_backward(r: RuleInput) -> Fact:
+    facts = [r.fact(r.arg(1, "self")), r.fact(r.arg(2, "target"))]
+    batched = [f for f in facts if isinstance(f, Batched)]
+    return _agree(r, batched) if batched else REPLICATED
+
+
+# --- constructs the pass cannot clip yet -----------------------------------------------------------------
+
+
+@register_batch_rule(aten.embedding.default)
+def embedding(r: RuleInput) -> Fact:
+    """A lookup: the output row of each index belongs to the index's sample."""
+    fact = r.fact(r.arg(1, "indices"))
+    if isinstance(r.fact(r.arg(0, "weight")), Batched):
+        raise r.mixing("the embedding table holds samples", "index a parameter table with per-sample indices")
+    return fact
+
+
+@register_batch_rule(aten.convolution.default)
+def convolution(r: RuleInput) -> Fact:
+    """A convolution maps each of the N inputs on its own: per-sample on dim 0."""
+    fact = r.fact(r.arg(0, "input"))
+    if isinstance(r.fact(r.arg(1, "weight")), Batched) or (isinstance(fact, Batched) and fact.dim != 0):
+        raise r.mixing("the convolution's channels or weights hold samples", "keep the batch on dim 0 of the input")
+    return fact
+
+
+def _not_supported_yet(r: RuleInput) -> NotSupportedYetError:
+    return node_error(
+        NotSupportedYetError,
+        r.node,
+        "per-sample clipping of convolution and embedding parameters is not supported yet",
+        "freeze these parameters (requires_grad_(False)) or express the layer with linear maps",
+    )
+
+
+@register_batch_rule(aten.convolution_backward.default)
+def convolution_backward(r: RuleInput) -> tuple:
+    grad_input, grad_weight, grad_bias = r.arg(10, "output_mask")
+    if grad_weight or grad_bias:
+        raise _not_supported_yet(r)
+    return (r.fact(r.arg(0, "grad_output")), REPLICATED, REPLICATED)
+
+
+@register_batch_rule(aten.embedding_dense_backward.default)
+def embedding_backward(r: RuleInput) -> Fact:
+    raise _not_supported_yet(r)

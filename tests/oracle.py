@@ -1,0 +1,43 @@
+"""The oracle: per-sample gradients from torch.func (vmap of grad), clipped and summed in eager mode."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+EPS = 1e-6
+
+
+def per_sample_grads(model: torch.nn.Module, sample_loss: Callable, inputs: tuple, targets: tuple = ()):
+    """Gradients of each sample's own loss ``sample_loss(model(*inputs_i), *targets_i)`` (batches of one)."""
+    trainable = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+    n_inputs = len(inputs)
+
+    def loss_of_one(params, *sample):
+        batch = tuple(s.unsqueeze(0) for s in sample)
+        out = functional_call(model, {**params, **frozen}, batch[:n_inputs])
+        return sample_loss(out, *batch[n_inputs:])
+
+    in_dims = (None,) + (0,) * (n_inputs + len(targets))
+    return vmap(grad(loss_of_one), in_dims=in_dims, randomness="same")(trainable, *inputs, *targets)
+
+
+def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0):
+    """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping."""
+    grads = per_sample_grads(model, sample_loss, inputs, targets)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+    return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms
+
+
+def compiled_grads(model, inputs, loss_fn, targets=(), options=None, **compile_kwargs):
+    """Gradients of a bk_dp-compiled copy of ``model`` after ``loss_fn(output, *targets).backward()``."""
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options=options, **compile_kwargs)
+    loss_fn(compiled(*inputs), *targets).backward()
+    return {k: v.grad for k, v in twin.named_parameters() if v.requires_grad}, compiled
