@@ -31,6 +31,15 @@ def _param_name(source_name: str) -> str:
     return ".".join(parts) or source_name
 
 
+def _source_name(node: torch.fx.Node) -> str:
+    """Dynamo's name for where a graph input comes from, e.g. ``L['self']._modules['fc']._parameters['weight']``."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None or grapharg.source is None:
+        return node.name
+    name = grapharg.source.name
+    return name() if callable(name) else name
+
+
 def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
     """Fact, trainability and name of every graph input: parameters and buffers are replicated,
     other tensors hold samples on ``options.batch_dim``."""
@@ -39,9 +48,7 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     names: list[str] = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and isinstance(getattr(grapharg.source, "name", None), str) \
-            else (grapharg.source.name() if grapharg is not None else node.name)
+        source = _source_name(node)
         is_state = source.startswith("L['self']") or source.startswith("G[") or "_buffers" in source
         names.append(_param_name(source) if is_state or isinstance(example, torch.nn.Parameter) else node.name)
         if isinstance(example, torch.nn.Parameter):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch.fx
 
 
@@ -37,19 +39,38 @@ class GraphBreakError(PrivacyError):
     """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
 
 
-def user_location(node: torch.fx.Node | None) -> str:
-    """The innermost user source line recorded for ``node`` (from ``meta["stack_trace"]``)."""
-    trace = node.meta.get("stack_trace") if node is not None else None
+def _module_of(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", str(path))
+    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path).lstrip(".")
+    name = getattr(cls, "__name__", str(cls))
+    return f"module '{path}' ({name})" if path else f"module {name}"
+
+
+def _source_line(node: torch.fx.Node) -> str | None:
+    trace = node.meta.get("stack_trace")
     if not trace:
-        return "<no source line recorded>"
+        return None
     lines = [line for line in trace.strip().splitlines() if line.strip()]
     files = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
     if not files:
         return lines[-1].strip()
     last = files[-1]
-    where = lines[last].strip()
     code = lines[last + 1].strip() if last + 1 < len(lines) else ""
-    return f"{where}: {code}" if code else where
+    return f"{lines[last].strip()}: {code}" if code else lines[last].strip()
+
+
+def user_location(node: torch.fx.Node | None) -> str:
+    """Where ``node`` comes from in the user's code: the source line (``meta["stack_trace"]``) and module."""
+    if node is None:
+        return "<unknown location>"
+    parts = [p for p in (_source_line(node), _module_of(node)) if p]
+    if len(parts) == 2:
+        return f"{parts[0]} (in {parts[1]})"
+    return f"{parts[0]}" if parts else "<no source line recorded>"
 
 
 def op_name(node: torch.fx.Node) -> str:

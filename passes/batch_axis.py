@@ -16,7 +16,7 @@ import torch.fx
 
 from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
-from bkcompile.passes.rules import RULES, FactOut, RuleInput
+from bkcompile.passes.rules import FactOut, RuleInput, rule_for
 
 
 @dataclasses.dataclass
@@ -81,9 +81,9 @@ def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
     if not _is_tensor_valued(node):
         return REPLICATED  # sizes and other scalars are not sample data
     inputs = node.all_input_nodes
-    if all(isinstance(joint.facts[a], Replicated) for a in inputs) and node.target not in RULES:
+    rule = rule_for(node.target)
+    if all(isinstance(joint.facts[a], Replicated) for a in inputs) and rule is None:
         return REPLICATED  # a function of sample-independent values is sample-independent
-    rule = RULES.get(node.target)
     if rule is None:
         raise node_error(
             UnsupportedOpError,

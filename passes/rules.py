@@ -170,19 +170,15 @@ _COPIES = {
 register_batch_rule(_COPIES)(pointwise)
 
 
-def _register_tagged_pointwise() -> None:
-    # Every overload tagged pointwise is elementwise, so samples stay apart (add, mul, gelu, where, ...).
-    for name in dir(aten):
-        packet = getattr(aten, name, None)
-        if not isinstance(packet, torch._ops.OpOverloadPacket):
-            continue
-        for overload_name in packet.overloads():
-            overload = getattr(packet, overload_name)
-            if torch.Tag.pointwise in overload.tags and overload not in RULES:
-                RULES[overload] = pointwise
+def rule_for(op: object) -> Rule | None:
+    """The rule of ``op``: from the table, else ``pointwise`` for any overload tagged pointwise.
 
-
-_register_tagged_pointwise()
+    Tags are read when an op is met, so ops registered late (Inductor's ``prims.fma``) are covered.
+    """
+    rule = RULES.get(op)
+    if rule is None and isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
+        return pointwise  # elementwise by its schema tag: samples stay apart
+    return rule
 
 
 @register_batch_rule([aten.native_dropout.default])

@@ -38,6 +38,7 @@ CASES = {
     "mlp-loss-inside-sq-sum": Case(lambda: zoo.MLPWithLoss("sum", "square"), (6,), _returned_loss, loss_inside=True),
     "prenorm-block": Case(zoo.PreNormBlock, (4, 8), F.cross_entropy),
     "raw-params-einsum": Case(zoo.RawParams, (3, 5), F.cross_entropy),
+    "rmsnorm": Case(zoo.RMSNormNet, (4, 5), F.cross_entropy),
     "frozen": Case(zoo.PartlyFrozen, (6,), F.cross_entropy),
 }
 

@@ -75,3 +75,23 @@ class PartlyFrozen(MLP):
         super().__init__()
         self.net[0].requires_grad_(False)
         self.net[2].weight.requires_grad_(False)
+
+
+class HandRMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class RMSNormNet(nn.Module):
+    """nn.RMSNorm and a hand-written RMSNorm on (B, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.hand, self.head = nn.Linear(5, 6), nn.RMSNorm(6), HandRMSNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.hand(self.norm(self.fc(x)))).mean(dim=1)

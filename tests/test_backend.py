@@ -1,0 +1,60 @@
+"""The backend as a user meets it: registration, dynamic batch sizes, inference."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import bkcompile
+import zoo
+from helpers import assert_matches
+from oracle import clipped_sum
+
+
+def test_backend_name_works_without_importing_bkcompile() -> None:
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        model = torch.nn.Linear(3, 2)
+        assert "bkcompile" not in sys.modules
+        compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1e-3, "compiler": "aot_eager"})
+        compiled(torch.randn(4, 3)).sum(1).sum().backward()
+        total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+        assert total <= 4 * 1e-3 + 1e-9, total   # four samples, each clipped to norm 1e-3
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_changed_batch_size_does_not_recompile() -> None:
+    model = zoo.PreNormBlock().double()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.05, "compiler": "aot_eager"})
+    counters.clear()
+    for batch in (7, 1, 32, 3):
+        x = torch.randn(batch, 4, 8, dtype=torch.float64)
+        y = torch.randint(0, 3, (batch,))
+        bkcompile.mark_batch_dynamic(x, y)
+        twin.zero_grad(set_to_none=True)
+        F.cross_entropy(compiled(x), y).backward()
+        want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.05)
+        assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_inference_returns_the_model_outputs() -> None:
+    model = zoo.PreNormBlock()
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    x = torch.randn(5, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))

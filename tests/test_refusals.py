@@ -1,0 +1,206 @@
+"""Constructs the pass cannot prove per-sample raise the package's error, naming the op and source line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bkcompile
+from helpers import raises_bk
+
+OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
+THIS_FILE = "test_refusals.py"
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, options: dict = OPTIONS) -> None:
+    compiled = torch.compile(model, backend="bk_dp", options=options)
+    out = compiled(x)
+    (out if out.dim() == 0 else out.sum(1).mean()).backward()
+
+
+def test_batch_norm_in_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    with raises_bk(bkcompile.SampleMixingError, "batch_norm", "module '1' (BatchNorm1d)", "GroupNorm"):
+        _train_step(model, torch.randn(8, 4))
+
+
+class BatchCentred(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(dim=0))  # a mean over the batch inside the model
+
+
+def test_forward_mean_over_the_batch() -> None:
+    with raises_bk(bkcompile.SampleMixingError, "aten.sub.Tensor", "x - x.mean(dim=0)", "fix:"):
+        _train_step(BatchCentred(), torch.randn(8, 4))
+
+
+@torch.library.custom_op("bktest::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+mystery.register_autograd(lambda ctx, g: g * torch.cos(ctx.saved_tensors[0]),
+                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+class UsesMystery(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return mystery(self.fc(x))
+
+
+class UsesSin(UsesMystery):
+    """The same maths with torch.sin, for the torch.func oracle (custom ops have no vmap rule)."""
+
+    def forward(self, x):
+        return torch.sin(self.fc(x))
+
+
+def test_op_without_rule() -> None:
+    with raises_bk(bkcompile.UnsupportedOpError, "bktest.mystery", "mystery(self.fc(x))", "register_batch_rule"):
+        _train_step(UsesMystery(), torch.randn(5, 4))
+
+
+def test_registered_rule_makes_a_custom_op_work() -> None:
+    import copy
+    from helpers import assert_matches
+    from oracle import clipped_sum
+
+    model = UsesMystery().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    loss = lambda out: out.sum(1).mean()  # noqa: E731
+    twin = copy.deepcopy(model)
+    bkcompile.register_batch_rule(torch.ops.bktest.mystery.default)(bkcompile.rules.pointwise)
+    try:
+        _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager"})
+    finally:
+        from bkcompile.passes.rules import RULES
+        RULES.pop(torch.ops.bktest.mystery.default)
+    reference = UsesSin().double()
+    reference.load_state_dict(model.state_dict())
+    want, _ = clipped_sum(reference, loss, (x,), max_grad_norm=0.3)
+    assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+
+
+def test_conv_layer_is_not_supported_yet() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 2))
+    with raises_bk(bkcompile.NotSupportedYetError, "convolution", "not supported yet"):
+        _train_step(model, torch.randn(4, 2, 4))
+
+
+def test_frozen_conv_layer_is_fine() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 2))
+    model[0].requires_grad_(False)
+    _train_step(model, torch.randn(4, 2, 4))
+    assert model[2].weight.grad is not None and model[0].weight.grad is None
+
+
+class TwiceApplied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+def test_parameter_with_several_sites_is_not_supported_yet() -> None:
+    with raises_bk(bkcompile.NotSupportedYetError, "several places"):
+        _train_step(TwiceApplied(), torch.randn(5, 4))
+
+
+class WithBreak(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_graph_break_is_refused_not_clipped_per_graph() -> None:
+    model = WithBreak()
+    with raises_bk(bkcompile.GraphBreakError, "graph break", "fullgraph=True"):
+        _train_step(model, torch.randn(5, 4))
+    assert model.a.weight.grad is None and model.b.weight.grad is None
+
+
+class TokenMeanLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x, labels):
+        logits = self.fc(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def test_token_mean_over_the_whole_batch() -> None:
+    compiled = torch.compile(TokenMeanLM(), backend="bk_dp", options=OPTIONS)
+    with raises_bk(bkcompile.LossReductionError, "cross_entropy", "per-sample loss"):
+        compiled(torch.randn(3, 6, 4), torch.randint(0, 5, (3, 6))).backward()
+
+
+class MaskNormalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x, mask):
+        per_token = self.fc(x).squeeze(-1) * mask
+        return per_token.sum() / mask.sum()  # normaliser over the whole batch
+
+
+def test_normaliser_that_depends_on_other_samples() -> None:
+    compiled = torch.compile(MaskNormalised(), backend="bk_dp", options=OPTIONS)
+    with raises_bk(bkcompile.SampleMixingError, "aten.div.Tensor", "per-sample loss"):
+        compiled(torch.randn(3, 6, 4), (torch.rand(3, 6) > 0.3).float()).backward()
+
+
+class SumLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.fc(x), y, reduction="sum")
+
+
+def test_loss_reduction_option_that_contradicts_the_loss() -> None:
+    compiled = torch.compile(SumLoss(), backend="bk_dp", options={**OPTIONS, "loss_reduction": "mean"})
+    with raises_bk(bkcompile.LossReductionError, "loss_reduction='mean'", "'sum'"):
+        compiled(torch.randn(5, 4), torch.randint(0, 3, (5,))).backward()
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"max_grad_norm": 1.0, "clip": 1}, "'clip'"),
+        ({"max_grad_norm": "1"}, "'max_grad_norm' must be a float"),
+        ({"max_grad_norm": 0.0}, "'max_grad_norm' must be positive"),
+        ({"max_grad_norm": -2}, "'max_grad_norm' must be positive"),
+        ({}, "'max_grad_norm' is required"),
+        ({"max_grad_norm": 1.0, "loss_reduction": "avg"}, "'loss_reduction'"),
+        ({"max_grad_norm": 1.0, "compiler": "eager"}, "'compiler'"),
+        ({"max_grad_norm": 1.0, "batch_dim": -1}, "'batch_dim'"),
+    ],
+)
+def test_bad_options_are_named(options: dict, fragment: str) -> None:
+    with raises_bk(bkcompile.OptionError, fragment):
+        _train_step(nn.Linear(4, 2), torch.randn(3, 4), options)
