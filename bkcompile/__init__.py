@@ -7,8 +7,10 @@ produce the sum of per-sample-clipped gradients (DP-SGD's clipping, book-keeping
 from torch._dynamo.backends import registry as _registry
 
 from bkcompile import rules
+from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
 from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic
+from bkcompile.data import PoissonLoader
 from bkcompile.errors import (
     BKError,
     GraphBreakError,
@@ -20,7 +22,9 @@ from bkcompile.errors import (
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
+from bkcompile.optimizer import DPOptimizer
 from bkcompile.options import BKOptions
+from bkcompile.private import make_private
 from bkcompile.passes.rules import register_batch_rule
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
@@ -29,6 +33,12 @@ if "bk_dp" not in _registry._BACKENDS:
     _registry.register_backend(bk_dp, name="bk_dp")
 
 __all__ = [
+    "AccountingError",
+    "DPOptimizer",
+    "PoissonLoader",
+    "PrivacyAccountant",
+    "get_noise_multiplier",
+    "make_private",
     "BKError",
     "BKOptions",
     "GraphBreakError",

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 _LAST: dict[str, torch.Tensor] = {}
+_COUNT = [0]
 
 
 @torch.library.custom_op("bkcompile::record_norms", mutates_args=())
 def record_norms(norms: torch.Tensor) -> torch.Tensor:
     _LAST["norms"] = norms.detach().clone()
+    _COUNT[0] += 1
     return norms.clone()
 
 
@@ -29,3 +31,8 @@ def last_per_sample_norms() -> torch.Tensor | None:
     clipped samples is ``(norms > max_grad_norm).float().mean()``.
     """
     return _LAST.get("norms")
+
+
+def backward_count() -> int:
+    """How many bk_dp backwards have run in this process (the DP optimizer checks its gradients' origin)."""
+    return _COUNT[0]

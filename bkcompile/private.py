@@ -1,0 +1,69 @@
+"""make_private: the compiled model, the DP optimizer and the Poisson loader, in the shape Opacus users know."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
+from bkcompile.data import PoissonLoader
+from bkcompile.errors import BKError
+from bkcompile.optimizer import DPOptimizer
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: torch.utils.data.DataLoader,
+    *,
+    max_grad_norm: float,
+    target_delta: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    epochs: float | None = None,
+    generator: torch.Generator | None = None,
+    **backend_options,
+) -> tuple[torch.nn.Module, DPOptimizer, PoissonLoader]:
+    """Compile ``model`` with bk_dp, wrap ``optimizer``, and replace ``data_loader`` by Poisson sampling.
+
+    ``data_loader`` is a DataLoader over a ``TensorDataset``; its ``batch_size`` becomes the expected
+    batch size (sample rate q = batch_size / len(dataset)). Give ``noise_multiplier``, or
+    ``target_epsilon`` with ``epochs`` to have sigma found by the accountant. The accountant is
+    ``dp_optimizer.accountant``.
+    """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise BKError("give exactly one of noise_multiplier and target_epsilon")
+    if target_epsilon is not None and epochs is None:
+        raise BKError("target_epsilon needs epochs (how long you will train)")
+    dataset = data_loader.dataset
+    if not isinstance(dataset, torch.utils.data.TensorDataset) or data_loader.batch_size is None:
+        raise BKError("make_private needs a DataLoader over a TensorDataset with a batch_size")
+    size = len(dataset)
+    sample_rate = data_loader.batch_size / size
+    if not 0 < sample_rate <= 1:
+        raise BKError(f"batch_size / len(dataset) = {sample_rate} is outside (0, 1]")
+    if not 0 < target_delta < 1:
+        raise BKError(f"target_delta must be in (0, 1), got {target_delta}")
+    if target_delta >= 1 / size:
+        warnings.warn(f"target_delta={target_delta} >= 1/n = {1 / size:.3g}: such a delta allows leaking one "
+                      "example in full; use delta well below 1/n", stacklevel=2)
+    steps_per_epoch = max(1, math.ceil(1 / sample_rate))
+    if noise_multiplier is None:
+        steps = math.ceil(epochs * steps_per_epoch)  # the loader's steps, so the target holds for them
+        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps)
+    loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, steps=steps_per_epoch, generator=generator)
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=sample_rate * size,
+        sample_rate=sample_rate,
+        accountant=PrivacyAccountant(),
+        generator=generator,
+    )
+    return compiled, dp_optimizer, loader
