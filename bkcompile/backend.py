@@ -40,6 +40,15 @@ def _source_name(node: torch.fx.Node) -> str:
     return name() if callable(name) else name
 
 
+def _is_module_state(source: str) -> bool:
+    """Module attributes, buffers and globals are the same for every sample; forward arguments are not.
+
+    Dynamo roots a compiled module at ``L['self']`` (or ``L['fn']`` when it calls the module itself).
+    """
+    return source.startswith(("L['self']", "L['fn']", "G[")) or any(
+        part in source for part in ("_buffers", "_parameters", "_modules"))
+
+
 def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
     """Fact, trainability and name of every graph input: parameters and buffers are replicated,
     other tensors hold samples on ``options.batch_dim``."""
@@ -49,7 +58,7 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
         source = _source_name(node)
-        is_state = source.startswith("L['self']") or source.startswith("G[") or "_buffers" in source
+        is_state = _is_module_state(source)
         names.append(_param_name(source) if is_state or isinstance(example, torch.nn.Parameter) else node.name)
         if isinstance(example, torch.nn.Parameter):
             facts.append(REPLICATED)

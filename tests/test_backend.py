@@ -58,3 +58,26 @@ def test_inference_returns_the_model_outputs() -> None:
         torch.testing.assert_close(compiled(x), model(x))
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
+
+
+class WithConstant(torch.nn.Module):
+    """A plain tensor attribute (not a buffer) is module state: the same for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.scale = torch.linspace(0.5, 1.5, 3)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_plain_tensor_attributes_are_replicated() -> None:
+    model = torch.nn.Sequential(WithConstant()).double()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.2, "compiler": "aot_eager"})
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = lambda out: out.sum(1).mean()  # noqa: E731
+    loss(compiled(x)).backward()
+    want, _ = clipped_sum(model, loss, (x,), max_grad_norm=0.2)
+    assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
