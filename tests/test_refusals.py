@@ -11,7 +11,6 @@ import bkcompile
 from helpers import raises_bk
 
 OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
-THIS_FILE = "test_refusals.py"
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, options: dict = OPTIONS) -> None:
