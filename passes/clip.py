@@ -100,6 +100,12 @@ def _row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value
     return emit(aten.view.default, w, shape)
 
 
+def clip_factors(emit: Emitter, norms: torch.fx.Node, max_grad_norm: float) -> torch.fx.Node:
+    """C_i = min(1, R / (n_i + 1e-6)), emitted as min(1, 1 / ((n_i + 1e-6) / R))."""
+    scaled = emit(aten.div.Scalar, emit(aten.add.Scalar, norms, EPS), max_grad_norm)
+    return emit(aten.clamp_max.default, emit(aten.reciprocal.default, scaled), 1.0)
+
+
 def batch_size_value(emit: Emitter, joint: JointGraph) -> int | torch.fx.Node:
     if joint.batch.is_Integer:
         return int(joint.batch)
@@ -136,9 +142,7 @@ def insert_clipping(joint: JointGraph, sites: list[Site], scale: LossScale, opti
         if factor is not None:
             norms = emit(aten.mul.Tensor, norms, factor)
         norms = emit(torch.ops.bkcompile.record_norms.default, norms)
-        clip = emit(aten.clamp_max.default,
-                    emit(aten.reciprocal.default, emit(aten.div.Scalar, emit(aten.add.Scalar, norms, EPS),
-                                                      options.max_grad_norm)), 1.0)
+        clip = clip_factors(emit, norms, options.max_grad_norm)
         weights = emit(aten.mul.Tensor, clip, factor) if factor is not None else clip
         for site in sites:
             args = list(site.node.args)
@@ -171,9 +175,7 @@ def clip_single_sample(joint: JointGraph, options: BKOptions, fake_mode) -> None
             square = emit(aten.sum.default, emit(aten.mul.Tensor, g, g))
             total = square if total is None else emit(aten.add.Tensor, total, square)
         norms = emit(torch.ops.bkcompile.record_norms.default, emit(aten.view.default, emit(aten.sqrt.default, total), [1]))
-        clip = emit(aten.clamp_max.default,
-                    emit(aten.reciprocal.default, emit(aten.div.Scalar, emit(aten.add.Scalar, norms, EPS),
-                                                      options.max_grad_norm)), 1.0)
+        clip = clip_factors(emit, norms, options.max_grad_norm)
         outputs = joint.outputs
         for index, grad in grads:
             factor = emit(aten.view.default, emit.to_dtype(clip, grad.meta["val"].dtype), [])
