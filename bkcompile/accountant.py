@@ -20,6 +20,11 @@ def _check(sample_rate: float, noise_multiplier: float) -> None:
         raise AccountingError(f"noise_multiplier must be positive, got {noise_multiplier}")
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson steps that make one epoch: ceil(1 / q) (each example is seen once per epoch in expectation)."""
+    return max(1, math.ceil(1 / sample_rate))
+
+
 def _epsilon(history: list[list], delta: float, eps_error: float) -> tuple[float, float, float]:
     if not history:
         return (0.0, 0.0, 0.0)
@@ -72,16 +77,17 @@ def get_noise_multiplier(
 ) -> float:
     """The smallest sigma (to within ``tolerance``) whose epsilon after the given steps is <= target.
 
-    Give ``steps`` or ``epochs`` (steps = ceil(epochs / sample_rate)). The returned sigma always meets
+    Give ``steps`` or ``epochs`` (steps = ceil(epochs * steps_per_epoch(sample_rate)), the steps a
+    ``PoissonLoader`` takes over that many epochs). The returned sigma always meets
     the target: it is the upper end of the bisection bracket.
     """
     if (steps is None) == (epochs is None):
         raise AccountingError("give exactly one of steps and epochs")
-    if steps is None:
-        steps = math.ceil(epochs / sample_rate)
     if not target_epsilon > 0:
         raise AccountingError(f"target_epsilon must be positive, got {target_epsilon}")
     _check(sample_rate, 1.0)
+    if steps is None:
+        steps = math.ceil(epochs * steps_per_epoch(sample_rate))
 
     def epsilon(sigma: float) -> float:
         return _epsilon([[sample_rate, sigma, steps]], delta, eps_error)[2]

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from bkcompile.accountant import steps_per_epoch
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import BKError
 
@@ -13,7 +14,7 @@ from bkcompile.errors import BKError
 class PoissonLoader:
     """Batches of tensors ``(x[idx], y[idx], ...)`` where each row is in with probability ``sample_rate``.
 
-    Batch sizes vary and may be 0; ``len(loader)`` steps make one epoch in expectation (1/q steps).
+    Batch sizes vary and may be 0; by default ``len(loader)`` = ``steps_per_epoch(q)`` = ceil(1/q) steps.
     Every batch is marked dynamic on dim 0, so the compiled model is traced once for all sizes.
     """
 
@@ -25,7 +26,7 @@ class PoissonLoader:
             raise BKError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.tensors = tensors
         self.sample_rate = sample_rate
-        self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
+        self.steps = steps if steps is not None else steps_per_epoch(sample_rate)
         self.generator = generator
 
     @property

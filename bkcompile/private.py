@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -51,17 +50,15 @@ def make_private(
     if target_delta >= 1 / size:
         warnings.warn(f"target_delta={target_delta} >= 1/n = {1 / size:.3g}: such a delta allows leaking one "
                       "example in full; use delta well below 1/n", stacklevel=2)
-    steps_per_epoch = max(1, math.ceil(1 / sample_rate))
-    if noise_multiplier is None:
-        steps = math.ceil(epochs * steps_per_epoch)  # the loader's steps, so the target holds for them
-        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps)
-    loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, steps=steps_per_epoch, generator=generator)
+    if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
+        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
+    loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, generator=generator)
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=sample_rate * size,
+        expected_batch_size=loader.expected_batch_size,
         sample_rate=sample_rate,
         accountant=PrivacyAccountant(),
         generator=generator,
