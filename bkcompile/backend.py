@@ -14,6 +14,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from bkcompile.errors import GraphBreakError
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
+from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched, Fact
 
 aten = torch.ops.aten
@@ -89,14 +90,17 @@ def _refuse_graph_breaks(gm: torch.fx.GraphModule) -> None:
         )
 
 
+def _fake_mode(gm: torch.fx.GraphModule) -> Any:
+    return torch._guards.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+
+
 def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
     """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
     has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
     if not has_tangents or context.get("done"):
         return
-    fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
     context["state"] = privatize(gm, num_fwd_outputs, context["facts"], context["trainable"], context["names"],
-                                 context["options"], fake_mode)
+                                 context["options"], _fake_mode(gm))
     context["done"] = True
 
 
@@ -116,16 +120,23 @@ class _InductorJointPass:
         outputs = list(graph.output_node().args[0])
         primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
         _joint_pass(gm, len(outputs) - len(primals), self.context)
+        # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
+        inline_decompositions(gm, _KEEP, _full_inductor_decompositions(), _fake_mode(gm))
 
     def uuid(self) -> None:
         return None  # never cache: the pass depends on the options and the model
 
 
 @functools.cache
-def _inductor_decompositions() -> dict:
+def _full_inductor_decompositions() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
-    return {op: fn for op, fn in select_decomp_table().items() if op not in _KEEP}
+    return select_decomp_table()
+
+
+@functools.cache
+def _inductor_decompositions() -> dict:
+    return {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
 
 
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):

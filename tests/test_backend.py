@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
@@ -48,6 +49,22 @@ def test_changed_batch_size_does_not_recompile() -> None:
         want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.05)
         assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_inductor_loss_inside_with_dynamic_batch_and_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
+    model = zoo.MLPWithLoss("mean").double()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.1})
+    for batch in (6, 11):
+        x, y = torch.randn(batch, 6, dtype=torch.float64), torch.randint(0, 3, (batch,))
+        bkcompile.mark_batch_dynamic(x, y)
+        twin.zero_grad(set_to_none=True)
+        compiled(x, y).backward()
+        want, _ = clipped_sum(model, lambda loss: loss, (x, y), (), max_grad_norm=0.1)
+        assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y), model(x, y))
 
 
 def test_inference_returns_the_model_outputs() -> None:

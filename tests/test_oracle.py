@@ -83,6 +83,7 @@ def test_frozen_parameters_get_no_gradient_and_no_norm_work() -> None:
 
 
 @pytest.mark.parametrize("name", ["mlp-loss-inside-ce-mean", "prenorm-block"])
-def test_matches_oracle_with_inductor(name: str) -> None:
+def test_matches_oracle_with_inductor(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
     got, want, _, _ = run_case(CASES[name], 7, torch.float32, "inductor")
     assert_matches(got, want, torch.float32)
