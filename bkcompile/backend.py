@@ -20,9 +20,11 @@ from bkcompile.passes.facts import REPLICATED, Batched, Fact
 aten = torch.ops.aten
 
 # Fused backward ops whose parameter reductions the pass must see as plain sums.
-_DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_backward.default]
-# Ops the loss analysis reads as they are (their normaliser is part of the loss reduction).
-_KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default]
+_DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_backward.default,
+              aten.native_group_norm_backward.default]
+# Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites.
+_KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default, aten.embedding_dense_backward.default,
+         aten.convolution_backward.default]
 
 
 def _param_name(source_name: str) -> str:

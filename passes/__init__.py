@@ -25,7 +25,7 @@ from bkcompile.passes.batch_axis import JointGraph, analyze
 from bkcompile.passes.clip import clip_single_sample, insert_clipping
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
 from bkcompile.passes.loss import LossScale, find_loss_scale
-from bkcompile.passes.sites import Site, find_sites
+from bkcompile.passes.sites import ParamGrad, find_sites
 
 
 @dataclasses.dataclass
@@ -34,8 +34,9 @@ class PassState:
     options: BKOptions
     names: list[str]
     fake_mode: Any
-    sites: list[Site] = dataclasses.field(default_factory=list)
+    params: list[ParamGrad] = dataclasses.field(default_factory=list)
     scale: LossScale | None = None
+    strategies: dict[str, str] = dataclasses.field(default_factory=dict)  # parameter -> "ghost" | "explicit"
 
 
 def _batch_axis(state: PassState) -> None:
@@ -43,7 +44,7 @@ def _batch_axis(state: PassState) -> None:
 
 
 def _sites(state: PassState) -> None:
-    state.sites = find_sites(state.joint, state.names)
+    state.params = find_sites(state.joint, state.names)
 
 
 def _loss_scale(state: PassState) -> None:
@@ -51,7 +52,7 @@ def _loss_scale(state: PassState) -> None:
 
 
 def _clipping(state: PassState) -> None:
-    insert_clipping(state.joint, state.sites, state.scale, state.options, state.fake_mode)
+    state.strategies = insert_clipping(state.joint, state.params, state.scale, state.options, state.fake_mode)
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)

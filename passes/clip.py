@@ -1,20 +1,25 @@
-"""Per-sample norms, clip factors and the book-keeping rewrite (passes 4-6 of the pipeline).
+"""Per-sample norms, clip factors and the weighted reductions (passes 4-6 of the pipeline).
 
-For a matmul site ``G = a @ b`` contracting over K = B*m rows, sample i owns rows ``[i*m, (i+1)*m)``:
-``G_i = a_i @ b_i`` with a_i (n x m), b_i (m x p). Its ghost norm needs no G_i:
-``||G_i||^2 = sum_{t,s} (a_i^T a_i)_{ts} (b_i b_i^T)_{ts}``  (and ``||a_i||^2 ||b_i||^2`` when m = 1).
-For a sum site ``sum(x, dims)`` the per-sample gradient is the sum of sample i's rows, formed directly.
+For each trainable parameter the pass forms ``||G_i||^2``, the squared norm of sample i's gradient, by
+one of two strategies:
 
-Clipping: ``n_i = s * sqrt(sum over sites ||G_i||^2)`` (s: the loss scale), ``C_i = min(1, R / (n_i + 1e-6))``,
-``w_i = s * C_i``. Book-keeping: each site reduces ``w``-weighted operands instead::
+- ``ghost``: a parameter with one site whose kind has a ghost norm (``site_kinds``); book-keeping then
+  re-emits the site with its per-sample operand scaled by w_i, so the one reduction gives sum_i w_i G_i::
 
-    before:  grad = mm(t(grad_out), act)
-    after:   grad = mm(t(grad_out) * w[rows], act)     # = sum_i w_i G_i, the sum of clipped gradients
+      before:  grad = mm(t(grad_out), act)
+      after:   grad = mm(t(grad_out) * w[rows], act)
 
-Norms are accumulated in float32 (float64 when the model is float64).
+- ``explicit``: the per-sample gradients G_i (B, *param shape) are formed (the sum over the sites of a
+  parameter used at several places, with the views between them replayed per sample); the norm is
+  taken from them and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
+
+Clipping: ``n_i = s * sqrt(sum over parameters ||G_i||^2)`` (s: the loss scale), ``C_i = min(1, R / (n_i +
+1e-6))``, ``w_i = s * C_i``. Norms are accumulated in float32 (float64 when the model is float64).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -23,81 +28,86 @@ import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
 from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
-from bkcompile.passes.facts import Batched, exact_quotient, to_expr
 from bkcompile.passes.loss import LossScale
-from bkcompile.passes.rules import _dims
-from bkcompile.passes.sites import Site
+from bkcompile.passes.site_kinds import SITE_KINDS, Size, static_shape
+from bkcompile.passes.sites import ParamGrad, scaled_term
 
 aten = torch.ops.aten
 EPS = 1e-6
+_SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.default,
+               aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
-def _acc_dtype(sites: list[Site]) -> torch.dtype:
-    dtypes = {a.meta["val"].dtype for s in sites for a in s.node.all_input_nodes}
+def _acc_dtype(params: list[ParamGrad]) -> torch.dtype:
+    dtypes = {a.meta["val"].dtype for p in params for s in p.sites for a in s.node.all_input_nodes
+              if isinstance(a.meta.get("val"), torch.Tensor)}
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _inner(emit: Emitter, joint: JointGraph, value: torch.fx.Node, fact: Batched, batch) -> int | torch.fx.Node:
-    """m: the rows per sample on the batch dim of ``value`` (its size over B)."""
-    inner = exact_quotient(to_expr(value.meta["val"].shape[fact.dim]), joint.batch)
-    if inner is not None and inner.is_Integer:
-        return int(inner)
-    return emit.floordiv(emit.size(value, fact.dim), batch)
+def strategy_of(param: ParamGrad) -> str:
+    """"ghost" for a single site with a ghost norm and a book-keeping reweight, else "explicit"."""
+    kind = SITE_KINDS[param.sites[0].kind]
+    single = len(param.sites) == 1 and not param.scaled
+    return "ghost" if single and kind.sq_norm and kind.reweight else "explicit"
 
 
-def _split_batch(emit: Emitter, value: torch.fx.Node, dim: int, inner) -> torch.fx.Node:
-    """View dim ``dim`` (size B*m) of ``value`` as (B, m)."""
-    sizes = emit.sizes(value)
-    return emit(aten.reshape.default, value, sizes[:dim] + [-1, inner] + sizes[dim + 1 :])
+def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
+    """Apply the norm-preserving op ``node`` to per-sample values (B, *shape of its input)."""
+    if node.target in _SHAPE_ONLY:
+        return emit(aten.reshape.default, value, [-1, *static_shape(node)])
+    if node.target in _IDENTITY:
+        return value
+    if node.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default):
+        return emit.to_dtype(value, node.meta["val"].dtype)
+    if node.target in (aten.slice_backward.default, aten.select_backward.default):
+        _, sizes, dim, *rest = node.args
+        return emit(node.target, value, [emit.size(value, 0), *sizes],
+                    dim % len(sizes) + 1, *rest)
+    ndim = node.meta["val"].dim()
+    order = list(range(ndim))
+    if node.target == aten.permute.default:
+        order = [d % ndim for d in node.args[1]]
+    elif ndim == 2:  # t, or transpose of the only two dims
+        order = [1, 0]
+    elif node.target == aten.transpose.int:
+        a, b = (d % ndim for d in node.args[1:3])
+        order[a], order[b] = order[b], order[a]
+    return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
 
 
-def matmul_sq_norms(emit: Emitter, joint: JointGraph, site: Site, batch, dtype) -> torch.fx.Node:
-    """Ghost norms ||G_i||^2 of a matmul site ``a (L, n, K) @ b (L, K, p)`` (mm: L = 1), shape (B,)."""
-    a, b = site.node.args[0], site.node.args[1]
-    operand = a if isinstance(joint.facts[a], Batched) else b
-    inner = _inner(emit, joint, operand, joint.facts[operand], batch)
-    a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
-    if site.node.target == aten.mm.default:
-        a, b = emit(aten.unsqueeze.default, a, 0), emit(aten.unsqueeze.default, b, 0)
-    a4 = emit(aten.permute.default, _split_batch(emit, a, 2, inner), [2, 0, 3, 1])  # (B, L, m, n)
-    b4 = emit(aten.permute.default, _split_batch(emit, b, 1, inner), [1, 0, 2, 3])  # (B, L, m, p)
-    if isinstance(inner, int) and inner == 1:
-        na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a4, a4), [2, 3])  # (B, L)
-        nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b4, b4), [2, 3])
-        return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, na, nb), [1])
-    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])  # (B*L, m, n)
-    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])  # (B*L, m, p)
-    gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
-    gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
-    products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
-    per_sample = emit(aten.reshape.default, products, [emit.size(a4, 0), -1])
-    return emit(aten.sum.dim_IntList, per_sample, [1])
+def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
+    """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
+    if node in sites:
+        return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
+    if node.target is aten.add.Tensor:
+        left, right = (_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
+        return emit(aten.add.Tensor, left, right)
+    term = scaled_term(joint, node)
+    if term is not None:  # the same factor for every sample: scale the per-sample values by it
+        value = _per_sample_grad(emit, joint, term, sites, batch, dtype)
+        args = [value if a is term else a for a in node.args]
+        return emit(node.target, *args)
+    return _lift(emit, node, _per_sample_grad(emit, joint, node.args[0], sites, batch, dtype))
 
 
-def sum_sq_norms(emit: Emitter, joint: JointGraph, site: Site, batch, dtype) -> torch.fx.Node:
-    """||G_i||^2 of a sum site: sum sample i's rows over the reduced dims, then square and add."""
-    x = site.node.args[0]
-    fact: Batched = joint.facts[x]
-    ndim = x.meta["val"].dim()
-    dims = _dims(site.node.args[1] if site.node.target == aten.sum.dim_IntList else None, ndim)
-    split = _split_batch(emit, emit.to_dtype(x, dtype), fact.dim, _inner(emit, joint, x, fact, batch))
-    reduce_dims = [d + (d > fact.dim) for d in dims if d != fact.dim] + [fact.dim + 1]
-    per_sample = emit(aten.sum.dim_IntList, split, reduce_dims, True)
-    rest = [d for d in range(ndim + 1) if d != fact.dim]
-    return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, per_sample, per_sample), rest)
+def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Erase ``node`` and the inputs only it used; a convolution_backward loses the outputs nobody reads."""
+    if node.users or node.op != "call_function":
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for value in inputs:
+        if value.target == aten.convolution_backward.default and value.users:
+            _drop_unread_outputs(graph, value)
+        _erase_dead(graph, value)
 
 
-def _row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, fact: Batched, batch):
-    """``weights`` (B,) broadcast over dim ``fact.dim`` (size B*m) of ``value``."""
-    ndim = value.meta["val"].dim()
-    w = emit.to_dtype(weights, value.meta["val"].dtype)
-    inner = _inner(emit, joint, value, fact, batch)
-    if not (isinstance(inner, int) and inner == 1):
-        w = emit(aten.expand.default, emit(aten.unsqueeze.default, w, 1), [-1, inner])
-        w = emit(aten.reshape.default, w, [-1])
-    shape = [1] * ndim
-    shape[fact.dim] = -1
-    return emit(aten.view.default, w, shape)
+def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
+    read = {user.args[1] for user in conv.users}
+    mask = [m and i in read for i, m in enumerate(conv.args[10])]
+    conv.args = (*conv.args[:10], mask)
+    conv.meta["val"] = tuple(v if mask[i] else None for i, v in enumerate(conv.meta["val"]))
 
 
 def clip_factors(emit: Emitter, norms: torch.fx.Node, max_grad_norm: float) -> torch.fx.Node:
@@ -106,54 +116,76 @@ def clip_factors(emit: Emitter, norms: torch.fx.Node, max_grad_norm: float) -> t
     return emit(aten.clamp_max.default, emit(aten.reciprocal.default, scaled), 1.0)
 
 
-def batch_size_value(emit: Emitter, joint: JointGraph) -> int | torch.fx.Node:
+def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
     if joint.batch.is_Integer:
         return int(joint.batch)
     source, dim = joint.batch_source
     return emit.size(source, dim)
 
 
-def insert_clipping(joint: JointGraph, sites: list[Site], scale: LossScale, options: BKOptions, fake_mode) -> None:
-    """Insert norms, clip factors and the weighted reductions; leaves the graph topologically sorted."""
+def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
+    if scale.kind == "mean":
+        return emit(aten.scalar_tensor.default, batch, dtype=dtype)
+    if scale.kind == "weight":
+        return emit.to_dtype(scale.node, dtype)
+    return None
+
+
+def insert_clipping(joint: JointGraph, params: list[ParamGrad], scale: LossScale, options: BKOptions,
+                    fake_mode) -> dict[str, str]:
+    """Insert norms, clip factors and the weighted reductions; return each parameter's strategy."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    if not sites:
-        return
-    dtype = _acc_dtype(sites)
+    if not params:
+        return {}
+    dtype = _acc_dtype(params)
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
-    squares = []
-    for site in sites:
-        with graph.inserting_before(site.node):
-            norm_fn = matmul_sq_norms if site.kind == "matmul" else sum_sq_norms
-            squares.append(norm_fn(emit, joint, site, batch, dtype))
+    strategies = {p.param: strategy_of(p) for p in params}
+    squares, explicit = [], {}
+    for param in params:
+        if strategies[param.param] == "ghost":
+            site = param.sites[0]
+            with graph.inserting_before(site.node):
+                squares.append(SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype))
+            continue
+        with graph.inserting_before(graph.output_node()):
+            grads = _per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
+            flat = emit(aten.reshape.default, grads, [batch, -1])
+            squares.append(emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1]))
+            explicit[param.param] = flat
     with graph.inserting_before(graph.output_node()):
         total = squares[0]
         for square in squares[1:]:
             total = emit(aten.add.Tensor, total, square)
         norms = emit(aten.sqrt.default, total)
-        if scale.kind == "mean":
-            factor = emit(aten.scalar_tensor.default, batch, dtype=dtype)
-        elif scale.kind == "weight":
-            factor = emit.to_dtype(scale.node, dtype)
-        else:
-            factor = None
+        factor = _loss_factor(emit, scale, batch, dtype)
         if factor is not None:
             norms = emit(aten.mul.Tensor, norms, factor)
         norms = emit(torch.ops.bkcompile.record_norms.default, norms)
         clip = clip_factors(emit, norms, options.max_grad_norm)
         weights = emit(aten.mul.Tensor, clip, factor) if factor is not None else clip
-        for site in sites:
-            args = list(site.node.args)
-            position = next(i for i, a in enumerate(args[:2]) if isinstance(joint.facts.get(a), Batched))
-            operand = args[position]
-            fact = joint.facts[operand]
-            args[position] = emit(aten.mul.Tensor, operand, _row_weights(emit, joint, weights, operand, fact, batch))
-            weighted = emit(site.node.target, *args, **site.node.kwargs)
-            weighted.meta.update({k: v for k, v in site.node.meta.items() if k != "val"})
+        reduced = {}
+        for param in params:
+            if param.param in explicit:
+                row = emit(aten.unsqueeze.default, weights, 0)
+                total = emit(aten.view.default, emit(aten.mm.default, row, explicit[param.param]),
+                             static_shape(param.grad))
+                reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
+                continue
+            site = param.sites[0]
+            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights, batch)
             site.node.replace_all_uses_with(weighted)
             graph.erase_node(site.node)
+    outputs = joint.outputs
+    for index, value in reduced.items():
+        outputs[joint.num_fwd_outputs + index] = value
+    graph.output_node().args = (outputs,)
+    for param in params:
+        if param.param in explicit:
+            _erase_dead(graph, param.grad)
+    return strategies
 
 
 def clip_single_sample(joint: JointGraph, options: BKOptions, fake_mode) -> None:

@@ -290,6 +290,32 @@ def select(r: RuleInput) -> Fact:
     return Batched(fact.dim - (dim < fact.dim), fact.inner)
 
 
+@register_batch_rule(aten.select_backward.default)
+def select_backward(r: RuleInput) -> Fact:
+    """The gradient of a select puts the rows back at ``index`` of a new dim ``dim``."""
+    fact = r.fact(r.arg(0, "grad_output"))
+    if not isinstance(fact, Batched):
+        return fact
+    dim = _dim(r.arg(2, "dim"), len(r.arg(1, "input_sizes")))
+    return Batched(fact.dim + (dim <= fact.dim), fact.inner)
+
+
+@register_batch_rule(aten.slice_backward.default)
+def slice_backward(r: RuleInput) -> Fact:
+    fact = r.fact(r.arg(0, "grad_output"))
+    if isinstance(fact, Batched) and _dim(r.arg(2, "dim"), len(r.arg(1, "input_sizes"))) == fact.dim:
+        if not same(r.shape(r.arg(0, "grad_output"))[fact.dim], r.out_shape()[fact.dim]):
+            raise _index_on_batch(r)
+    return fact
+
+
+@register_batch_rule([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                      aten.full_like.default])
+def like(r: RuleInput) -> Fact:
+    """A constant shaped like its input: rows stay with the samples whose shape they copy."""
+    return r.fact(r.arg(0, "self"))
+
+
 @register_batch_rule(aten.slice.Tensor)
 def slice_(r: RuleInput) -> Fact:
     source = r.arg(0, "self")
@@ -502,28 +528,42 @@ def layer_norm(r: RuleInput) -> tuple:
     return (fact, fact, fact)
 
 
-def _batch_norm(r: RuleInput, training: bool) -> tuple:
+def _batch_norm(r: RuleInput, training: bool, running_stats: bool) -> tuple:
     fact = r.fact(r.arg(0, "input"))
+    count = len(r.node.meta["val"])
+    if training and isinstance(fact, Batched) and fact.dim == 1:
+        # channels hold the samples (InstanceNorm runs batch norm on (1, B*C, ...)): statistics are per sample
+        if running_stats:
+            raise r.mixing(
+                "the running statistics average over every sample of the batch and are not privatized",
+                "use track_running_stats=False (the default of InstanceNorm)",
+            )
+        stats = Batched(0, fact.inner)
+        return (fact, stats, stats) + (REPLICATED,) * (count - 3)
     if training and isinstance(fact, Batched):
         raise r.mixing(
             "batch normalisation in training mode normalises with statistics over the whole batch",
             "replace BatchNorm with GroupNorm or LayerNorm (e.g. opacus-style nn.GroupNorm(groups, C)), "
             "or freeze the statistics with module.eval()",
         )
-    count = len(r.node.meta["val"])
     return (fact,) + (REPLICATED,) * (count - 1)
 
 
 @register_batch_rule([aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
                       aten.native_batch_norm.default])
 def batch_norm(r: RuleInput) -> tuple:
-    return _batch_norm(r, training=bool(r.arg(5, "training")))
+    return _batch_norm(r, training=bool(r.arg(5, "training")), running_stats=r.arg(3, "running_mean") is not None)
+
+
+@register_batch_rule(aten._native_batch_norm_legit.no_stats)
+def batch_norm_no_stats(r: RuleInput) -> tuple:
+    return _batch_norm(r, training=bool(r.arg(3, "training")), running_stats=False)
 
 
 @register_batch_rule(aten._native_batch_norm_legit_no_training.default)
 def batch_norm_eval(r: RuleInput) -> tuple:
     """Batch norm with frozen statistics is an elementwise affine map: per-sample."""
-    return _batch_norm(r, training=False)
+    return _batch_norm(r, training=False, running_stats=False)
 
 
 # --- losses --------------------------------------------------------------------------------------------
@@ -580,7 +620,7 @@ def mse_loss_backward(r: RuleInput) -> Fact:
     return _agree(r, batched) if batched else REPLICATED
 
 
-# --- constructs the pass cannot clip yet -----------------------------------------------------------------
+# --- embeddings and convolutions ------------------------------------------------------------------------
 
 
 @register_batch_rule(aten.embedding.default)
@@ -592,6 +632,20 @@ def embedding(r: RuleInput) -> Fact:
     return fact
 
 
+@register_batch_rule(aten.embedding_dense_backward.default)
+def embedding_backward(r: RuleInput) -> Fact:
+    """The table's gradient adds the rows of every index: a sum over samples (an embedding site)."""
+    batched = [f for f in (r.fact(r.arg(0, "grad_output")), r.fact(r.arg(1, "indices"))) if isinstance(f, Batched)]
+    if not batched:
+        return REPLICATED
+    if r.arg(4, "scale_grad_by_freq"):
+        raise r.mixing(
+            "scale_grad_by_freq divides each row's gradient by the index's frequency in the whole batch",
+            "use nn.Embedding(..., scale_grad_by_freq=False)",
+        )
+    return REDUCED
+
+
 @register_batch_rule(aten.convolution.default)
 def convolution(r: RuleInput) -> Fact:
     """A convolution maps each of the N inputs on its own: per-sample on dim 0."""
@@ -601,23 +655,48 @@ def convolution(r: RuleInput) -> Fact:
     return fact
 
 
-def _not_supported_yet(r: RuleInput) -> NotSupportedYetError:
-    return node_error(
-        NotSupportedYetError,
-        r.node,
-        "per-sample clipping of convolution and embedding parameters is not supported yet",
-        "freeze these parameters (requires_grad_(False)) or express the layer with linear maps",
-    )
-
-
 @register_batch_rule(aten.convolution_backward.default)
 def convolution_backward(r: RuleInput) -> tuple:
-    grad_input, grad_weight, grad_bias = r.arg(10, "output_mask")
-    if grad_weight or grad_bias:
-        raise _not_supported_yet(r)
-    return (r.fact(r.arg(0, "grad_output")), REPLICATED, REPLICATED)
+    """grad_input is per-sample like grad_output; the weight and bias gradients sum over samples (a conv site)."""
+    grad_out, x, weight = r.fact(r.arg(0, "grad_output")), r.fact(r.arg(1, "input")), r.fact(r.arg(2, "weight"))
+    if isinstance(weight, Batched) or any(isinstance(f, Batched) and f.dim != 0 for f in (grad_out, x)):
+        raise r.mixing("the convolution's channels or weights hold samples", "keep the batch on dim 0 of the input")
+    batched = [f for f in (grad_out, x) if isinstance(f, Batched)]
+    if not batched:
+        return (REPLICATED, REPLICATED, REPLICATED)
+    return (_agree(r, batched), REDUCED, REDUCED)
 
 
-@register_batch_rule(aten.embedding_dense_backward.default)
-def embedding_backward(r: RuleInput) -> Fact:
-    raise _not_supported_yet(r)
+@register_batch_rule(aten.native_group_norm.default)
+def group_norm(r: RuleInput) -> tuple:
+    """GroupNorm normalises each sample's channel groups on their own: per-sample on dim 0."""
+    fact = r.fact(r.arg(0, "input"))
+    if isinstance(fact, Batched) and fact.dim != 0:
+        raise r.mixing("its channel or spatial dims hold samples", "keep the batch on dim 0 of the input")
+    return (fact, fact, fact)
+
+
+# --- attention -----------------------------------------------------------------------------------------
+
+
+def _attention_fact(r: RuleInput, values: list) -> Fact:
+    batched = [r.fact(v) for v in values if isinstance(r.fact(v), Batched)]
+    if not batched:
+        return REPLICATED
+    fact = _agree(r, batched)
+    if fact.dim != 0:
+        raise r.mixing("the attention's heads or positions hold samples", "keep the batch on dim 0 of q, k and v")
+    return fact
+
+
+@register_batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def sdpa_cpu(r: RuleInput) -> tuple:
+    """Attention mixes positions within a sample only: output and log-sum-exp are per-sample."""
+    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.node.kwargs.get("attn_mask")])
+    return (fact, fact)
+
+
+@register_batch_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def sdpa_cpu_backward(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, [a for a in r.node.args[:6]] + [r.node.kwargs.get("attn_mask")])
+    return (fact, fact, fact)

@@ -1,9 +1,9 @@
-"""Site discovery: the op that reduces per-sample values into each trainable parameter's gradient.
+"""Site discovery: the ops that reduce per-sample values into each trainable parameter's gradient.
 
-From each gradient output we look back through norm-preserving ops (views, transposes, copies) to
-the op that sums over the sample axis: a matrix product contracting over it (``mm``/``bmm``: linear
-and einsum weights) or a ``sum`` over it (biases, elementwise scales, norm-layer affine weights).
-Every sum over samples in the backward must be such a site; anything else is refused.
+From each gradient output we look back through norm-preserving ops (views, transposes, copies) and
+``add`` (a parameter used at several places: tied or reused weights) to the sites: ops of a kind in
+``site_kinds.SITE_KINDS`` that sum over the sample axis. Every sum over samples in the backward must be
+such a site; anything else is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.fx
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.site_kinds import kind_of, reduces_samples
 
 aten = torch.ops.aten
 
@@ -36,28 +37,86 @@ NORM_PRESERVING = {
     aten.unsqueeze.default,
     aten._to_copy.default,
     torch.ops.prims.convert_element_type.default,
+    aten.slice_backward.default,  # a sliced parameter: the gradient rows go back in place, zeros elsewhere
+    aten.select_backward.default,
 }
-MATMUL_SITES = {aten.mm.default, aten.bmm.default}
-SUM_SITES = {aten.sum.dim_IntList, aten.sum.default}
+
+# Ops that scale a reduced value by a sample-independent factor: linear, but not norm-preserving.
+SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
 
 
 @dataclasses.dataclass
 class Site:
     param: str  # the parameter's name, e.g. "layers.0.fc.weight"
     node: torch.fx.Node  # the op that reduces over the samples
-    kind: str  # "matmul" or "sum"
+    kind: str  # a key of site_kinds.SITE_KINDS
 
 
-def _is_site(joint: JointGraph, node: torch.fx.Node) -> bool:
-    return isinstance(joint.facts.get(node), Reduced) and any(
-        isinstance(joint.facts.get(a), Batched) for a in node.all_input_nodes
+@dataclasses.dataclass
+class ParamGrad:
+    """A trainable parameter's gradient output and the sites it adds up."""
+
+    param: str
+    index: int  # position among the graph's gradient outputs
+    grad: torch.fx.Node
+    sites: list[Site]
+    scaled: bool = False  # the tree scales a site by a sample-independent factor (not norm-preserving)
+
+
+def scaled_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The reduced operand of ``node`` when ``node`` scales it by a sample-independent factor, else None.
+
+    Such a factor (a frozen BatchNorm's 1/std, a constant) multiplies every sample's gradient alike.
+    """
+    if node.target not in SCALINGS:
+        return None
+    term, *rest = node.args
+    if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
+        term, rest = rest[0], [term]
+    if not isinstance(joint.facts.get(term), Reduced) or any(isinstance(joint.facts.get(a), (Reduced, Batched))
+                                                                for a in rest if isinstance(a, torch.fx.Node)):
+        return None
+    factor = rest[0] if rest else None
+    if isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta["val"].dim():
+        return None
+    return term
+
+
+def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site]) -> bool:
+    """Append the sites under ``node`` (a value of the gradient of parameter ``name``); True when the
+    way from them to ``node`` scales them."""
+    while node.target in NORM_PRESERVING and kind_of(joint, node) is None:
+        node = node.args[0]
+    kind = kind_of(joint, node)
+    if kind is not None:
+        sites.append(Site(param=name, node=node, kind=kind))
+        return False
+    if node.target is aten.add.Tensor and not node.kwargs and all(
+            isinstance(joint.facts.get(a), Reduced) for a in node.args):
+        # a parameter used at several places: its gradient adds the uses' gradients
+        return any([_collect(joint, term, name, sites) for term in node.args])
+    term = scaled_term(joint, node)
+    if term is not None:
+        _collect(joint, term, name, sites)
+        return True
+    if not isinstance(joint.facts.get(node), Reduced):
+        raise node_error(
+            PrivacyError, node,
+            f"the gradient of parameter {name!r} does not come from a sum over per-sample values",
+            "make sure the compiled function's outputs depend on the batch (dim 0 of the inputs)",
+        )
+    raise node_error(
+        NotSupportedYetError, node,
+        f"the gradient of parameter {name!r} reaches it through an op the pass cannot clip yet",
+        "express the layer with linear maps, convolutions, embeddings, sums and elementwise ops, or freeze "
+        "the parameter",
     )
 
 
-def find_sites(joint: JointGraph, names: list[str]) -> list[Site]:
-    """One site per trainable parameter that receives a gradient (pass 2 of the pipeline)."""
-    sites: list[Site] = []
-    for primal, grad, trainable, name in zip(joint.primals, joint.gradient_outputs, joint.trainable, names):
+def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
+    """The sites of every trainable parameter that receives a gradient (pass 2 of the pipeline)."""
+    params: list[ParamGrad] = []
+    for index, (grad, trainable, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names)):
         if grad is None:
             continue
         if not trainable:
@@ -65,39 +124,18 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[Site]:
                 raise node_error(PrivacyError, grad, f"the gradient of input {name!r} sums over samples",
                                  "pass per-sample inputs with the batch on dim 0, or make it a parameter")
             continue
-        node = grad
-        while node.target in NORM_PRESERVING and not _is_site(joint, node):
-            node = node.args[0]
-        if node.target in MATMUL_SITES | SUM_SITES and _is_site(joint, node):
-            sites.append(Site(param=name, node=node, kind="matmul" if node.target in MATMUL_SITES else "sum"))
-            continue
-        if isinstance(joint.facts.get(node), Reduced) and node.target in (aten.add.Tensor, aten.cat.default):
-            raise node_error(
-                NotSupportedYetError, node,
-                f"parameter {name!r} is used at several places in the forward (shared or tied weights); "
-                "clipping a parameter with several gradient sites is not supported yet",
-                "use separate parameters for each use, or freeze this one",
-            )
-        if not isinstance(joint.facts.get(node), Reduced):
-            raise node_error(
-                PrivacyError, grad,
-                f"the gradient of parameter {name!r} does not come from a sum over per-sample values",
-                "make sure the compiled function's outputs depend on the batch (dim 0 of the inputs)",
-            )
-        raise node_error(
-            NotSupportedYetError, node,
-            f"the gradient of parameter {name!r} reaches it through an op the pass cannot clip yet",
-            "express the layer with linear maps, sums and elementwise ops, or freeze the parameter",
-        )
-    found = {site.node for site in sites}
+        sites: list[Site] = []
+        scaled = _collect(joint, grad, name, sites)
+        params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled))
+    found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
-        if node not in found and _is_site(joint, node) and _feeds_gradient(joint, node):
+        if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):
             raise node_error(
                 NotSupportedYetError, node,
                 "this sum over samples reaches a parameter gradient by a path the pass cannot clip yet",
                 "express the layer with linear maps, sums and elementwise ops",
             )
-    return sites
+    return params
 
 
 def _feeds_gradient(joint: JointGraph, node: torch.fx.Node) -> bool:

@@ -22,6 +22,23 @@ class Case:
     loss: Callable  # loss(output, *targets) as the user writes it on the batch
     loss_inside: bool = False  # the model takes (x, y) and returns the loss
     options: dict = dataclasses.field(default_factory=dict)
+    data: Callable | None = None  # data(batch, dtype) -> (inputs, targets), instead of randn + class labels
+
+    def make_data(self, batch: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+        if self.data is not None:
+            return self.data(batch, dtype)
+        x = torch.randn(batch, *self.input_shape, dtype=dtype)
+        y = torch.randint(0, 3, (batch,))
+        return ((x, y), ()) if self.loss_inside else ((x,), (y,))
+
+
+def _text(batch: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    return (zoo.tokens(batch),), (torch.randint(0, 3, (batch,)),)
+
+
+def _lm(batch: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    ids = zoo.tokens(batch)
+    return (ids,), (torch.roll(ids, -1, dims=1),)
 
 
 def _returned_loss(out, *targets):
@@ -40,15 +57,20 @@ CASES = {
     "raw-params-einsum": Case(zoo.RawParams, (3, 5), F.cross_entropy),
     "rmsnorm": Case(zoo.RMSNormNet, (4, 5), F.cross_entropy),
     "frozen": Case(zoo.PartlyFrozen, (6,), F.cross_entropy),
+    "convnet-depthwise-transposed": Case(zoo.ConvNet, (3, 8, 8), F.cross_entropy),
+    "resnet-groupnorm": Case(zoo.ResBlockGN, (3, 8, 8), F.cross_entropy),
+    "conv1d-instancenorm-conv3d": Case(zoo.SeqConv, (2, 10), F.cross_entropy),
+    "batchnorm-eval": Case(zoo.BatchNormEval, (6,), F.cross_entropy),
+    "linear-applied-twice": Case(zoo.TwiceApplied, (6,), F.cross_entropy),
+    "unrolled-rnn-raw-params": Case(zoo.UnrolledRNN, (4, 4), F.cross_entropy),
+    "tied-embeddings-sdpa-lm": Case(zoo.TiedLM, (), zoo.per_sample_lm_loss, data=_lm),
 }
 
 
 def run_case(case: Case, batch: int, dtype: torch.dtype, compiler: str, threshold_quantile: float = 0.5):
     """Compile the case's model with bk_dp; return (compiled grads, oracle grads, oracle norms, R)."""
     model = case.make().to(dtype)
-    x = torch.randn(batch, *case.input_shape, dtype=dtype)
-    y = torch.randint(0, 3, (batch,))
-    inputs, targets = ((x, y), ()) if case.loss_inside else ((x,), (y,))
+    inputs, targets = case.make_data(batch, dtype)
     _, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=float("inf"))
     radius = norms.quantile(threshold_quantile).item()
     want, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=radius)

@@ -95,12 +95,6 @@ def test_registered_rule_makes_a_custom_op_work() -> None:
     assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
 
 
-def test_conv_layer_is_not_supported_yet() -> None:
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 2))
-    with raises_bk(bkcompile.NotSupportedYetError, "convolution", "not supported yet"):
-        _train_step(model, torch.randn(4, 2, 4))
-
-
 def test_frozen_conv_layer_is_fine() -> None:
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 2))
     model[0].requires_grad_(False)
@@ -108,18 +102,17 @@ def test_frozen_conv_layer_is_fine() -> None:
     assert model[2].weight.grad is not None and model[0].weight.grad is None
 
 
-class TwiceApplied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.fc(x)))
+def test_embedding_scaled_by_batch_frequency_is_refused() -> None:
+    model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
+    with raises_bk(bkcompile.SampleMixingError, "scale_grad_by_freq", "frequency in the whole batch"):
+        _train_step(model, torch.randint(0, 7, (5, 3)))
 
 
-def test_parameter_with_several_sites_is_not_supported_yet() -> None:
-    with raises_bk(bkcompile.NotSupportedYetError, "several places"):
-        _train_step(TwiceApplied(), torch.randn(5, 4))
+def test_instance_norm_with_running_stats_is_refused() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(6, 2))
+    with raises_bk(bkcompile.SampleMixingError, "running statistics", "track_running_stats=False"):
+        _train_step(model, torch.randn(4, 2, 4))
 
 
 class WithBreak(nn.Module):

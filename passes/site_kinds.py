@@ -1,0 +1,249 @@
+"""Site kinds: one row per kind of op that reduces per-sample values into a parameter gradient.
+
+Each kind says how to recognise its node and how to get, for sample i, the part G_i of the reduction:
+
+- ``sq_norm``    ||G_i||^2 without forming G_i (ghost norm; for sums, the direct per-sample sum), or None;
+- ``per_sample`` the explicit per-sample values, shape (B, *shape of the site's value);
+- ``reweight``   the site re-emitted with its per-sample operand scaled by w_i: sum_i w_i G_i
+                 (book-keeping: one reduction, no second backward), or None when only explicit works.
+
+Kinds: ``matmul`` (``mm``/``bmm`` contracting over the samples: linear and einsum weights), ``sum``
+(biases, norm-layer affine weights, elementwise scales), ``embedding`` (``embedding_dense_backward``,
+ghost norm by index equality) and ``conv`` (``convolution_backward`` weight and bias outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx
+
+from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.emit import Emitter
+from bkcompile.passes.facts import Batched, Reduced, exact_quotient, to_expr
+from bkcompile.passes.rules import _dims
+
+aten = torch.ops.aten
+Size = int | torch.fx.Node
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteKind:
+    matches: Callable[[JointGraph, torch.fx.Node], bool]
+    per_sample: Callable[..., torch.fx.Node]
+    sq_norm: Callable[..., torch.fx.Node] | None = None
+    reweight: Callable[..., torch.fx.Node] | None = None
+
+
+# --- shared helpers -------------------------------------------------------------------------------------
+
+
+def inner_size(emit: Emitter, joint: JointGraph, value: torch.fx.Node, fact: Batched, batch: Size) -> Size:
+    """m: the rows per sample on the batch dim of ``value`` (its size over B)."""
+    inner = exact_quotient(to_expr(value.meta["val"].shape[fact.dim]), joint.batch)
+    if inner is not None and inner.is_Integer:
+        return int(inner)
+    return emit.floordiv(emit.size(value, fact.dim), batch)
+
+
+def split_batch(emit: Emitter, value: torch.fx.Node, dim: int, inner: Size) -> torch.fx.Node:
+    """View dim ``dim`` (size B*m) of ``value`` as (B, m)."""
+    sizes = emit.sizes(value)
+    return emit(aten.reshape.default, value, sizes[:dim] + [-1, inner] + sizes[dim + 1 :])
+
+
+def static_shape(value: torch.fx.Node) -> list[int]:
+    return [int(s) for s in value.meta["val"].shape]
+
+
+def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, batch: Size):
+    """``weights`` (B,) broadcast over the batch dim (size B*m) of ``value``."""
+    fact: Batched = joint.facts[value]
+    ndim = value.meta["val"].dim()
+    w = emit.to_dtype(weights, value.meta["val"].dtype)
+    inner = inner_size(emit, joint, value, fact, batch)
+    if not (isinstance(inner, int) and inner == 1):
+        w = emit(aten.reshape.default, emit(aten.expand.default, emit(aten.unsqueeze.default, w, 1), [-1, inner]), [-1])
+    shape = [1] * ndim
+    shape[fact.dim] = -1
+    return emit(aten.view.default, w, shape)
+
+
+def _reweight_operand(emit: Emitter, joint: JointGraph, node: torch.fx.Node, weights, batch) -> torch.fx.Node:
+    """Re-emit ``node`` with its first per-sample operand (of the first two) scaled by the row weights."""
+    args = list(node.args)
+    position = next(i for i, a in enumerate(args[:2]) if isinstance(joint.facts.get(a), Batched))
+    args[position] = emit(aten.mul.Tensor, args[position], row_weights(emit, joint, weights, args[position], batch))
+    weighted = emit(node.target, *args, **node.kwargs)
+    weighted.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    return weighted
+
+
+def reduces_samples(joint: JointGraph, node: torch.fx.Node) -> bool:
+    """A sum over samples: a reduced value computed from per-sample ones (the weight and bias outputs of a
+    convolution_backward too)."""
+    conv = node.target is operator.getitem and node.args[0].target == aten.convolution_backward.default
+    source = node.args[0] if conv else node
+    return isinstance(joint.facts.get(node), Reduced) and any(
+        isinstance(joint.facts.get(a), Batched) for a in source.all_input_nodes)
+
+
+# --- matmul: G = a (L, n, K) @ b (L, K, p), K = B*m (mm: L = 1) --------------------------------------
+
+
+def _matmul_operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype: torch.dtype):
+    """(B, L, m, n) and (B, L, m, p) views of the operands, and m."""
+    a, b = node.args[0], node.args[1]
+    operand = a if isinstance(joint.facts[a], Batched) else b
+    inner = inner_size(emit, joint, operand, joint.facts[operand], batch)
+    a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
+    if node.target == aten.mm.default:
+        a, b = emit(aten.unsqueeze.default, a, 0), emit(aten.unsqueeze.default, b, 0)
+    a4 = emit(aten.permute.default, split_batch(emit, a, 2, inner), [2, 0, 3, 1])
+    b4 = emit(aten.permute.default, split_batch(emit, b, 1, inner), [1, 0, 2, 3])
+    return a4, b4, inner
+
+
+def matmul_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """``||a_i^T b_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (b_i b_i^T)_{ts}``; ``||a_i||^2 ||b_i||^2`` when m = 1."""
+    a4, b4, inner = _matmul_operands(emit, joint, node, batch, dtype)
+    if isinstance(inner, int) and inner == 1:
+        na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a4, a4), [2, 3])  # (B, L)
+        nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b4, b4), [2, 3])
+        return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, na, nb), [1])
+    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])  # (B*L, m, n)
+    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])  # (B*L, m, p)
+    gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
+    gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
+    products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
+    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [emit.size(a4, 0), -1]), [1])
+
+
+def matmul_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """G_i = a_i^T b_i for every sample: (B, n, p) for mm, (B, L, n, p) for bmm."""
+    a4, b4, inner = _matmul_operands(emit, joint, node, batch, dtype)
+    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])
+    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])
+    grads = emit(aten.bmm.default, emit(aten.permute.default, a3, [0, 2, 1]), b3)  # (B*L, n, p)
+    return emit(aten.reshape.default, grads, [-1, *static_shape(node)])
+
+
+# --- sum: sum(x, dims) with the sample axis among dims ------------------------------------------------------
+
+
+def _sum_per_sample_keepdim(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype):
+    x = node.args[0]
+    fact: Batched = joint.facts[x]
+    ndim = x.meta["val"].dim()
+    dims = _dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
+    split = split_batch(emit, emit.to_dtype(x, dtype), fact.dim, inner_size(emit, joint, x, fact, batch))
+    reduce_dims = [d + (d > fact.dim) for d in dims if d != fact.dim] + [fact.dim + 1]
+    return emit(aten.sum.dim_IntList, split, reduce_dims, True), fact.dim  # batch on fact.dim, ones elsewhere
+
+
+def sum_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    per_sample, dim = _sum_per_sample_keepdim(emit, joint, node, batch, dtype)
+    rest = [d for d in range(per_sample.meta["val"].dim()) if d != dim]
+    return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, per_sample, per_sample), rest)
+
+
+def sum_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    per_sample, dim = _sum_per_sample_keepdim(emit, joint, node, batch, dtype)
+    ndim = per_sample.meta["val"].dim()
+    moved = emit(aten.permute.default, per_sample, [dim] + [d for d in range(ndim) if d != dim])
+    return emit(aten.reshape.default, moved, [-1, *static_shape(node)])
+
+
+# --- embedding: embedding_dense_backward(grad (..., d), indices (...), V, padding_idx, by_freq) -----------
+
+
+def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
+    """Per-sample rows (B, T, d) with padding rows zeroed, and their indices (B, T)."""
+    grad, indices, _, padding_idx = node.args[:4]
+    rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, -1, grad.meta["val"].shape[-1]])
+    index = emit(aten.reshape.default, indices, [batch, -1])
+    if padding_idx is not None and padding_idx >= 0:
+        keep = emit(aten.ne.Scalar, index, padding_idx)
+        rows = emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, emit.to_dtype(keep, dtype), 2))
+    return rows, index
+
+
+def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """``||G_i||^2 = sum_{t,s} [idx_t = idx_s] <g_t, g_s>``: rows that hit the same entry add up."""
+    rows, index = _embedding_rows(emit, node, batch, dtype)
+    gram = emit(aten.bmm.default, rows, emit(aten.permute.default, rows, [0, 2, 1]))  # (B, T, T)
+    equal = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, index, 2), emit(aten.unsqueeze.default, index, 1))
+    return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, gram, emit.to_dtype(equal, dtype)), [1, 2])
+
+
+def embedding_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """(B, V, d): each sample's rows scattered (added) into its own copy of the table."""
+    rows, index = _embedding_rows(emit, node, batch, dtype)
+    vocab, width = static_shape(node)
+    table = emit(aten.zeros.default, [batch, vocab, width], dtype=dtype, device=rows.meta["val"].device)
+    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [-1, -1, width])
+    return emit(aten.scatter_add.default, table, 1, where, rows)
+
+
+def _on_dim0(joint: JointGraph, value: torch.fx.Node) -> bool:
+    fact = joint.facts.get(value)
+    return isinstance(fact, Batched) and fact.dim == 0
+
+
+def _embedding_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    return node.target == aten.embedding_dense_backward.default and _on_dim0(joint, node.args[1])
+
+
+# --- conv: getitem(convolution_backward(grad_out, input, weight, ...), 1 = weight | 2 = bias) ---------------
+
+
+def _conv_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    if node.target is not operator.getitem or node.args[1] not in (1, 2):
+        return False
+    conv = node.args[0]
+    if conv.target != aten.convolution_backward.default:
+        return False
+    inputs = conv.args[:2] if node.args[1] == 1 else conv.args[:1]
+    return all(_on_dim0(joint, v) and (joint.facts[v].inner == 1 or joint.batch == 1) for v in inputs)
+
+
+def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """Bias: grad_out summed over positions. Weight: one grouped convolution_backward with the samples as
+    groups (input (1, B*C_in, ...), groups B*g), so every sample gets its own weight gradient."""
+    conv = node.args[0]
+    grad_out, x, weight, _, stride, padding, dilation, transposed, output_padding, groups = conv.args[:10]
+    grad_out = emit.to_dtype(grad_out, dtype)
+    if node.args[1] == 2:
+        return emit(aten.sum.dim_IntList, grad_out, list(range(2, grad_out.meta["val"].dim())))
+    shape = static_shape(weight)
+    flat_out = emit(aten.reshape.default, grad_out, [1, -1, *emit.sizes(grad_out)[2:]])
+    flat_in = emit(aten.reshape.default, emit.to_dtype(x, dtype), [1, -1, *emit.sizes(x)[2:]])
+    stacked = emit(aten.expand.default, emit(aten.unsqueeze.default, emit.to_dtype(weight, dtype), 0), [batch, *shape])
+    stacked = emit(aten.reshape.default, stacked, [-1, *shape[1:]])
+    sample_groups = groups * batch if isinstance(batch, int) else emit(operator.mul, batch, groups)
+    grads = emit(aten.convolution_backward.default, flat_out, flat_in, stacked, None, stride, padding, dilation,
+                 transposed, output_padding, sample_groups, [False, True, False])
+    return emit(aten.reshape.default, emit(operator.getitem, grads, 1), [-1, *shape])
+
+
+def _matmul_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    return node.target in (aten.mm.default, aten.bmm.default) and reduces_samples(joint, node)
+
+
+def _sum_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    return node.target in (aten.sum.dim_IntList, aten.sum.default) and reduces_samples(joint, node)
+
+
+SITE_KINDS: dict[str, SiteKind] = {
+    "matmul": SiteKind(_matmul_matches, matmul_per_sample, matmul_sq_norm, _reweight_operand),
+    "sum": SiteKind(_sum_matches, sum_per_sample, sum_sq_norm, _reweight_operand),
+    "embedding": SiteKind(_embedding_matches, embedding_per_sample, embedding_sq_norm, _reweight_operand),
+    "conv": SiteKind(_conv_matches, conv_per_sample),
+}
+
+
+def kind_of(joint: JointGraph, node: torch.fx.Node) -> str | None:
+    return next((name for name, kind in SITE_KINDS.items() if kind.matches(joint, node)), None)
