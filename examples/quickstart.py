@@ -16,38 +16,66 @@ import bkcompile
 
 EPSILON, DELTA, EPOCHS, BATCH, R, LR = 8.0, 1e-5, 40, 128, 1.0, 2.0
 
-torch.manual_seed(0)
-digits = load_digits()
-x_train, x_test, y_train, y_test = train_test_split(
-    torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target), test_size=0.2, random_state=0)
-model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-baseline = copy.deepcopy(model)
-loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=BATCH)
+
+def load_data() -> list[torch.Tensor]:
+    """Digits scaled to [0, 1], split 80/20 the same way every time: ``[x_train, x_test, y_train, y_test]``."""
+    digits = load_digits()
+    return train_test_split(
+        torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target), test_size=0.2, random_state=0)
 
 
-def accuracy(net: nn.Module) -> float:
+def build_model() -> nn.Module:
+    """The MLP 64-64-10, initialised from torch's global random generator."""
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor) -> torch.utils.data.DataLoader:
+    """The (non-private) training loader; its batch size is the expected batch size of private training."""
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+
+
+def make_private_sgd(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int = EPOCHS,
+                     generator: torch.Generator | None = None):
+    """bkcompile.make_private with the quickstart's settings (SGD, R, epsilon and delta over ``epochs``)."""
+    return bkcompile.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0), loader,
+        max_grad_norm=R, target_epsilon=EPSILON, target_delta=DELTA, epochs=epochs, generator=generator,
+        compiler="aot_eager")
+
+
+def train(model: nn.Module, optimizer, loader, epochs: int, desc: str) -> None:
+    """Cross-entropy training; an empty (Poisson) batch skips the backward but still steps."""
+    for _ in tqdm(range(epochs), desc=desc):
+        for x, y in loader:
+            optimizer.zero_grad()
+            if len(x):
+                F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` that ``net`` classifies as ``y``."""
     with torch.no_grad():
-        return (net(x_test).argmax(1) == y_test).float().mean().item()
+        return (net(x).argmax(1) == y).float().mean().item()
 
 
-private_model, optimizer, private_loader = bkcompile.make_private(
-    model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0), loader,
-    max_grad_norm=R, target_epsilon=EPSILON, target_delta=DELTA, epochs=EPOCHS, compiler="aot_eager")
-print(f"noise multiplier {optimizer.noise_multiplier:.3f} for epsilon {EPSILON} after {EPOCHS} epochs")
-for epoch in tqdm(range(EPOCHS), desc="private training"):
-    for x, y in private_loader:
-        optimizer.zero_grad()
-        if len(x):
-            F.cross_entropy(private_model(x), y).backward()
-        optimizer.step()
+def main() -> None:
+    torch.manual_seed(0)
+    x_train, x_test, y_train, y_test = load_data()
+    model = build_model()
+    baseline = copy.deepcopy(model)
+    loader = make_loader(x_train, y_train)
 
-plain = torch.optim.SGD(baseline.parameters(), lr=0.1)
-for epoch in tqdm(range(EPOCHS), desc="non-private training"):
-    for x, y in loader:
-        plain.zero_grad()
-        F.cross_entropy(baseline(x), y).backward()
-        plain.step()
+    private_model, optimizer, private_loader = make_private_sgd(model, loader)
+    print(f"noise multiplier {optimizer.noise_multiplier:.3f} for epsilon {EPSILON} after {EPOCHS} epochs")
+    train(private_model, optimizer, private_loader, EPOCHS, "private training")
+    train(baseline, torch.optim.SGD(baseline.parameters(), lr=0.1), loader, EPOCHS, "non-private training")
 
-epsilon = optimizer.accountant.get_epsilon(DELTA)
-print(f"epsilon = {epsilon:.2f}, delta = {DELTA}")
-print(f"test accuracy: private {accuracy(model):.3f}, non-private {accuracy(baseline):.3f}")
+    epsilon = optimizer.accountant.get_epsilon(DELTA)
+    print(f"epsilon = {epsilon:.2f}, delta = {DELTA}")
+    print(f"test accuracy: private {accuracy(model, x_test, y_test):.3f}, "
+          f"non-private {accuracy(baseline, x_test, y_test):.3f}")
+
+
+if __name__ == "__main__":
+    main()

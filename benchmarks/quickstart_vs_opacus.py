@@ -1,0 +1,104 @@
+"""The quickstart model trained privately with bkcompile and with Opacus: test accuracy over seeds.
+
+Both get the quickstart's settings (examples/quickstart.py): the same split, MLP, SGD(lr), R, target
+(epsilon, delta) over the same epochs, the same DataLoader (batch size = expected batch size), Poisson
+sampling and a PRV accountant. Opacus derives its sample rate from the loader as 1 / len(loader), bkcompile as
+batch_size / len(dataset); the table shows both.
+
+Run: pip install -e ".[examples,bench]" && python benchmarks/quickstart_vs_opacus.py [--seeds 5] [--epochs 40]
+Prints a markdown table and writes benchmarks/results/quickstart_vs_opacus.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import quickstart as qs  # noqa: E402
+
+TOLERANCE = 0.03
+RESULTS = Path(__file__).resolve().parent / "results" / "quickstart_vs_opacus.json"
+METRICS = ("accuracy", "epsilon", "noise_multiplier", "sample_rate", "seconds")
+
+
+def run_bkcompile(seed: int, epochs: int) -> dict:
+    """Train with bkcompile.make_private; the seed sets the initialisation, the Poisson batches and the noise."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    x_train, x_test, y_train, y_test = qs.load_data()
+    model = qs.build_model()
+    start = time.perf_counter()
+    private_model, optimizer, loader = qs.make_private_sgd(
+        model, qs.make_loader(x_train, y_train), epochs, generator=torch.Generator().manual_seed(seed))
+    qs.train(private_model, optimizer, loader, epochs, f"bkcompile seed {seed}")
+    return {"accuracy": qs.accuracy(model, x_test, y_test), "epsilon": optimizer.accountant.get_epsilon(qs.DELTA),
+            "noise_multiplier": optimizer.noise_multiplier, "sample_rate": optimizer.sample_rate,
+            "seconds": time.perf_counter() - start}
+
+
+def run_opacus(seed: int, epochs: int) -> dict:
+    """Train with Opacus's make_private_with_epsilon; the seed sets the initialisation, the batches and the noise."""
+    torch.manual_seed(seed)  # Opacus's Poisson sampler draws from the global generator
+    x_train, x_test, y_train, y_test = qs.load_data()
+    model = qs.build_model()
+    start = time.perf_counter()
+    engine = PrivacyEngine(accountant="prv")
+    private_model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=qs.LR, momentum=0.0),
+        data_loader=qs.make_loader(x_train, y_train), target_epsilon=qs.EPSILON, target_delta=qs.DELTA,
+        epochs=epochs, max_grad_norm=qs.R, poisson_sampling=True,
+        noise_generator=torch.Generator().manual_seed(seed))
+    qs.train(private_model, optimizer, loader, epochs, f"opacus seed {seed}")
+    return {"accuracy": qs.accuracy(model, x_test, y_test), "epsilon": engine.get_epsilon(qs.DELTA),
+            "noise_multiplier": optimizer.noise_multiplier, "sample_rate": 1 / len(loader),
+            "seconds": time.perf_counter() - start}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and (sample) standard deviation of each metric over the runs."""
+    def stats(values: list[float]) -> dict:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {name: stats([run[name] for run in runs]) for name in METRICS}
+
+
+def markdown(summaries: dict, difference: float) -> str:
+    """The table, the difference of mean accuracies and the PASS/FAIL line."""
+    lines = ["| method | test accuracy | epsilon | noise multiplier | sample rate | wall time (s) |",
+             "|---|---|---|---|---|---|"]
+    for method, summary in summaries.items():
+        cells = [f"{summary[name]['mean']:.4g} ± {summary[name]['std']:.2g}" for name in METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    verdict = "PASS" if abs(difference) <= TOLERANCE else "FAIL"
+    lines += ["", f"accuracy difference (bkcompile - opacus): {difference:+.4f}",
+              f"{verdict}: |difference| {'<=' if verdict == 'PASS' else '>'} {TOLERANCE}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="runs per method, seeds 0 .. seeds-1")
+    parser.add_argument("--epochs", type=int, default=qs.EPOCHS, help="epochs (the target epsilon holds for them)")
+    args = parser.parse_args()
+    runs = {method: [run(seed, args.epochs) for seed in range(args.seeds)]
+            for method, run in (("bkcompile", run_bkcompile), ("opacus", run_opacus))}
+    summaries = {method: summarize(method_runs) for method, method_runs in runs.items()}
+    difference = summaries["bkcompile"]["accuracy"]["mean"] - summaries["opacus"]["accuracy"]["mean"]
+    print(markdown(summaries, difference))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "settings": {"seeds": args.seeds, "epochs": args.epochs, "epsilon": qs.EPSILON, "delta": qs.DELTA,
+                     "batch_size": qs.BATCH, "max_grad_norm": qs.R, "lr": qs.LR, "tolerance": TOLERANCE},
+        "runs": runs, "summary": summaries, "accuracy_difference": difference,
+        "passed": abs(difference) <= TOLERANCE}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
