@@ -1,7 +1,9 @@
 """Batch-axis facts: what every value of the joint graph is with respect to the samples of the batch.
 
-- ``Batched(dim, inner)``: dim ``dim`` has size ``B * inner`` and its rows ``[i*inner, (i+1)*inner)``
-  belong to sample ``i`` (``inner`` > 1 after a view merges the batch with following dims: B*T).
+- ``Batched(dim, inner, outer)``: dim ``dim`` has size ``outer * B * inner``; seen as (outer, B, inner),
+  index ``i`` of the middle axis is sample ``i``. ``inner`` > 1 after a view merges the batch with the
+  dims after it ((B, T, d) -> (B*T, d)); ``outer`` > 1 after one merges it with the dims before it
+  (sequence-first layouts: (T, B, d) -> (T*B, d)).
 - ``Replicated()``: the same for every sample (parameters, buffers, constants, sizes).
 - ``Reduced()``: a sum over samples of per-sample values (a loss, a parameter gradient).
 
@@ -21,6 +23,16 @@ import torch
 class Batched:
     dim: int
     inner: sympy.Expr = sympy.Integer(1)
+    outer: sympy.Expr = sympy.Integer(1)
+
+    def at(self, dim: int) -> Batched:
+        """The same layout on another dim."""
+        return dataclasses.replace(self, dim=dim)
+
+    @property
+    def plain(self) -> bool:
+        """Each sample owns one row of its dim."""
+        return self.inner == 1 and self.outer == 1
 
 
 @dataclasses.dataclass(frozen=True)

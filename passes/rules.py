@@ -101,14 +101,15 @@ def _dims(dims: Sequence[int] | int | None, ndim: int) -> list[int]:
     return sorted(_dim(d, max(ndim, 1)) for d in dims)
 
 
-def _same_inner(r: RuleInput, a: sympy.Expr, b: sympy.Expr) -> bool:
-    return r.batch == 1 or same(a, b)  # a batch of one owns every row, however they are grouped
+def _same_layout(r: RuleInput, a: Batched, b: Batched) -> bool:
+    # a batch of one owns every row, however they are grouped
+    return r.batch == 1 or (same(a.inner, b.inner) and same(a.outer, b.outer))
 
 
 def _agree(r: RuleInput, batched: list[Batched]) -> Batched:
     first = batched[0]
     for other in batched[1:]:
-        if other.dim != first.dim or not _same_inner(r, other.inner, first.inner):
+        if other.dim != first.dim or not _same_layout(r, other, first):
             raise r.mixing(
                 "its operands hold samples on different axes, so the result combines different samples",
                 "keep the batch on the same axis of every operand (check transposes and reshapes)",
@@ -134,7 +135,7 @@ def pointwise(r: RuleInput) -> Fact:
             dim = fact.dim + out_ndim - ndim
             if not same(r.shape(arg)[fact.dim], r.out_shape()[dim]):
                 raise r.mixing("it broadcasts the sample axis", "do not broadcast over the batch dimension")
-            batched.append(Batched(dim, fact.inner))
+            batched.append(fact.at(dim))
         elif isinstance(fact, Reduced):
             reduced.append(position)
     if reduced:
@@ -212,18 +213,20 @@ def random_like(r: RuleInput) -> Fact:
     ]
 )
 def view(r: RuleInput) -> Fact:
-    """A reshape keeps the sample axis when the dims before it keep their product: (B, T, d) -> (B*T, d)."""
+    """A reshape keeps the samples apart when one output dim holds the whole sample factor B of the flat
+    index: (B, T, d) -> (B*T, d) (inner T), (T, B, d) -> (T*B, d) (outer T), and back."""
     source = r.arg(0, "self")
     fact = r.fact(source)
     if not isinstance(fact, Batched):
         return fact
-    before = product(r.shape(source)[: fact.dim])
+    before = product(r.shape(source)[: fact.dim]) * fact.outer  # flat positions in front of the sample factor
     prefix = sympy.Integer(1)
     for dim, size in enumerate(r.out_shape()):
-        if same(prefix, before):
-            inner = exact_quotient(size, r.batch)
+        outer = exact_quotient(before, prefix)
+        if outer is not None:
+            inner = exact_quotient(size, outer * r.batch)
             if inner is not None and (size != 1 or r.batch == 1):
-                return Batched(dim, inner)
+                return Batched(dim, inner, outer)
         prefix = prefix * size
     if r.batch == 1 and r.out_shape():
         return Batched(0, r.out_shape()[0])  # a batch of one owns every element, whatever the layout
@@ -244,14 +247,14 @@ def expand(r: RuleInput) -> Fact:
     dim = fact.dim + len(r.out_shape()) - source.meta["val"].dim()
     if not same(r.out_shape()[dim], r.shape(source)[fact.dim]):
         raise r.mixing("it expands the sample axis", "do not expand the batch dimension")
-    return Batched(dim, fact.inner)
+    return fact.at(dim)
 
 
 def _moved(r: RuleInput, order: list[int]) -> Fact:
     fact = r.fact(r.arg(0, "self"))
     if not isinstance(fact, Batched):
         return fact
-    return Batched(order.index(fact.dim), fact.inner)
+    return fact.at(order.index(fact.dim))
 
 
 @register_batch_rule(aten.permute.default)
@@ -287,7 +290,7 @@ def select(r: RuleInput) -> Fact:
     dim = _dim(r.arg(1, "dim"), source.meta["val"].dim())
     if dim == fact.dim:
         raise _index_on_batch(r)
-    return Batched(fact.dim - (dim < fact.dim), fact.inner)
+    return fact.at(fact.dim - (dim < fact.dim))
 
 
 @register_batch_rule(aten.select_backward.default)
@@ -297,7 +300,7 @@ def select_backward(r: RuleInput) -> Fact:
     if not isinstance(fact, Batched):
         return fact
     dim = _dim(r.arg(2, "dim"), len(r.arg(1, "input_sizes")))
-    return Batched(fact.dim + (dim <= fact.dim), fact.inner)
+    return fact.at(fact.dim + (dim <= fact.dim))
 
 
 @register_batch_rule(aten.slice_backward.default)
@@ -338,7 +341,7 @@ def split(r: RuleInput) -> tuple:
     if dim == fact.dim:
         raise _index_on_batch(r)
     if r.node.target == aten.unbind.int:
-        return tuple([Batched(fact.dim - (dim < fact.dim), fact.inner)] * count)
+        return tuple([fact.at(fact.dim - (dim < fact.dim))] * count)
     return tuple([fact] * count)
 
 
@@ -359,7 +362,7 @@ def _join(r: RuleInput, stacked: bool) -> Fact:
         if dim == fact.dim:
             raise _index_on_batch(r)
         return fact
-    return Batched(fact.dim + (dim <= fact.dim), fact.inner)
+    return fact.at(fact.dim + (dim <= fact.dim))
 
 
 @register_batch_rule(aten.cat.default)
@@ -396,7 +399,7 @@ def _reduce(r: RuleInput, dims_arg: tuple[int, str] | None, keepdim_arg: tuple[i
         )
     if keepdim:
         return fact
-    return Batched(fact.dim - sum(d < fact.dim for d in dims), fact.inner)
+    return fact.at(fact.dim - sum(d < fact.dim for d in dims))
 
 
 @register_batch_rule([aten.sum.dim_IntList, aten.mean.dim])
@@ -467,21 +470,18 @@ def _matmul(r: RuleInput, a: torch.fx.Node, b: torch.fx.Node, lead: int) -> Fact
         return REDUCED
     n_dim, k_a, k_b, p_dim = lead, lead + 1, lead, lead + 1
     kinds = set()
-    inner = []
     if isinstance(fa, Batched):
         kinds.add("lead" if fa.dim < lead else ("out" if fa.dim == n_dim else "contract"))
-        inner.append(fa.inner)
     if isinstance(fb, Batched):
         kinds.add("lead" if fb.dim < lead else ("out" if fb.dim == p_dim else "contract"))
-        inner.append(fb.inner)
     if not kinds:
         return REPLICATED
-    if len(inner) == 2 and not _same_inner(r, inner[0], inner[1]):
+    if isinstance(fa, Batched) and isinstance(fb, Batched) and not _same_layout(r, fa, fb):
         raise r.mixing("its operands group samples differently", "keep the batch on matching axes")
     if kinds == {"lead"} and (not isinstance(fa, Batched) or not isinstance(fb, Batched) or fa.dim == fb.dim):
         return fa if isinstance(fa, Batched) else fb
     if kinds == {"out"} and (isinstance(fa, Batched) != isinstance(fb, Batched)):
-        return Batched(lead, fa.inner) if isinstance(fa, Batched) else Batched(lead + 1, fb.inner)
+        return fa.at(lead) if isinstance(fa, Batched) else fb.at(lead + 1)
     if kinds == {"contract"}:
         if (not isinstance(fa, Batched) or fa.dim == k_a) and (not isinstance(fb, Batched) or fb.dim == k_b):
             return REDUCED
@@ -538,7 +538,7 @@ def _batch_norm(r: RuleInput, training: bool, running_stats: bool) -> tuple:
                 "the running statistics average over every sample of the batch and are not privatized",
                 "use track_running_stats=False (the default of InstanceNorm)",
             )
-        stats = Batched(0, fact.inner)
+        stats = fact.at(0)
         return (fact, stats, stats) + (REPLICATED,) * (count - 3)
     if training and isinstance(fact, Batched):
         raise r.mixing(
@@ -585,7 +585,7 @@ def nll_loss_forward(r: RuleInput) -> tuple:
     reduction = r.arg(3, "reduction")
     if reduction == _REDUCTION_NONE:
         return (fact, REPLICATED)
-    if reduction == _REDUCTION_MEAN and not same(fact.inner, 1):
+    if reduction == _REDUCTION_MEAN and not (same(fact.inner, 1) and same(fact.outer, 1)):
         raise node_error(
             LossReductionError,
             r.node,

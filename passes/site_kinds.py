@@ -23,7 +23,8 @@ import torch.fx
 
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
-from bkcompile.passes.facts import Batched, Reduced, exact_quotient, to_expr
+from bkcompile.errors import NotSupportedYetError, node_error
+from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.rules import _dims
 
 aten = torch.ops.aten
@@ -41,18 +42,30 @@ class SiteKind:
 # --- shared helpers -------------------------------------------------------------------------------------
 
 
-def inner_size(emit: Emitter, joint: JointGraph, value: torch.fx.Node, fact: Batched, batch: Size) -> Size:
-    """m: the rows per sample on the batch dim of ``value`` (its size over B)."""
-    inner = exact_quotient(to_expr(value.meta["val"].shape[fact.dim]), joint.batch)
-    if inner is not None and inner.is_Integer:
-        return int(inner)
-    return emit.floordiv(emit.size(value, fact.dim), batch)
+def layout(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, batch: Size) -> tuple[Size, Size]:
+    """(outer, inner) of the batch dim ``dim`` of ``value`` (laid out as ``fact``): ints, or size nodes."""
+    if fact.outer.is_Integer and fact.inner.is_Integer:
+        return int(fact.outer), int(fact.inner)
+    rows = emit.floordiv(emit.size(value, dim), batch)  # outer * inner
+    if fact.outer.is_Integer:
+        return int(fact.outer), emit.floordiv(rows, int(fact.outer))
+    if fact.inner.is_Integer:
+        return emit.floordiv(rows, int(fact.inner)), int(fact.inner)
+    raise node_error(NotSupportedYetError, value, "the sample axis of this value has symbolic sizes both before "
+                     "and after it", "keep the batch the leading dim of per-sample inputs")
 
 
-def split_batch(emit: Emitter, value: torch.fx.Node, dim: int, inner: Size) -> torch.fx.Node:
-    """View dim ``dim`` (size B*m) of ``value`` as (B, m)."""
+def split_batch(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, batch: Size) -> torch.fx.Node:
+    """View the batch dim ``dim`` (size outer*B*inner) of ``value`` as (B, m): m = outer*inner rows per sample."""
+    outer, inner = layout(emit, value, fact, dim, batch)
     sizes = emit.sizes(value)
-    return emit(aten.reshape.default, value, sizes[:dim] + [-1, inner] + sizes[dim + 1 :])
+    if isinstance(outer, int) and outer == 1:
+        return emit(aten.reshape.default, value, sizes[:dim] + [batch, inner] + sizes[dim + 1 :])
+    grouped = emit(aten.reshape.default, value, sizes[:dim] + [outer, batch, inner] + sizes[dim + 1 :])
+    order = list(range(len(sizes) + 2))
+    order[dim], order[dim + 1] = dim + 1, dim
+    moved = emit(aten.permute.default, grouped, order)  # (..., B, outer, inner, ...)
+    return emit(aten.reshape.default, moved, sizes[:dim] + [batch, -1] + sizes[dim + 1 :])
 
 
 def static_shape(value: torch.fx.Node) -> list[int]:
@@ -60,13 +73,14 @@ def static_shape(value: torch.fx.Node) -> list[int]:
 
 
 def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, batch: Size):
-    """``weights`` (B,) broadcast over the batch dim (size B*m) of ``value``."""
+    """``weights`` (B,) broadcast over the batch dim (size outer*B*inner) of ``value``."""
     fact: Batched = joint.facts[value]
     ndim = value.meta["val"].dim()
     w = emit.to_dtype(weights, value.meta["val"].dtype)
-    inner = inner_size(emit, joint, value, fact, batch)
-    if not (isinstance(inner, int) and inner == 1):
-        w = emit(aten.reshape.default, emit(aten.expand.default, emit(aten.unsqueeze.default, w, 1), [-1, inner]), [-1])
+    if not fact.plain:
+        outer, inner = layout(emit, value, fact, fact.dim, batch)
+        w = emit(aten.expand.default, emit(aten.view.default, w, [1, -1, 1]), [outer, -1, inner])
+        w = emit(aten.reshape.default, w, [-1])
     shape = [1] * ndim
     shape[fact.dim] = -1
     return emit(aten.view.default, w, shape)
@@ -97,14 +111,13 @@ def reduces_samples(joint: JointGraph, node: torch.fx.Node) -> bool:
 def _matmul_operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype: torch.dtype):
     """(B, L, m, n) and (B, L, m, p) views of the operands, and m."""
     a, b = node.args[0], node.args[1]
-    operand = a if isinstance(joint.facts[a], Batched) else b
-    inner = inner_size(emit, joint, operand, joint.facts[operand], batch)
+    fact = joint.facts[a] if isinstance(joint.facts[a], Batched) else joint.facts[b]
     a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
     if node.target == aten.mm.default:
         a, b = emit(aten.unsqueeze.default, a, 0), emit(aten.unsqueeze.default, b, 0)
-    a4 = emit(aten.permute.default, split_batch(emit, a, 2, inner), [2, 0, 3, 1])
-    b4 = emit(aten.permute.default, split_batch(emit, b, 1, inner), [1, 0, 2, 3])
-    return a4, b4, inner
+    a4 = emit(aten.permute.default, split_batch(emit, a, fact, 2, batch), [2, 0, 3, 1])
+    b4 = emit(aten.permute.default, split_batch(emit, b, fact, 1, batch), [1, 0, 2, 3])
+    return a4, b4, emit.size(a4, 2)
 
 
 def matmul_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
@@ -139,7 +152,7 @@ def _sum_per_sample_keepdim(emit: Emitter, joint: JointGraph, node: torch.fx.Nod
     fact: Batched = joint.facts[x]
     ndim = x.meta["val"].dim()
     dims = _dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
-    split = split_batch(emit, emit.to_dtype(x, dtype), fact.dim, inner_size(emit, joint, x, fact, batch))
+    split = split_batch(emit, emit.to_dtype(x, dtype), fact, fact.dim, batch)
     reduce_dims = [d + (d > fact.dim) for d in dims if d != fact.dim] + [fact.dim + 1]
     return emit(aten.sum.dim_IntList, split, reduce_dims, True), fact.dim  # batch on fact.dim, ones elsewhere
 
@@ -190,7 +203,7 @@ def embedding_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, 
 
 def _on_dim0(joint: JointGraph, value: torch.fx.Node) -> bool:
     fact = joint.facts.get(value)
-    return isinstance(fact, Batched) and fact.dim == 0
+    return isinstance(fact, Batched) and fact.dim == 0 and fact.outer == 1
 
 
 def _embedding_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
@@ -207,7 +220,7 @@ def _conv_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
     if conv.target != aten.convolution_backward.default:
         return False
     inputs = conv.args[:2] if node.args[1] == 1 else conv.args[:1]
-    return all(_on_dim0(joint, v) and (joint.facts[v].inner == 1 or joint.batch == 1) for v in inputs)
+    return all(_on_dim0(joint, v) and (joint.facts[v].plain or joint.batch == 1) for v in inputs)
 
 
 def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:

@@ -63,6 +63,7 @@ CASES = {
     "batchnorm-eval": Case(zoo.BatchNormEval, (6,), F.cross_entropy),
     "linear-applied-twice": Case(zoo.TwiceApplied, (6,), F.cross_entropy),
     "unrolled-rnn-raw-params": Case(zoo.UnrolledRNN, (4, 4), F.cross_entropy),
+    "embedding-padding-mha-masks": Case(zoo.TextAttention, (), F.cross_entropy, data=_text),
     "tied-embeddings-sdpa-lm": Case(zoo.TiedLM, (), zoo.per_sample_lm_loss, data=_lm),
 }
 
