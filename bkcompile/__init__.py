@@ -4,6 +4,7 @@
 produce the sum of per-sample-clipped gradients (DP-SGD's clipping, book-keeping style).
 """
 
+import torch
 from torch._dynamo.backends import registry as _registry
 
 from bkcompile import rules
@@ -25,7 +26,12 @@ from bkcompile.norms import last_per_sample_norms
 from bkcompile.optimizer import DPOptimizer
 from bkcompile.options import BKOptions
 from bkcompile.private import make_private
+from bkcompile.report import CostReport, explain, last_report
 from bkcompile.passes.rules import register_batch_rule
+
+# Dynamo skips a frame that calls nn.RNN/GRU/LSTM unless allow_rnn is set, running it eagerly: bk_dp would
+# never see it and its gradients would not be clipped. Trace them (their ops are then privatized or refused).
+torch._dynamo.config.allow_rnn = True
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
 # here only when that has not happened (a plain ``import bkcompile`` before any lookup).
@@ -41,6 +47,7 @@ __all__ = [
     "make_private",
     "BKError",
     "BKOptions",
+    "CostReport",
     "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
@@ -49,6 +56,8 @@ __all__ = [
     "SampleMixingError",
     "UnsupportedOpError",
     "bk_dp",
+    "explain",
+    "last_report",
     "last_per_sample_norms",
     "mark_batch_dynamic",
     "register_batch_rule",

@@ -15,6 +15,7 @@ from bkcompile.errors import GraphBreakError
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
+from bkcompile.report import build_report, record
 from bkcompile.passes.facts import REPLICATED, Batched, Fact
 
 aten = torch.ops.aten
@@ -101,8 +102,11 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
     has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
     if not has_tangents or context.get("done"):
         return
-    context["state"] = privatize(gm, num_fwd_outputs, context["facts"], context["trainable"], context["names"],
-                                 context["options"], _fake_mode(gm))
+    state = privatize(gm, num_fwd_outputs, context["facts"], context["trainable"], context["names"],
+                      context["options"], _fake_mode(gm))
+    if state.plans:
+        record(build_report(state), show=context["options"].report)
+    context["state"] = state
     context["done"] = True
 
 

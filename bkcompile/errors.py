@@ -39,7 +39,7 @@ class GraphBreakError(PrivacyError):
     """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
 
 
-def _module_of(node: torch.fx.Node) -> str | None:
+def module_of(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:
         return None
@@ -50,7 +50,7 @@ def _module_of(node: torch.fx.Node) -> str | None:
     return f"module '{path}' ({name})" if path else f"module {name}"
 
 
-def _source_line(node: torch.fx.Node) -> str | None:
+def source_line(node: torch.fx.Node) -> str | None:
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
@@ -67,7 +67,7 @@ def user_location(node: torch.fx.Node | None) -> str:
     """Where ``node`` comes from in the user's code: the source line (``meta["stack_trace"]``) and module."""
     if node is None:
         return "<unknown location>"
-    parts = [p for p in (_source_line(node), _module_of(node)) if p]
+    parts = [p for p in (source_line(node), module_of(node)) if p]
     if len(parts) == 2:
         return f"{parts[0]} (in {parts[1]})"
     return f"{parts[0]}" if parts else "<no source line recorded>"

@@ -10,6 +10,7 @@ from bkcompile.errors import OptionError
 
 LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
+Strategy = Literal["auto", "ghost", "explicit"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,17 +24,27 @@ class BKOptions:
         function is recognised from its own reduction; passing a different value is an error.
     compiler: the inner compiler of the forward and backward graphs ("inductor" or "aot_eager").
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
+    strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the
+        site has a ghost norm), "explicit" (per-sample gradients, reused for the clipped sum), or "auto"
+        (per parameter, the cheaper by the cost model).
+    memory_budget: bytes the per-sample norm work may use at the compiled batch size ("auto" picks the
+        fastest choice that fits); None: no limit.
+    report: print the cost-model report when the backend compiles.
     """
 
     max_grad_norm: float
     loss_reduction: LossReduction = "mean"
     compiler: Compiler = "inductor"
     batch_dim: int = 0
+    strategy: Strategy = "auto"
+    memory_budget: int | None = None
+    report: bool = False
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
 
-_CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager")}
+_CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager"),
+            "strategy": ("auto", "ghost", "explicit"), "report": (True, False)}
 
 
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
@@ -56,10 +67,16 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     batch_dim = raw.get("batch_dim", 0)
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
         raise OptionError(f"option 'batch_dim' must be a non-negative int, got {batch_dim!r}")
+    budget = raw.get("memory_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
     return BKOptions(
         max_grad_norm=float(norm),
         loss_reduction=raw.get("loss_reduction", "mean"),
         compiler=raw.get("compiler", "inductor"),
         batch_dim=batch_dim,
+        strategy=raw.get("strategy", "auto"),
+        memory_budget=budget,
+        report=raw.get("report", False),
         loss_reduction_given="loss_reduction" in raw,
     )

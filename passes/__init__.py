@@ -5,7 +5,8 @@ Passes run in order on one :class:`PassState`; each is a plain function ``pass(s
 1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (rules.py)
 2. ``sites``       the op that reduces per-sample values into each parameter gradient (sites.py)
 3. ``loss_scale``  how the loss reduces over the batch: the per-sample scale s (loss.py)
-4. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
+4. ``cost``        per parameter, ghost or explicit norms by the options and the cost model (cost.py)
+5. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
 
 Invariants after each pass: the graph lints, every node keeps a valid ``meta["val"]``, and no pass
 adds aliasing. A pass that cannot prove privacy raises a :class:`bkcompile.errors.PrivacyError`.
@@ -21,8 +22,9 @@ import torch.fx
 
 from bkcompile.errors import PrivacyError
 from bkcompile.options import BKOptions
-from bkcompile.passes.batch_axis import JointGraph, analyze
-from bkcompile.passes.clip import clip_single_sample, insert_clipping
+from bkcompile.passes.batch_axis import JointGraph, analyze, backward_nodes
+from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping
+from bkcompile.passes.cost import ParamPlan, backward_flops, choose, hints
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
 from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.sites import ParamGrad, find_sites
@@ -36,7 +38,9 @@ class PassState:
     fake_mode: Any
     params: list[ParamGrad] = dataclasses.field(default_factory=list)
     scale: LossScale | None = None
-    strategies: dict[str, str] = dataclasses.field(default_factory=dict)  # parameter -> "ghost" | "explicit"
+    plans: list[ParamPlan] = dataclasses.field(default_factory=list)
+    backward_flops: float = 0.0  # of the ordinary backward's matrix products and convolutions
+    hints: dict = dataclasses.field(default_factory=dict)  # shape symbols -> their compiled values
 
 
 def _batch_axis(state: PassState) -> None:
@@ -51,8 +55,16 @@ def _loss_scale(state: PassState) -> None:
     state.scale = find_loss_scale(state.joint, state.options)
 
 
+def _cost(state: PassState) -> None:
+    state.hints = hints(state.fake_mode)
+    state.backward_flops = backward_flops(state.joint, backward_nodes(state.joint), state.hints)
+    itemsize = torch.empty((), dtype=acc_dtype(state.params)).element_size()
+    state.plans = choose(state.joint, state.params, state.options, state.fake_mode, itemsize)
+
+
 def _clipping(state: PassState) -> None:
-    state.strategies = insert_clipping(state.joint, state.params, state.scale, state.options, state.fake_mode)
+    strategies = {plan.param.param: plan.strategy for plan in state.plans}
+    insert_clipping(state.joint, state.params, strategies, state.scale, state.options, state.fake_mode)
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)
@@ -66,6 +78,7 @@ PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
     ("batch_axis", _batch_axis),
     ("sites", _sites),
     ("loss_scale", _loss_scale),
+    ("cost", _cost),
     ("clipping", _clipping),
 ]
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,

@@ -63,7 +63,7 @@ def _is_tensor_valued(node: torch.fx.Node) -> bool:
     return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
 
 
-def _backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
+def backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
     seen: set[torch.fx.Node] = set(joint.tangents)
     for node in joint.gm.graph.nodes:
         if node.op == "call_function" and any(a in seen for a in node.all_input_nodes):
@@ -134,7 +134,9 @@ def analyze(joint: JointGraph) -> None:
     """Fill ``joint.facts`` for every node (pass 1 of the pipeline)."""
     for node, fact in zip(joint.primals, joint.primal_facts):
         joint.facts[node] = fact
-    backward = _backward_nodes(joint)
+    for node in joint.gm.graph.find_nodes(op="get_attr"):
+        joint.facts[node] = REPLICATED  # constants the trace lifted (e.g. torch.tensor(0.0) in the model)
+    backward = backward_nodes(joint)
     nodes = [n for n in joint.gm.graph.nodes if n.op == "call_function"]
     for node in nodes:
         if node not in backward:

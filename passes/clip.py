@@ -30,7 +30,7 @@ from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.loss import LossScale
 from bkcompile.passes.site_kinds import SITE_KINDS, Size, static_shape
-from bkcompile.passes.sites import ParamGrad, scaled_term
+from bkcompile.passes.sites import ParamGrad, linear_term
 
 aten = torch.ops.aten
 EPS = 1e-6
@@ -39,17 +39,10 @@ _SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.defaul
 _IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
-def _acc_dtype(params: list[ParamGrad]) -> torch.dtype:
+def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
     dtypes = {a.meta["val"].dtype for p in params for s in p.sites for a in s.node.all_input_nodes
               if isinstance(a.meta.get("val"), torch.Tensor)}
     return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def strategy_of(param: ParamGrad) -> str:
-    """"ghost" for a single site with a ghost norm and a book-keeping reweight, else "explicit"."""
-    kind = SITE_KINDS[param.sites[0].kind]
-    single = len(param.sites) == 1 and not param.scaled
-    return "ghost" if single and kind.sq_norm and kind.reweight else "explicit"
 
 
 def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
@@ -76,6 +69,29 @@ def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.
     return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
 
 
+def _lift_linear(emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node,
+                 batch: Size) -> torch.fx.Node:
+    """Apply the linear map ``node`` (``sites.LINEAR_MAPS``) of ``term`` to its per-sample values ``value``
+    (B, *shape of ``term``)."""
+    if node.target == aten.sum.dim_IntList:
+        ndim = node.args[0].meta["val"].dim()
+        dims = [d % ndim + 1 for d in node.args[1]]
+        return emit(aten.sum.dim_IntList, value, dims, *node.args[2:])
+    if node.target == aten.embedding_dense_backward.default:
+        _, indices, vocab, padding_idx = node.args[:4]
+        width = value.meta["val"].shape[-1]
+        rows = emit(aten.reshape.default, value, [batch, -1, width])  # (B, n, d): n rows share the indices
+        index = emit(aten.reshape.default, indices, [-1])
+        if padding_idx is not None and padding_idx >= 0:
+            keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), value.meta["val"].dtype)
+            rows = emit(aten.mul.Tensor, rows, emit(aten.view.default, keep, [1, -1, 1]))
+        where = emit(aten.expand.default, emit(aten.view.default, index, [1, -1, 1]), [batch, -1, width])
+        table = emit(aten.zeros.default, [batch, vocab, width], dtype=value.meta["val"].dtype,
+                     device=value.meta["val"].device)
+        return emit(aten.scatter_add.default, table, 1, where, rows)
+    return emit(node.target, *[value if a is term else a for a in node.args])  # a scaling
+
+
 def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
@@ -83,11 +99,9 @@ def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, site
     if node.target is aten.add.Tensor:
         left, right = (_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
         return emit(aten.add.Tensor, left, right)
-    term = scaled_term(joint, node)
-    if term is not None:  # the same factor for every sample: scale the per-sample values by it
-        value = _per_sample_grad(emit, joint, term, sites, batch, dtype)
-        args = [value if a is term else a for a in node.args]
-        return emit(node.target, *args)
+    term = linear_term(joint, node)
+    if term is not None:  # the same linear map for every sample: apply it to each sample's values
+        return _lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
     return _lift(emit, node, _per_sample_grad(emit, joint, node.args[0], sites, batch, dtype))
 
 
@@ -131,18 +145,17 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
     return None
 
 
-def insert_clipping(joint: JointGraph, params: list[ParamGrad], scale: LossScale, options: BKOptions,
-                    fake_mode) -> dict[str, str]:
-    """Insert norms, clip factors and the weighted reductions; return each parameter's strategy."""
+def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict[str, str], scale: LossScale,
+                    options: BKOptions, fake_mode) -> None:
+    """Insert norms, clip factors and the weighted reductions, each parameter by its strategy."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
     if not params:
-        return {}
-    dtype = _acc_dtype(params)
+        return
+    dtype = acc_dtype(params)
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
-    strategies = {p.param: strategy_of(p) for p in params}
     squares, explicit = [], {}
     for param in params:
         if strategies[param.param] == "ghost":
@@ -185,7 +198,6 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], scale: LossScale
     for param in params:
         if param.param in explicit:
             _erase_dead(graph, param.grad)
-    return strategies
 
 
 def clip_single_sample(joint: JointGraph, options: BKOptions, fake_mode) -> None:

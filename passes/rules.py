@@ -303,6 +303,20 @@ def select_backward(r: RuleInput) -> Fact:
     return fact.at(fact.dim + (dim <= fact.dim))
 
 
+@register_batch_rule(aten.constant_pad_nd.default)
+def constant_pad(r: RuleInput) -> Fact:
+    """Padding adds constant rows to per-sample dims; padding the sample axis would add fake samples."""
+    source = r.arg(0, "self")
+    fact = r.fact(source)
+    if isinstance(fact, Batched):
+        pad = list(r.arg(1, "pad"))
+        ndim = source.meta["val"].dim()
+        dims = {ndim - 1 - i // 2 for i, amount in enumerate(pad) if amount}
+        if fact.dim in dims:
+            raise _index_on_batch(r)
+    return fact
+
+
 @register_batch_rule(aten.slice_backward.default)
 def slice_backward(r: RuleInput) -> Fact:
     fact = r.fact(r.arg(0, "grad_output"))
@@ -634,8 +648,15 @@ def embedding(r: RuleInput) -> Fact:
 
 @register_batch_rule(aten.embedding_dense_backward.default)
 def embedding_backward(r: RuleInput) -> Fact:
-    """The table's gradient adds the rows of every index: a sum over samples (an embedding site)."""
-    batched = [f for f in (r.fact(r.arg(0, "grad_output")), r.fact(r.arg(1, "indices"))) if isinstance(f, Batched)]
+    """The table's gradient adds the rows of every index: a sum over samples (an embedding site), or a
+    linear map of a sum over samples (indices shared by the batch, e.g. broadcast position ids)."""
+    grad, indices = r.fact(r.arg(0, "grad_output")), r.fact(r.arg(1, "indices"))
+    if isinstance(grad, Reduced):
+        if isinstance(indices, Batched):
+            raise r.mixing("it maps a sum over the batch with per-sample indices", "index with per-sample indices "
+                           "only values of the same sample")
+        return REDUCED
+    batched = [f for f in (grad, indices) if isinstance(f, Batched)]
     if not batched:
         return REPLICATED
     if r.arg(4, "scale_grad_by_freq"):

@@ -24,7 +24,7 @@ import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.errors import NotSupportedYetError, node_error
-from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.facts import Batched, Reduced, Replicated
 from bkcompile.passes.rules import _dims
 
 aten = torch.ops.aten
@@ -207,7 +207,12 @@ def _on_dim0(joint: JointGraph, value: torch.fx.Node) -> bool:
 
 
 def _embedding_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
-    return node.target == aten.embedding_dense_backward.default and _on_dim0(joint, node.args[1])
+    """Per-sample rows with per-sample indices, or with indices the samples share (an expanded buffer)."""
+    if node.target != aten.embedding_dense_backward.default or not _on_dim0(joint, node.args[0]):
+        return False
+    grad, indices = (v.meta["val"] for v in node.args[:2])
+    shared = isinstance(joint.facts.get(node.args[1]), Replicated) and tuple(indices.shape) == tuple(grad.shape[:-1])
+    return shared or _on_dim0(joint, node.args[1])
 
 
 # --- conv: getitem(convolution_backward(grad_out, input, weight, ...), 1 = weight | 2 = bias) ---------------

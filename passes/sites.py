@@ -41,8 +41,10 @@ NORM_PRESERVING = {
     aten.select_backward.default,
 }
 
-# Ops that scale a reduced value by a sample-independent factor: linear, but not norm-preserving.
+# Ops linear in one reduced operand, with sample-independent other operands (a frozen BatchNorm's 1/std,
+# a constant, the indices of a broadcast position embedding): not norm-preserving, applied per sample.
 SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
+LINEAR_MAPS = SCALINGS | {aten.embedding_dense_backward.default, aten.sum.dim_IntList}
 
 
 @dataclasses.dataclass
@@ -60,15 +62,13 @@ class ParamGrad:
     index: int  # position among the graph's gradient outputs
     grad: torch.fx.Node
     sites: list[Site]
-    scaled: bool = False  # the tree scales a site by a sample-independent factor (not norm-preserving)
+    scaled: bool = False  # the tree maps a site linearly by sample-independent operands (not norm-preserving)
 
 
-def scaled_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
-    """The reduced operand of ``node`` when ``node`` scales it by a sample-independent factor, else None.
-
-    Such a factor (a frozen BatchNorm's 1/std, a constant) multiplies every sample's gradient alike.
-    """
-    if node.target not in SCALINGS:
+def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The reduced operand of ``node`` when ``node`` is a linear map of it by sample-independent operands
+    (the same map for every sample's part of the sum), else None."""
+    if node.target not in LINEAR_MAPS:
         return None
     term, *rest = node.args
     if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
@@ -77,7 +77,8 @@ def scaled_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
                                                                 for a in rest if isinstance(a, torch.fx.Node)):
         return None
     factor = rest[0] if rest else None
-    if isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta["val"].dim():
+    if node.target in SCALINGS and isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta[
+            "val"].dim():
         return None
     return term
 
@@ -95,7 +96,7 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
             isinstance(joint.facts.get(a), Reduced) for a in node.args):
         # a parameter used at several places: its gradient adds the uses' gradients
         return any([_collect(joint, term, name, sites) for term in node.args])
-    term = scaled_term(joint, node)
+    term = linear_term(joint, node)
     if term is not None:
         _collect(joint, term, name, sites)
         return True

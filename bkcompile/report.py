@@ -1,0 +1,167 @@
+"""The cost-model report: one row per site, what the pass chose for it and what each strategy costs.
+
+Get it with ``bkcompile.explain(model, *example_inputs, **options)``, with ``options={"report": True}``
+(printed when the backend compiles), or ``python -m bkcompile explain module:factory --input-shape ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import sympy
+import torch
+
+from bkcompile.errors import BKError, module_of, source_line
+from bkcompile.passes import PassState
+from bkcompile.passes.cost import evaluate, plan_cost
+
+_LAST: list[CostReport] = []
+
+
+@dataclasses.dataclass
+class SiteRow:
+    param: str
+    kind: str
+    module: str
+    source: str
+    sizes: dict[str, str]  # symbol -> size at this site
+    strategy: str
+    reason: str
+    ghost_time: str | None  # sympy expressions (FLOPs, bytes)
+    ghost_memory: str | None
+    explicit_time: str
+    explicit_memory: str
+    ghost_values: tuple[float, float] | None  # (FLOPs, bytes) at the compiled sizes
+    explicit_values: tuple[float, float]
+
+
+@dataclasses.dataclass
+class CostReport:
+    rows: list[SiteRow]
+    batch: str  # the batch size: a number, or a symbol when dynamic
+    batch_dynamic: bool
+    norm_dtype: str
+    options: dict[str, Any]
+    backward_flops: float  # matrix products and convolutions of the ordinary backward
+    total_flops: float  # what the chosen strategies add
+    total_bytes: float
+
+    @property
+    def overhead(self) -> float:
+        """Estimated extra backward time of privacy: added FLOPs over the ordinary backward's."""
+        return self.total_flops / self.backward_flops if self.backward_flops else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "overhead": self.overhead}
+
+    def _header(self) -> list[str]:
+        batch = f"B = {self.batch}" + (" (dynamic: values below count B = 1, the choice does not depend on B)"
+                                       if self.batch_dynamic else "")
+        return [
+            f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
+            "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
+            f"privacy adds {_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
+            f"{_flops(self.backward_flops)} (matrix products and convolutions): estimated overhead "
+            f"{100 * self.overhead:.1f}%",
+        ]
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["parameter", "site", "module", "sizes", "strategy", "ghost time / memory", "explicit time / memory",
+                "at compiled sizes (ghost | explicit)", "source"]
+        body = []
+        for row in self.rows:
+            ghost = f"{row.ghost_time} / {row.ghost_memory}" if row.ghost_time else "-"
+            ghost_at = f"{_flops(row.ghost_values[0])}, {_bytes(row.ghost_values[1])}" if row.ghost_values else "-"
+            explicit_at = f"{_flops(row.explicit_values[0])}, {_bytes(row.explicit_values[1])}"
+            body.append([row.param, row.kind, row.module, ", ".join(f"{k}={v}" for k, v in row.sizes.items()),
+                         f"{row.strategy} ({row.reason})", ghost, f"{row.explicit_time} / {row.explicit_memory}",
+                         f"{ghost_at} | {explicit_at}", row.source])
+        return head, body
+
+    def __str__(self) -> str:
+        head, body = self._table()
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
+        return "\n".join([*self._header(), "", lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+    def to_markdown(self) -> str:
+        head, body = self._table()
+        rows = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in [head, *body]]
+        rows.insert(1, "|" + "---|" * len(head))
+        return "\n\n".join(["  \n".join(self._header()), "\n".join(rows)])
+
+
+def _flops(value: float) -> str:
+    return _si(value, "FLOP")
+
+
+def _bytes(value: float) -> str:
+    return _si(value, "B")
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def build_report(state: PassState) -> CostReport:
+    """The report of one privatized graph (``state``: what the passes found)."""
+    itemsize = 8 if any(p.param.grad.meta["val"].dtype == torch.float64 for p in state.plans) else 4
+    rows, total_flops, total_bytes = [], 0.0, 0.0
+    for plan in state.plans:
+        flops, values = plan_cost(plan, plan.strategy, state.hints)
+        total_flops, total_bytes = total_flops + flops, total_bytes + values * itemsize
+        for cost in plan.costs:
+            node = cost.site.node
+
+            def at(c, cost=cost):
+                return (evaluate(c.time, cost.sizes, state.hints), evaluate(c.memory, cost.sizes, state.hints) * itemsize)
+
+            rows.append(SiteRow(
+                param=plan.param.param, kind=cost.site.kind, module=module_of(node) or "-",
+                source=source_line(node) or "-", sizes={str(k): str(v) for k, v in cost.sizes.items()},
+                strategy="direct" if cost.ghost == cost.explicit else plan.strategy,
+                reason="per-sample sums" if cost.ghost == cost.explicit else plan.reason,
+                ghost_time=str(cost.ghost.time) if cost.ghost else None,
+                ghost_memory=str(cost.ghost.memory * itemsize) if cost.ghost else None,
+                explicit_time=str(cost.explicit.time), explicit_memory=str(cost.explicit.memory * itemsize),
+                ghost_values=at(cost.ghost) if cost.ghost else None, explicit_values=at(cost.explicit)))
+    batch = state.joint.batch
+    options = {k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler")}
+    return CostReport(rows=rows, batch=str(batch), batch_dynamic=not isinstance(batch, sympy.Integer),
+                      norm_dtype="float64" if itemsize == 8 else "float32", options=options,
+                      backward_flops=state.backward_flops, total_flops=total_flops, total_bytes=total_bytes)
+
+
+def record(report: CostReport, show: bool) -> None:
+    _LAST[:] = [report]
+    if show:
+        print(report)
+
+
+def last_report() -> CostReport | None:
+    """The report of the graph bk_dp privatized last (None before any)."""
+    return _LAST[0] if _LAST else None
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> CostReport:
+    """Privatize a copy of ``model`` for ``example_inputs`` and return the cost-model report, without training.
+
+    ``options`` are the backend's (``max_grad_norm`` defaults to 1.0, ``compiler`` to "aot_eager").
+    """
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", **options}
+    twin = copy.deepcopy(model)
+    _LAST.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="bk_dp", options=options, fullgraph=True)
+    with torch.enable_grad():
+        compiled(*example_inputs)
+    report = last_report()
+    if report is None:
+        raise BKError("the model has no trainable parameter that receives a per-sample gradient, or a batch of "
+                      "one sample (clipped whole): there is no site to report")
+    return report

@@ -1,0 +1,214 @@
+"""The cost model: for each site, the extra time (FLOPs) and memory (bytes) of each strategy, in sympy.
+
+Symbols: ``B`` the batch size, ``T`` the rows each sample has at the site (tokens, output positions),
+``p`` and ``d`` the two dims of the gradient (out and in features; for a convolution out channels and
+in channels x kernel positions), ``V`` an embedding's table size. Costs count what privacy adds to the
+ordinary backward:
+
+- ghost (matmul): the two per-sample Gram matrices and their product, 2BT^2(p+d) + BT^2 FLOPs and
+  2BT^2 values; the weighted reduction replaces the original one.
+- explicit: the per-sample gradients replace the original reduction (same FLOPs); the clipped sum
+  2Bpd and the norms Bpd are extra, and the B per-sample gradients (Bpd values) are held.
+
+``choose`` picks per parameter: the forced strategy, or the cheaper in time at the compiled sizes,
+then, under ``memory_budget``, trades time for memory where the budget is exceeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import warnings
+from collections.abc import Callable
+
+import sympy
+import torch
+import torch.fx
+
+from bkcompile.options import BKOptions
+from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.facts import exact_quotient, product, shape_exprs
+from bkcompile.passes.site_kinds import SITE_KINDS
+from bkcompile.passes.sites import ParamGrad, Site
+
+aten = torch.ops.aten
+B, T, p, d, V = sympy.symbols("B T p d V", positive=True, integer=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    time: sympy.Expr  # FLOPs
+    memory: sympy.Expr  # values held (times the norm dtype's size: bytes)
+
+
+@dataclasses.dataclass
+class SiteCost:
+    site: Site
+    sizes: dict[sympy.Symbol, sympy.Expr]  # what the symbols stand for at this site
+    ghost: Cost | None
+    explicit: Cost
+
+
+# --- one cost function per site kind: (sizes, ghost cost or None, explicit cost) --------------------------
+
+
+def _rows(total: sympy.Expr, batch: sympy.Expr, *others: sympy.Expr) -> sympy.Expr:
+    return exact_quotient(total, batch * product(list(others))) or sympy.Integer(1)
+
+
+def _matmul_cost(joint: JointGraph, node: torch.fx.Node):
+    a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
+    lead = a[0] if len(a) == 3 else sympy.Integer(1)
+    sizes = {B: joint.batch, T: _rows(a[-1], joint.batch), p: a[-2], d: b[-1]}
+    ghost = Cost(lead * B * (2 * T**2 * (p + d) + T**2), lead * 2 * B * T**2)
+    return sizes, ghost, Cost(lead * 3 * B * p * d, lead * B * p * d)
+
+
+def _sum_cost(joint: JointGraph, node: torch.fx.Node):
+    out = product(shape_exprs(node.meta["val"]))
+    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[0].meta["val"])), joint.batch, out), p: out}
+    direct = Cost(B * T * p + 2 * B * p, B * p)  # ghost and explicit are the same per-sample sum
+    return sizes, direct, direct
+
+
+def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
+    vocab, width = shape_exprs(node.meta["val"])
+    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab,
+             d: width}
+    return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
+
+
+def _conv_cost(joint: JointGraph, node: torch.fx.Node):
+    conv = node.args[0]
+    grad_out = shape_exprs(conv.args[0].meta["val"])
+    positions = _rows(product(grad_out), joint.batch, grad_out[1])
+    if node.args[1] == 2:  # bias: a per-sample sum over positions
+        direct = Cost(B * T * p + 2 * B * p, B * p)
+        return {B: joint.batch, T: positions, p: grad_out[1]}, None, direct
+    weight = shape_exprs(conv.args[2].meta["val"])
+    sizes = {B: joint.batch, T: positions, p: weight[0], d: product(weight[1:])}
+    return sizes, None, Cost(3 * B * p * d, B * p * d)
+
+
+COSTS: dict[str, Callable] = {"matmul": _matmul_cost, "sum": _sum_cost, "embedding": _embedding_cost,
+                              "conv": _conv_cost}
+
+
+def site_cost(joint: JointGraph, site: Site) -> SiteCost:
+    sizes, ghost, explicit = COSTS[site.kind](joint, site.node)
+    return SiteCost(site, sizes, ghost if SITE_KINDS[site.kind].sq_norm else None, explicit)
+
+
+# --- evaluating at the compiled sizes ----------------------------------------------------------------
+
+
+def hints(fake_mode) -> dict[sympy.Symbol, int]:
+    """Values of the shape symbols at the sizes the graph was compiled for (backed symbols only)."""
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None:
+        return {}
+    return dict(getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val)
+
+
+def evaluate(expr: sympy.Expr, sizes: dict, known: dict) -> float:
+    """``expr`` at the site's sizes; a symbolic size without a hint (an unbacked batch) counts as 1."""
+    value = sympy.sympify(expr).subs(sizes).subs(known)
+    value = value.subs({s: 1 for s in value.free_symbols})
+    return float(value)
+
+
+# --- choosing the strategy per parameter ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ParamPlan:
+    param: ParamGrad
+    costs: list[SiteCost]
+    strategy: str  # "ghost" | "explicit"
+    reason: str
+
+
+def _ghost_possible(param: ParamGrad) -> str | None:
+    """Why the parameter cannot use ghost norms, or None when it can."""
+    if len(param.sites) > 1:
+        return f"used at {len(param.sites)} places: the norm needs the per-sample sum of its gradients"
+    if param.scaled:
+        return "its gradient is scaled after the site: the per-sample values are formed"
+    kind = SITE_KINDS[param.sites[0].kind]
+    if kind.sq_norm is None or kind.reweight is None:
+        return f"no ghost norm for {param.sites[0].kind} sites"
+    return None
+
+
+def plan_cost(plan: ParamPlan, strategy: str, sizes_known: dict) -> tuple[float, float]:
+    """(FLOPs, values) of ``plan``'s parameter under ``strategy``."""
+    costs = [c.ghost if strategy == "ghost" else c.explicit for c in plan.costs]
+    return (sum(evaluate(c.time, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
+            sum(evaluate(c.memory, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)))
+
+
+def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, fake_mode, itemsize: int):
+    """One plan per parameter: its site costs and the strategy the options and the cost model pick."""
+    known = hints(fake_mode)
+    plans = []
+    for param in params:
+        costs = [site_cost(joint, site) for site in param.sites]
+        blocked = _ghost_possible(param)
+        if blocked is not None:
+            plans.append(ParamPlan(param, costs, "explicit", blocked))
+        elif options.strategy != "auto":
+            plans.append(ParamPlan(param, costs, options.strategy, f"strategy={options.strategy!r}"))
+        else:
+            plan = ParamPlan(param, costs, "ghost", "")
+            ghost, explicit = plan_cost(plan, "ghost", known)[0], plan_cost(plan, "explicit", known)[0]
+            plan.strategy = "ghost" if ghost <= explicit else "explicit"
+            plan.reason = "faster"
+            plans.append(plan)
+    if options.strategy == "auto" and options.memory_budget is not None:
+        _fit_budget(plans, options.memory_budget, known, itemsize)
+    return plans
+
+
+def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int) -> None:
+    """Switch parameters to their other strategy, least time lost per byte saved first, until it fits."""
+    def used() -> float:
+        return sum(plan_cost(plan, plan.strategy, known)[1] for plan in plans) * itemsize
+
+    options = []
+    for plan in plans:
+        if plan.reason != "faster":
+            continue
+        other = "explicit" if plan.strategy == "ghost" else "ghost"
+        time_now, mem_now = plan_cost(plan, plan.strategy, known)
+        time_other, mem_other = plan_cost(plan, other, known)
+        if mem_other < mem_now:
+            options.append(((time_other - time_now) / ((mem_now - mem_other) * itemsize), plan, other))
+    for _, plan, other in sorted(options, key=operator.itemgetter(0)):
+        if used() <= budget:
+            return
+        plan.strategy, plan.reason = other, "memory_budget"
+    if used() > budget:
+        warnings.warn(f"bk_dp: the per-sample norm work needs {used():.3g} bytes, over memory_budget={budget} "
+                      "even with the leanest strategy for every parameter", stacklevel=2)
+
+
+# --- the ordinary backward, for the overhead estimate ------------------------------------------------------
+
+
+def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], known: dict) -> float:
+    """FLOPs of the matrix products and convolutions of the backward (what privacy is measured against)."""
+    total = 0.0
+    for node in backward:
+        if node.target in (aten.mm.default, aten.bmm.default):
+            a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
+            total += evaluate(2 * product(a) * b[-1], {}, known)
+        elif node.target == aten.convolution_backward.default:
+            grad_out, weight = shape_exprs(node.args[0].meta["val"]), shape_exprs(node.args[2].meta["val"])
+            per_output = 2 * product(grad_out) * product(weight[1:])
+            total += evaluate(per_output * sum(node.args[10][:2]), {}, known)
+    return total
+
+
+def batch_value(joint: JointGraph, known: dict) -> int:
+    return int(evaluate(joint.batch, {}, known))
+

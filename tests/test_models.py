@@ -1,0 +1,250 @@
+"""Real model families (transformers GPT-2, ViT, BERT; peft LoRA; torch RNNs) built from tiny configs with random
+weights: bk_dp's compiled gradients equal the torch.func oracle (per-sample gradients, clipped and summed)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is built from a config
+
+import peft  # transformers and peft: the test extra
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+import bkcompile
+from bkcompile.norms import backward_count
+from helpers import TOL, assert_matches, raises_bk
+from oracle import EPS, clipped_sum, compiled_grads
+
+BATCH, LENGTH, VOCAB = 4, 8, 50
+F64 = torch.float64
+
+
+def looped_clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0):
+    """The oracle's result by a Python loop over samples (batches of one) instead of vmap, for models whose
+    forward has data-dependent control flow that vmap refuses (transformers' SDPA mask: ``torch.all(mask == 1)``)."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    per_sample = []
+    for i in range(len(inputs[0])):
+        loss = sample_loss(model(*(x[i:i + 1] for x in inputs)), *(y[i:i + 1] for y in targets))
+        per_sample.append(dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True))))
+    grads = {k: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_sample])
+             for k, p in params.items()}
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+    return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms
+
+
+def assert_matches_model(got: dict, want: dict, dtype: torch.dtype) -> None:
+    """assert_matches, except for an attention key's bias, whose gradient is zero in exact arithmetic (softmax is
+    invariant to shifting a row of scores): its oracle value is rounding noise, so its error is measured against
+    the largest gradient of the model instead of against itself."""
+    assert set(got) == set(want), (set(got), set(want))
+    top = max(ref.abs().max().item() for ref in want.values())
+    zero = {k for k in want if k.endswith("key.bias")}
+    for name in zero:
+        err = (got[name] - want[name]).abs().max().item() / top
+        assert err <= TOL[dtype], f"{name} (zero in exact arithmetic): error {err:.3g} of the largest gradient"
+    assert_matches({k: got[k] for k in got if k not in zero}, {k: want[k] for k in want if k not in zero}, dtype)
+
+
+def check_matches_oracle(model: nn.Module, inputs: tuple, targets: tuple, loss, dtype=F64, options=None,
+                         oracle=clipped_sum):
+    """Compile ``model`` with bk_dp (aot_eager), R = the median per-sample norm; compare with the oracle."""
+    model = model.to(dtype)
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    _, norms = oracle(model, loss, inputs, targets, max_grad_norm=float("inf"))
+    radius = norms.quantile(0.5).item()
+    want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
+    assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
+    options = {"max_grad_norm": radius, "compiler": "aot_eager", **(options or {})}
+    backwards = backward_count()
+    got, compiled = compiled_grads(model, inputs, loss, targets, options)
+    # one bk_dp backward ran (not an eager fallback of dynamo's) and recorded the oracle's per-sample norms
+    assert backward_count() == backwards + 1, "no bk_dp backward ran: dynamo ran the model in eager"
+    recorded = bkcompile.last_per_sample_norms()
+    torch.testing.assert_close(recorded.to(dtype), norms, rtol=TOL[dtype], atol=0)
+    assert_matches_model(got, want, dtype)
+    return compiled
+
+
+def returned_loss(out, *targets):
+    return out
+
+
+def per_sample_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy summed over each sample's tokens, averaged over the batch."""
+    b, t, v = logits.shape
+    return F.cross_entropy(logits.reshape(b * t, v), labels.reshape(b * t), reduction="none").view(b, t).sum(1).mean()
+
+
+def token_ids(batch: int = BATCH, length: int = LENGTH) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length))
+
+
+def padding_mask(batch: int = BATCH, length: int = LENGTH) -> torch.Tensor:
+    """1 for real tokens, 0 for trailing padding; sample 0 has none, sample 1 has three padded positions."""
+    lengths = torch.tensor([length, length - 3] + [int(n) for n in torch.randint(2, length + 1, (batch - 2,))])
+    return (torch.arange(length) < lengths[:, None]).long()
+
+
+# --- wrappers: the compiled function and the oracle call the same module ---------------------------------------
+
+
+class Logits(nn.Module):
+    """Calls a transformers model with positional tensors bound to ``names``; returns ``.logits``."""
+
+    def __init__(self, model: nn.Module, *names: str) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors))).logits
+
+
+class Loss(Logits):
+    """The same call with ``labels=`` last: the transformers model computes the loss itself."""
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors))).loss
+
+
+# --- configs ---------------------------------------------------------------------------------------------------
+
+
+def tiny_gpt2(attn: str = "eager") -> nn.Module:
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    config._attn_implementation = attn
+    return transformers.GPT2LMHeadModel(config).train()
+
+
+def tiny_vit(attn: str = "eager") -> nn.Module:
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = attn
+    return transformers.ViTForImageClassification(config).train()
+
+
+def tiny_bert(attn: str = "eager") -> nn.Module:
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    config._attn_implementation = attn
+    return transformers.BertForSequenceClassification(config).train()
+
+
+# --- 1. GPT-2 language model, loss outside ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gpt2_lm_per_sample_token_loss(attn: str) -> None:
+    model = tiny_gpt2(attn)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied embeddings
+    ids = token_ids()
+    check_matches_oracle(Logits(model, "input_ids"), (ids,), (torch.roll(ids, -1, dims=1),), per_sample_token_loss)
+
+
+# --- 2. ViT image classifier ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vit_image_classification(attn: str, dtype: torch.dtype) -> None:
+    pixels = torch.randn(BATCH, 3, 8, 8)
+    check_matches_oracle(Logits(tiny_vit(attn), "pixel_values"), (pixels,), (torch.randint(0, 3, (BATCH,)),),
+                         F.cross_entropy, dtype=dtype)
+
+
+# --- 3. BERT sequence classifier with padding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bert_sequence_classification_with_padding(attn: str) -> None:
+    inputs = (token_ids(), padding_mask())
+    oracle = looped_clipped_sum if attn == "sdpa" else clipped_sum  # vmap refuses the SDPA mask's torch.all
+    check_matches_oracle(Logits(tiny_bert(attn), "input_ids", "attention_mask"), inputs,
+                         (torch.randint(0, 3, (BATCH,)),), F.cross_entropy, oracle=oracle)
+
+
+# --- 4. the loss computed inside the transformers model (labels=) -------------------------------------------------
+
+
+def test_bert_loss_inside_is_a_per_sample_mean() -> None:
+    inputs = (token_ids(), padding_mask(), torch.randint(0, 3, (BATCH,)))
+    check_matches_oracle(Loss(tiny_bert(), "input_ids", "attention_mask", "labels"), inputs, (), returned_loss)
+
+
+def test_gpt2_loss_inside_token_mean_over_the_batch_is_refused() -> None:
+    gpt2 = tiny_gpt2()
+    # GPT2LMHeadModel has no loss_type, so its loss_function logs a warning_once that dynamo breaks the graph on
+    # (GraphBreakError); name the loss it falls back to, ForCausalLMLoss, to trace the loss into the graph.
+    gpt2.loss_type = "ForCausalLM"
+    model = Loss(gpt2, "input_ids", "labels").double()
+    ids = token_ids()
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with raises_bk(bkcompile.LossReductionError):
+        compiled(ids, ids).backward()
+
+
+# --- 5. LoRA adapters (peft) on a frozen base -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_lora_gpt2_adapters_only(attn: str) -> None:
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.0,
+                             fan_in_fan_out=True, init_lora_weights=False)  # random B: A's gradient is not 0
+    model = peft.get_peft_model(tiny_gpt2(attn), config)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    ids = token_ids()
+    compiled = check_matches_oracle(Logits(model, "input_ids"), (ids,), (torch.roll(ids, -1, dims=1),),
+                                    per_sample_token_loss)
+    assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
+
+
+def test_lora_bert_adapters_only() -> None:
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(tiny_bert(), config)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    inputs = (token_ids(), padding_mask())
+    compiled = check_matches_oracle(Logits(model, "input_ids", "attention_mask"), inputs,
+                                    (torch.randint(0, 3, (BATCH,)),), F.cross_entropy)
+    assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
+
+
+# --- 6. torch recurrent layers ----------------------------------------------------------------------------------
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind: type) -> None:
+        super().__init__()
+        self.rnn, self.head = kind(4, 5, num_layers=1, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+RECURRENT = pytest.mark.parametrize("kind", [nn.RNN, nn.GRU, nn.LSTM], ids=["rnn", "gru", "lstm"])
+
+
+def recurrent_case(kind: type):
+    x = torch.randn(BATCH, 6, 4)
+    # torch.func.vmap cannot batch nn.RNN/GRU/LSTM (an in-place broadcast fails), so the oracle loops over samples
+    return (Recurrent(kind), (x,), (torch.randint(0, 3, (BATCH,)),), F.cross_entropy), {"oracle": looped_clipped_sum}
+
+
+@RECURRENT
+def test_recurrent_layers_match_the_oracle(kind: type) -> None:
+    # importing bkcompile sets dynamo's allow_rnn: without it dynamo would skip the frame and run it eagerly,
+    # never calling the backend (unclipped gradients)
+    assert torch._dynamo.config.allow_rnn
+    args, kwargs = recurrent_case(kind)
+    check_matches_oracle(*args, **kwargs)
