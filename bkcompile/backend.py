@@ -23,9 +23,12 @@ aten = torch.ops.aten
 # Fused backward ops whose parameter reductions the pass must see as plain sums.
 _DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_backward.default,
               aten.native_group_norm_backward.default]
-# Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites.
+# Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites, and
+# GroupNorm (its decomposition views the batch through as_strided).
 _KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default, aten.embedding_dense_backward.default,
-         aten.convolution_backward.default]
+         aten.convolution_backward.default, aten.native_group_norm.default]
+# Ops the pass emits that Inductor lowers through their decomposition.
+_EMITTED = [aten.im2col.default, aten.zeros.default]
 
 
 def _param_name(source_name: str) -> str:
@@ -127,7 +130,7 @@ class _InductorJointPass:
         primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
         _joint_pass(gm, len(outputs) - len(primals), self.context)
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
-        inline_decompositions(gm, _KEEP, _full_inductor_decompositions(), _fake_mode(gm))
+        inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
 
     def uuid(self) -> None:
         return None  # never cache: the pass depends on the options and the model

@@ -30,7 +30,7 @@ from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.loss import LossScale
 from bkcompile.passes.site_kinds import SITE_KINDS, Size, static_shape
-from bkcompile.passes.sites import ParamGrad, linear_term
+from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 aten = torch.ops.aten
 EPS = 1e-6
@@ -55,17 +55,24 @@ def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.
         return emit.to_dtype(value, node.meta["val"].dtype)
     if node.target in (aten.slice_backward.default, aten.select_backward.default):
         _, sizes, dim, *rest = node.args
-        return emit(node.target, value, [emit.size(value, 0), *sizes],
-                    dim % len(sizes) + 1, *rest)
+        return emit(node.target, value, [emit.size(value, 0), *sizes], dim % len(sizes) + 1, *rest)
+    if node.target in (aten.slice_scatter.default, aten.select_scatter.default):  # into zeros
+        _, _, dim, *rest = node.args
+        out = node.meta["val"]
+        zeros = emit(aten.zeros.default, [emit.size(value, 0), *out.shape], dtype=value.meta["val"].dtype,
+                     device=out.device)
+        return emit(node.target, zeros, value, dim % out.dim() + 1, *rest)
     ndim = node.meta["val"].dim()
     order = list(range(ndim))
     if node.target == aten.permute.default:
         order = [d % ndim for d in node.args[1]]
-    elif ndim == 2:  # t, or transpose of the only two dims
-        order = [1, 0]
+    elif node.target == aten.t.default:
+        order = order[::-1]
     elif node.target == aten.transpose.int:
         a, b = (d % ndim for d in node.args[1:3])
         order[a], order[b] = order[b], order[a]
+    else:
+        raise AssertionError(f"no per-sample form for {node.target}")  # NORM_PRESERVING and _lift disagree
     return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
 
 
@@ -102,7 +109,7 @@ def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, site
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
         return _lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
-    return _lift(emit, node, _per_sample_grad(emit, joint, node.args[0], sites, batch, dtype))
+    return _lift(emit, node, _per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
 def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -190,7 +197,7 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict
             site = param.sites[0]
             weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights, batch)
             site.node.replace_all_uses_with(weighted)
-            graph.erase_node(site.node)
+            _erase_dead(graph, site.node)
     outputs = joint.outputs
     for index, value in reduced.items():
         outputs[joint.num_fwd_outputs + index] = value

@@ -1,8 +1,8 @@
 """The cost model: for each site, the extra time (FLOPs) and memory (bytes) of each strategy, in sympy.
 
 Symbols: ``B`` the batch size, ``T`` the rows each sample has at the site (tokens, output positions),
-``p`` and ``d`` the two dims of the gradient (out and in features; for a convolution out channels and
-in channels x kernel positions), ``V`` an embedding's table size. Costs count what privacy adds to the
+``p`` and ``d`` the two dims of the gradient (out and in features; for a convolution, per group of ``G``,
+out channels and in channels x kernel positions), ``V`` an embedding's table size. Costs count what privacy adds to the
 ordinary backward:
 
 - ghost (matmul): the two per-sample Gram matrices and their product, 2BT^2(p+d) + BT^2 FLOPs and
@@ -32,7 +32,7 @@ from bkcompile.passes.site_kinds import SITE_KINDS
 from bkcompile.passes.sites import ParamGrad, Site
 
 aten = torch.ops.aten
-B, T, p, d, V = sympy.symbols("B T p d V", positive=True, integer=True)
+B, T, p, d, V, G = sympy.symbols("B T p d V G", positive=True, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +84,12 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     positions = _rows(product(grad_out), joint.batch, grad_out[1])
     if node.args[1] == 2:  # bias: a per-sample sum over positions
         direct = Cost(B * T * p + 2 * B * p, B * p)
-        return {B: joint.batch, T: positions, p: grad_out[1]}, None, direct
+        return {B: joint.batch, T: positions, p: grad_out[1]}, direct, direct
     weight = shape_exprs(conv.args[2].meta["val"])
-    sizes = {B: joint.batch, T: positions, p: weight[0], d: product(weight[1:])}
-    return sizes, None, Cost(3 * B * p * d, B * p * d)
+    groups = sympy.Integer(conv.args[9])
+    sizes = {B: joint.batch, T: positions, G: groups, p: weight[0] / groups, d: product(weight[1:])}
+    ghost = Cost(G * B * (2 * T**2 * (p + d) + T**2), 2 * G * B * T**2)  # Gram matrices of each group
+    return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
 
 
 COSTS: dict[str, Callable] = {"matmul": _matmul_cost, "sum": _sum_cost, "embedding": _embedding_cost,
@@ -96,7 +98,7 @@ COSTS: dict[str, Callable] = {"matmul": _matmul_cost, "sum": _sum_cost, "embeddi
 
 def site_cost(joint: JointGraph, site: Site) -> SiteCost:
     sizes, ghost, explicit = COSTS[site.kind](joint, site.node)
-    return SiteCost(site, sizes, ghost if SITE_KINDS[site.kind].sq_norm else None, explicit)
+    return SiteCost(site, sizes, ghost if SITE_KINDS[site.kind].ghost_ok(site.node) else None, explicit)
 
 
 # --- evaluating at the compiled sizes ----------------------------------------------------------------
@@ -107,7 +109,8 @@ def hints(fake_mode) -> dict[sympy.Symbol, int]:
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
         return {}
-    return dict(getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val)
+    values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
+    return dict(values)
 
 
 def evaluate(expr: sympy.Expr, sizes: dict, known: dict) -> float:
@@ -134,9 +137,9 @@ def _ghost_possible(param: ParamGrad) -> str | None:
         return f"used at {len(param.sites)} places: the norm needs the per-sample sum of its gradients"
     if param.scaled:
         return "its gradient is scaled after the site: the per-sample values are formed"
-    kind = SITE_KINDS[param.sites[0].kind]
-    if kind.sq_norm is None or kind.reweight is None:
-        return f"no ghost norm for {param.sites[0].kind} sites"
+    site = param.sites[0]
+    if not SITE_KINDS[site.kind].ghost_ok(site.node):
+        return f"no ghost norm for this {site.kind} site"
     return None
 
 

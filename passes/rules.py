@@ -303,6 +303,36 @@ def select_backward(r: RuleInput) -> Fact:
     return fact.at(fact.dim + (dim <= fact.dim))
 
 
+def _scatter(r: RuleInput, inserted: bool) -> Fact:
+    """``self`` with ``src`` written into a slice (or at an index: ``inserted`` dim) of ``dim``."""
+    base, src = r.fact(r.arg(0, "self")), r.fact(r.arg(1, "src"))
+    if isinstance(base, Reduced) or isinstance(src, Reduced):
+        if isinstance(base, Batched) or isinstance(src, Batched):
+            raise r.mixing("it writes a sum over the batch into per-sample values", "keep batch sums apart")
+        return REDUCED
+    ndim = len(r.out_shape())
+    dim = _dim(r.arg(2, "dim"), ndim)
+    facts = [base] if isinstance(base, Batched) else []
+    if isinstance(src, Batched):
+        facts.append(src.at(src.dim + (inserted and dim <= src.dim)))
+    if not facts:
+        return REPLICATED
+    fact = _agree(r, facts)
+    if dim == fact.dim:
+        raise _index_on_batch(r)
+    return fact
+
+
+@register_batch_rule(aten.select_scatter.default)
+def select_scatter(r: RuleInput) -> Fact:
+    return _scatter(r, inserted=True)
+
+
+@register_batch_rule(aten.slice_scatter.default)
+def slice_scatter(r: RuleInput) -> Fact:
+    return _scatter(r, inserted=False)
+
+
 @register_batch_rule(aten.constant_pad_nd.default)
 def constant_pad(r: RuleInput) -> Fact:
     """Padding adds constant rows to per-sample dims; padding the sample axis would add fake samples."""
@@ -686,6 +716,41 @@ def convolution_backward(r: RuleInput) -> tuple:
     if not batched:
         return (REPLICATED, REPLICATED, REPLICATED)
     return (_agree(r, batched), REDUCED, REDUCED)
+
+
+# Ops that work on the trailing ``k`` spatial dims, each leading (sample, channel) slice on its own.
+_SPATIAL = {
+    1: ["avg_pool1d", "max_pool1d"],
+    2: ["max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d", "avg_pool2d_backward",
+        "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward",
+        "upsample_nearest2d", "upsample_nearest2d_backward", "upsample_bilinear2d", "upsample_bilinear2d_backward",
+        "reflection_pad2d", "reflection_pad2d_backward", "replication_pad2d", "replication_pad2d_backward"],
+    3: ["max_pool3d_with_indices", "max_pool3d_with_indices_backward", "avg_pool3d", "avg_pool3d_backward",
+        "_adaptive_avg_pool3d", "_adaptive_avg_pool3d_backward"],
+}
+
+
+def spatial(k: int) -> Rule:
+    """A rule for an op on the trailing ``k`` dims (pooling, upsampling, padding): per-sample when the samples
+    are on a leading dim."""
+
+    def rule(r: RuleInput) -> FactOut:
+        batched = [r.fact(a) for a in r.tensor_args() if isinstance(r.fact(a), Batched)]
+        if not batched:
+            return REPLICATED if isinstance(r.node.meta["val"], torch.Tensor) else (REPLICATED,) * len(r.node.meta["val"])
+        fact = _agree(r, batched)
+        if fact.dim >= len(r.out_shape() if isinstance(r.node.meta["val"], torch.Tensor) else
+                           r.node.meta["val"][0].shape) - k:
+            raise r.mixing(f"it pools or resamples over the sample axis (one of its last {k} dims)",
+                           "keep the batch on dim 0 (N) of (N, C, *spatial) inputs")
+        return fact if isinstance(r.node.meta["val"], torch.Tensor) else (fact,) * len(r.node.meta["val"])
+
+    return rule
+
+
+for _k, _names in _SPATIAL.items():
+    register_batch_rule([getattr(aten, name).default for name in _names])(spatial(_k))
+register_batch_rule([aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec])(spatial(2))
 
 
 @register_batch_rule(aten.native_group_norm.default)

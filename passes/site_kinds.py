@@ -37,6 +37,10 @@ class SiteKind:
     per_sample: Callable[..., torch.fx.Node]
     sq_norm: Callable[..., torch.fx.Node] | None = None
     reweight: Callable[..., torch.fx.Node] | None = None
+    has_ghost: Callable[[torch.fx.Node], bool] = lambda node: True  # whether sq_norm and reweight apply
+
+    def ghost_ok(self, node: torch.fx.Node) -> bool:
+        return self.sq_norm is not None and self.reweight is not None and self.has_ghost(node)
 
 
 # --- shared helpers -------------------------------------------------------------------------------------
@@ -247,6 +251,62 @@ def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch
     return emit(aten.reshape.default, emit(operator.getitem, grads, 1), [-1, *shape])
 
 
+def _conv_has_ghost(node: torch.fx.Node) -> bool:
+    """Bias: always (a per-sample sum). Weight: 1-d and 2-d forward convolutions (unfolded by im2col)."""
+    conv = node.args[0]
+    return node.args[1] == 2 or (not conv.args[7] and conv.args[0].meta["val"].dim() in (3, 4))
+
+
+def _as_2d(conv: torch.fx.Node, emit: Emitter, value: torch.fx.Node) -> torch.fx.Node:
+    return emit(aten.unsqueeze.default, value, 2) if conv.args[0].meta["val"].dim() == 3 else value
+
+
+def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
+    """Per group: grad_out rows (B*g, Cout/g, L) and the unfolded input (B*g, Cin/g*k, L), L output positions."""
+    grad_out, x, weight, _, stride, padding, dilation, _, _, groups = conv.args[:10]
+    pad2 = lambda v, fill: [fill, *v] if conv.args[0].meta["val"].dim() == 3 else list(v)  # noqa: E731
+    kernel = static_shape(weight)[2:]
+    unfolded = emit(aten.im2col.default, _as_2d(conv, emit, emit.to_dtype(x, dtype)), pad2(kernel, 1),
+                    pad2(dilation, 1), pad2(padding, 0), pad2(stride, 1))  # (B, Cin*k, L)
+    positions = emit.size(unfolded, 2)
+    rows = emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions])
+    columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * _numel(kernel), positions])
+    return rows, columns, groups
+
+
+def _numel(sizes: list[int]) -> int:
+    out = 1
+    for size in sizes:
+        out *= size
+    return out
+
+
+def conv_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """Bias: the per-sample sum over positions. Weight: the ghost norm of G_i = sum_g go_ig U_ig^T over the
+    output positions, ``sum_g <go_ig^T go_ig, U_ig^T U_ig>`` (L x L Gram matrices of each group)."""
+    conv = node.args[0]
+    if node.args[1] == 2:
+        sums = conv_per_sample(emit, joint, node, batch, dtype)
+        return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, sums, sums), [1])
+    rows, columns, groups = _conv_groups(emit, conv, batch, dtype)
+    gram_out = emit(aten.bmm.default, emit(aten.permute.default, rows, [0, 2, 1]), rows)  # (B*g, L, L)
+    gram_in = emit(aten.bmm.default, emit(aten.permute.default, columns, [0, 2, 1]), columns)
+    products = emit(aten.mul.Tensor, gram_out, gram_in)
+    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, -1]), [1])
+
+
+def conv_reweight(emit: Emitter, joint: JointGraph, node: torch.fx.Node, weights, batch) -> torch.fx.Node:
+    """sum_i w_i G_i: the weight gradient of the w-scaled grad_out (one convolution_backward), or its sum."""
+    conv = node.args[0]
+    grad_out = conv.args[0]
+    scaled = emit(aten.mul.Tensor, grad_out, row_weights(emit, joint, weights, grad_out, batch))
+    if node.args[1] == 2:
+        return emit(aten.sum.dim_IntList, scaled, [0, *range(2, grad_out.meta["val"].dim())])
+    args = list(conv.args)
+    args[0], args[3], args[10] = scaled, None, [False, True, False]
+    return emit(operator.getitem, emit(aten.convolution_backward.default, *args), 1)
+
+
 def _matmul_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
     return node.target in (aten.mm.default, aten.bmm.default) and reduces_samples(joint, node)
 
@@ -259,7 +319,7 @@ SITE_KINDS: dict[str, SiteKind] = {
     "matmul": SiteKind(_matmul_matches, matmul_per_sample, matmul_sq_norm, _reweight_operand),
     "sum": SiteKind(_sum_matches, sum_per_sample, sum_sq_norm, _reweight_operand),
     "embedding": SiteKind(_embedding_matches, embedding_per_sample, embedding_sq_norm, _reweight_operand),
-    "conv": SiteKind(_conv_matches, conv_per_sample),
+    "conv": SiteKind(_conv_matches, conv_per_sample, conv_sq_norm, conv_reweight, _conv_has_ghost),
 }
 
 

@@ -39,7 +39,27 @@ NORM_PRESERVING = {
     torch.ops.prims.convert_element_type.default,
     aten.slice_backward.default,  # a sliced parameter: the gradient rows go back in place, zeros elsewhere
     aten.select_backward.default,
+    aten.slice_scatter.default,  # the same, decomposed (into a zero tensor: see preserved_operand)
+    aten.select_scatter.default,
 }
+_SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default}
+_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
+_FILLS = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}  # op -> fill value arg
+
+
+def _is_zeros(value: object) -> bool:
+    target = getattr(value, "target", None)
+    return target in _ZEROS or (target in _FILLS and value.args[_FILLS[target]] == 0)
+
+
+def preserved_operand(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The operand whose norm a NORM_PRESERVING ``node`` keeps (a scatter's source, when it scatters into
+    zeros), or None."""
+    if node.target not in NORM_PRESERVING:
+        return None
+    if node.target in _SCATTERS:
+        return node.args[1] if _is_zeros(node.args[0]) else None
+    return node.args[0]
 
 # Ops linear in one reduced operand, with sample-independent other operands (a frozen BatchNorm's 1/std,
 # a constant, the indices of a broadcast position embedding): not norm-preserving, applied per sample.
@@ -86,8 +106,8 @@ def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
 def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site]) -> bool:
     """Append the sites under ``node`` (a value of the gradient of parameter ``name``); True when the
     way from them to ``node`` scales them."""
-    while node.target in NORM_PRESERVING and kind_of(joint, node) is None:
-        node = node.args[0]
+    while preserved_operand(node) is not None and kind_of(joint, node) is None:
+        node = preserved_operand(node)
     kind = kind_of(joint, node)
     if kind is not None:
         sites.append(Site(param=name, node=node, kind=kind))

@@ -1,0 +1,147 @@
+"""The cost model and strategies: every strategy equals the oracle on every site kind, the choice flips where
+the cost model says, a memory budget flips it back, and the report carries the expected expressions."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import sympy
+import torch
+from torch import nn
+
+import bkcompile
+import zoo
+from helpers import assert_matches, raises_bk
+from test_oracle import CASES, run_case
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# site kinds: matmul + sum (mlp), bmm (einsum), embedding (text), conv (convnet, 1-d and 3-d), several sites (tied)
+KIND_CASES = ["mlp", "raw-params-einsum", "embedding-padding-mha-masks", "convnet-depthwise-transposed",
+              "conv1d-instancenorm-conv3d", "tied-embeddings-sdpa-lm"]
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "explicit", "auto"])
+@pytest.mark.parametrize("name", KIND_CASES)
+def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
+    case = CASES[name]
+    case.options = {**case.options, "strategy": strategy}
+    try:
+        got, want, _, _ = run_case(case, 7, torch.float64, "aot_eager")
+    finally:
+        case.options = {k: v for k, v in case.options.items() if k != "strategy"}
+    assert_matches(got, want, torch.float64)
+    chosen = {row.strategy for row in bkcompile.last_report().rows}
+    if strategy != "auto":
+        assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
+
+
+@pytest.mark.parametrize(("name", "strategy"), [("convnet-depthwise-transposed", "ghost"),
+                                                ("tied-embeddings-sdpa-lm", "explicit"),
+                                                ("embedding-padding-mha-masks", "auto")])
+def test_strategies_with_inductor(name: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
+    case = CASES[name]
+    case.options = {**case.options, "strategy": strategy}
+    try:
+        got, want, _, _ = run_case(case, 7, torch.float32, "inductor")
+    finally:
+        case.options = {k: v for k, v in case.options.items() if k != "strategy"}
+    assert_matches(got, want, torch.float32)
+
+
+class Tokens(nn.Module):
+    """One linear layer over T tokens of width 64: p = d = 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x).sum(1)
+
+
+def _row(report: bkcompile.CostReport, param: str) -> bkcompile.report.SiteRow:
+    return next(row for row in report.rows if row.param == param)
+
+
+# ghost 2T^2(p + d) + T^2 against explicit 3pd at p = d = 64: ghost is cheaper up to T = 6
+@pytest.mark.parametrize(("tokens", "strategy"), [(1, "ghost"), (4, "ghost"), (6, "ghost"), (7, "explicit"),
+                                                   (16, "explicit"), (64, "explicit")])
+def test_choice_flips_with_sequence_length(tokens: int, strategy: str) -> None:
+    report = bkcompile.explain(Tokens(), torch.randn(8, tokens, 64))
+    assert _row(report, "fc.weight").strategy == strategy
+
+
+def test_memory_budget_flips_the_choice_back() -> None:
+    x = torch.randn(8, 16, 64)
+    assert _row(bkcompile.explain(Tokens(), x), "fc.weight").strategy == "explicit"  # faster at T = 16
+    # explicit holds 8 * 64 * 64 float32 per-sample gradients (131 kB); the ghost Grams 2 * 8 * 16^2 (16 kB)
+    report = bkcompile.explain(Tokens(), x, memory_budget=40_000)
+    row = _row(report, "fc.weight")
+    assert (row.strategy, row.reason) == ("ghost", "memory_budget")
+    assert report.total_bytes <= 40_000
+
+
+def test_memory_budget_that_nothing_meets_warns() -> None:
+    with pytest.warns(UserWarning, match="over memory_budget=10"):
+        bkcompile.explain(Tokens(), torch.randn(8, 16, 64), memory_budget=10)
+
+
+def _same(text: str, expected: sympy.Expr) -> bool:
+    return sympy.simplify(sympy.sympify(text, locals={s.name: s for s in expected.free_symbols}) - expected) == 0
+
+
+def test_report_expressions_for_a_linear_and_a_conv_site() -> None:
+    B, T, p, d, G = sympy.symbols("B T p d G", positive=True, integer=True)
+    linear = _row(bkcompile.explain(Tokens(), torch.randn(8, 5, 64)), "fc.weight")
+    assert linear.sizes == {"B": "8", "T": "5", "p": "64", "d": "64"}
+    assert _same(linear.ghost_time, B * (2 * T**2 * (p + d) + T**2))
+    assert _same(linear.ghost_memory, 4 * 2 * B * T**2)  # float32 bytes
+    assert _same(linear.explicit_time, 3 * B * p * d) and _same(linear.explicit_memory, 4 * B * p * d)
+    assert linear.ghost_values == (8 * (2 * 25 * 128 + 25), 4 * 2 * 8 * 25)
+
+    conv = _row(bkcompile.explain(zoo.ConvNet(), torch.randn(4, 3, 8, 8)), "depthwise.weight")
+    assert conv.sizes == {"B": "4", "T": "16", "G": "8", "p": "1", "d": "9"}  # 4x4 outputs, 8 groups of 1x(1*3*3)
+    assert _same(conv.ghost_time, G * B * (2 * T**2 * (p + d) + T**2))
+    assert _same(conv.explicit_memory, 4 * G * B * p * d)
+    assert conv.explicit_values == (3 * 8 * 4 * 9, 4 * 8 * 4 * 9)
+
+
+def test_report_as_text_markdown_dict_and_on_compile(capsys: pytest.CaptureFixture) -> None:
+    report = bkcompile.explain(zoo.MLP(), torch.randn(8, 6))
+    text, markdown, data = str(report), report.to_markdown(), report.to_dict()
+    assert "net.0.weight" in text and "| net.0.weight | matmul |" in markdown
+    assert data["rows"][0]["param"] == "net.0.weight" and data["overhead"] == report.overhead > 0
+    compiled = torch.compile(zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager",
+                                                                   "report": True})
+    compiled(torch.randn(8, 6))
+    assert "bk_dp cost model: 6 sites, B = 8" in capsys.readouterr().out
+
+
+def test_dynamic_batch_report_keeps_b_symbolic() -> None:
+    compiled = torch.compile(zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    x = torch.randn(8, 6)
+    bkcompile.mark_batch_dynamic(x)
+    compiled(x)
+    report = bkcompile.last_report()
+    assert report.batch_dynamic and report.batch != "8" and "dynamic" in str(report)
+
+
+@pytest.mark.parametrize(("options", "fragment"), [({"strategy": "fast"}, "strategy"),
+                                                   ({"memory_budget": -1}, "memory_budget"),
+                                                   ({"report": "yes"}, "report")])
+def test_bad_cost_options_are_refused(options: dict, fragment: str) -> None:
+    with raises_bk(bkcompile.OptionError, fragment):
+        bkcompile.explain(zoo.MLP(), torch.randn(8, 6), **options)
+
+
+def test_command_line_prints_the_table() -> None:
+    done = subprocess.run([sys.executable, "-m", "bkcompile", "explain", "examples/models.py:small_cnn",
+                           "--input-shape", "4,3,16,16", "--option", "strategy='explicit'"],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bk_dp cost model: 10 sites, B = 4" in done.stdout
+    assert "0.weight   conv" in done.stdout and "explicit (strategy='explicit')" in done.stdout
