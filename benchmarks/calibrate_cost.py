@@ -1,0 +1,119 @@
+"""Calibrate the cost model: time ghost against explicit norms for each site kind over a grid of sizes, and
+count how often the model's choice ("auto") was the faster one.
+
+Run: python benchmarks/calibrate_cost.py [--repeats 7] [--quick]
+Writes benchmarks/results/calibration.md and .json. Timings are medians of interleaved repeats of one
+forward + backward (aot_eager, so the compile is quick); what differs between the two is the norm work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bkcompile
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+class Linear(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        return self.fc(x).sum(1)
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(vocab, width)
+
+    def forward(self, ids):
+        return self.table(ids).sum(1)
+
+
+class Conv(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x).sum((2, 3))
+
+
+def grid(quick: bool) -> list[tuple[str, str, nn.Module, torch.Tensor]]:
+    """(kind, sizes, model, batch) for every point of the grid."""
+    batch = 16
+    points = []
+    for tokens in (1, 4, 16, 64) if not quick else (1, 16):
+        for width in (32, 128, 512) if not quick else (32,):
+            points.append(("linear", f"T={tokens} p=d={width}", Linear(width), torch.randn(batch, tokens, width)))
+    for tokens in (8, 64) if not quick else (8,):
+        for vocab in (100, 5000):
+            points.append(("embedding", f"T={tokens} V={vocab} d=64", Embed(vocab, 64),
+                           torch.randint(0, vocab, (batch, tokens))))
+    for channels, side in ((8, 8), (32, 16), (64, 32)) if not quick else ((8, 8),):
+        points.append(("conv", f"C={channels} HxW={side}x{side} k=3", Conv(channels),
+                       torch.randn(batch, channels, side, side)))
+    return points
+
+
+def _step(compiled: nn.Module, example: torch.Tensor) -> float:
+    start = time.perf_counter()
+    compiled(example).square().mean().backward()
+    return time.perf_counter() - start
+
+
+def measure(model: nn.Module, example: torch.Tensor, repeats: int) -> dict:
+    """Median step time of each strategy (interleaved), and the strategy "auto" picks."""
+    compiled = {}
+    for strategy in ("ghost", "explicit", "auto"):
+        compiled[strategy] = torch.compile(model, backend="bk_dp", options={
+            "max_grad_norm": 1.0, "compiler": "aot_eager", "strategy": strategy})
+        _step(compiled[strategy], example)  # compile
+        if strategy == "auto":
+            choice = next(r.strategy for r in bkcompile.last_report().rows if r.strategy != "direct")
+    times = {"ghost": [], "explicit": []}
+    for _ in range(repeats):
+        for strategy in times:
+            times[strategy].append(_step(compiled[strategy], example))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {**{f"{k}_ms": 1e3 * v for k, v in medians.items()}, "choice": choice,
+            "faster": min(medians, key=medians.get)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="a few points, for a smoke run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for kind, sizes, model, example in grid(args.quick):
+        torch._dynamo.reset()
+        rows.append({"kind": kind, "sizes": sizes, **measure(model, example, args.repeats)})
+        print(rows[-1], flush=True)
+    agree = sum(r["choice"] == r["faster"] for r in rows)
+    lines = ["| site | sizes (B=16) | ghost ms | explicit ms | model's choice | faster |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['sizes']} | {r['ghost_ms']:.2f} | {r['explicit_ms']:.2f} | {r['choice']} | "
+              f"{r['faster']} |" for r in rows]
+    lines.append(f"\nThe model's choice was the faster one at {agree} of {len(rows)} points.")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "calibration.md").write_text(table + "\n")
+    (RESULTS / "calibration.json").write_text(json.dumps({"rows": rows, "agree": agree, "points": len(rows),
+                                                          "torch": torch.__version__}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
