@@ -1,34 +1,96 @@
-"""The per-sample gradient norms of the last backward, recorded by the compiled graph for monitoring.
+"""Clip state shared by the compiled graphs and the DP optimizer: thresholds, recorded norms, counts.
 
-The graph calls ``bkcompile::record_norms`` on the norms (before clipping); its result feeds the
-clip factors, so no compiler removes it.
+Each privatized graph calls ``bkcompile::record_norms(norms, key)`` on its per-sample group norms
+(B, G), before clipping. The op records them, counts the samples under each group's threshold (for
+adaptive clipping), and returns the current thresholds (G,), which the graph's clip factors use: the
+thresholds are runtime values, so the DP optimizer can adapt them without a recompile, and the op's
+result feeds the gradients, so no compiler removes it.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+
+@dataclasses.dataclass
+class ClipState:
+    """The clipping groups of one model (recompiles with the same groups share it)."""
+
+    groups: tuple[str, ...]  # group names
+    params: tuple[tuple[str, ...], ...]  # the parameters of each group
+    initial: tuple[float, ...]  # the thresholds the options gave
+    thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64: the current R_g
+    below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        self.thresholds = torch.tensor(self.initial, dtype=torch.float64)
+        self.below = torch.zeros_like(self.thresholds)
+
+    @property
+    def sensitivity(self) -> float:
+        """The L2 sensitivity of the summed clipped gradient: sqrt(sum_g R_g^2)."""
+        return float(self.thresholds.pow(2).sum().sqrt())
+
+    def reset_counts(self) -> None:
+        self.below.zero_()
+        self.samples = 0
+
+
+_STATES: list[ClipState] = []
+_ACTIVE: set[int] = set()  # states that recorded a backward since the optimizer last took them
 _LAST: dict[str, torch.Tensor] = {}
 _COUNT = [0]
 
 
+def register_clip_state(groups: tuple[str, ...], params: tuple[tuple[str, ...], ...],
+                        thresholds: tuple[float, ...]) -> int:
+    """The key of the clip state of these groups and initial thresholds (created on first use)."""
+    for key, state in enumerate(_STATES):
+        if state.groups == groups and state.params == params and state.initial == thresholds:
+            return key
+    with unset_fake_temporarily():  # the pass may run under a fake mode: the state holds real tensors
+        _STATES.append(ClipState(groups, params, thresholds))
+    return len(_STATES) - 1
+
+
+def clip_state(key: int) -> ClipState:
+    return _STATES[key]
+
+
+def take_active() -> list[ClipState]:
+    """The clip states whose graphs ran a backward since the last call (the DP optimizer's step)."""
+    states = [_STATES[k] for k in sorted(_ACTIVE)]
+    _ACTIVE.clear()
+    return states
+
+
 @torch.library.custom_op("bkcompile::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor) -> torch.Tensor:
-    _LAST["norms"] = norms.detach().clone()
+def record_norms(norms: torch.Tensor, key: int) -> torch.Tensor:
+    state = _STATES[key]
+    values = norms.detach()
+    _LAST["norms"] = values.clone() if values.shape[-1] > 1 else values[:, 0].clone()
     _COUNT[0] += 1
-    return norms.clone()
+    _ACTIVE.add(key)
+    state.below += (values.double().cpu() <= state.thresholds).sum(0)
+    state.samples += values.shape[0]
+    return state.thresholds.to(dtype=norms.dtype, device=norms.device)
 
 
 @record_norms.register_fake
-def _record_norms_fake(norms: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(norms)
+def _record_norms_fake(norms: torch.Tensor, key: int) -> torch.Tensor:
+    return norms.new_empty(norms.shape[-1:])
 
 
 def last_per_sample_norms() -> torch.Tensor | None:
-    """Per-sample gradient norms ||g_i|| of the most recent bk_dp backward, before clipping (None before any).
+    """Per-sample gradient norms of the most recent bk_dp backward, before clipping (None before any).
 
-    ``g_i`` is sample i's gradient of its own loss over all trainable parameters; the fraction of
-    clipped samples is ``(norms > max_grad_norm).float().mean()``.
+    With all-layer clipping a (B,) tensor of ||g_i|| over all trainable parameters (the fraction of
+    clipped samples is ``(norms > max_grad_norm).float().mean()``); with clipping groups (B, G), one
+    column per group.
     """
     return _LAST.get("norms")
 

@@ -11,6 +11,8 @@ from bkcompile.errors import OptionError
 LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "ghost", "explicit"]
+ClipFn = Literal["abadi", "automatic"]
+CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,13 @@ class BKOptions:
     memory_budget: bytes the per-sample norm work may use at the compiled batch size ("auto" picks the
         fastest choice that fits); None: no limit.
     report: print the cost-model report when the backend compiles.
+    clipping: how parameters are grouped for clipping, each group with its own per-sample norm and
+        threshold: "all-layer" (one group), "layer-wise" (one per module owning parameters),
+        "param-wise", "per-device", or a list of groups, each a name pattern (fnmatch), a list of
+        patterns, a callable on names, or a dict {"params": ..., "max_grad_norm": R_g}. Groups
+        without a threshold share max_grad_norm: R / sqrt(G) each, so the sensitivity stays R.
+    clip_fn: "abadi" (C = min(1, R / (n + 1e-6))) or "automatic" (C = R / (n + clip_gamma)).
+    clip_gamma: the stabiliser of automatic clipping.
     """
 
     max_grad_norm: float
@@ -39,12 +48,43 @@ class BKOptions:
     strategy: Strategy = "auto"
     memory_budget: int | None = None
     report: bool = False
+    clipping: str | tuple = "all-layer"
+    clip_fn: ClipFn = "abadi"
+    clip_gamma: float = 0.01
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
 
 _CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager"),
-            "strategy": ("auto", "ghost", "explicit"), "report": (True, False)}
+            "strategy": ("auto", "ghost", "explicit"), "report": (True, False), "clip_fn": ("abadi", "automatic")}
+
+
+def _positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise OptionError(f"option {key!r} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _clipping(raw: Any) -> str | tuple:
+    """A style name, or a tuple of groups ``(selector, threshold or None)``."""
+    if isinstance(raw, str):
+        if raw not in CLIPPING_STYLES:
+            raise OptionError(f"option 'clipping' must be one of {CLIPPING_STYLES} or a list of groups, got {raw!r}")
+        return raw
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise OptionError(f"option 'clipping' must be a style name or a non-empty list of groups, got {raw!r}")
+    groups = []
+    for entry in raw:
+        selector, threshold = (entry.get("params"), entry.get("max_grad_norm")) if isinstance(entry, dict) else (entry, None)
+        if isinstance(selector, list):
+            selector = tuple(selector)
+        valid = callable(selector) or isinstance(selector, str) or (
+            isinstance(selector, tuple) and selector and all(isinstance(s, str) for s in selector))
+        if not valid:
+            raise OptionError(f"a clipping group selects parameters by a name pattern, a list of patterns or a "
+                              f"callable on names; got {selector!r}")
+        groups.append((selector, None if threshold is None else _positive(threshold, "clipping[].max_grad_norm")))
+    return tuple(groups)
 
 
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
@@ -72,6 +112,9 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
     return BKOptions(
         max_grad_norm=float(norm),
+        clipping=_clipping(raw.get("clipping", "all-layer")),
+        clip_fn=raw.get("clip_fn", "abadi"),
+        clip_gamma=_positive(raw.get("clip_gamma", 0.01), "clip_gamma"),
         loss_reduction=raw.get("loss_reduction", "mean"),
         compiler=raw.get("compiler", "inductor"),
         batch_dim=batch_dim,

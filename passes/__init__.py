@@ -5,8 +5,9 @@ Passes run in order on one :class:`PassState`; each is a plain function ``pass(s
 1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (rules.py)
 2. ``sites``       the op that reduces per-sample values into each parameter gradient (sites.py)
 3. ``loss_scale``  how the loss reduces over the batch: the per-sample scale s (loss.py)
-4. ``cost``        per parameter, ghost or explicit norms by the options and the cost model (cost.py)
-5. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
+4. ``groups``      the clipping groups and their thresholds, registered as shared clip state (groups.py)
+5. ``cost``        per parameter, ghost or explicit norms by the options and the cost model (cost.py)
+6. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
 
 Invariants after each pass: the graph lints, every node keeps a valid ``meta["val"]``, and no pass
 adds aliasing. A pass that cannot prove privacy raises a :class:`bkcompile.errors.PrivacyError`.
@@ -23,8 +24,10 @@ import torch.fx
 from bkcompile.errors import PrivacyError
 from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph, analyze, backward_nodes
-from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping
+from bkcompile.norms import register_clip_state
+from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
 from bkcompile.passes.cost import ParamPlan, backward_flops, choose, hints
+from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
 from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.sites import ParamGrad, find_sites
@@ -41,6 +44,8 @@ class PassState:
     plans: list[ParamPlan] = dataclasses.field(default_factory=list)
     backward_flops: float = 0.0  # of the ordinary backward's matrix products and convolutions
     hints: dict = dataclasses.field(default_factory=dict)  # shape symbols -> their compiled values
+    grouping: Grouping | None = None  # the clipping groups and their initial thresholds
+    clip_key: int = -1  # the groups' clip state in bkcompile.norms
 
 
 def _batch_axis(state: PassState) -> None:
@@ -64,26 +69,37 @@ def _cost(state: PassState) -> None:
 
 def _clipping(state: PassState) -> None:
     strategies = {plan.param.param: plan.strategy for plan in state.plans}
-    insert_clipping(state.joint, state.params, strategies, state.scale, state.options, state.fake_mode)
+    insert_clipping(state.joint, state.params, strategies, state.scale, state.grouping, state.clip_key,
+                    state.options, state.fake_mode)
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)
 
 
+def _groups(state: PassState) -> None:
+    params = [name for _, name, _ in trainable_grads(state.joint, state.names)]
+    devices = {name: str(p.meta["val"].device) for p, name in zip(state.joint.primals, state.names)
+               if isinstance(p.meta["val"], torch.Tensor)}
+    state.grouping = clip_groups(params, devices, state.options)
+    state.clip_key = register_clip_state(state.grouping.names, state.grouping.members, state.grouping.thresholds)
+
+
 def _single_sample(state: PassState) -> None:
-    clip_single_sample(state.joint, state.options, state.fake_mode)
+    clip_single_sample(state.joint, state.names, state.grouping, state.clip_key, state.options, state.fake_mode)
 
 
 PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
     ("batch_axis", _batch_axis),
     ("sites", _sites),
     ("loss_scale", _loss_scale),
+    ("groups", _groups),
     ("cost", _cost),
     ("clipping", _clipping),
 ]
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
 # and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
-SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [("single_sample", _single_sample)]
+SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [("groups", _groups),
+                                                                          ("single_sample", _single_sample)]
 
 
 def _batch_size(primals: list[torch.fx.Node], facts: list[Fact], names: list[str]):

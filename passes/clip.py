@@ -28,6 +28,7 @@ import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
 from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
+from bkcompile.passes.groups import Grouping
 from bkcompile.passes.loss import LossScale
 from bkcompile.passes.site_kinds import SITE_KINDS, Size, static_shape
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
@@ -131,10 +132,32 @@ def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
     conv.meta["val"] = tuple(v if mask[i] else None for i, v in enumerate(conv.meta["val"]))
 
 
-def clip_factors(emit: Emitter, norms: torch.fx.Node, max_grad_norm: float) -> torch.fx.Node:
-    """C_i = min(1, R / (n_i + 1e-6)), emitted as min(1, 1 / ((n_i + 1e-6) / R))."""
-    scaled = emit(aten.div.Scalar, emit(aten.add.Scalar, norms, EPS), max_grad_norm)
-    return emit(aten.clamp_max.default, emit(aten.reciprocal.default, scaled), 1.0)
+def clip_weights(emit: Emitter, squares: dict[str, torch.fx.Node], grouping: Grouping, key: int,
+                 factor: torch.fx.Node | None, options: BKOptions) -> dict[str, torch.fx.Node]:
+    """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients.
+
+    Group norms ``n_ig = s * sqrt(sum over the group's parameters)`` go through ``record_norms``, which
+    returns the groups' current thresholds R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or
+    ``R_g / (n_ig + gamma)`` ("automatic").
+    """
+    totals = []
+    for members in grouping.members:
+        total = squares[members[0]]
+        for member in members[1:]:
+            total = emit(aten.add.Tensor, total, squares[member])
+        totals.append(total)
+    norms = emit(aten.sqrt.default, emit(aten.stack.default, totals, 1))  # (B, G)
+    if factor is not None:
+        norms = emit(aten.mul.Tensor, norms, factor)
+    thresholds = emit(torch.ops.bkcompile.record_norms.default, norms, key)  # (G,)
+    if options.clip_fn == "automatic":
+        clip = emit(aten.div.Tensor, thresholds, emit(aten.add.Scalar, norms, options.clip_gamma))
+    else:
+        clip = emit(aten.clamp_max.default, emit(aten.div.Tensor, thresholds, emit(aten.add.Scalar, norms, EPS)), 1.0)
+    if factor is not None:
+        clip = emit(aten.mul.Tensor, clip, factor)
+    columns = [emit(aten.select.int, clip, 1, g) for g in range(len(grouping.members))]
+    return {param: columns[grouping.group_of(param)] for param in squares}
 
 
 def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
@@ -153,7 +176,7 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
 
 
 def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict[str, str], scale: LossScale,
-                    options: BKOptions, fake_mode) -> None:
+                    grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
     """Insert norms, clip factors and the weighted reductions, each parameter by its strategy."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
@@ -163,39 +186,30 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
-    squares, explicit = [], {}
+    squares, explicit = {}, {}
     for param in params:
         if strategies[param.param] == "ghost":
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                squares.append(SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype))
+                squares[param.param] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
             grads = _per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, -1])
-            squares.append(emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1]))
+            squares[param.param] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.param] = flat
     with graph.inserting_before(graph.output_node()):
-        total = squares[0]
-        for square in squares[1:]:
-            total = emit(aten.add.Tensor, total, square)
-        norms = emit(aten.sqrt.default, total)
-        factor = _loss_factor(emit, scale, batch, dtype)
-        if factor is not None:
-            norms = emit(aten.mul.Tensor, norms, factor)
-        norms = emit(torch.ops.bkcompile.record_norms.default, norms)
-        clip = clip_factors(emit, norms, options.max_grad_norm)
-        weights = emit(aten.mul.Tensor, clip, factor) if factor is not None else clip
+        weights = clip_weights(emit, squares, grouping, key, _loss_factor(emit, scale, batch, dtype), options)
         reduced = {}
         for param in params:
             if param.param in explicit:
-                row = emit(aten.unsqueeze.default, weights, 0)
+                row = emit(aten.unsqueeze.default, weights[param.param], 0)
                 total = emit(aten.view.default, emit(aten.mm.default, row, explicit[param.param]),
                              static_shape(param.grad))
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
                 continue
             site = param.sites[0]
-            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights, batch)
+            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.param], batch)
             site.node.replace_all_uses_with(weighted)
             _erase_dead(graph, site.node)
     outputs = joint.outputs
@@ -207,28 +221,33 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict
             _erase_dead(graph, param.grad)
 
 
-def clip_single_sample(joint: JointGraph, options: BKOptions, fake_mode) -> None:
+def clip_single_sample(joint: JointGraph, names: list[str], grouping: Grouping, key: int, options: BKOptions,
+                       fake_mode) -> None:
     """A graph compiled for a batch of exactly one sample: its gradient is that sample's gradient.
 
-    Nothing can mix samples, so no sites are needed: ``n = ||grad||`` over all trainable parameters
-    and every gradient output is scaled by ``C = min(1, R / (n + 1e-6))``.
+    Nothing can mix samples, so no sites are needed: each group's norm is that of its gradient outputs,
+    and every gradient output is scaled by its group's clip factor.
     """
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    grads = [(i, g) for i, (g, t) in enumerate(zip(joint.gradient_outputs, joint.trainable)) if g is not None and t]
+    grads = trainable_grads(joint, names)
     if not grads:
         return
-    dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, g in grads) else torch.float32
+    dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
     with graph.inserting_before(graph.output_node()):
-        total = None
-        for _, grad in grads:
+        squares = {}
+        for _, name, grad in grads:
             g = emit.to_dtype(grad, dtype)
-            square = emit(aten.sum.default, emit(aten.mul.Tensor, g, g))
-            total = square if total is None else emit(aten.add.Tensor, total, square)
-        norms = emit(torch.ops.bkcompile.record_norms.default, emit(aten.view.default, emit(aten.sqrt.default, total), [1]))
-        clip = clip_factors(emit, norms, options.max_grad_norm)
+            squares[name] = emit(aten.view.default, emit(aten.sum.default, emit(aten.mul.Tensor, g, g)), [1])
+        weights = clip_weights(emit, squares, grouping, key, None, options)
         outputs = joint.outputs
-        for index, grad in grads:
-            factor = emit(aten.view.default, emit.to_dtype(clip, grad.meta["val"].dtype), [])
+        for index, name, grad in grads:
+            factor = emit(aten.view.default, emit.to_dtype(weights[name], grad.meta["val"].dtype), [])
             outputs[joint.num_fwd_outputs + index] = emit(aten.mul.Tensor, grad, factor)
     graph.output_node().args = (outputs,)
+
+
+def trainable_grads(joint: JointGraph, names: list[str]) -> list[tuple[int, str, torch.fx.Node]]:
+    """(output index, parameter name, gradient node) of every trainable parameter with a gradient."""
+    return [(i, name, g) for i, (g, t, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names))
+            if g is not None and t]
