@@ -23,7 +23,7 @@ from bkcompile.errors import (
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
-from bkcompile.optimizer import DPOptimizer
+from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.options import BKOptions
 from bkcompile.private import make_private
 from bkcompile.report import CostReport, explain, last_report
@@ -40,6 +40,7 @@ if "bk_dp" not in _registry._BACKENDS:
 
 __all__ = [
     "AccountingError",
+    "AdaptiveClipping",
     "DPOptimizer",
     "PoissonLoader",
     "PrivacyAccountant",

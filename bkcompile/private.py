@@ -9,7 +9,7 @@ import torch
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import BKError
-from bkcompile.optimizer import DPOptimizer
+from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 
 
 def make_private(
@@ -23,6 +23,7 @@ def make_private(
     target_epsilon: float | None = None,
     epochs: float | None = None,
     generator: torch.Generator | None = None,
+    adaptive_clipping: AdaptiveClipping | None = None,
     **backend_options,
 ) -> tuple[torch.nn.Module, DPOptimizer, PoissonLoader]:
     """Compile ``model`` with bk_dp, wrap ``optimizer``, and replace ``data_loader`` by Poisson sampling.
@@ -30,7 +31,8 @@ def make_private(
     ``data_loader`` is a DataLoader over a ``TensorDataset``; its ``batch_size`` becomes the expected
     batch size (sample rate q = batch_size / len(dataset)). Give ``noise_multiplier``, or
     ``target_epsilon`` with ``epochs`` to have sigma found by the accountant. The accountant is
-    ``dp_optimizer.accountant``.
+    ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp backend (``clipping``, ``clip_fn``,
+    ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
@@ -62,5 +64,6 @@ def make_private(
         sample_rate=sample_rate,
         accountant=PrivacyAccountant(),
         generator=generator,
+        adaptive_clipping=adaptive_clipping,
     )
     return compiled, dp_optimizer, loader

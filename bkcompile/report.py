@@ -14,6 +14,7 @@ import sympy
 import torch
 
 from bkcompile.errors import BKError, module_of, source_line
+from bkcompile.norms import clip_state
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
@@ -47,6 +48,7 @@ class CostReport:
     backward_flops: float  # matrix products and convolutions of the ordinary backward
     total_flops: float  # what the chosen strategies add
     total_bytes: float
+    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
 
     @property
     def overhead(self) -> float:
@@ -62,6 +64,8 @@ class CostReport:
         return [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
+            "clipping groups: " + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)"
+                                            for g in self.groups),
             f"privacy adds {_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
             f"{_flops(self.backward_flops)} (matrix products and convolutions): estimated overhead "
             f"{100 * self.overhead:.1f}%",
@@ -131,10 +135,15 @@ def build_report(state: PassState) -> CostReport:
                 explicit_time=str(cost.explicit.time), explicit_memory=str(cost.explicit.memory * itemsize),
                 ghost_values=at(cost.ghost) if cost.ghost else None, explicit_values=at(cost.explicit)))
     batch = state.joint.batch
-    options = {k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler")}
+    options = {k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler",
+                                                       "clip_fn")}
+    thresholds = clip_state(state.clip_key).thresholds.tolist()
+    groups = [{"name": name, "params": list(members), "threshold": threshold}
+              for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)]
     return CostReport(rows=rows, batch=str(batch), batch_dynamic=not isinstance(batch, sympy.Integer),
                       norm_dtype="float64" if itemsize == 8 else "float32", options=options,
-                      backward_flops=state.backward_flops, total_flops=total_flops, total_bytes=total_bytes)
+                      backward_flops=state.backward_flops, total_flops=total_flops, total_bytes=total_bytes,
+                      groups=groups)
 
 
 def record(report: CostReport, show: bool) -> None:

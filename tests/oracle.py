@@ -27,12 +27,22 @@ def per_sample_grads(model: torch.nn.Module, sample_loss: Callable, inputs: tupl
     return vmap(grad(loss_of_one), in_dims=in_dims, randomness="same")(trainable, *inputs, *targets)
 
 
-def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0):
-    """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping."""
+def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi",
+                gamma=0.01):
+    """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping; with ``groups``
+    (a list of (parameter names, threshold)) each group is clipped on its own and the norms are (B, G)."""
     grads = per_sample_grads(model, sample_loss, inputs, targets)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-    factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
-    return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms
+    groups = groups or [(list(grads), max_grad_norm)]
+    out, columns = {}, []
+    for names, threshold in groups:
+        norms = torch.stack([grads[k].flatten(1).pow(2).sum(1) for k in names]).sum(0).sqrt()
+        if clip_fn == "automatic":
+            factors = threshold / (norms + gamma)
+        else:
+            factors = (threshold / (norms + EPS)).clamp(max=1.0)
+        out.update({k: torch.einsum("b,b...->...", factors, grads[k]) for k in names})
+        columns.append(norms)
+    return out, columns[0] if len(columns) == 1 else torch.stack(columns, 1)
 
 
 def compiled_grads(model, inputs, loss_fn, targets=(), options=None, **compile_kwargs):
