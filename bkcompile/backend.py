@@ -28,7 +28,7 @@ _DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_ba
 _KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default, aten.embedding_dense_backward.default,
          aten.convolution_backward.default, aten.native_group_norm.default]
 # Ops the pass emits that Inductor lowers through their decomposition.
-_EMITTED = [aten.im2col.default, aten.zeros.default, aten.stack.default]
+_EMITTED = [aten.im2col.default, aten.zeros.default]
 
 
 def _param_name(source_name: str) -> str:

@@ -1,10 +1,11 @@
 """Clip state shared by the compiled graphs and the DP optimizer: thresholds, recorded norms, counts.
 
-Each privatized graph calls ``bkcompile::record_norms(norms, key)`` on its per-sample group norms
-(B, G), before clipping. The op records them, counts the samples under each group's threshold (for
-adaptive clipping), and returns the current thresholds (G,), which the graph's clip factors use: the
-thresholds are runtime values, so the DP optimizer can adapt them without a recompile, and the op's
-result feeds the gradients, so no compiler removes it.
+Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` on the per-sample norms
+(B,) of each clipping group, before clipping. The op records them, counts the samples under the
+group's threshold (for adaptive clipping), and returns the group's current threshold, which the
+graph's clip factors use: thresholds are runtime values, so the DP optimizer can adapt them without a
+recompile, and the op's result feeds the gradients, so no compiler removes it. One call per group
+keeps the groups independent: a group's weighted reductions need only its own norms.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class ClipState:
     initial: tuple[float, ...]  # the thresholds the options gave
     thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64: the current R_g
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
+    latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
+    recorded: set[int] = dataclasses.field(default_factory=set)  # groups the current backward has recorded
     samples: int = 0
 
     def __post_init__(self) -> None:
@@ -42,7 +45,7 @@ class ClipState:
 
 _STATES: list[ClipState] = []
 _ACTIVE: set[int] = set()  # states that recorded a backward since the optimizer last took them
-_LAST: dict[str, torch.Tensor] = {}
+_LAST: dict[str, int] = {}  # "key": the clip state of the last backward
 _COUNT = [0]
 
 
@@ -69,20 +72,26 @@ def take_active() -> list[ClipState]:
 
 
 @torch.library.custom_op("bkcompile::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, key: int) -> torch.Tensor:
+def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
     state = _STATES[key]
-    values = norms.detach()
-    _LAST["norms"] = values.clone() if values.shape[-1] > 1 else values[:, 0].clone()
-    _COUNT[0] += 1
-    _ACTIVE.add(key)
-    state.below += (values.double().cpu() <= state.thresholds).sum(0)
-    state.samples += values.shape[0]
-    return state.thresholds.to(dtype=norms.dtype, device=norms.device)
+    values = norms.detach().double().cpu()
+    if len(state.recorded) == len(state.groups):  # every group of the last backward is in: a new one starts
+        state.recorded.clear()
+    if not state.recorded:  # the graph calls the groups in any order, once each per backward
+        _COUNT[0] += 1
+        _ACTIVE.add(key)
+        _LAST["key"] = key
+        state.latest = torch.zeros(len(values), len(state.groups), dtype=values.dtype)
+        state.samples += len(values)
+    state.recorded.add(group)
+    state.latest[:, group] = values
+    state.below[group] += (values <= state.thresholds[group]).sum()
+    return state.thresholds[group].to(dtype=norms.dtype, device=norms.device)
 
 
 @record_norms.register_fake
-def _record_norms_fake(norms: torch.Tensor, key: int) -> torch.Tensor:
-    return norms.new_empty(norms.shape[-1:])
+def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
+    return norms.new_empty(())
 
 
 def last_per_sample_norms() -> torch.Tensor | None:
@@ -92,7 +101,10 @@ def last_per_sample_norms() -> torch.Tensor | None:
     clipped samples is ``(norms > max_grad_norm).float().mean()``); with clipping groups (B, G), one
     column per group.
     """
-    return _LAST.get("norms")
+    if "key" not in _LAST:
+        return None
+    latest = _STATES[_LAST["key"]].latest
+    return latest[:, 0].clone() if latest.shape[1] == 1 else latest.clone()
 
 
 def backward_count() -> int:

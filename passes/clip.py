@@ -137,26 +137,23 @@ def clip_weights(emit: Emitter, squares: dict[str, torch.fx.Node], grouping: Gro
     """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients.
 
     Group norms ``n_ig = s * sqrt(sum over the group's parameters)`` go through ``record_norms``, which
-    returns the groups' current thresholds R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or
+    returns the group's current threshold R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or
     ``R_g / (n_ig + gamma)`` ("automatic").
     """
-    totals = []
-    for members in grouping.members:
+    columns = []
+    for group, members in enumerate(grouping.members):  # each group on its own: no group waits for another
         total = squares[members[0]]
         for member in members[1:]:
             total = emit(aten.add.Tensor, total, squares[member])
-        totals.append(total)
-    norms = emit(aten.sqrt.default, emit(aten.stack.default, totals, 1))  # (B, G)
-    if factor is not None:
-        norms = emit(aten.mul.Tensor, norms, factor)
-    thresholds = emit(torch.ops.bkcompile.record_norms.default, norms, key)  # (G,)
-    if options.clip_fn == "automatic":
-        clip = emit(aten.div.Tensor, thresholds, emit(aten.add.Scalar, norms, options.clip_gamma))
-    else:
-        clip = emit(aten.clamp_max.default, emit(aten.div.Tensor, thresholds, emit(aten.add.Scalar, norms, EPS)), 1.0)
-    if factor is not None:
-        clip = emit(aten.mul.Tensor, clip, factor)
-    columns = [emit(aten.select.int, clip, 1, g) for g in range(len(grouping.members))]
+        norms = emit(aten.sqrt.default, total)
+        if factor is not None:
+            norms = emit(aten.mul.Tensor, norms, factor)
+        threshold = emit(torch.ops.bkcompile.record_norms.default, norms, key, group)
+        if options.clip_fn == "automatic":
+            clip = emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, options.clip_gamma))
+        else:
+            clip = emit(aten.clamp_max.default, emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, EPS)), 1.0)
+        columns.append(emit(aten.mul.Tensor, clip, factor) if factor is not None else clip)
     return {param: columns[grouping.group_of(param)] for param in squares}
 
 
