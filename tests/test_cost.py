@@ -3,6 +3,7 @@ the cost model says, a memory budget flips it back, and the report carries the e
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -23,16 +24,17 @@ KIND_CASES = ["mlp", "raw-params-einsum", "embedding-padding-mha-masks", "convne
               "conv1d-instancenorm-conv3d", "tied-embeddings-sdpa-lm"]
 
 
+def _check_strategy(name: str, strategy: str, dtype: torch.dtype, compiler: str) -> None:
+    case = CASES[name]
+    got, want, _, _ = run_case(dataclasses.replace(case, options={**case.options, "strategy": strategy}), 7, dtype,
+                               compiler)
+    assert_matches(got, want, dtype)
+
+
 @pytest.mark.parametrize("strategy", ["ghost", "explicit", "auto"])
 @pytest.mark.parametrize("name", KIND_CASES)
 def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
-    case = CASES[name]
-    case.options = {**case.options, "strategy": strategy}
-    try:
-        got, want, _, _ = run_case(case, 7, torch.float64, "aot_eager")
-    finally:
-        case.options = {k: v for k, v in case.options.items() if k != "strategy"}
-    assert_matches(got, want, torch.float64)
+    _check_strategy(name, strategy, torch.float64, "aot_eager")
     chosen = {row.strategy for row in bkcompile.last_report().rows}
     if strategy != "auto":
         assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
@@ -43,13 +45,7 @@ def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
                                                 ("embedding-padding-mha-masks", "auto")])
 def test_strategies_with_inductor(name: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
-    case = CASES[name]
-    case.options = {**case.options, "strategy": strategy}
-    try:
-        got, want, _, _ = run_case(case, 7, torch.float32, "inductor")
-    finally:
-        case.options = {k: v for k, v in case.options.items() if k != "strategy"}
-    assert_matches(got, want, torch.float32)
+    _check_strategy(name, strategy, torch.float32, "inductor")
 
 
 class Tokens(nn.Module):
