@@ -181,6 +181,8 @@ def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     """Per-sample rows (B, T, d) with padding rows zeroed, and their indices (B, T)."""
     grad, indices, _, padding_idx = node.args[:4]
     rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, -1, grad.meta["val"].shape[-1]])
+    # a dense copy: the gradient of a pooled embedding is often an expand (stride 0), slow for the Gram bmm
+    rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
     index = emit(aten.reshape.default, indices, [batch, -1])
     if padding_idx is not None and padding_idx >= 0:
         keep = emit(aten.ne.Scalar, index, padding_idx)
