@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/throughput.py: the tiny MLP, non-private aot_eager compile and bk_dp aot_eager."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import throughput as bench  # noqa: E402
+
+METHODS = ["compile-aot_eager", "bk_dp-aot_eager"]
+
+
+@pytest.fixture(scope="module")
+def mlp_results():
+    info, rows = bench.benchmark_model("mlp", METHODS, quick=True)
+    bench.add_ratios(rows)
+    return {"environment": bench.environment(), "workloads": {"mlp": info}, "rows": rows}
+
+
+def test_every_method_trains_with_positive_throughput(mlp_results):
+    rows = mlp_results["rows"]
+    assert [row["method"] for row in rows] == METHODS
+    for row in rows:
+        assert "error" not in row, row["error"]
+        assert row["samples_per_s"] > 0 and row["compile_s"] > 0
+        assert len(row["rounds"]) == bench.QUICK_ROUNDS
+
+
+def test_a_failing_method_is_a_row_of_the_report(mlp_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    failed = {"model": "mlp", "method": "opacus-ghost", "error": "failed: NotImplementedError: not here"}
+    results = {**mlp_results, "rows": mlp_results["rows"] + [failed]}
+    text = bench.write_results(results, tmp_path, "smoke")
+    assert "| mlp | opacus-ghost | failed: NotImplementedError: not here |" in text
+    assert json.loads((tmp_path / "smoke.json").read_text())["rows"][-1] == failed
+    assert (tmp_path / "smoke.png").stat().st_size > 0
