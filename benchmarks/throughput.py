@@ -118,10 +118,11 @@ def nonprivate_compile(model: nn.Module, batch: Batch, *, backend: str) -> Step:
     return training_step(torch.compile(model, backend=backend), PerSampleCrossEntropy(), sgd(model), batch)
 
 
-def bk_dp(model: nn.Module, batch: Batch, *, compiler: str, dp_optimizer: bool) -> Step:
+def bk_dp(model: nn.Module, batch: Batch, *, compiler: str, dp_optimizer: bool, clipping: str = "all-layer") -> Step:
     """bk_dp with ``compiler`` inside; plain SGD on the clipped sums, or bkcompile.DPOptimizer (noise) around it.
     A step in which no bk_dp backward ran (dynamo fell back to eager, which is not private) is an error."""
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler})
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler,
+                                                             "clipping": clipping})
     optimizer = sgd(model)
     if dp_optimizer:
         optimizer = bkcompile.DPOptimizer(optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
@@ -191,12 +192,16 @@ METHODS: dict[str, Callable[[nn.Module, Batch], Step]] = {
     "bk_dp-inductor": partial(bk_dp, compiler="inductor", dp_optimizer=False),
     "bk_dp-inductor+DPOptimizer": partial(bk_dp, compiler="inductor", dp_optimizer=True),
     "bk_dp-aot_eager": partial(bk_dp, compiler="aot_eager", dp_optimizer=False),
+    "bk_dp-inductor-layer-wise": partial(bk_dp, compiler="inductor", dp_optimizer=False, clipping="layer-wise"),
+    "bk_dp-inductor-param-wise": partial(bk_dp, compiler="inductor", dp_optimizer=False, clipping="param-wise"),
     "opacus-hooks": partial(opacus, mode="hooks"),
     "opacus-ghost": partial(opacus, mode="ghost"),
     "func-vmap": partial(func_vmap, compiled=False),
     "func-vmap-compiled": partial(func_vmap, compiled=True),
 }
-ON_REQUEST = ("bk_dp-inductor+DPOptimizer", "compile-aot_eager")  # kept out of the default run's 15 minutes
+# kept out of the default run's 15 minutes
+ON_REQUEST = ("bk_dp-inductor+DPOptimizer", "compile-aot_eager", "bk_dp-inductor-layer-wise",
+              "bk_dp-inductor-param-wise")
 DEFAULT_METHODS = [method for method in METHODS if method not in ON_REQUEST]
 BASELINE, BK_DP = "compile", "bk_dp-inductor"
 DP_BASELINES = ("opacus-hooks", "opacus-ghost", "func-vmap", "func-vmap-compiled")  # BK_DP's speed-up is reported
