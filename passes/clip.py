@@ -19,7 +19,6 @@ Clipping: ``n_i = s * sqrt(sum over parameters ||G_i||^2)`` (s: the loss scale),
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx

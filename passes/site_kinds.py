@@ -266,10 +266,14 @@ def _as_2d(conv: torch.fx.Node, emit: Emitter, value: torch.fx.Node) -> torch.fx
 def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
     """Per group: grad_out rows (B*g, Cout/g, L) and the unfolded input (B*g, Cin/g*k, L), L output positions."""
     grad_out, x, weight, _, stride, padding, dilation, _, _, groups = conv.args[:10]
-    pad2 = lambda v, fill: [fill, *v] if conv.args[0].meta["val"].dim() == 3 else list(v)  # noqa: E731
+    one_d = conv.args[0].meta["val"].dim() == 3
+
+    def as_2d(values, fill: int) -> list[int]:  # a 1-d conv is a 2-d conv of height one
+        return [fill, *values] if one_d else list(values)
+
     kernel = static_shape(weight)[2:]
-    unfolded = emit(aten.im2col.default, _as_2d(conv, emit, emit.to_dtype(x, dtype)), pad2(kernel, 1),
-                    pad2(dilation, 1), pad2(padding, 0), pad2(stride, 1))  # (B, Cin*k, L)
+    unfolded = emit(aten.im2col.default, _as_2d(conv, emit, emit.to_dtype(x, dtype)), as_2d(kernel, 1),
+                    as_2d(dilation, 1), as_2d(padding, 0), as_2d(stride, 1))  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
     rows = emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions])
     columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * _numel(kernel), positions])
