@@ -27,7 +27,6 @@ class ClipState:
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     recorded: set[int] = dataclasses.field(default_factory=set)  # groups the current backward has recorded
-    samples: int = 0
 
     def __post_init__(self) -> None:
         self.thresholds = torch.tensor(self.initial, dtype=torch.float64)
@@ -40,7 +39,6 @@ class ClipState:
 
     def reset_counts(self) -> None:
         self.below.zero_()
-        self.samples = 0
 
 
 _STATES: list[ClipState] = []
@@ -82,11 +80,10 @@ def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
         _ACTIVE.add(key)
         _LAST["key"] = key
         state.latest = torch.zeros(len(values), len(state.groups), dtype=values.dtype)
-        state.samples += len(values)
     state.recorded.add(group)
     state.latest[:, group] = values
     state.below[group] += (values <= state.thresholds[group]).sum()
-    return state.thresholds[group].to(dtype=norms.dtype, device=norms.device)
+    return state.thresholds[group].to(dtype=norms.dtype, device=norms.device, copy=True)  # not a view of the state
 
 
 @record_norms.register_fake
