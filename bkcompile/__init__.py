@@ -32,6 +32,8 @@ from bkcompile.passes.rules import register_batch_rule
 # Dynamo skips a frame that calls nn.RNN/GRU/LSTM unless allow_rnn is set, running it eagerly: bk_dp would
 # never see it and its gradients would not be clipped. Trace them (their ops are then privatized or refused).
 torch._dynamo.config.allow_rnn = True
+# Past its recompile limit dynamo would also run a frame eagerly (unclipped): make it an error instead.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
 # here only when that has not happened (a plain ``import bkcompile`` before any lookup).

@@ -196,3 +196,14 @@ def test_loss_reduction_option_that_contradicts_the_loss() -> None:
 def test_bad_options_are_named(options: dict, fragment: str) -> None:
     with raises_bk(bkcompile.OptionError, fragment):
         _train_step(nn.Linear(4, 2), torch.randn(3, 4), options)
+
+
+def test_recompile_limit_is_an_error_not_an_eager_run() -> None:
+    # past the limit dynamo would run the model eagerly (unclipped); importing bkcompile makes that an error
+    model = nn.Linear(3, 2)
+    compiled = torch.compile(model, backend="bk_dp", options=OPTIONS, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled(torch.randn(4, 3)).sum(1).mean().backward()
+        model.double()
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            compiled(torch.randn(4, 3, dtype=torch.float64))
