@@ -13,12 +13,12 @@ one of two strategies:
   parameter used at several places, with the views between them replayed per sample); the norm is
   taken from them and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
 
-Clipping: ``n_i = s * sqrt(sum over parameters ||G_i||^2)`` (s: the loss scale), ``C_i = min(1, R / (n_i +
-1e-6))``, ``w_i = s * C_i``. Norms are accumulated in float32 (float64 when the model is float64).
+Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2)`` (s: the loss
+scale), ``C_ig = min(1, R_g / (n_ig + 1e-6))`` (or automatic clipping), ``w_i = s * C_ig`` for the group's
+parameters. Norms are accumulated in float32 (float64 when the model is float64).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.fx
