@@ -129,7 +129,7 @@ class DPOptimizer:
 
     def _take_clip_state(self) -> None:
         states = take_active()
-        if len({id(s) for s in states}) > 1:
+        if len(states) > 1:
             raise PrivacyError("gradients from models with different clipping groups reached one DP optimizer "
                                "step; use one optimizer per bk_dp model")
         if states:

@@ -114,7 +114,7 @@ def _si(value: float, unit: str) -> str:
 
 def build_report(state: PassState) -> CostReport:
     """The report of one privatized graph (``state``: what the passes found)."""
-    itemsize = 8 if any(p.param.grad.meta["val"].dtype == torch.float64 for p in state.plans) else 4
+    itemsize = torch.empty((), dtype=state.norm_dtype).element_size()
     rows, total_flops, total_bytes = [], 0.0, 0.0
     for plan in state.plans:
         flops, values = plan_cost(plan, plan.strategy, state.hints)
@@ -141,7 +141,7 @@ def build_report(state: PassState) -> CostReport:
     groups = [{"name": name, "params": list(members), "threshold": threshold}
               for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)]
     return CostReport(rows=rows, batch=str(batch), batch_dynamic=not isinstance(batch, sympy.Integer),
-                      norm_dtype="float64" if itemsize == 8 else "float32", options=options,
+                      norm_dtype=str(state.norm_dtype).removeprefix("torch."), options=options,
                       backward_flops=state.backward_flops, total_flops=total_flops, total_bytes=total_bytes,
                       groups=groups)
 

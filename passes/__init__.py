@@ -44,6 +44,7 @@ class PassState:
     plans: list[ParamPlan] = dataclasses.field(default_factory=list)
     backward_flops: float = 0.0  # of the ordinary backward's matrix products and convolutions
     hints: dict = dataclasses.field(default_factory=dict)  # shape symbols -> their compiled values
+    norm_dtype: torch.dtype = torch.float32  # what the per-sample norms accumulate in
     grouping: Grouping | None = None  # the clipping groups and their initial thresholds
     clip_key: int = -1  # the groups' clip state in bkcompile.norms
 
@@ -63,7 +64,8 @@ def _loss_scale(state: PassState) -> None:
 def _cost(state: PassState) -> None:
     state.hints = hints(state.fake_mode)
     state.backward_flops = backward_flops(state.joint, backward_nodes(state.joint), state.hints)
-    itemsize = torch.empty((), dtype=acc_dtype(state.params)).element_size()
+    state.norm_dtype = acc_dtype(state.params)
+    itemsize = torch.empty((), dtype=state.norm_dtype).element_size()
     state.plans = choose(state.joint, state.params, state.options, state.fake_mode, itemsize)
 
 

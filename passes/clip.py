@@ -29,7 +29,7 @@ from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.groups import Grouping
 from bkcompile.passes.loss import LossScale
-from bkcompile.passes.site_kinds import SITE_KINDS, Size, static_shape
+from bkcompile.passes.site_kinds import SITE_KINDS, Size, mask_padding, per_sample_tables, static_shape
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 aten = torch.ops.aten
@@ -86,16 +86,9 @@ def _lift_linear(emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value:
         return emit(aten.sum.dim_IntList, value, dims, *node.args[2:])
     if node.target == aten.embedding_dense_backward.default:
         _, indices, vocab, padding_idx = node.args[:4]
-        width = value.meta["val"].shape[-1]
-        rows = emit(aten.reshape.default, value, [batch, -1, width])  # (B, n, d): n rows share the indices
-        index = emit(aten.reshape.default, indices, [-1])
-        if padding_idx is not None and padding_idx >= 0:
-            keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), value.meta["val"].dtype)
-            rows = emit(aten.mul.Tensor, rows, emit(aten.view.default, keep, [1, -1, 1]))
-        where = emit(aten.expand.default, emit(aten.view.default, index, [1, -1, 1]), [batch, -1, width])
-        table = emit(aten.zeros.default, [batch, vocab, width], dtype=value.meta["val"].dtype,
-                     device=value.meta["val"].device)
-        return emit(aten.scatter_add.default, table, 1, where, rows)
+        rows = emit(aten.reshape.default, value, [batch, -1, value.meta["val"].shape[-1]])  # (B, n, d)
+        index = emit(aten.reshape.default, indices, [1, -1])  # the n indices every sample shares
+        return per_sample_tables(emit, mask_padding(emit, rows, index, padding_idx), index, vocab, batch)
     return emit(node.target, *[value if a is term else a for a in node.args])  # a scaling
 
 

@@ -174,9 +174,7 @@ def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, fake_
 
 def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int) -> None:
     """Switch parameters to their other strategy, least time lost per byte saved first, until it fits."""
-    def used() -> float:
-        return sum(plan_cost(plan, plan.strategy, known)[1] for plan in plans) * itemsize
-
+    used = sum(plan_cost(plan, plan.strategy, known)[1] for plan in plans) * itemsize
     options = []
     for plan in plans:
         if plan.reason != "faster":
@@ -185,13 +183,15 @@ def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int)
         time_now, mem_now = plan_cost(plan, plan.strategy, known)
         time_other, mem_other = plan_cost(plan, other, known)
         if mem_other < mem_now:
-            options.append(((time_other - time_now) / ((mem_now - mem_other) * itemsize), plan, other))
-    for _, plan, other in sorted(options, key=operator.itemgetter(0)):
-        if used() <= budget:
+            saved = (mem_now - mem_other) * itemsize
+            options.append(((time_other - time_now) / saved, saved, plan, other))
+    for _, saved, plan, other in sorted(options, key=operator.itemgetter(0)):
+        if used <= budget:
             return
         plan.strategy, plan.reason = other, "memory_budget"
-    if used() > budget:
-        warnings.warn(f"bk_dp: the per-sample norm work needs {used():.3g} bytes, over memory_budget={budget} "
+        used -= saved
+    if used > budget:
+        warnings.warn(f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={budget} "
                       "even with the leanest strategy for every parameter", stacklevel=2)
 
 
@@ -211,7 +211,4 @@ def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], known: dict)
             total += evaluate(per_output * sum(node.args[10][:2]), {}, known)
     return total
 
-
-def batch_value(joint: JointGraph, known: dict) -> int:
-    return int(evaluate(joint.batch, {}, known))
 

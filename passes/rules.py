@@ -735,15 +735,14 @@ def spatial(k: int) -> Rule:
     are on a leading dim."""
 
     def rule(r: RuleInput) -> FactOut:
+        outputs = r.node.meta["val"]
+        single = isinstance(outputs, torch.Tensor)
         batched = [r.fact(a) for a in r.tensor_args() if isinstance(r.fact(a), Batched)]
-        if not batched:
-            return REPLICATED if isinstance(r.node.meta["val"], torch.Tensor) else (REPLICATED,) * len(r.node.meta["val"])
-        fact = _agree(r, batched)
-        if fact.dim >= len(r.out_shape() if isinstance(r.node.meta["val"], torch.Tensor) else
-                           r.node.meta["val"][0].shape) - k:
+        fact = _agree(r, batched) if batched else REPLICATED
+        if batched and fact.dim >= (outputs if single else outputs[0]).dim() - k:
             raise r.mixing(f"it pools or resamples over the sample axis (one of its last {k} dims)",
                            "keep the batch on dim 0 (N) of (N, C, *spatial) inputs")
-        return fact if isinstance(r.node.meta["val"], torch.Tensor) else (fact,) * len(r.node.meta["val"])
+        return fact if single else (fact,) * len(outputs)
 
     return rule
 

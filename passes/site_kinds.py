@@ -15,6 +15,7 @@ ghost norm by index equality) and ``conv`` (``convolution_backward`` weight and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable
 
@@ -184,10 +185,24 @@ def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     # a dense copy: the gradient of a pooled embedding is often an expand (stride 0), slow for the Gram bmm
     rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
     index = emit(aten.reshape.default, indices, [batch, -1])
-    if padding_idx is not None and padding_idx >= 0:
-        keep = emit(aten.ne.Scalar, index, padding_idx)
-        rows = emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, emit.to_dtype(keep, dtype), 2))
-    return rows, index
+    return mask_padding(emit, rows, index, padding_idx), index
+
+
+def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, padding_idx: int | None) -> torch.fx.Node:
+    """``rows`` (B, n, d) with the rows whose ``index`` (B or 1, n) is ``padding_idx`` zeroed."""
+    if padding_idx is None or padding_idx < 0:
+        return rows
+    keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), rows.meta["val"].dtype)
+    return emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, keep, 2))
+
+
+def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, vocab: int, batch: Size):
+    """(B, V, d): rows (B, n, d) added at ``index`` (B or 1, n) into a zero table of each sample."""
+    width = rows.meta["val"].shape[-1]
+    table = emit(aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype,
+                 device=rows.meta["val"].device)
+    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [batch, -1, width])
+    return emit(aten.scatter_add.default, table, 1, where, rows)
 
 
 def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
@@ -201,10 +216,7 @@ def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, bat
 def embedding_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
     """(B, V, d): each sample's rows scattered (added) into its own copy of the table."""
     rows, index = _embedding_rows(emit, node, batch, dtype)
-    vocab, width = static_shape(node)
-    table = emit(aten.zeros.default, [batch, vocab, width], dtype=dtype, device=rows.meta["val"].device)
-    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [-1, -1, width])
-    return emit(aten.scatter_add.default, table, 1, where, rows)
+    return per_sample_tables(emit, rows, index, static_shape(node)[0], batch)
 
 
 def _on_dim0(joint: JointGraph, value: torch.fx.Node) -> bool:
@@ -259,10 +271,6 @@ def _conv_has_ghost(node: torch.fx.Node) -> bool:
     return node.args[1] == 2 or (not conv.args[7] and conv.args[0].meta["val"].dim() in (3, 4))
 
 
-def _as_2d(conv: torch.fx.Node, emit: Emitter, value: torch.fx.Node) -> torch.fx.Node:
-    return emit(aten.unsqueeze.default, value, 2) if conv.args[0].meta["val"].dim() == 3 else value
-
-
 def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
     """Per group: grad_out rows (B*g, Cout/g, L) and the unfolded input (B*g, Cin/g*k, L), L output positions."""
     grad_out, x, weight, _, stride, padding, dilation, _, _, groups = conv.args[:10]
@@ -272,19 +280,13 @@ def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
         return [fill, *values] if one_d else list(values)
 
     kernel = static_shape(weight)[2:]
-    unfolded = emit(aten.im2col.default, _as_2d(conv, emit, emit.to_dtype(x, dtype)), as_2d(kernel, 1),
+    x = emit.to_dtype(x, dtype)
+    unfolded = emit(aten.im2col.default, emit(aten.unsqueeze.default, x, 2) if one_d else x, as_2d(kernel, 1),
                     as_2d(dilation, 1), as_2d(padding, 0), as_2d(stride, 1))  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
     rows = emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions])
-    columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * _numel(kernel), positions])
+    columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * math.prod(kernel), positions])
     return rows, columns, groups
-
-
-def _numel(sizes: list[int]) -> int:
-    out = 1
-    for size in sizes:
-        out *= size
-    return out
 
 
 def conv_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
