@@ -1,5 +1,5 @@
 """Calibrate the cost model: time ghost against explicit norms for each site kind over a grid of sizes, and
-count how often the model's choice ("auto") was the faster one.
+count how often the FLOP model's choice (strategy "fastest") was the faster one.
 
 Run: python benchmarks/calibrate_cost.py [--repeats 7] [--quick]
 Writes benchmarks/results/calibration.md and .json. Timings are medians of interleaved repeats of one
@@ -73,13 +73,13 @@ def _step(compiled: nn.Module, example: torch.Tensor) -> float:
 
 
 def measure(model: nn.Module, example: torch.Tensor, repeats: int) -> dict:
-    """Median step time of each strategy (interleaved), and the strategy "auto" picks."""
+    """Median step time of each strategy (interleaved), and the strategy "fastest" picks."""
     compiled = {}
-    for strategy in ("ghost", "explicit", "auto"):
+    for strategy in ("ghost", "explicit", "fastest"):
         compiled[strategy] = torch.compile(model, backend="bk_dp", options={
             "max_grad_norm": 1.0, "compiler": "aot_eager", "strategy": strategy})
         _step(compiled[strategy], example)  # compile
-        if strategy == "auto":
+        if strategy == "fastest":
             choice = next(r.strategy for r in bkcompile.last_report().rows if r.strategy != "direct")
     times = {"ghost": [], "explicit": []}
     for _ in range(repeats):

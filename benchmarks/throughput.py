@@ -20,11 +20,11 @@ and, with --methods only (the default run stays within 15 minutes on a 2-core CP
 Throughput: in this process, the methods of a model take turns over rounds (the order rotated each round), each
 turn about half a second of steps (at least one); samples/s is the median over the rounds. Compile seconds: the
 first step in this process (Inductor's on-disk cache starts empty for each run; a tiny compile first takes
-Inductor's one-time start). Peak memory: each method in a subprocess of its own; on CUDA
-torch.cuda.max_memory_allocated, on CPU the maximum resident set size (VmHWM) over steady-state steps above the
-RSS after building the model and its batch (Linux: the high-water mark is reset through /proc/self/clear_refs
-after the warm-up steps, so the transient memory of compiling is left out; what compiling keeps, such as the
-compiled code, counts). A method that fails on a model is a row "failed: <ExceptionType>: <first line>".
+Inductor's one-time start). Peak memory: each method in a subprocess of its own, over steady-state steps, above
+the model and its batch: on CUDA torch.cuda.max_memory_allocated; on CPU the peak of live tensors from the profiler's
+allocation events (the same measure for the CPU allocator), and apart, in the JSON, the peak resident set size
+(Linux VmHWM, reset after the warm-up steps through /proc/self/clear_refs), which also counts what compiling keeps.
+A method that fails on a model is a row "failed: <ExceptionType>: <first line>".
 
 Run: pip install -e ".[bench]" && OMP_NUM_THREADS=1 python benchmarks/throughput.py [--quick] [--models ...]
 [--methods ...] (one thread per process is steadier on a shared CPU). Prints a markdown table and writes
@@ -73,8 +73,10 @@ PROBE_TIMEOUT_S, PROBE_WORKERS = 900, 2  # memory probes run two at a time: each
 MB = 2**20
 PRELOADED = ("opacus", "torch._inductor.compile_fx")  # imported before memory is measured
 MEMORY_NOTE = {"cuda": "torch.cuda.max_memory_allocated over steady-state steps, above the model and its batch",
-               "cpu": "the subprocess's maximum RSS over steady-state steps, above its RSS after building the model "
-                      "and its batch (kept compiled code included)"}
+               "cpu": "the peak of live CPU tensors over a steady-state step, above the model and its batch, from the "
+                      "profiler's allocation events (the CPU counterpart of torch.cuda.max_memory_allocated); the "
+                      "JSON also has each subprocess's peak RSS above its RSS after building the model and its batch "
+                      "(`rss_peak_mb`, which counts what compiling keeps, such as compiled code)"}
 
 GPT2, GPT2_QUICK = dict(layers=4, width=256, heads=4, vocab=1024), dict(layers=1, width=32, heads=2, vocab=64)
 WORKLOADS: dict[str, tuple[Callable[[], Workload], Callable[[], Workload]]] = {  # name: (full size, --quick size)
@@ -316,35 +318,39 @@ def status_bytes(key: str) -> int:
     return int(Path("/proc/self/status").read_text().split(f"{key}:")[1].split()[0]) * 1024
 
 
-def memory_in_use() -> int:
-    """Bytes: CUDA tensors on a GPU, else this process's resident set size."""
-    if DEVICE.type == "cuda":
-        return torch.cuda.memory_allocated()
-    return status_bytes("VmRSS")
-
-
-def peak_memory() -> int:
-    """Bytes: the CUDA allocator's peak, else this process's maximum resident set size."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return status_bytes("VmHWM")
-
-
-def reset_peak_memory() -> None:
-    """Restart the peak at the memory in use now (on CPU after returning freed heap to the OS)."""
+def reset_rss_peak() -> None:
+    """Restart the RSS high-water mark at the RSS now, after returning freed heap to the OS (Linux)."""
     gc.collect()
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def cpu_tensor_peak(step: Step) -> int:
+    """Peak bytes of CPU tensors alive during one steady-state ``step``, above those alive before the step before it.
+
+    The profiler reports each tensor allocation and the free of each allocation it saw; two steps are recorded and
+    the peak is read in the second, by when every tensor a step keeps (such as the gradients) was allocated in the
+    first. This is what torch.cuda.max_memory_allocated measures on a GPU, for the CPU allocator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        with torch.profiler.record_function("measured step"):
+            step()
+    events = prof.profiler.kineto_results.events()
+    window = next(event for event in events if event.name() == "measured step")
+    live, peak = 0, 0
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        if window.start_ns() <= event.start_ns() <= window.end_ns():
+            peak = max(peak, live)
+    return peak
 
 
 def probe_memory(name: str, method: str, quick: bool) -> dict:
-    """Peak memory of ``method`` on model ``name`` above the memory after building the model and its batch, over
-    steady-state steps, and (``peak_with_compile_mb``) over the warm-up steps that compile. Run in a process of its
-    own (``--probe``). The libraries that methods import on first use are imported before, for every method."""
+    """Peak memory of ``method`` on model ``name`` over steady-state steps, above the model and its batch: on CUDA
+    the allocator's peak, on CPU the tensors' peak (``cpu_tensor_peak``) and, apart, the resident set size's
+    (``rss_peak_mb``, which also counts what compiling keeps, such as the compiled code and graphs). Run in a process
+    of its own (``--probe``); the libraries that methods import on first use are imported before, for every
+    method."""
     spec = workload(name, quick)
     for module in PRELOADED:
         importlib.import_module(module)
@@ -352,16 +358,22 @@ def probe_memory(name: str, method: str, quick: bool) -> dict:
     model = spec.build().to(DEVICE).train()
     batch = spec.batch(DEVICE)
     gc.collect()
-    start = memory_in_use()
     try:
         step = METHODS[method](model, batch)
+        if DEVICE.type == "cuda":
+            start = torch.cuda.memory_allocated()
+            timed(step, WARMUP_STEPS)
+            torch.cuda.reset_peak_memory_stats()
+            timed(step, MEMORY_STEPS)
+            return {"peak_mb": (torch.cuda.max_memory_allocated() - start) / MB}
+        start = status_bytes("VmRSS")
         timed(step, WARMUP_STEPS)
-        with_compile = peak_memory() - start
-        reset_peak_memory()
+        reset_rss_peak()
         timed(step, MEMORY_STEPS)
+        rss_peak = status_bytes("VmHWM") - start
+        return {"peak_mb": cpu_tensor_peak(step) / MB, "rss_peak_mb": rss_peak / MB}
     except Exception as error:
         return {"memory_error": describe_failure(error)}
-    return {"peak_mb": (peak_memory() - start) / MB, "peak_with_compile_mb": with_compile / MB}
 
 
 def measure_memory(name: str, method: str, quick: bool) -> dict:

@@ -10,7 +10,7 @@ from bkcompile.errors import OptionError
 
 LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
-Strategy = Literal["auto", "ghost", "explicit"]
+Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
 
@@ -27,10 +27,11 @@ class BKOptions:
     compiler: the inner compiler of the forward and backward graphs ("inductor" or "aot_eager").
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
     strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the
-        site has a ghost norm), "explicit" (per-sample gradients, reused for the clipped sum), or "auto"
-        (per parameter, the cheaper by the cost model).
-    memory_budget: bytes the per-sample norm work may use at the compiled batch size ("auto" picks the
-        fastest choice that fits); None: no limit.
+        site has a ghost norm), "explicit" (per-sample gradients, reused for the clipped sum), "auto"
+        (per parameter, the one that holds less memory by the cost model, the faster on a tie), or
+        "fastest" (per parameter, the fewer FLOPs by the cost model, within memory_budget).
+    memory_budget: bytes the per-sample norm work may use at the compiled batch size ("fastest" then trades
+        time for memory until it fits); None: no limit. Only with strategy "fastest".
     report: print the cost-model report when the backend compiles.
     clipping: how parameters are grouped for clipping, each group with its own per-sample norm and
         threshold: "all-layer" (one group), "layer-wise" (one per module owning parameters),
@@ -56,7 +57,7 @@ class BKOptions:
 
 
 _CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager"),
-            "strategy": ("auto", "ghost", "explicit"), "report": (True, False), "clip_fn": ("abadi", "automatic")}
+            "strategy": ("auto", "fastest", "ghost", "explicit"), "report": (True, False), "clip_fn": ("abadi", "automatic")}
 
 
 def _positive(value: Any, key: str) -> float:
@@ -110,6 +111,9 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     budget = raw.get("memory_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
+    if budget is not None and raw.get("strategy", "auto") != "fastest":
+        raise OptionError("option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
+                          f"time for memory); got strategy={raw.get('strategy', 'auto')!r}")
     return BKOptions(
         max_grad_norm=float(norm),
         clipping=_clipping(raw.get("clipping", "all-layer")),

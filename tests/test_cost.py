@@ -31,12 +31,12 @@ def _check_strategy(name: str, strategy: str, dtype: torch.dtype, compiler: str)
     assert_matches(got, want, dtype)
 
 
-@pytest.mark.parametrize("strategy", ["ghost", "explicit", "auto"])
+@pytest.mark.parametrize("strategy", ["ghost", "explicit", "auto", "fastest"])
 @pytest.mark.parametrize("name", KIND_CASES)
 def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
     _check_strategy(name, strategy, torch.float64, "aot_eager")
     chosen = {row.strategy for row in bkcompile.last_report().rows}
-    if strategy != "auto":
+    if strategy in ("ghost", "explicit"):
         assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
 
 
@@ -63,19 +63,27 @@ def _row(report: bkcompile.CostReport, param: str) -> bkcompile.report.SiteRow:
     return next(row for row in report.rows if row.param == param)
 
 
-# ghost 2T^2(p + d) + T^2 against explicit 3pd at p = d = 64: ghost is cheaper up to T = 6
+# "auto": ghost holds 2T^2 values per sample, explicit pd = 4096 at p = d = 64: ghost up to T = 45
+@pytest.mark.parametrize(("tokens", "strategy"), [(1, "ghost"), (16, "ghost"), (45, "ghost"), (46, "explicit"),
+                                                   (64, "explicit")])
+def test_auto_choice_flips_where_ghost_holds_more(tokens: int, strategy: str) -> None:
+    row = _row(bkcompile.explain(Tokens(), torch.randn(8, tokens, 64)), "fc.weight")
+    assert (row.strategy, row.reason) == (strategy, "less memory")
+
+
+# "fastest": ghost 2T^2(p + d) + T^2 FLOPs against explicit 3pd at p = d = 64: ghost is cheaper up to T = 6
 @pytest.mark.parametrize(("tokens", "strategy"), [(1, "ghost"), (4, "ghost"), (6, "ghost"), (7, "explicit"),
                                                    (16, "explicit"), (64, "explicit")])
-def test_choice_flips_with_sequence_length(tokens: int, strategy: str) -> None:
-    report = bkcompile.explain(Tokens(), torch.randn(8, tokens, 64))
+def test_fastest_choice_flips_with_sequence_length(tokens: int, strategy: str) -> None:
+    report = bkcompile.explain(Tokens(), torch.randn(8, tokens, 64), strategy="fastest")
     assert _row(report, "fc.weight").strategy == strategy
 
 
-def test_memory_budget_flips_the_choice_back() -> None:
+def test_memory_budget_flips_the_fastest_choice_back() -> None:
     x = torch.randn(8, 16, 64)
-    assert _row(bkcompile.explain(Tokens(), x), "fc.weight").strategy == "explicit"  # faster at T = 16
+    assert _row(bkcompile.explain(Tokens(), x, strategy="fastest"), "fc.weight").strategy == "explicit"
     # explicit holds 8 * 64 * 64 float32 per-sample gradients (131 kB); the ghost Grams 2 * 8 * 16^2 (16 kB)
-    report = bkcompile.explain(Tokens(), x, memory_budget=40_000)
+    report = bkcompile.explain(Tokens(), x, strategy="fastest", memory_budget=40_000)
     row = _row(report, "fc.weight")
     assert (row.strategy, row.reason) == ("ghost", "memory_budget")
     assert report.total_bytes <= 40_000
@@ -83,7 +91,7 @@ def test_memory_budget_flips_the_choice_back() -> None:
 
 def test_memory_budget_that_nothing_meets_warns() -> None:
     with pytest.warns(UserWarning, match="over memory_budget=10"):
-        bkcompile.explain(Tokens(), torch.randn(8, 16, 64), memory_budget=10)
+        bkcompile.explain(Tokens(), torch.randn(8, 16, 64), strategy="fastest", memory_budget=10)
 
 
 def _same(text: str, expected: sympy.Expr) -> bool:
@@ -128,6 +136,7 @@ def test_dynamic_batch_report_keeps_b_symbolic() -> None:
 
 @pytest.mark.parametrize(("options", "fragment"), [({"strategy": "fast"}, "strategy"),
                                                    ({"memory_budget": -1}, "memory_budget"),
+                                                   ({"memory_budget": 10**6}, "strategy='fastest'"),
                                                    ({"report": "yes"}, "report")])
 def test_bad_cost_options_are_refused(options: dict, fragment: str) -> None:
     with raises_bk(bkcompile.OptionError, fragment):
