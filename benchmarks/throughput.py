@@ -3,7 +3,8 @@ torch.compile, on a GPT-2-style language model (T=128 and T=512), a ViT, a ResNe
 
 Every method trains its own copy of the same model on the same fixed batch; a step is zero_grad, forward, the
 loss on the logits outside the model (per-sample cross entropy, token-summed for the LM, mean over the batch),
-backward and the optimizer step, with torch.optim.SGD. Clipping threshold R = 1, all-layer (flat) clipping.
+backward and the optimizer step, with torch.optim.SGD. Clipping threshold R = 1, all-layer (flat) clipping
+unless a method says otherwise.
 
   compile                     non-private torch.compile (Inductor): the baseline of every ratio
   bk_dp-inductor              torch.compile(backend="bk_dp", options={"max_grad_norm": 1.0}), plain SGD
@@ -16,6 +17,8 @@ and, with --methods only (the default run stays within 15 minutes on a 2-core CP
   bk_dp-inductor+DPOptimizer  bk_dp-inductor stepping through bkcompile.DPOptimizer (Gaussian noise, sigma = 1);
                               dynamo reuses bk_dp-inductor's compiled graphs, so its first step compiles nothing
   compile-aot_eager           non-private torch.compile(backend="aot_eager")
+  bk_dp-inductor-layer-wise   bk_dp-inductor with options={..., "clipping": "layer-wise"} (a group per module)
+  bk_dp-inductor-param-wise   bk_dp-inductor with options={..., "clipping": "param-wise"}
 
 Throughput: in this process, the methods of a model take turns over rounds (the order rotated each round), each
 turn about half a second of steps (at least one); samples/s is the median over the rounds. Compile seconds: the

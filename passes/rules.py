@@ -785,3 +785,53 @@ def sdpa_cpu(r: RuleInput) -> tuple:
 def sdpa_cpu_backward(r: RuleInput) -> tuple:
     fact = _attention_fact(r, [a for a in r.node.args[:6]] + [r.node.kwargs.get("attn_mask")])
     return (fact, fact, fact)
+
+
+# The CUDA kernels of F.scaled_dot_product_attention (flash, memory-efficient, cuDNN): the same per-sample rule.
+# Their other outputs are sample-independent: cumulative sequence lengths and maxima (unused for dense inputs),
+# the dropout RNG's seed and offset (one for the whole batch; each sample's mask still depends on no other sample).
+
+
+@register_batch_rule(aten._scaled_dot_product_flash_attention.default)
+def sdpa_flash(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value")])
+    debug_mask = fact if r.arg(5, "return_debug_mask", False) else REPLICATED
+    return (fact, fact) + (REPLICATED,) * 6 + (debug_mask,)
+
+
+@register_batch_rule(aten._scaled_dot_product_flash_attention_backward.default)
+def sdpa_flash_backward(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, list(r.node.args[:6]))
+    return (fact, fact, fact)
+
+
+@register_batch_rule(aten._scaled_dot_product_efficient_attention.default)
+def sdpa_efficient(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.arg(3, "attn_bias")])
+    return (fact, fact, REPLICATED, REPLICATED)
+
+
+@register_batch_rule(aten._scaled_dot_product_efficient_attention_backward.default)
+def sdpa_efficient_backward(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, list(r.node.args[:7]))
+    if not r.node.args[10][3]:  # grad_input_mask: no bias gradient
+        return (fact, fact, fact, REPLICATED)
+    if not isinstance(r.fact(r.node.args[4]), Batched):
+        raise node_error(NotSupportedYetError, r.node,
+                         "the attention bias is shared by the samples and needs a gradient: the fused kernel sums it "
+                         "over the samples, with no per-sample norm",
+                         "add the bias to the scores outside scaled_dot_product_attention, or freeze it")
+    return (fact, fact, fact, fact)
+
+
+@register_batch_rule(aten._scaled_dot_product_cudnn_attention.default)
+def sdpa_cudnn(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.arg(3, "attn_bias")])
+    debug_mask = fact if r.arg(7, "return_debug_mask", False) else REPLICATED
+    return (fact, fact) + (REPLICATED,) * 6 + (debug_mask,)
+
+
+@register_batch_rule(aten._scaled_dot_product_cudnn_attention_backward.default)
+def sdpa_cudnn_backward(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, list(r.node.args[:9]))
+    return (fact, fact, fact)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import throughput as bench  # noqa: E402
@@ -36,3 +37,16 @@ def test_a_failing_method_is_a_row_of_the_report(mlp_results, tmp_path):
     assert "| mlp | opacus-ghost | failed: NotImplementedError: not here |" in text
     assert json.loads((tmp_path / "smoke.json").read_text())["rows"][-1] == failed
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_cpu_tensor_peak_is_the_peak_of_live_tensors_in_a_steady_step():
+    kept = {}
+
+    def step() -> None:
+        kept.pop("grad", None)  # as zero_grad(set_to_none=True): frees what the step before kept
+        a = torch.ones(250_000)  # 1 MB
+        b = torch.ones(500_000)  # 2 MB, while a is alive
+        kept["grad"] = torch.ones(125_000)  # 0.5 MB, kept until the next step
+        del a, b
+
+    assert bench.cpu_tensor_peak(step) == 3_500_000
