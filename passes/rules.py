@@ -792,11 +792,15 @@ def sdpa_cpu_backward(r: RuleInput) -> tuple:
 # the dropout RNG's seed and offset (one for the whole batch; each sample's mask still depends on no other sample).
 
 
-@register_batch_rule(aten._scaled_dot_product_flash_attention.default)
-def sdpa_flash(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value")])
-    debug_mask = fact if r.arg(5, "return_debug_mask", False) else REPLICATED
-    return (fact, fact) + (REPLICATED,) * 6 + (debug_mask,)
+@register_batch_rule([aten._scaled_dot_product_flash_attention.default,
+                      aten._scaled_dot_product_cudnn_attention.default])
+def sdpa_flash_or_cudnn(r: RuleInput) -> tuple:
+    """Outputs: attention, log-sum-exp, sequence bookkeeping (4), RNG seed and offset, the debug mask (B, H, T, T)
+    when asked for (else empty). The 4th argument is cuDNN's attention bias (flash's dropout_p)."""
+    fact = _attention_fact(r, list(r.node.args[:4]))
+    debug_mask = r.node.meta["val"][8]
+    asked = isinstance(debug_mask, torch.Tensor) and debug_mask.dim() == 4
+    return (fact, fact) + (REPLICATED,) * 6 + (fact if asked else REPLICATED,)
 
 
 @register_batch_rule(aten._scaled_dot_product_flash_attention_backward.default)
@@ -822,13 +826,6 @@ def sdpa_efficient_backward(r: RuleInput) -> tuple:
                          "over the samples, with no per-sample norm",
                          "add the bias to the scores outside scaled_dot_product_attention, or freeze it")
     return (fact, fact, fact, fact)
-
-
-@register_batch_rule(aten._scaled_dot_product_cudnn_attention.default)
-def sdpa_cudnn(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.arg(3, "attn_bias")])
-    debug_mask = fact if r.arg(7, "return_debug_mask", False) else REPLICATED
-    return (fact, fact) + (REPLICATED,) * 6 + (debug_mask,)
 
 
 @register_batch_rule(aten._scaled_dot_product_cudnn_attention_backward.default)

@@ -64,6 +64,13 @@ def test_flash_attention_and_its_backward_are_per_sample() -> None:
     assert facts == (PER_SAMPLE,) * 3
 
 
+def test_flash_attention_debug_mask_is_per_sample_when_asked_for() -> None:
+    graph = Graph()
+    q, k, v = _qkv(graph)
+    facts, _ = graph.call(aten._scaled_dot_product_flash_attention.default, q, k, v, 0.0, False, True)
+    assert facts == (PER_SAMPLE, PER_SAMPLE) + (REPLICATED,) * 6 + (PER_SAMPLE,)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_efficient_attention_and_its_backward_are_per_sample(with_bias: bool) -> None:
     graph = Graph()
