@@ -361,20 +361,18 @@ def probe_memory(name: str, method: str, quick: bool) -> dict:
     model = spec.build().to(DEVICE).train()
     batch = spec.batch(DEVICE)
     gc.collect()
+    cuda = DEVICE.type == "cuda"
+    start = torch.cuda.memory_allocated() if cuda else status_bytes("VmRSS")
     try:
         step = METHODS[method](model, batch)
-        if DEVICE.type == "cuda":
-            start = torch.cuda.memory_allocated()
-            timed(step, WARMUP_STEPS)
+        timed(step, WARMUP_STEPS)
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
             timed(step, MEMORY_STEPS)
             return {"peak_mb": (torch.cuda.max_memory_allocated() - start) / MB}
-        start = status_bytes("VmRSS")
-        timed(step, WARMUP_STEPS)
         reset_rss_peak()
         timed(step, MEMORY_STEPS)
-        rss_peak = status_bytes("VmHWM") - start
-        return {"peak_mb": cpu_tensor_peak(step) / MB, "rss_peak_mb": rss_peak / MB}
+        return {"peak_mb": cpu_tensor_peak(step) / MB, "rss_peak_mb": (status_bytes("VmHWM") - start) / MB}
     except Exception as error:
         return {"memory_error": describe_failure(error)}
 

@@ -57,7 +57,8 @@ class BKOptions:
 
 
 _CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager"),
-            "strategy": ("auto", "fastest", "ghost", "explicit"), "report": (True, False), "clip_fn": ("abadi", "automatic")}
+            "strategy": ("auto", "fastest", "ghost", "explicit"), "report": (True, False),
+            "clip_fn": ("abadi", "automatic")}
 
 
 def _positive(value: Any, key: str) -> float:

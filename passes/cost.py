@@ -15,7 +15,7 @@ compiled sizes, the fewer FLOPs on a tie (for a matmul site Bu et al.'s mixed ru
 "fastest", the fewer FLOPs, then, under ``memory_budget``, it trades time for memory where the budget is exceeded.
 FLOPs leave out what a per-sample gradient costs beyond them: B small products run below one large product's
 rate, and the B x p x d values are written and read twice more. On the benchmark models (CPU), "auto" trains as
-fast as "fastest" with 1.2-1.9x less peak memory, so it is the default.
+fast as "fastest" with 1.3-1.9x less peak memory, so it is the default.
 """
 
 from __future__ import annotations

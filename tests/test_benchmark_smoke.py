@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/throughput.py: the tiny MLP, non-private aot_eager compile and bk_dp aot_eager."""
+"""Smoke test of benchmarks/throughput.py: the tiny MLP, non-private aot_eager compile and bk_dp aot_eager, and the
+CPU memory measures (the tensor peak against exact values, the probe against the gradients it must hold)."""
 
 import json
 import sys
@@ -50,3 +51,9 @@ def test_cpu_tensor_peak_is_the_peak_of_live_tensors_in_a_steady_step():
         del a, b
 
     assert bench.cpu_tensor_peak(step) == 3_500_000
+
+
+def test_memory_probe_counts_at_least_the_gradients():
+    result = bench.probe_memory("mlp", "bk_dp-aot_eager", quick=True)
+    gradient_bytes = 4 * sum(p.numel() for p in bench.workload("mlp", quick=True).build().parameters())
+    assert result["peak_mb"] * bench.MB >= gradient_bytes and "rss_peak_mb" in result, (result, gradient_bytes)
