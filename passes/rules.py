@@ -818,9 +818,9 @@ def sdpa_efficient(r: RuleInput) -> tuple:
 @register_batch_rule(aten._scaled_dot_product_efficient_attention_backward.default)
 def sdpa_efficient_backward(r: RuleInput) -> tuple:
     fact = _attention_fact(r, list(r.node.args[:7]))
-    if not r.node.args[10][3]:  # grad_input_mask: no bias gradient
+    if not r.arg(10, "grad_input_mask")[3]:  # no bias gradient
         return (fact, fact, fact, REPLICATED)
-    if not isinstance(r.fact(r.node.args[4]), Batched):
+    if not isinstance(r.fact(r.arg(4, "attn_bias")), Batched):
         raise node_error(NotSupportedYetError, r.node,
                          "the attention bias is shared by the samples and needs a gradient: the fused kernel sums it "
                          "over the samples, with no per-sample norm",
