@@ -774,50 +774,46 @@ def _attention_fact(r: RuleInput, values: list) -> Fact:
     return fact
 
 
-@register_batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
-def sdpa_cpu(r: RuleInput) -> tuple:
-    """Attention mixes positions within a sample only: output and log-sum-exp are per-sample."""
-    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.node.kwargs.get("attn_mask")])
-    return (fact, fact)
-
-
-@register_batch_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
-def sdpa_cpu_backward(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, [a for a in r.node.args[:6]] + [r.node.kwargs.get("attn_mask")])
-    return (fact, fact, fact)
-
-
-# The CUDA kernels of F.scaled_dot_product_attention (flash, memory-efficient, cuDNN): the same per-sample rule.
+# F.scaled_dot_product_attention's kernels: the CPU one, and on CUDA flash, memory-efficient and cuDNN. Attention
+# mixes positions within a sample only, so output, log-sum-exp and the gradients of q, k and v are per-sample.
 # Their other outputs are sample-independent: cumulative sequence lengths and maxima (unused for dense inputs),
 # the dropout RNG's seed and offset (one for the whole batch; each sample's mask still depends on no other sample).
+
+
+@register_batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def sdpa_cpu(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, r.tensor_args())
+    return (fact, fact)
 
 
 @register_batch_rule([aten._scaled_dot_product_flash_attention.default,
                       aten._scaled_dot_product_cudnn_attention.default])
 def sdpa_flash_or_cudnn(r: RuleInput) -> tuple:
     """Outputs: attention, log-sum-exp, sequence bookkeeping (4), RNG seed and offset, the debug mask (B, H, T, T)
-    when asked for (else empty). The 4th argument is cuDNN's attention bias (flash's dropout_p)."""
-    fact = _attention_fact(r, list(r.node.args[:4]))
+    when asked for (else empty)."""
+    fact = _attention_fact(r, r.tensor_args())
     debug_mask = r.node.meta["val"][8]
     asked = isinstance(debug_mask, torch.Tensor) and debug_mask.dim() == 4
     return (fact, fact) + (REPLICATED,) * 6 + (fact if asked else REPLICATED,)
 
 
-@register_batch_rule(aten._scaled_dot_product_flash_attention_backward.default)
-def sdpa_flash_backward(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, list(r.node.args[:6]))
-    return (fact, fact, fact)
-
-
 @register_batch_rule(aten._scaled_dot_product_efficient_attention.default)
 def sdpa_efficient(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, [r.arg(0, "query"), r.arg(1, "key"), r.arg(2, "value"), r.arg(3, "attn_bias")])
+    fact = _attention_fact(r, r.tensor_args())
     return (fact, fact, REPLICATED, REPLICATED)
+
+
+@register_batch_rule([aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                      aten._scaled_dot_product_flash_attention_backward.default,
+                      aten._scaled_dot_product_cudnn_attention_backward.default])
+def sdpa_backward(r: RuleInput) -> tuple:
+    fact = _attention_fact(r, r.tensor_args())
+    return (fact, fact, fact)
 
 
 @register_batch_rule(aten._scaled_dot_product_efficient_attention_backward.default)
 def sdpa_efficient_backward(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, list(r.node.args[:7]))
+    fact = _attention_fact(r, r.tensor_args())
     if not r.arg(10, "grad_input_mask")[3]:  # no bias gradient
         return (fact, fact, fact, REPLICATED)
     if not isinstance(r.fact(r.arg(4, "attn_bias")), Batched):
@@ -827,8 +823,3 @@ def sdpa_efficient_backward(r: RuleInput) -> tuple:
                          "add the bias to the scores outside scaled_dot_product_attention, or freeze it")
     return (fact, fact, fact, fact)
 
-
-@register_batch_rule(aten._scaled_dot_product_cudnn_attention_backward.default)
-def sdpa_cudnn_backward(r: RuleInput) -> tuple:
-    fact = _attention_fact(r, list(r.node.args[:9]))
-    return (fact, fact, fact)
