@@ -114,7 +114,7 @@ def _si(value: float, unit: str) -> str:
 
 def build_report(state: PassState) -> CostReport:
     """The report of one privatized graph (``state``: what the passes found)."""
-    itemsize = torch.empty((), dtype=state.norm_dtype).element_size()
+    itemsize = state.norm_dtype.itemsize
     rows, total_flops, total_bytes = [], 0.0, 0.0
     for plan in state.plans:
         flops, values = plan_cost(plan, plan.strategy, state.hints)

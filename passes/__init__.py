@@ -65,14 +65,13 @@ def _cost(state: PassState) -> None:
     state.hints = hints(state.fake_mode)
     state.backward_flops = backward_flops(state.joint, backward_nodes(state.joint), state.hints)
     state.norm_dtype = acc_dtype(state.params)
-    itemsize = torch.empty((), dtype=state.norm_dtype).element_size()
-    state.plans = choose(state.joint, state.params, state.options, state.fake_mode, itemsize)
+    state.plans = choose(state.joint, state.params, state.options, state.hints, state.norm_dtype.itemsize)
 
 
 def _clipping(state: PassState) -> None:
     strategies = {plan.param.param: plan.strategy for plan in state.plans}
-    insert_clipping(state.joint, state.params, strategies, state.scale, state.grouping, state.clip_key,
-                    state.options, state.fake_mode)
+    insert_clipping(state.joint, state.params, strategies, state.norm_dtype, state.scale, state.grouping,
+                    state.clip_key, state.options, state.fake_mode)
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)

@@ -164,14 +164,14 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
     return None
 
 
-def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict[str, str], scale: LossScale,
-                    grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
-    """Insert norms, clip factors and the weighted reductions, each parameter by its strategy."""
+def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict[str, str], dtype: torch.dtype,
+                    scale: LossScale, grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
+    """Insert norms, clip factors and the weighted reductions, each parameter by its strategy; norms in
+    ``dtype`` (``acc_dtype``)."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
     if not params:
         return
-    dtype = acc_dtype(params)
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)

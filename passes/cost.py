@@ -154,9 +154,9 @@ def plan_cost(plan: ParamPlan, strategy: str, sizes_known: dict) -> tuple[float,
             sum(evaluate(c.memory, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)))
 
 
-def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, fake_mode, itemsize: int):
-    """One plan per parameter: its site costs and the strategy the options and the cost model pick."""
-    known = hints(fake_mode)
+def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, known: dict, itemsize: int):
+    """One plan per parameter: its site costs and the strategy the options and the cost model pick (``known``:
+    the compiled sizes, from ``hints``)."""
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
