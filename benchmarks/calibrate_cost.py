@@ -58,11 +58,13 @@ def grid(quick: bool) -> list[tuple[str, str, nn.Module, torch.Tensor]]:
             points.append(("linear", f"T={tokens} p=d={width}", Linear(width), torch.randn(batch, tokens, width)))
     for tokens in (8, 64) if not quick else (8,):
         for vocab in (100, 5000):
-            points.append(("embedding", f"T={tokens} V={vocab} d=64", Embed(vocab, 64),
-                           torch.randint(0, vocab, (batch, tokens))))
+            points.append(
+                ("embedding", f"T={tokens} V={vocab} d=64", Embed(vocab, 64), torch.randint(0, vocab, (batch, tokens)))
+            )
     for channels, side in ((8, 8), (32, 16), (64, 32)) if not quick else ((8, 8),):
-        points.append(("conv", f"C={channels} HxW={side}x{side} k=3", Conv(channels),
-                       torch.randn(batch, channels, side, side)))
+        points.append(
+            ("conv", f"C={channels} HxW={side}x{side} k=3", Conv(channels), torch.randn(batch, channels, side, side))
+        )
     return points
 
 
@@ -76,8 +78,9 @@ def measure(model: nn.Module, example: torch.Tensor, repeats: int) -> dict:
     """Median step time of each strategy (interleaved), and the strategy "fastest" picks."""
     compiled = {}
     for strategy in ("ghost", "explicit", "fastest"):
-        compiled[strategy] = torch.compile(model, backend="bk_dp", options={
-            "max_grad_norm": 1.0, "compiler": "aot_eager", "strategy": strategy})
+        compiled[strategy] = torch.compile(
+            model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager", "strategy": strategy}
+        )
         _step(compiled[strategy], example)  # compile
         if strategy == "fastest":
             choice = next(r.strategy for r in bkcompile.last_report().rows if r.strategy != "direct")
@@ -86,8 +89,11 @@ def measure(model: nn.Module, example: torch.Tensor, repeats: int) -> dict:
         for strategy in times:
             times[strategy].append(_step(compiled[strategy], example))
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return {**{f"{k}_ms": 1e3 * v for k, v in medians.items()}, "choice": choice,
-            "faster": min(medians, key=medians.get)}
+    return {
+        **{f"{k}_ms": 1e3 * v for k, v in medians.items()},
+        "choice": choice,
+        "faster": min(medians, key=medians.get),
+    }
 
 
 def main() -> None:
@@ -103,15 +109,18 @@ def main() -> None:
         print(rows[-1], flush=True)
     agree = sum(r["choice"] == r["faster"] for r in rows)
     lines = ["| site | sizes (B=16) | ghost ms | explicit ms | model's choice | faster |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['sizes']} | {r['ghost_ms']:.2f} | {r['explicit_ms']:.2f} | {r['choice']} | "
-              f"{r['faster']} |" for r in rows]
+    lines += [
+        f"| {r['kind']} | {r['sizes']} | {r['ghost_ms']:.2f} | {r['explicit_ms']:.2f} | {r['choice']} | {r['faster']} |"
+        for r in rows
+    ]
     lines.append(f"\nThe model's choice was the faster one at {agree} of {len(rows)} points.")
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "calibration.md").write_text(table + "\n")
-    (RESULTS / "calibration.json").write_text(json.dumps({"rows": rows, "agree": agree, "points": len(rows),
-                                                          "torch": torch.__version__}, indent=2))
+    (RESULTS / "calibration.json").write_text(
+        json.dumps({"rows": rows, "agree": agree, "points": len(rows), "torch": torch.__version__}, indent=2)
+    )
 
 
 if __name__ == "__main__":

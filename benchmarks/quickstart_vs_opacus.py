@@ -37,11 +37,16 @@ def run_bkcompile(seed: int, epochs: int) -> dict:
     model = qs.build_model()
     start = time.perf_counter()
     private_model, optimizer, loader = qs.make_private_sgd(
-        model, qs.make_loader(x_train, y_train), epochs, generator=torch.Generator().manual_seed(seed))
+        model, qs.make_loader(x_train, y_train), epochs, generator=torch.Generator().manual_seed(seed)
+    )
     qs.train(private_model, optimizer, loader, epochs, f"bkcompile seed {seed}")
-    return {"accuracy": qs.accuracy(model, x_test, y_test), "epsilon": optimizer.accountant.get_epsilon(qs.DELTA),
-            "noise_multiplier": optimizer.noise_multiplier, "sample_rate": optimizer.sample_rate,
-            "seconds": time.perf_counter() - start}
+    return {
+        "accuracy": qs.accuracy(model, x_test, y_test),
+        "epsilon": optimizer.accountant.get_epsilon(qs.DELTA),
+        "noise_multiplier": optimizer.noise_multiplier,
+        "sample_rate": optimizer.sample_rate,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_opacus(seed: int, epochs: int) -> dict:
@@ -52,33 +57,50 @@ def run_opacus(seed: int, epochs: int) -> dict:
     start = time.perf_counter()
     engine = PrivacyEngine(accountant="prv")
     private_model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=qs.LR, momentum=0.0),
-        data_loader=qs.make_loader(x_train, y_train), target_epsilon=qs.EPSILON, target_delta=qs.DELTA,
-        epochs=epochs, max_grad_norm=qs.R, poisson_sampling=True,
-        noise_generator=torch.Generator().manual_seed(seed))
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=qs.LR, momentum=0.0),
+        data_loader=qs.make_loader(x_train, y_train),
+        target_epsilon=qs.EPSILON,
+        target_delta=qs.DELTA,
+        epochs=epochs,
+        max_grad_norm=qs.R,
+        poisson_sampling=True,
+        noise_generator=torch.Generator().manual_seed(seed),
+    )
     qs.train(private_model, optimizer, loader, epochs, f"opacus seed {seed}")
-    return {"accuracy": qs.accuracy(model, x_test, y_test), "epsilon": engine.get_epsilon(qs.DELTA),
-            "noise_multiplier": optimizer.noise_multiplier, "sample_rate": 1 / len(loader),
-            "seconds": time.perf_counter() - start}
+    return {
+        "accuracy": qs.accuracy(model, x_test, y_test),
+        "epsilon": engine.get_epsilon(qs.DELTA),
+        "noise_multiplier": optimizer.noise_multiplier,
+        "sample_rate": 1 / len(loader),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
     """Mean and (sample) standard deviation of each metric over the runs."""
+
     def stats(values: list[float]) -> dict:
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
     return {name: stats([run[name] for run in runs]) for name in METRICS}
 
 
 def markdown(summaries: dict, difference: float) -> str:
     """The table, the difference of mean accuracies and the PASS/FAIL line."""
-    lines = ["| method | test accuracy | epsilon | noise multiplier | sample rate | wall time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | test accuracy | epsilon | noise multiplier | sample rate | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, summary in summaries.items():
         cells = [f"{summary[name]['mean']:.4g} ± {summary[name]['std']:.2g}" for name in METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     verdict = "PASS" if abs(difference) <= TOLERANCE else "FAIL"
-    lines += ["", f"accuracy difference (bkcompile - opacus): {difference:+.4f}",
-              f"{verdict}: |difference| {'<=' if verdict == 'PASS' else '>'} {TOLERANCE}"]
+    lines += [
+        "",
+        f"accuracy difference (bkcompile - opacus): {difference:+.4f}",
+        f"{verdict}: |difference| {'<=' if verdict == 'PASS' else '>'} {TOLERANCE}",
+    ]
     return "\n".join(lines)
 
 
@@ -87,17 +109,36 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="runs per method, seeds 0 .. seeds-1")
     parser.add_argument("--epochs", type=int, default=qs.EPOCHS, help="epochs (the target epsilon holds for them)")
     args = parser.parse_args()
-    runs = {method: [run(seed, args.epochs) for seed in range(args.seeds)]
-            for method, run in (("bkcompile", run_bkcompile), ("opacus", run_opacus))}
+    runs = {
+        method: [run(seed, args.epochs) for seed in range(args.seeds)]
+        for method, run in (("bkcompile", run_bkcompile), ("opacus", run_opacus))
+    }
     summaries = {method: summarize(method_runs) for method, method_runs in runs.items()}
     difference = summaries["bkcompile"]["accuracy"]["mean"] - summaries["opacus"]["accuracy"]["mean"]
     print(markdown(summaries, difference))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "settings": {"seeds": args.seeds, "epochs": args.epochs, "epsilon": qs.EPSILON, "delta": qs.DELTA,
-                     "batch_size": qs.BATCH, "max_grad_norm": qs.R, "lr": qs.LR, "tolerance": TOLERANCE},
-        "runs": runs, "summary": summaries, "accuracy_difference": difference,
-        "passed": abs(difference) <= TOLERANCE}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "seeds": args.seeds,
+                    "epochs": args.epochs,
+                    "epsilon": qs.EPSILON,
+                    "delta": qs.DELTA,
+                    "batch_size": qs.BATCH,
+                    "max_grad_norm": qs.R,
+                    "lr": qs.LR,
+                    "tolerance": TOLERANCE,
+                },
+                "runs": runs,
+                "summary": summaries,
+                "accuracy_difference": difference,
+                "passed": abs(difference) <= TOLERANCE,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

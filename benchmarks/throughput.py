@@ -58,14 +58,14 @@ from functools import partial
 from importlib import metadata
 from pathlib import Path
 
+import models
 import torch
 import torch.nn as nn
+from models import Batch, PerSampleCrossEntropy, Workload
 from torch.func import functional_call, grad, vmap
 
 import bkcompile
-import models
 from bkcompile.norms import backward_count
-from models import Batch, PerSampleCrossEntropy, Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,24 +76,36 @@ QUICK_ROUNDS, QUICK_ROUND_SECONDS = 2, 0.05
 PROBE_TIMEOUT_S, PROBE_WORKERS = 900, 2  # memory probes run two at a time: each measures its own process
 MB = 2**20
 PRELOADED = ("opacus", "torch._inductor.compile_fx")  # imported before memory is measured
-MEMORY_NOTE = {"cuda": "torch.cuda.max_memory_allocated over steady-state steps, above the model and its batch",
-               "cpu": "the peak of live CPU tensors over a steady-state step, above the model and its batch, from the "
-                      "profiler's allocation events (the CPU counterpart of torch.cuda.max_memory_allocated); the "
-                      "JSON also has each subprocess's peak RSS above its RSS after building the model and its batch "
-                      "(`rss_peak_mb`, which counts what compiling keeps, such as compiled code)"}
+MEMORY_NOTE = {
+    "cuda": "torch.cuda.max_memory_allocated over steady-state steps, above the model and its batch",
+    "cpu": "the peak of live CPU tensors over a steady-state step, above the model and its batch, from the "
+    "profiler's allocation events (the CPU counterpart of torch.cuda.max_memory_allocated); the "
+    "JSON also has each subprocess's peak RSS above its RSS after building the model and its batch "
+    "(`rss_peak_mb`, which counts what compiling keeps, such as compiled code)",
+}
 
 GPT2, GPT2_QUICK = dict(layers=4, width=256, heads=4, vocab=1024), dict(layers=1, width=32, heads=2, vocab=64)
 WORKLOADS: dict[str, tuple[Callable[[], Workload], Callable[[], Workload]]] = {  # name: (full size, --quick size)
-    "gpt2-t128": (partial(models.gpt2, **GPT2, seq_len=128, batch=8),
-                  partial(models.gpt2, **GPT2_QUICK, seq_len=16, batch=4)),
-    "gpt2-t512": (partial(models.gpt2, **GPT2, seq_len=512, batch=2),
-                  partial(models.gpt2, **GPT2_QUICK, seq_len=32, batch=2)),
-    "vit": (partial(models.vit, image=32, patch=4, width=192, layers=4, heads=3, batch=16),
-            partial(models.vit, image=8, patch=4, width=16, layers=1, heads=2, batch=4)),
-    "resnet-gn": (partial(models.resnet_gn, widths=(32, 64, 128), image=32, batch=32),
-                  partial(models.resnet_gn, widths=(8, 16), image=8, batch=4)),
-    "mlp": (partial(models.mlp, d_in=784, hidden=512, layers=2, classes=10, batch=256),
-            partial(models.mlp, d_in=16, hidden=32, layers=2, classes=10, batch=8)),
+    "gpt2-t128": (
+        partial(models.gpt2, **GPT2, seq_len=128, batch=8),
+        partial(models.gpt2, **GPT2_QUICK, seq_len=16, batch=4),
+    ),
+    "gpt2-t512": (
+        partial(models.gpt2, **GPT2, seq_len=512, batch=2),
+        partial(models.gpt2, **GPT2_QUICK, seq_len=32, batch=2),
+    ),
+    "vit": (
+        partial(models.vit, image=32, patch=4, width=192, layers=4, heads=3, batch=16),
+        partial(models.vit, image=8, patch=4, width=16, layers=1, heads=2, batch=4),
+    ),
+    "resnet-gn": (
+        partial(models.resnet_gn, widths=(32, 64, 128), image=32, batch=32),
+        partial(models.resnet_gn, widths=(8, 16), image=8, batch=4),
+    ),
+    "mlp": (
+        partial(models.mlp, d_in=784, hidden=512, layers=2, classes=10, batch=256),
+        partial(models.mlp, d_in=16, hidden=32, layers=2, classes=10, batch=8),
+    ),
 }
 
 Step = Callable[[], None]
@@ -127,12 +139,14 @@ def nonprivate_compile(model: nn.Module, batch: Batch, *, backend: str) -> Step:
 def bk_dp(model: nn.Module, batch: Batch, *, compiler: str, dp_optimizer: bool, clipping: str = "all-layer") -> Step:
     """bk_dp with ``compiler`` inside; plain SGD on the clipped sums, or bkcompile.DPOptimizer (noise) around it.
     A step in which no bk_dp backward ran (dynamo fell back to eager, which is not private) is an error."""
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler,
-                                                             "clipping": clipping})
+    compiled = torch.compile(
+        model, backend="bk_dp", options={"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler, "clipping": clipping}
+    )
     optimizer = sgd(model)
     if dp_optimizer:
-        optimizer = bkcompile.DPOptimizer(optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
-                                          expected_batch_size=len(batch[1]))
+        optimizer = bkcompile.DPOptimizer(
+            optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=len(batch[1])
+        )
     step = training_step(compiled, PerSampleCrossEntropy(), optimizer, batch)
 
     def checked_step() -> None:
@@ -154,10 +168,15 @@ def opacus(model: nn.Module, batch: Batch, *, mode: str) -> Step:
     inputs, targets = batch
     criterion = PerSampleCrossEntropy()
     private = PrivacyEngine().make_private(
-        module=model, optimizer=sgd(model), criterion=criterion,
+        module=model,
+        optimizer=sgd(model),
+        criterion=criterion,
         data_loader=DataLoader(TensorDataset(*inputs, targets), batch_size=len(targets)),
-        noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False,
-        grad_sample_mode=mode)
+        noise_multiplier=NOISE_MULTIPLIER,
+        max_grad_norm=MAX_GRAD_NORM,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
     module, optimizer = private[:2]
     return training_step(module, private[2] if mode == "ghost" else criterion, optimizer, batch)
 
@@ -206,8 +225,12 @@ METHODS: dict[str, Callable[[nn.Module, Batch], Step]] = {
     "func-vmap-compiled": partial(func_vmap, compiled=True),
 }
 # kept out of the default run's 15 minutes
-ON_REQUEST = ("bk_dp-inductor+DPOptimizer", "compile-aot_eager", "bk_dp-inductor-layer-wise",
-              "bk_dp-inductor-param-wise")
+ON_REQUEST = (
+    "bk_dp-inductor+DPOptimizer",
+    "compile-aot_eager",
+    "bk_dp-inductor-layer-wise",
+    "bk_dp-inductor-param-wise",
+)
 DEFAULT_METHODS = [method for method in METHODS if method not in ON_REQUEST]
 BASELINE, BK_DP = "compile", "bk_dp-inductor"
 DP_BASELINES = ("opacus-hooks", "opacus-ghost", "func-vmap", "func-vmap-compiled")  # BK_DP's speed-up is reported
@@ -302,8 +325,11 @@ def benchmark_model(name: str, methods: list[str], quick: bool) -> tuple[dict, l
     torch.manual_seed(0)
     base = spec.build().to(DEVICE).train()
     batch = spec.batch(DEVICE)
-    info = {"description": spec.description, "batch_size": spec.batch_size,
-            "parameters": sum(p.numel() for p in base.parameters())}
+    info = {
+        "description": spec.description,
+        "batch_size": spec.batch_size,
+        "parameters": sum(p.numel() for p in base.parameters()),
+    }
     print(f"[{name}] {spec.description}, batch {spec.batch_size}", file=sys.stderr)
     trials = [start_trial(method, base, batch, name) for method in methods]
     interleave(trials, spec.batch_size, *((QUICK_ROUNDS, QUICK_ROUND_SECONDS) if quick else (ROUNDS, ROUND_SECONDS)))
@@ -396,6 +422,7 @@ def measure_memory(name: str, method: str, quick: bool) -> dict:
 def add_ratios(rows: list[dict]) -> None:
     """Throughput and peak-memory ratios to the non-private compile of the same model, and bk_dp-inductor's
     speed-up over each DP baseline (where both sides have a result)."""
+
     def result(model: str, method: str, key: str) -> float | None:
         return next((row.get(key) for row in rows if row["model"] == model and row["method"] == method), None)
 
@@ -413,29 +440,47 @@ def add_ratios(rows: list[dict]) -> None:
 
 def environment() -> dict:
     """Date, device, library versions, threads and the repository commit of this run."""
+
     def version(package: str) -> str | None:
         try:
             return metadata.version(package)
         except metadata.PackageNotFoundError:
             return None
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
+    ).stdout.strip()
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    return {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
-            "opacus": version("opacus"), "transformers": version("transformers"), "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "commit": commit or None}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "opacus": version("opacus"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": commit or None,
+    }
 
 
 def markdown(results: dict) -> str:
     """The models, then one table row per model and method."""
     env = results["environment"]
-    lines = [f"{env['date']}, {env['device']}, torch {env['torch']}, Opacus {env['opacus']}, transformers "
-             f"{env['transformers']}, {env['threads']} threads, commit {env['commit']}", ""]
-    lines += [f"- `{name}`: {info['description']}, batch {info['batch_size']}, "
-              f"{info['parameters'] / 1e6:.2f}M parameters" for name, info in results["workloads"].items()]
-    lines += ["", "| model | method | samples/s (rounds' range) | × non-private | peak memory (MB) | memory × "
-              "| compile (s) | bk_dp-inductor speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{env['date']}, {env['device']}, torch {env['torch']}, Opacus {env['opacus']}, transformers "
+        f"{env['transformers']}, {env['threads']} threads, commit {env['commit']}",
+        "",
+    ]
+    lines += [
+        f"- `{name}`: {info['description']}, batch {info['batch_size']}, {info['parameters'] / 1e6:.2f}M parameters"
+        for name, info in results["workloads"].items()
+    ]
+    lines += [
+        "",
+        "| model | method | samples/s (rounds' range) | × non-private | peak memory (MB) | memory × "
+        "| compile (s) | bk_dp-inductor speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(row: dict, key: str, form: str) -> str:
         return format(row[key], form) if key in row else ""
@@ -446,12 +491,17 @@ def markdown(results: dict) -> str:
             continue
         memory = cell(row, "peak_mb", ".0f") or row.get("memory_error", "")
         spread = f"{min(row['rounds']):.1f}–{max(row['rounds']):.1f}"
-        lines.append(f"| {row['model']} | {row['method']} | {row['samples_per_s']:.1f} ({spread}) | "
-                     f"{cell(row, 'throughput_ratio', '.2f')} | {memory} | {cell(row, 'memory_ratio', '.2f')} | "
-                     f"{row['compile_s']:.1f} | {cell(row, 'bk_dp_speedup', '.2f')} |")
-    lines += ["", f"× non-private and memory ×: over the `{BASELINE}` row of the model; bk_dp-inductor speed-up: its "
-              "samples/s over the row's; compile: the first step's seconds; peak memory: "
-              f"{MEMORY_NOTE[DEVICE.type]}."]
+        lines.append(
+            f"| {row['model']} | {row['method']} | {row['samples_per_s']:.1f} ({spread}) | "
+            f"{cell(row, 'throughput_ratio', '.2f')} | {memory} | {cell(row, 'memory_ratio', '.2f')} | "
+            f"{row['compile_s']:.1f} | {cell(row, 'bk_dp_speedup', '.2f')} |"
+        )
+    lines += [
+        "",
+        f"× non-private and memory ×: over the `{BASELINE}` row of the model; bk_dp-inductor speed-up: its "
+        "samples/s over the row's; compile: the first step's seconds; peak memory: "
+        f"{MEMORY_NOTE[DEVICE.type]}.",
+    ]
     return "\n".join(lines)
 
 
@@ -467,13 +517,28 @@ def plot(results: dict, path: Path) -> None:
     methods = [m for m in METHODS if m != BASELINE and any(r["method"] == m for r in results["rows"])]
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(len(methods), 1)
-    for axis, key, goal, title in ((axes[0], "throughput_ratio", 0.9, "throughput / non-private compile"),
-                                   (axes[1], "memory_ratio", 1.1, "peak memory / non-private compile")):
+    for axis, key, goal, title in (
+        (axes[0], "throughput_ratio", 0.9, "throughput / non-private compile"),
+        (axes[1], "memory_ratio", 1.1, "peak memory / non-private compile"),
+    ):
         for offset, method in enumerate(methods):
-            values = [next((r.get(key, float("nan")) for r in results["rows"]
-                            if r["model"] == model and r["method"] == method), float("nan")) for model in model_names]
-            axis.bar([i + (offset - (len(methods) - 1) / 2) * width for i in range(len(model_names))], values, width,
-                     label=method)
+            values = [
+                next(
+                    (
+                        r.get(key, float("nan"))
+                        for r in results["rows"]
+                        if r["model"] == model and r["method"] == method
+                    ),
+                    float("nan"),
+                )
+                for model in model_names
+            ]
+            axis.bar(
+                [i + (offset - (len(methods) - 1) / 2) * width for i in range(len(model_names))],
+                values,
+                width,
+                label=method,
+            )
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.axhline(goal, color="gray", linestyle="--", linewidth=0.8)
         axis.set_yscale("log")

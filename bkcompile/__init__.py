@@ -25,9 +25,9 @@ from bkcompile.errors import (
 from bkcompile.norms import last_per_sample_norms
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.options import BKOptions
+from bkcompile.passes.rules import register_batch_rule
 from bkcompile.private import make_private
 from bkcompile.report import CostReport, explain, last_report
-from bkcompile.passes.rules import register_batch_rule
 
 # Dynamo skips a frame that calls nn.RNN/GRU/LSTM unless allow_rnn is set, running it eagerly: bk_dp would
 # never see it and its gradients would not be clipped. Trace them (their ops are then privatized or refused).

@@ -46,11 +46,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bkcompile", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("explain", help="print the cost-model report of a model")
-    cmd.add_argument("factory", help="file.py:factory or module:factory returning the model, e.g. examples/models.py:small_cnn")
+    cmd.add_argument(
+        "factory", help="file.py:factory or module:factory returning the model, e.g. examples/models.py:small_cnn"
+    )
     cmd.add_argument("--input-shape", required=True, help="shape of the example batch, e.g. 8,3,32,32")
     cmd.add_argument("--int-input", type=int, metavar="HIGH", help="token ids in [0, HIGH) instead of floats")
-    cmd.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                     help="a bk_dp option, e.g. strategy=explicit (repeatable)")
+    cmd.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a bk_dp option, e.g. strategy=explicit (repeatable)",
+    )
     cmd.add_argument("--markdown", action="store_true", help="print the report as markdown")
     args = parser.parse_args(argv)
     shape = [int(s) for s in args.input_shape.split(",")]

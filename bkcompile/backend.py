@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -15,18 +16,26 @@ from bkcompile.errors import GraphBreakError
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
-from bkcompile.report import build_report, record
 from bkcompile.passes.facts import REPLICATED, Batched, Fact
+from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
 
 # Fused backward ops whose parameter reductions the pass must see as plain sums.
-_DECOMPOSE = [aten.native_layer_norm_backward.default, aten.native_batch_norm_backward.default,
-              aten.native_group_norm_backward.default]
+_DECOMPOSE = [
+    aten.native_layer_norm_backward.default,
+    aten.native_batch_norm_backward.default,
+    aten.native_group_norm_backward.default,
+]
 # Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites, and
 # GroupNorm (its decomposition views the batch through as_strided).
-_KEEP = [aten.nll_loss_forward.default, aten.nll_loss_backward.default, aten.embedding_dense_backward.default,
-         aten.convolution_backward.default, aten.native_group_norm.default]
+_KEEP = [
+    aten.nll_loss_forward.default,
+    aten.nll_loss_backward.default,
+    aten.embedding_dense_backward.default,
+    aten.convolution_backward.default,
+    aten.native_group_norm.default,
+]
 # Ops the pass emits that Inductor lowers through their decomposition.
 _EMITTED = [aten.im2col.default, aten.zeros.default]
 
@@ -53,7 +62,8 @@ def _is_module_state(source: str) -> bool:
     Dynamo roots a compiled module at ``L['self']`` (or ``L['fn']`` when it calls the module itself).
     """
     return source.startswith(("L['self']", "L['fn']", "G[")) or any(
-        part in source for part in ("_buffers", "_parameters", "_modules"))
+        part in source for part in ("_buffers", "_parameters", "_modules")
+    )
 
 
 def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
@@ -105,8 +115,15 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
     has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
     if not has_tangents or context.get("done"):
         return
-    state = privatize(gm, num_fwd_outputs, context["facts"], context["trainable"], context["names"],
-                      context["options"], _fake_mode(gm))
+    state = privatize(
+        gm,
+        num_fwd_outputs,
+        context["facts"],
+        context["trainable"],
+        context["names"],
+        context["options"],
+        _fake_mode(gm),
+    )
     if state.plans:
         record(build_report(state), show=context["options"].report)
     context["state"] = state

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -18,8 +18,13 @@ class PoissonLoader:
     Every batch is marked dynamic on dim 0, so the compiled model is traced once for all sizes.
     """
 
-    def __init__(self, *tensors: torch.Tensor, sample_rate: float, steps: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        *tensors: torch.Tensor,
+        sample_rate: float,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
             raise BKError("PoissonLoader needs tensors with the same number of rows")
         if not 0 < sample_rate <= 1:

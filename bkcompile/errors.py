@@ -45,7 +45,9 @@ def module_of(node: torch.fx.Node) -> str | None:
         return None
     path, cls = list(stack.values())[-1]
     path = re.sub(r"^L\['[^']*'\]\.?", "", str(path))
-    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path).lstrip(".")
+    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path).lstrip(
+        "."
+    )
     name = getattr(cls, "__name__", str(cls))
     return f"module '{path}' ({name})" if path else f"module {name}"
 

@@ -47,8 +47,9 @@ _LAST: dict[str, int] = {}  # "key": the clip state of the last backward
 _COUNT = [0]
 
 
-def register_clip_state(groups: tuple[str, ...], params: tuple[tuple[str, ...], ...],
-                        thresholds: tuple[float, ...]) -> int:
+def register_clip_state(
+    groups: tuple[str, ...], params: tuple[tuple[str, ...], ...], thresholds: tuple[float, ...]
+) -> int:
     """The key of the clip state of these groups and initial thresholds (created on first use)."""
     for key, state in enumerate(_STATES):
         if state.groups == groups and state.params == params and state.initial == thresholds:

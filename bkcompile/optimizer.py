@@ -26,7 +26,8 @@ class AdaptiveClipping:
 
     def __post_init__(self) -> None:
         if not (0 < self.target_quantile < 1 and self.learning_rate > 0) or (
-                self.count_noise is not None and self.count_noise <= 0):
+            self.count_noise is not None and self.count_noise <= 0
+        ):
             raise BKError("adaptive clipping needs 0 < target_quantile < 1, learning_rate > 0, count_noise > 0")
 
 
@@ -34,13 +35,14 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise: float, group
     """sigma_grad with (sigma_grad^-2 + (2 count_noise / sqrt(G))^-2)^(-1/2) = noise_multiplier: the G noisy
     counts (each sample moves each by at most 1, sensitivity sqrt(G) / 2 once centred) and the gradient
     together cost what one Gaussian mechanism with noise_multiplier costs."""
-    budget = noise_multiplier ** -2 - (2 * count_noise / math.sqrt(groups)) ** -2
+    budget = noise_multiplier**-2 - (2 * count_noise / math.sqrt(groups)) ** -2
     if budget <= 0:
         raise PrivacyError(
             f"the count noise {count_noise:.3g} of adaptive clipping over {groups} groups spends more than the whole "
-            f"noise multiplier {noise_multiplier:.3g}; raise count_noise above {math.sqrt(groups) * noise_multiplier / 2:.3g}"
+            f"noise multiplier {noise_multiplier:.3g}; raise count_noise above "
+            f"{math.sqrt(groups) * noise_multiplier / 2:.3g}"
         )
-    return budget ** -0.5
+    return budget**-0.5
 
 
 class DPOptimizer:
@@ -130,16 +132,17 @@ class DPOptimizer:
     def _take_clip_state(self) -> None:
         states = take_active()
         if len(states) > 1:
-            raise PrivacyError("gradients from models with different clipping groups reached one DP optimizer "
-                               "step; use one optimizer per bk_dp model")
+            raise PrivacyError(
+                "gradients from models with different clipping groups reached one DP optimizer "
+                "step; use one optimizer per bk_dp model"
+            )
         if states:
             self._clip_state = states[0]
 
     def _gradient_noise_multiplier(self) -> float:
         if self.adaptive_clipping is None or self._clip_state is None:
             return self.noise_multiplier
-        return gradient_noise_multiplier(self.noise_multiplier, self._count_noise(),
-                                         len(self._clip_state.groups))
+        return gradient_noise_multiplier(self.noise_multiplier, self._count_noise(), len(self._clip_state.groups))
 
     def _count_noise(self) -> float:
         return self.adaptive_clipping.count_noise or self.expected_batch_size / 20
@@ -147,8 +150,9 @@ class DPOptimizer:
     def _adapt_thresholds(self) -> None:
         """Move each group's threshold toward the target quantile by its privatised count of samples under it."""
         state, rule = self._clip_state, self.adaptive_clipping
-        noise = torch.normal(0.0, self._count_noise(), size=state.below.shape, generator=self.generator,
-                             dtype=torch.float64)
+        noise = torch.normal(
+            0.0, self._count_noise(), size=state.below.shape, generator=self.generator, dtype=torch.float64
+        )
         fraction = (state.below + noise) / self.expected_batch_size
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
 
@@ -169,9 +173,14 @@ class DPOptimizer:
             "noise_multiplier": self.noise_multiplier,
             "generator": self.generator.get_state(),
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
-            "clip_state": None if self._clip_state is None else {
-                "groups": self._clip_state.groups, "params": self._clip_state.params,
-                "initial": self._clip_state.initial, "thresholds": self._clip_state.thresholds.clone()},
+            "clip_state": None
+            if self._clip_state is None
+            else {
+                "groups": self._clip_state.groups,
+                "params": self._clip_state.params,
+                "initial": self._clip_state.initial,
+                "thresholds": self._clip_state.thresholds.clone(),
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:

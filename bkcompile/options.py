@@ -56,9 +56,13 @@ class BKOptions:
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
 
-_CHOICES = {"loss_reduction": ("mean", "sum"), "compiler": ("inductor", "aot_eager"),
-            "strategy": ("auto", "fastest", "ghost", "explicit"), "report": (True, False),
-            "clip_fn": ("abadi", "automatic")}
+_CHOICES = {
+    "loss_reduction": ("mean", "sum"),
+    "compiler": ("inductor", "aot_eager"),
+    "strategy": ("auto", "fastest", "ghost", "explicit"),
+    "report": (True, False),
+    "clip_fn": ("abadi", "automatic"),
+}
 
 
 def _positive(value: Any, key: str) -> float:
@@ -77,14 +81,21 @@ def _clipping(raw: Any) -> str | tuple:
         raise OptionError(f"option 'clipping' must be a style name or a non-empty list of groups, got {raw!r}")
     groups = []
     for entry in raw:
-        selector, threshold = (entry.get("params"), entry.get("max_grad_norm")) if isinstance(entry, dict) else (entry, None)
+        selector, threshold = (
+            (entry.get("params"), entry.get("max_grad_norm")) if isinstance(entry, dict) else (entry, None)
+        )
         if isinstance(selector, list):
             selector = tuple(selector)
-        valid = callable(selector) or isinstance(selector, str) or (
-            isinstance(selector, tuple) and selector and all(isinstance(s, str) for s in selector))
+        valid = (
+            callable(selector)
+            or isinstance(selector, str)
+            or (isinstance(selector, tuple) and selector and all(isinstance(s, str) for s in selector))
+        )
         if not valid:
-            raise OptionError(f"a clipping group selects parameters by a name pattern, a list of patterns or a "
-                              f"callable on names; got {selector!r}")
+            raise OptionError(
+                f"a clipping group selects parameters by a name pattern, a list of patterns or a "
+                f"callable on names; got {selector!r}"
+            )
         groups.append((selector, None if threshold is None else _positive(threshold, "clipping[].max_grad_norm")))
     return tuple(groups)
 
@@ -97,7 +108,9 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         if key not in known:
             raise OptionError(f"unknown option {key!r} for backend 'bk_dp'; known options: {sorted(known)}")
     if "max_grad_norm" not in raw:
-        raise OptionError("option 'max_grad_norm' is required: the clipping threshold R, e.g. options={'max_grad_norm': 1.0}")
+        raise OptionError(
+            "option 'max_grad_norm' is required: the clipping threshold R, e.g. options={'max_grad_norm': 1.0}"
+        )
     norm = raw["max_grad_norm"]
     if isinstance(norm, bool) or not isinstance(norm, (int, float)):
         raise OptionError(f"option 'max_grad_norm' must be a float, got {type(norm).__name__}")
@@ -113,8 +126,10 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
     if budget is not None and raw.get("strategy", "auto") != "fastest":
-        raise OptionError("option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
-                          f"time for memory); got strategy={raw.get('strategy', 'auto')!r}")
+        raise OptionError(
+            "option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
+            f"time for memory); got strategy={raw.get('strategy', 'auto')!r}"
+        )
     return BKOptions(
         max_grad_norm=float(norm),
         clipping=_clipping(raw.get("clipping", "all-layer")),

@@ -50,8 +50,11 @@ def make_private(
     if not 0 < target_delta < 1:
         raise BKError(f"target_delta must be in (0, 1), got {target_delta}")
     if target_delta >= 1 / size:
-        warnings.warn(f"target_delta={target_delta} >= 1/n = {1 / size:.3g}: such a delta allows leaking one "
-                      "example in full; use delta well below 1/n", stacklevel=2)
+        warnings.warn(
+            f"target_delta={target_delta} >= 1/n = {1 / size:.3g}: such a delta allows leaking one "
+            "example in full; use delta well below 1/n",
+            stacklevel=2,
+        )
     if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
     loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, generator=generator)

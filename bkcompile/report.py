@@ -59,29 +59,49 @@ class CostReport:
         return {**dataclasses.asdict(self), "overhead": self.overhead}
 
     def _header(self) -> list[str]:
-        batch = f"B = {self.batch}" + (" (dynamic: values below count B = 1, the choice does not depend on B)"
-                                       if self.batch_dynamic else "")
+        batch = f"B = {self.batch}" + (
+            " (dynamic: values below count B = 1, the choice does not depend on B)" if self.batch_dynamic else ""
+        )
         return [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
-            "clipping groups: " + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)"
-                                            for g in self.groups),
+            "clipping groups: "
+            + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
             f"privacy adds {_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
             f"{_flops(self.backward_flops)} (matrix products and convolutions): estimated overhead "
             f"{100 * self.overhead:.1f}%",
         ]
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
-        head = ["parameter", "site", "module", "sizes", "strategy", "ghost time / memory", "explicit time / memory",
-                "at compiled sizes (ghost | explicit)", "source"]
+        head = [
+            "parameter",
+            "site",
+            "module",
+            "sizes",
+            "strategy",
+            "ghost time / memory",
+            "explicit time / memory",
+            "at compiled sizes (ghost | explicit)",
+            "source",
+        ]
         body = []
         for row in self.rows:
             ghost = f"{row.ghost_time} / {row.ghost_memory}" if row.ghost_time else "-"
             ghost_at = f"{_flops(row.ghost_values[0])}, {_bytes(row.ghost_values[1])}" if row.ghost_values else "-"
             explicit_at = f"{_flops(row.explicit_values[0])}, {_bytes(row.explicit_values[1])}"
-            body.append([row.param, row.kind, row.module, ", ".join(f"{k}={v}" for k, v in row.sizes.items()),
-                         f"{row.strategy} ({row.reason})", ghost, f"{row.explicit_time} / {row.explicit_memory}",
-                         f"{ghost_at} | {explicit_at}", row.source])
+            body.append(
+                [
+                    row.param,
+                    row.kind,
+                    row.module,
+                    ", ".join(f"{k}={v}" for k, v in row.sizes.items()),
+                    f"{row.strategy} ({row.reason})",
+                    ghost,
+                    f"{row.explicit_time} / {row.explicit_memory}",
+                    f"{ghost_at} | {explicit_at}",
+                    row.source,
+                ]
+            )
         return head, body
 
     def __str__(self) -> str:
@@ -123,27 +143,48 @@ def build_report(state: PassState) -> CostReport:
             node = cost.site.node
 
             def at(c, cost=cost):
-                return (evaluate(c.time, cost.sizes, state.hints), evaluate(c.memory, cost.sizes, state.hints) * itemsize)
+                return (
+                    evaluate(c.time, cost.sizes, state.hints),
+                    evaluate(c.memory, cost.sizes, state.hints) * itemsize,
+                )
 
-            rows.append(SiteRow(
-                param=plan.param.param, kind=cost.site.kind, module=module_of(node) or "-",
-                source=source_line(node) or "-", sizes={str(k): str(v) for k, v in cost.sizes.items()},
-                strategy="direct" if cost.ghost == cost.explicit else plan.strategy,
-                reason="per-sample sums" if cost.ghost == cost.explicit else plan.reason,
-                ghost_time=str(cost.ghost.time) if cost.ghost else None,
-                ghost_memory=str(cost.ghost.memory * itemsize) if cost.ghost else None,
-                explicit_time=str(cost.explicit.time), explicit_memory=str(cost.explicit.memory * itemsize),
-                ghost_values=at(cost.ghost) if cost.ghost else None, explicit_values=at(cost.explicit)))
+            rows.append(
+                SiteRow(
+                    param=plan.param.param,
+                    kind=cost.site.kind,
+                    module=module_of(node) or "-",
+                    source=source_line(node) or "-",
+                    sizes={str(k): str(v) for k, v in cost.sizes.items()},
+                    strategy="direct" if cost.ghost == cost.explicit else plan.strategy,
+                    reason="per-sample sums" if cost.ghost == cost.explicit else plan.reason,
+                    ghost_time=str(cost.ghost.time) if cost.ghost else None,
+                    ghost_memory=str(cost.ghost.memory * itemsize) if cost.ghost else None,
+                    explicit_time=str(cost.explicit.time),
+                    explicit_memory=str(cost.explicit.memory * itemsize),
+                    ghost_values=at(cost.ghost) if cost.ghost else None,
+                    explicit_values=at(cost.explicit),
+                )
+            )
     batch = state.joint.batch
-    options = {k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler",
-                                                       "clip_fn")}
+    options = {
+        k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
+    }
     thresholds = clip_state(state.clip_key).thresholds.tolist()
-    groups = [{"name": name, "params": list(members), "threshold": threshold}
-              for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)]
-    return CostReport(rows=rows, batch=str(batch), batch_dynamic=not isinstance(batch, sympy.Integer),
-                      norm_dtype=str(state.norm_dtype).removeprefix("torch."), options=options,
-                      backward_flops=state.backward_flops, total_flops=total_flops, total_bytes=total_bytes,
-                      groups=groups)
+    groups = [
+        {"name": name, "params": list(members), "threshold": threshold}
+        for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)
+    ]
+    return CostReport(
+        rows=rows,
+        batch=str(batch),
+        batch_dynamic=not isinstance(batch, sympy.Integer),
+        norm_dtype=str(state.norm_dtype).removeprefix("torch."),
+        options=options,
+        backward_flops=state.backward_flops,
+        total_flops=total_flops,
+        total_bytes=total_bytes,
+        groups=groups,
+    )
 
 
 def record(report: CostReport, show: bool) -> None:
@@ -171,6 +212,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Cos
         compiled(*example_inputs)
     report = last_report()
     if report is None:
-        raise BKError("the model has no trainable parameter that receives a per-sample gradient, or a batch of "
-                      "one sample (clipped whole): there is no site to report")
+        raise BKError(
+            "the model has no trainable parameter that receives a per-sample gradient, or a batch of "
+            "one sample (clipped whole): there is no site to report"
+        )
     return report

@@ -8,5 +8,16 @@ Example, for an elementwise custom op::
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Reduced, Replicated
 from bkcompile.passes.rules import RuleInput, along_dim, pointwise, register_batch_rule, sum_dims, view
 
-__all__ = ["REDUCED", "REPLICATED", "Batched", "Reduced", "Replicated", "RuleInput", "along_dim", "pointwise",
-           "register_batch_rule", "sum_dims", "view"]
+__all__ = [
+    "REDUCED",
+    "REPLICATED",
+    "Batched",
+    "Reduced",
+    "Replicated",
+    "RuleInput",
+    "along_dim",
+    "pointwise",
+    "register_batch_rule",
+    "sum_dims",
+    "view",
+]

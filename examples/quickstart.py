@@ -21,7 +21,8 @@ def load_data() -> list[torch.Tensor]:
     """Digits scaled to [0, 1], split 80/20 the same way every time: ``[x_train, x_test, y_train, y_test]``."""
     digits = load_digits()
     return train_test_split(
-        torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target), test_size=0.2, random_state=0)
+        torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target), test_size=0.2, random_state=0
+    )
 
 
 def build_model() -> nn.Module:
@@ -34,13 +35,24 @@ def make_loader(x: torch.Tensor, y: torch.Tensor) -> torch.utils.data.DataLoader
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
 
 
-def make_private_sgd(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int = EPOCHS,
-                     generator: torch.Generator | None = None):
+def make_private_sgd(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    epochs: int = EPOCHS,
+    generator: torch.Generator | None = None,
+):
     """bkcompile.make_private with the quickstart's settings (SGD, R, epsilon and delta over ``epochs``)."""
     return bkcompile.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0), loader,
-        max_grad_norm=R, target_epsilon=EPSILON, target_delta=DELTA, epochs=epochs, generator=generator,
-        compiler="aot_eager")
+        model,
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0),
+        loader,
+        max_grad_norm=R,
+        target_epsilon=EPSILON,
+        target_delta=DELTA,
+        epochs=epochs,
+        generator=generator,
+        compiler="aot_eager",
+    )
 
 
 def train(model: nn.Module, optimizer, loader, epochs: int, desc: str) -> None:
@@ -73,8 +85,10 @@ def main() -> None:
 
     epsilon = optimizer.accountant.get_epsilon(DELTA)
     print(f"epsilon = {epsilon:.2f}, delta = {DELTA}")
-    print(f"test accuracy: private {accuracy(model, x_test, y_test):.3f}, "
-          f"non-private {accuracy(baseline, x_test, y_test):.3f}")
+    print(
+        f"test accuracy: private {accuracy(model, x_test, y_test):.3f}, "
+        f"non-private {accuracy(baseline, x_test, y_test):.3f}"
+    )
 
 
 if __name__ == "__main__":

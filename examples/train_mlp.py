@@ -29,12 +29,16 @@ for step in range(20):
     norms = bkcompile.last_per_sample_norms()
     if step == 0:
         params = {k: v.detach() for k, v in model.named_parameters()}
+
         def sample_loss(p, xi, yi):
             return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
         g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
         n = torch.stack([v.flatten(1).pow(2).sum(1) for v in g.values()]).sum(0).sqrt()
         c = (R / (n + 1e-6)).clamp(max=1)
-        err = max((model.get_parameter(k).grad - torch.einsum("b,b...->...", c, v)).abs().max().item() for k, v in g.items())
+        err = max(
+            (model.get_parameter(k).grad - torch.einsum("b,b...->...", c, v)).abs().max().item() for k, v in g.items()
+        )
         print(f"step 0: max |bk_dp - torch.func oracle| = {err:.2e}")
     for p in model.parameters():
         p.grad /= batch  # average the clipped sum (a DP optimizer would add noise here)

@@ -16,21 +16,22 @@ adds aliasing. A pass that cannot prove privacy raises a :class:`bkcompile.error
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
-
-from bkcompile.errors import PrivacyError
-from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph, analyze, backward_nodes
-from bkcompile.norms import register_clip_state
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
 from bkcompile.passes.cost import ParamPlan, backward_flops, choose, hints
-from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
+from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.sites import ParamGrad, find_sites
+
+from bkcompile.errors import PrivacyError
+from bkcompile.norms import register_clip_state
+from bkcompile.options import BKOptions
 
 
 @dataclasses.dataclass
@@ -70,8 +71,17 @@ def _cost(state: PassState) -> None:
 
 def _clipping(state: PassState) -> None:
     strategies = {plan.param.param: plan.strategy for plan in state.plans}
-    insert_clipping(state.joint, state.params, strategies, state.norm_dtype, state.scale, state.grouping,
-                    state.clip_key, state.options, state.fake_mode)
+    insert_clipping(
+        state.joint,
+        state.params,
+        strategies,
+        state.norm_dtype,
+        state.scale,
+        state.grouping,
+        state.clip_key,
+        state.options,
+        state.fake_mode,
+    )
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)
@@ -79,8 +89,11 @@ def _clipping(state: PassState) -> None:
 
 def _groups(state: PassState) -> None:
     params = [name for _, name, _ in trainable_grads(state.joint, state.names)]
-    devices = {name: str(p.meta["val"].device) for p, name in zip(state.joint.primals, state.names)
-               if isinstance(p.meta["val"], torch.Tensor)}
+    devices = {
+        name: str(p.meta["val"].device)
+        for p, name in zip(state.joint.primals, state.names)
+        if isinstance(p.meta["val"], torch.Tensor)
+    }
     state.grouping = clip_groups(params, devices, state.options)
     state.clip_key = register_clip_state(state.grouping.names, state.grouping.members, state.grouping.thresholds)
 
@@ -99,8 +112,10 @@ PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
 ]
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
 # and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
-SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [("groups", _groups),
-                                                                          ("single_sample", _single_sample)]
+SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
+    ("groups", _groups),
+    ("single_sample", _single_sample),
+]
 
 
 def _batch_size(primals: list[torch.fx.Node], facts: list[Fact], names: list[str]):

@@ -13,10 +13,10 @@ import operator
 import sympy
 import torch
 import torch.fx
-
-from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
 from bkcompile.passes.rules import FactOut, RuleInput, rule_for
+
+from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
 
 
 @dataclasses.dataclass

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-
-import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
-from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.groups import Grouping
@@ -32,16 +29,31 @@ from bkcompile.passes.loss import LossScale
 from bkcompile.passes.site_kinds import SITE_KINDS, Size, mask_padding, per_sample_tables, static_shape
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
+import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
+from bkcompile.options import BKOptions
+
 aten = torch.ops.aten
 EPS = 1e-6
-_SHAPE_ONLY = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.default,
-               aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+_SHAPE_ONLY = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+}
 _IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
 def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
-    dtypes = {a.meta["val"].dtype for p in params for s in p.sites for a in s.node.all_input_nodes
-              if isinstance(a.meta.get("val"), torch.Tensor)}
+    dtypes = {
+        a.meta["val"].dtype
+        for p in params
+        for s in p.sites
+        for a in s.node.all_input_nodes
+        if isinstance(a.meta.get("val"), torch.Tensor)
+    }
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -59,8 +71,9 @@ def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.
     if node.target in (aten.slice_scatter.default, aten.select_scatter.default):  # into zeros
         _, _, dim, *rest = node.args
         out = node.meta["val"]
-        zeros = emit(aten.zeros.default, [emit.size(value, 0), *out.shape], dtype=value.meta["val"].dtype,
-                     device=out.device)
+        zeros = emit(
+            aten.zeros.default, [emit.size(value, 0), *out.shape], dtype=value.meta["val"].dtype, device=out.device
+        )
         return emit(node.target, zeros, value, dim % out.dim() + 1, *rest)
     ndim = node.meta["val"].dim()
     order = list(range(ndim))
@@ -76,8 +89,9 @@ def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.
     return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
 
 
-def _lift_linear(emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node,
-                 batch: Size) -> torch.fx.Node:
+def _lift_linear(
+    emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node, batch: Size
+) -> torch.fx.Node:
     """Apply the linear map ``node`` (``sites.LINEAR_MAPS``) of ``term`` to its per-sample values ``value``
     (B, *shape of ``term``)."""
     if node.target == aten.sum.dim_IntList:
@@ -124,8 +138,14 @@ def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
     conv.meta["val"] = tuple(v if mask[i] else None for i, v in enumerate(conv.meta["val"]))
 
 
-def clip_weights(emit: Emitter, squares: dict[str, torch.fx.Node], grouping: Grouping, key: int,
-                 factor: torch.fx.Node | None, options: BKOptions) -> dict[str, torch.fx.Node]:
+def clip_weights(
+    emit: Emitter,
+    squares: dict[str, torch.fx.Node],
+    grouping: Grouping,
+    key: int,
+    factor: torch.fx.Node | None,
+    options: BKOptions,
+) -> dict[str, torch.fx.Node]:
     """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients.
 
     Group norms ``n_ig = s * sqrt(sum over the group's parameters)`` go through ``record_norms``, which
@@ -144,7 +164,9 @@ def clip_weights(emit: Emitter, squares: dict[str, torch.fx.Node], grouping: Gro
         if options.clip_fn == "automatic":
             clip = emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, options.clip_gamma))
         else:
-            clip = emit(aten.clamp_max.default, emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, EPS)), 1.0)
+            clip = emit(
+                aten.clamp_max.default, emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, EPS)), 1.0
+            )
         columns.append(emit(aten.mul.Tensor, clip, factor) if factor is not None else clip)
     return {param: columns[grouping.group_of(param)] for param in squares}
 
@@ -164,8 +186,17 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
     return None
 
 
-def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict[str, str], dtype: torch.dtype,
-                    scale: LossScale, grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
+def insert_clipping(
+    joint: JointGraph,
+    params: list[ParamGrad],
+    strategies: dict[str, str],
+    dtype: torch.dtype,
+    scale: LossScale,
+    grouping: Grouping,
+    key: int,
+    options: BKOptions,
+    fake_mode,
+) -> None:
     """Insert norms, clip factors and the weighted reductions, each parameter by its strategy; norms in
     ``dtype`` (``acc_dtype``)."""
     graph = joint.gm.graph
@@ -193,8 +224,9 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict
         for param in params:
             if param.param in explicit:
                 row = emit(aten.unsqueeze.default, weights[param.param], 0)
-                total = emit(aten.view.default, emit(aten.mm.default, row, explicit[param.param]),
-                             static_shape(param.grad))
+                total = emit(
+                    aten.view.default, emit(aten.mm.default, row, explicit[param.param]), static_shape(param.grad)
+                )
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
                 continue
             site = param.sites[0]
@@ -210,8 +242,9 @@ def insert_clipping(joint: JointGraph, params: list[ParamGrad], strategies: dict
             _erase_dead(graph, param.grad)
 
 
-def clip_single_sample(joint: JointGraph, names: list[str], grouping: Grouping, key: int, options: BKOptions,
-                       fake_mode) -> None:
+def clip_single_sample(
+    joint: JointGraph, names: list[str], grouping: Grouping, key: int, options: BKOptions, fake_mode
+) -> None:
     """A graph compiled for a batch of exactly one sample: its gradient is that sample's gradient.
 
     Nothing can mix samples, so no sites are needed: each group's norm is that of its gradient outputs,
@@ -238,5 +271,8 @@ def clip_single_sample(joint: JointGraph, names: list[str], grouping: Grouping, 
 
 def trainable_grads(joint: JointGraph, names: list[str]) -> list[tuple[int, str, torch.fx.Node]]:
     """(output index, parameter name, gradient node) of every trainable parameter with a gradient."""
-    return [(i, name, g) for i, (g, t, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names))
-            if g is not None and t]
+    return [
+        (i, name, g)
+        for i, (g, t, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names))
+        if g is not None and t
+    ]

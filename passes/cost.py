@@ -28,12 +28,12 @@ from collections.abc import Callable
 import sympy
 import torch
 import torch.fx
-
-from bkcompile.options import BKOptions
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import exact_quotient, product, shape_exprs
 from bkcompile.passes.site_kinds import SITE_KINDS
 from bkcompile.passes.sites import ParamGrad, Site
+
+from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 B, T, p, d, V, G = sympy.symbols("B T p d V G", positive=True, integer=True)
@@ -77,8 +77,7 @@ def _sum_cost(joint: JointGraph, node: torch.fx.Node):
 
 def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
     vocab, width = shape_exprs(node.meta["val"])
-    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab,
-             d: width}
+    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
     return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
 
 
@@ -96,8 +95,12 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
 
 
-COSTS: dict[str, Callable] = {"matmul": _matmul_cost, "sum": _sum_cost, "embedding": _embedding_cost,
-                              "conv": _conv_cost}
+COSTS: dict[str, Callable] = {
+    "matmul": _matmul_cost,
+    "sum": _sum_cost,
+    "embedding": _embedding_cost,
+    "conv": _conv_cost,
+}
 
 
 def site_cost(joint: JointGraph, site: Site) -> SiteCost:
@@ -150,8 +153,10 @@ def _ghost_possible(param: ParamGrad) -> str | None:
 def plan_cost(plan: ParamPlan, strategy: str, sizes_known: dict) -> tuple[float, float]:
     """(FLOPs, values) of ``plan``'s parameter under ``strategy``."""
     costs = [c.ghost if strategy == "ghost" else c.explicit for c in plan.costs]
-    return (sum(evaluate(c.time, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
-            sum(evaluate(c.memory, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)))
+    return (
+        sum(evaluate(c.time, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
+        sum(evaluate(c.memory, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
+    )
 
 
 def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, known: dict, itemsize: int):
@@ -198,8 +203,11 @@ def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int)
         plan.strategy, plan.reason = other, "memory_budget"
         used -= saved
     if used > budget:
-        warnings.warn(f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={budget} "
-                      "even with the leanest strategy for every parameter", stacklevel=2)
+        warnings.warn(
+            f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={budget} "
+            "even with the leanest strategy for every parameter",
+            stacklevel=2,
+        )
 
 
 # --- the ordinary backward, for the overhead estimate ------------------------------------------------------
@@ -217,5 +225,3 @@ def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], known: dict)
             per_output = 2 * product(grad_out) * product(weight[1:])
             total += evaluate(per_output * sum(node.args[10][:2]), {}, known)
     return total
-
-

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
-def inline_decompositions(gm: torch.fx.GraphModule, ops: Collection[Any], table: dict[Any, Callable],
-                          fake_mode: Any) -> None:
+def inline_decompositions(
+    gm: torch.fx.GraphModule, ops: Collection[Any], table: dict[Any, Callable], fake_mode: Any
+) -> None:
     """Replace every call of an op in ``ops`` by the graph it traces to under the decompositions ``table``.
 
     The backend keeps a few ops whole for the analysis (``nll_loss_forward`` carries the loss
@@ -25,7 +27,8 @@ def inline_decompositions(gm: torch.fx.GraphModule, ops: Collection[Any], table:
         def call(*values: Any, _flat=flat, _spec=spec, _fn=node.target) -> Any:
             it = iter(values)
             args, kwargs = torch.utils._pytree.tree_unflatten(
-                [next(it) if isinstance(a, torch.fx.Node) else a for a in _flat], _spec)
+                [next(it) if isinstance(a, torch.fx.Node) else a for a in _flat], _spec
+            )
             return _fn(*args, **kwargs)
 
         with fake_mode:

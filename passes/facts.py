@@ -13,7 +13,6 @@ Sizes are sympy expressions so that a symbolic batch size works like a concrete 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 import sympy
 import torch
@@ -45,7 +44,7 @@ class Reduced:
     pass
 
 
-Fact = Union[Batched, Replicated, Reduced]
+Fact = Batched | Replicated | Reduced
 REPLICATED = Replicated()
 REDUCED = Reduced()
 

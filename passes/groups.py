@@ -44,8 +44,11 @@ def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) 
     if style == "all-layer":
         return Grouping(("all",), (tuple(params),), (radius,))
     if isinstance(style, str):
-        key = {"layer-wise": lambda p: p.rpartition(".")[0] or "<root>", "param-wise": lambda p: p,
-               "per-device": lambda p: devices[p]}[style]
+        key = {
+            "layer-wise": lambda p: p.rpartition(".")[0] or "<root>",
+            "param-wise": lambda p: p,
+            "per-device": lambda p: devices[p],
+        }[style]
         names, members = _by_key(params, key)
         share = radius / math.sqrt(len(names))
         return Grouping(tuple(names), tuple(map(tuple, members)), (share,) * len(names))
@@ -53,13 +56,19 @@ def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) 
     for param in params:
         group = next((g for g, (selector, _) in enumerate(style) if _selects(selector, param)), None)
         if group is None:
-            raise OptionError(f"parameter {param!r} is in no clipping group; add a group that selects it "
-                              "(e.g. a last group '*')")
+            raise OptionError(
+                f"parameter {param!r} is in no clipping group; add a group that selects it (e.g. a last group '*')"
+            )
         members[group].append(param)
     kept = [g for g, m in enumerate(members) if m]  # a group that selects no clipped parameter is dropped
     unset = sum(1 for g in kept if style[g][1] is None)
     share = radius / math.sqrt(unset) if unset else radius
-    names = tuple(s if isinstance(s, str) else ",".join(s) if isinstance(s, tuple) else getattr(s, "__name__", "group")
-                  for s, _ in style)
-    return Grouping(tuple(names[g] for g in kept), tuple(tuple(members[g]) for g in kept),
-                    tuple(style[g][1] if style[g][1] is not None else share for g in kept))
+    names = tuple(
+        s if isinstance(s, str) else ",".join(s) if isinstance(s, tuple) else getattr(s, "__name__", "group")
+        for s, _ in style
+    )
+    return Grouping(
+        tuple(names[g] for g in kept),
+        tuple(tuple(members[g]) for g in kept),
+        tuple(style[g][1] if style[g][1] is not None else share for g in kept),
+    )

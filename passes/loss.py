@@ -1,4 +1,5 @@
-"""Loss reduction: the factor s with which sample i's gradient of its own loss is s * (its share of the graph's gradient).
+"""Loss reduction: the factor s with which sample i's gradient of its own loss is s * (its share of the
+graph's gradient).
 
 With ``loss = mean_i l_i`` the graph's gradient carries 1/B, so s = B; with ``sum_i l_i``, s = 1. A
 loss returned by the compiled function is recognised from the op that reduces it over the batch; a
@@ -12,11 +13,11 @@ import operator
 
 import torch
 import torch.fx
+from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.facts import Batched, Reduced
 
 from bkcompile.errors import LossReductionError, node_error
 from bkcompile.options import BKOptions
-from bkcompile.passes.batch_axis import JointGraph
-from bkcompile.passes.facts import Batched, Reduced
 
 aten = torch.ops.aten
 
@@ -36,16 +37,27 @@ class LossScale:
 
 _SUMS = {aten.sum.default, aten.sum.dim_IntList}
 _MEANS = {aten.mean.default, aten.mean.dim}
-_PASS_THROUGH = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.default,
-                 aten.squeeze.dim, aten.clone.default, aten.alias.default, aten._to_copy.default,
-                 aten.neg.default, torch.ops.prims.convert_element_type.default, aten.squeeze.dims}
+_PASS_THROUGH = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.clone.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.neg.default,
+    torch.ops.prims.convert_element_type.default,
+    aten.squeeze.dims,
+}
 _SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 _ADDS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar}
 
 
 def _unknown(node: torch.fx.Node) -> LossReductionError:
     return node_error(
-        LossReductionError, node,
+        LossReductionError,
+        node,
         "the pass cannot tell how this loss reduces over the batch",
         "return loss = per_sample_loss.mean() or .sum() (or F.cross_entropy / F.mse_loss with "
         "reduction='mean' or 'sum'), or return the model's outputs and compute the loss outside",
@@ -78,7 +90,8 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
         scales = {s for s in (_scale_of(joint, a) for a in node.args if isinstance(a, torch.fx.Node)) if s is not None}
         if len({(s.kind, s.node) for s in scales}) > 1:
             raise node_error(
-                LossReductionError, node,
+                LossReductionError,
+                node,
                 "it adds losses that reduce over the batch differently (a mean and a sum, or two means "
                 "with different normalisers), so no per-sample loss is defined",
                 "reduce every term the same way (all .mean() or all .sum() over the batch)",
@@ -89,17 +102,24 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
 
 def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
     """The per-sample loss scale s (pass 3 of the pipeline)."""
-    losses = [o for o in joint.forward_outputs if isinstance(o, torch.fx.Node) and isinstance(joint.facts.get(o), Reduced)]
+    losses = [
+        o for o in joint.forward_outputs if isinstance(o, torch.fx.Node) and isinstance(joint.facts.get(o), Reduced)
+    ]
     for loss in losses:
         if loss.meta["val"].dim() != 0:
             raise node_error(
-                LossReductionError, loss,
+                LossReductionError,
+                loss,
                 "the compiled function returns a sum over the batch that is not a scalar loss",
                 "return per-sample outputs (batch on dim 0) or a scalar loss",
             )
     if len(losses) > 1:
-        raise node_error(LossReductionError, losses[1], "the compiled function returns several losses",
-                         "return one scalar loss (add the terms inside the model)")
+        raise node_error(
+            LossReductionError,
+            losses[1],
+            "the compiled function returns several losses",
+            "return one scalar loss (add the terms inside the model)",
+        )
     if not losses:
         kind = options.loss_reduction
         return LossScale(kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)")
@@ -108,7 +128,8 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         raise _unknown(losses[0])
     if options.loss_reduction_given and options.loss_reduction != scale.reduction:
         raise node_error(
-            LossReductionError, losses[0],
+            LossReductionError,
+            losses[0],
             f"the loss returned by the compiled function reduces over the batch by a {scale.reduction}, "
             f"but the option loss_reduction={options.loss_reduction!r} says otherwise",
             f"drop the loss_reduction option or set it to {scale.reduction!r}",

@@ -9,18 +9,12 @@ rule is refused by the analysis. Register a rule for a custom op with :func:`reg
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import sympy
 import torch
 import torch.fx
-
-from bkcompile.errors import (
-    LossReductionError,
-    NotSupportedYetError,
-    SampleMixingError,
-    node_error,
-)
 from bkcompile.passes.facts import (
     REDUCED,
     REPLICATED,
@@ -34,8 +28,15 @@ from bkcompile.passes.facts import (
     shape_exprs,
 )
 
+from bkcompile.errors import (
+    LossReductionError,
+    NotSupportedYetError,
+    SampleMixingError,
+    node_error,
+)
+
 aten = torch.ops.aten
-FactOut = Union[Fact, tuple]
+FactOut = Fact | tuple
 Rule = Callable[["RuleInput"], FactOut]
 RULES: dict[torch._ops.OpOverload, Rule] = {}
 
@@ -148,8 +149,10 @@ def pointwise(r: RuleInput) -> Fact:
                 "sum or mean over the batch",
             )
         target = r.node.target
-        linear_in_one = target in _LINEAR_IN_ONE and reduced == [0] if target in (aten.div.Tensor, aten.div.Scalar) else (
-            target in _LINEAR_IN_ONE and len(reduced) == 1
+        linear_in_one = (
+            target in _LINEAR_IN_ONE and reduced == [0]
+            if target in (aten.div.Tensor, aten.div.Scalar)
+            else (target in _LINEAR_IN_ONE and len(reduced) == 1)
         )
         if target in _LINEAR_IN_ALL or linear_in_one or target in _COPIES:
             return REDUCED
@@ -356,8 +359,7 @@ def slice_backward(r: RuleInput) -> Fact:
     return fact
 
 
-@register_batch_rule([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-                      aten.full_like.default])
+@register_batch_rule([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default])
 def like(r: RuleInput) -> Fact:
     """A constant shaped like its input: rows stay with the samples whose shape they copy."""
     return r.fact(r.arg(0, "self"))
@@ -395,7 +397,9 @@ def _join(r: RuleInput, stacked: bool) -> Fact:
     if any(isinstance(f, Reduced) for f in facts):
         if all(isinstance(f, Reduced) for f in facts):
             return REDUCED
-        raise r.mixing("it joins a sum over the batch with other values", "keep per-sample values apart from batch sums")
+        raise r.mixing(
+            "it joins a sum over the batch with other values", "keep per-sample values apart from batch sums"
+        )
     batched = [f for f in facts if isinstance(f, Batched)]
     if not batched:
         return REPLICATED
@@ -461,7 +465,12 @@ def sum_all(r: RuleInput) -> Fact:
     [aten.amax.default, aten.amin.default, aten.logsumexp.default, aten.var.correction, aten.std.correction]
 )
 def nonlinear_reduce_dims(r: RuleInput) -> Fact:
-    return _reduce(r, (1, "dim"), (3 if r.node.target in (aten.var.correction, aten.std.correction) else 2, "keepdim"), linear=False)
+    return _reduce(
+        r,
+        (1, "dim"),
+        (3 if r.node.target in (aten.var.correction, aten.std.correction) else 2, "keepdim"),
+        linear=False,
+    )
 
 
 @register_batch_rule(aten.var_mean.correction)
@@ -486,8 +495,13 @@ def nonlinear_reduce_all(r: RuleInput) -> Fact:
 
 
 @register_batch_rule(
-    [aten._softmax.default, aten._log_softmax.default, aten._softmax_backward_data.default,
-     aten._log_softmax_backward_data.default, aten.cumsum.default]
+    [
+        aten._softmax.default,
+        aten._log_softmax.default,
+        aten._softmax_backward_data.default,
+        aten._log_softmax_backward_data.default,
+        aten.cumsum.default,
+    ]
 )
 def along_dim(r: RuleInput) -> Fact:
     """Softmax normalises along ``dim``: per-sample unless ``dim`` is the sample axis."""
@@ -510,7 +524,9 @@ def _matmul(r: RuleInput, a: torch.fx.Node, b: torch.fx.Node, lead: int) -> Fact
     fa, fb = r.fact(a), r.fact(b)
     if isinstance(fa, Reduced) or isinstance(fb, Reduced):
         if isinstance(fa, Batched) or isinstance(fb, Batched):
-            raise r.mixing("it multiplies a sum over the batch with per-sample values", "keep batch sums out of the model")
+            raise r.mixing(
+                "it multiplies a sum over the batch with per-sample values", "keep batch sums out of the model"
+            )
         return REDUCED
     n_dim, k_a, k_b, p_dim = lead, lead + 1, lead, lead + 1
     kinds = set()
@@ -593,8 +609,13 @@ def _batch_norm(r: RuleInput, training: bool, running_stats: bool) -> tuple:
     return (fact,) + (REPLICATED,) * (count - 1)
 
 
-@register_batch_rule([aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
-                      aten.native_batch_norm.default])
+@register_batch_rule(
+    [
+        aten._native_batch_norm_legit_functional.default,
+        aten._native_batch_norm_legit.default,
+        aten.native_batch_norm.default,
+    ]
+)
 def batch_norm(r: RuleInput) -> tuple:
     return _batch_norm(r, training=bool(r.arg(5, "training")), running_stats=r.arg(3, "running_mean") is not None)
 
@@ -683,8 +704,10 @@ def embedding_backward(r: RuleInput) -> Fact:
     grad, indices = r.fact(r.arg(0, "grad_output")), r.fact(r.arg(1, "indices"))
     if isinstance(grad, Reduced):
         if isinstance(indices, Batched):
-            raise r.mixing("it maps a sum over the batch with per-sample indices", "index with per-sample indices "
-                           "only values of the same sample")
+            raise r.mixing(
+                "it maps a sum over the batch with per-sample indices",
+                "index with per-sample indices only values of the same sample",
+            )
         return REDUCED
     batched = [f for f in (grad, indices) if isinstance(f, Batched)]
     if not batched:
@@ -721,12 +744,32 @@ def convolution_backward(r: RuleInput) -> tuple:
 # Ops that work on the trailing ``k`` spatial dims, each leading (sample, channel) slice on its own.
 _SPATIAL = {
     1: ["avg_pool1d", "max_pool1d"],
-    2: ["max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d", "avg_pool2d_backward",
-        "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_max_pool2d", "adaptive_max_pool2d_backward",
-        "upsample_nearest2d", "upsample_nearest2d_backward", "upsample_bilinear2d", "upsample_bilinear2d_backward",
-        "reflection_pad2d", "reflection_pad2d_backward", "replication_pad2d", "replication_pad2d_backward"],
-    3: ["max_pool3d_with_indices", "max_pool3d_with_indices_backward", "avg_pool3d", "avg_pool3d_backward",
-        "_adaptive_avg_pool3d", "_adaptive_avg_pool3d_backward"],
+    2: [
+        "max_pool2d_with_indices",
+        "max_pool2d_with_indices_backward",
+        "avg_pool2d",
+        "avg_pool2d_backward",
+        "_adaptive_avg_pool2d",
+        "_adaptive_avg_pool2d_backward",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool2d_backward",
+        "upsample_nearest2d",
+        "upsample_nearest2d_backward",
+        "upsample_bilinear2d",
+        "upsample_bilinear2d_backward",
+        "reflection_pad2d",
+        "reflection_pad2d_backward",
+        "replication_pad2d",
+        "replication_pad2d_backward",
+    ],
+    3: [
+        "max_pool3d_with_indices",
+        "max_pool3d_with_indices_backward",
+        "avg_pool3d",
+        "avg_pool3d_backward",
+        "_adaptive_avg_pool3d",
+        "_adaptive_avg_pool3d_backward",
+    ],
 }
 
 
@@ -740,8 +783,10 @@ def spatial(k: int) -> Rule:
         batched = [r.fact(a) for a in r.tensor_args() if isinstance(r.fact(a), Batched)]
         fact = _agree(r, batched) if batched else REPLICATED
         if batched and fact.dim >= (outputs if single else outputs[0]).dim() - k:
-            raise r.mixing(f"it pools or resamples over the sample axis (one of its last {k} dims)",
-                           "keep the batch on dim 0 (N) of (N, C, *spatial) inputs")
+            raise r.mixing(
+                f"it pools or resamples over the sample axis (one of its last {k} dims)",
+                "keep the batch on dim 0 (N) of (N, C, *spatial) inputs",
+            )
         return fact if single else (fact,) * len(outputs)
 
     return rule
@@ -786,8 +831,9 @@ def sdpa_cpu(r: RuleInput) -> tuple:
     return (fact, fact)
 
 
-@register_batch_rule([aten._scaled_dot_product_flash_attention.default,
-                      aten._scaled_dot_product_cudnn_attention.default])
+@register_batch_rule(
+    [aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default]
+)
 def sdpa_flash_or_cudnn(r: RuleInput) -> tuple:
     """Outputs: attention, log-sum-exp, sequence bookkeeping (4), RNG seed and offset, the debug mask (B, H, T, T)
     when asked for (else empty)."""
@@ -803,9 +849,13 @@ def sdpa_efficient(r: RuleInput) -> tuple:
     return (fact, fact, REPLICATED, REPLICATED)
 
 
-@register_batch_rule([aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-                      aten._scaled_dot_product_flash_attention_backward.default,
-                      aten._scaled_dot_product_cudnn_attention_backward.default])
+@register_batch_rule(
+    [
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+        aten._scaled_dot_product_flash_attention_backward.default,
+        aten._scaled_dot_product_cudnn_attention_backward.default,
+    ]
+)
 def sdpa_backward(r: RuleInput) -> tuple:
     fact = _attention_fact(r, r.tensor_args())
     return (fact, fact, fact)
@@ -817,9 +867,11 @@ def sdpa_efficient_backward(r: RuleInput) -> tuple:
     if not r.arg(10, "grad_input_mask")[3]:  # no bias gradient
         return (fact, fact, fact, REPLICATED)
     if not isinstance(r.fact(r.arg(4, "attn_bias")), Batched):
-        raise node_error(NotSupportedYetError, r.node,
-                         "the attention bias is shared by the samples and needs a gradient: the fused kernel sums it "
-                         "over the samples, with no per-sample norm",
-                         "add the bias to the scores outside scaled_dot_product_attention, or freeze it")
+        raise node_error(
+            NotSupportedYetError,
+            r.node,
+            "the attention bias is shared by the samples and needs a gradient: the fused kernel sums it "
+            "over the samples, with no per-sample norm",
+            "add the bias to the scores outside scaled_dot_product_attention, or freeze it",
+        )
     return (fact, fact, fact, fact)
-

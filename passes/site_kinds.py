@@ -21,12 +21,12 @@ from collections.abc import Callable
 
 import torch
 import torch.fx
-
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
-from bkcompile.errors import NotSupportedYetError, node_error
 from bkcompile.passes.facts import Batched, Reduced, Replicated
 from bkcompile.passes.rules import _dims
+
+from bkcompile.errors import NotSupportedYetError, node_error
 
 aten = torch.ops.aten
 Size = int | torch.fx.Node
@@ -56,8 +56,12 @@ def layout(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, batch: 
         return int(fact.outer), emit.floordiv(rows, int(fact.outer))
     if fact.inner.is_Integer:
         return emit.floordiv(rows, int(fact.inner)), int(fact.inner)
-    raise node_error(NotSupportedYetError, value, "the sample axis of this value has symbolic sizes both before "
-                     "and after it", "keep the batch the leading dim of per-sample inputs")
+    raise node_error(
+        NotSupportedYetError,
+        value,
+        "the sample axis of this value has symbolic sizes both before and after it",
+        "keep the batch the leading dim of per-sample inputs",
+    )
 
 
 def split_batch(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, batch: Size) -> torch.fx.Node:
@@ -107,7 +111,8 @@ def reduces_samples(joint: JointGraph, node: torch.fx.Node) -> bool:
     conv = node.target is operator.getitem and node.args[0].target == aten.convolution_backward.default
     source = node.args[0] if conv else node
     return isinstance(joint.facts.get(node), Reduced) and any(
-        isinstance(joint.facts.get(a), Batched) for a in source.all_input_nodes)
+        isinstance(joint.facts.get(a), Batched) for a in source.all_input_nodes
+    )
 
 
 # --- matmul: G = a (L, n, K) @ b (L, K, p), K = B*m (mm: L = 1) --------------------------------------
@@ -199,8 +204,9 @@ def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, paddi
 def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, vocab: int, batch: Size):
     """(B, V, d): rows (B, n, d) added at ``index`` (B or 1, n) into a zero table of each sample."""
     width = rows.meta["val"].shape[-1]
-    table = emit(aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype,
-                 device=rows.meta["val"].device)
+    table = emit(
+        aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype, device=rows.meta["val"].device
+    )
     where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [batch, -1, width])
     return emit(aten.scatter_add.default, table, 1, where, rows)
 
@@ -260,8 +266,20 @@ def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch
     stacked = emit(aten.expand.default, emit(aten.unsqueeze.default, emit.to_dtype(weight, dtype), 0), [batch, *shape])
     stacked = emit(aten.reshape.default, stacked, [-1, *shape[1:]])
     sample_groups = groups * batch if isinstance(batch, int) else emit(operator.mul, batch, groups)
-    grads = emit(aten.convolution_backward.default, flat_out, flat_in, stacked, None, stride, padding, dilation,
-                 transposed, output_padding, sample_groups, [False, True, False])
+    grads = emit(
+        aten.convolution_backward.default,
+        flat_out,
+        flat_in,
+        stacked,
+        None,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        sample_groups,
+        [False, True, False],
+    )
     return emit(aten.reshape.default, emit(operator.getitem, grads, 1), [-1, *shape])
 
 
@@ -281,10 +299,18 @@ def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
 
     kernel = static_shape(weight)[2:]
     x = emit.to_dtype(x, dtype)
-    unfolded = emit(aten.im2col.default, emit(aten.unsqueeze.default, x, 2) if one_d else x, as_2d(kernel, 1),
-                    as_2d(dilation, 1), as_2d(padding, 0), as_2d(stride, 1))  # (B, Cin*k, L)
+    unfolded = emit(
+        aten.im2col.default,
+        emit(aten.unsqueeze.default, x, 2) if one_d else x,
+        as_2d(kernel, 1),
+        as_2d(dilation, 1),
+        as_2d(padding, 0),
+        as_2d(stride, 1),
+    )  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
-    rows = emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions])
+    rows = emit(
+        aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions]
+    )
     columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * math.prod(kernel), positions])
     return rows, columns, groups
 

@@ -12,11 +12,11 @@ import dataclasses
 
 import torch
 import torch.fx
-
-from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.site_kinds import kind_of, reduces_samples
+
+from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 
 aten = torch.ops.aten
 
@@ -61,6 +61,7 @@ def preserved_operand(node: torch.fx.Node) -> torch.fx.Node | None:
         return node.args[1] if _is_zeros(node.args[0]) else None
     return node.args[0]
 
+
 # Ops linear in one reduced operand, with sample-independent other operands (a frozen BatchNorm's 1/std,
 # a constant, the indices of a broadcast position embedding): not norm-preserving, applied per sample.
 SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
@@ -93,12 +94,16 @@ def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     term, *rest = node.args
     if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
         term, rest = rest[0], [term]
-    if not isinstance(joint.facts.get(term), Reduced) or any(isinstance(joint.facts.get(a), (Reduced, Batched))
-                                                                for a in rest if isinstance(a, torch.fx.Node)):
+    if not isinstance(joint.facts.get(term), Reduced) or any(
+        isinstance(joint.facts.get(a), (Reduced, Batched)) for a in rest if isinstance(a, torch.fx.Node)
+    ):
         return None
     factor = rest[0] if rest else None
-    if node.target in SCALINGS and isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta[
-            "val"].dim():
+    if (
+        node.target in SCALINGS
+        and isinstance(factor, torch.fx.Node)
+        and factor.meta["val"].dim() > term.meta["val"].dim()
+    ):
         return None
     return term
 
@@ -112,8 +117,11 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
     if kind is not None:
         sites.append(Site(param=name, node=node, kind=kind))
         return False
-    if node.target is aten.add.Tensor and not node.kwargs and all(
-            isinstance(joint.facts.get(a), Reduced) for a in node.args):
+    if (
+        node.target is aten.add.Tensor
+        and not node.kwargs
+        and all(isinstance(joint.facts.get(a), Reduced) for a in node.args)
+    ):
         # a parameter used at several places: its gradient adds the uses' gradients
         return any([_collect(joint, term, name, sites) for term in node.args])
     term = linear_term(joint, node)
@@ -122,12 +130,14 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
         return True
     if not isinstance(joint.facts.get(node), Reduced):
         raise node_error(
-            PrivacyError, node,
+            PrivacyError,
+            node,
             f"the gradient of parameter {name!r} does not come from a sum over per-sample values",
             "make sure the compiled function's outputs depend on the batch (dim 0 of the inputs)",
         )
     raise node_error(
-        NotSupportedYetError, node,
+        NotSupportedYetError,
+        node,
         f"the gradient of parameter {name!r} reaches it through an op the pass cannot clip yet",
         "express the layer with linear maps, convolutions, embeddings, sums and elementwise ops, or freeze "
         "the parameter",
@@ -142,8 +152,12 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
             continue
         if not trainable:
             if isinstance(joint.facts.get(grad), Reduced):
-                raise node_error(PrivacyError, grad, f"the gradient of input {name!r} sums over samples",
-                                 "pass per-sample inputs with the batch on dim 0, or make it a parameter")
+                raise node_error(
+                    PrivacyError,
+                    grad,
+                    f"the gradient of input {name!r} sums over samples",
+                    "pass per-sample inputs with the batch on dim 0, or make it a parameter",
+                )
             continue
         sites: list[Site] = []
         scaled = _collect(joint, grad, name, sites)
@@ -152,7 +166,8 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
     for node in joint.gm.graph.nodes:
         if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):
             raise node_error(
-                NotSupportedYetError, node,
+                NotSupportedYetError,
+                node,
                 "this sum over samples reaches a parameter gradient by a path the pass cannot clip yet",
                 "express the layer with linear maps, sums and elementwise ops",
             )

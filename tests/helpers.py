@@ -26,6 +26,8 @@ def raises_bk(error_type: type, *fragments: str):
     error = info.value
     while not isinstance(error, error_type) and getattr(error, "inner_exception", None) is not None:
         error = error.inner_exception
-    assert isinstance(error, error_type), f"expected {error_type.__name__}, got {type(info.value).__name__}: {info.value}"
+    assert isinstance(error, error_type), (
+        f"expected {error_type.__name__}, got {type(info.value).__name__}: {info.value}"
+    )
     for fragment in fragments:
         assert fragment in str(error), f"{fragment!r} not in: {error}"

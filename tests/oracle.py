@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -27,8 +27,7 @@ def per_sample_grads(model: torch.nn.Module, sample_loss: Callable, inputs: tupl
     return vmap(grad(loss_of_one), in_dims=in_dims, randomness="same")(trainable, *inputs, *targets)
 
 
-def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi",
-                gamma=0.01):
+def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi", gamma=0.01):
     """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping; with ``groups``
     (a list of (parameter names, threshold)) each group is clipped on its own and the norms are (B, G)."""
     grads = per_sample_grads(model, sample_loss, inputs, targets)

@@ -9,10 +9,10 @@ import pytest
 import sympy
 import torch
 import torch.fx
-
-from bkcompile import NotSupportedYetError, SampleMixingError
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.rules import RuleInput, rule_for
+
+from bkcompile import NotSupportedYetError, SampleMixingError
 
 aten = torch.ops.aten
 B, H, T, D = 2, 4, 8, 16
@@ -59,8 +59,23 @@ def test_flash_attention_and_its_backward_are_per_sample() -> None:
     # output, logsumexp per sample; sequence bookkeeping and the RNG state (shape (2,): seed, offset) are not
     assert facts == (PER_SAMPLE, PER_SAMPLE) + (REPLICATED,) * 7
     grad = graph.input("grad", (B, H, T, D), PER_SAMPLE)
-    facts, _ = graph.call(aten._scaled_dot_product_flash_attention_backward.default, grad, q, k, v, out[0], out[1],
-                          out[2], out[3], out[4], out[5], 0.0, False, out[6], out[7])
+    facts, _ = graph.call(
+        aten._scaled_dot_product_flash_attention_backward.default,
+        grad,
+        q,
+        k,
+        v,
+        out[0],
+        out[1],
+        out[2],
+        out[3],
+        out[4],
+        out[5],
+        0.0,
+        False,
+        out[6],
+        out[7],
+    )
     assert facts == (PER_SAMPLE,) * 3
 
 
@@ -79,8 +94,20 @@ def test_efficient_attention_and_its_backward_are_per_sample(with_bias: bool) ->
     facts, out = graph.call(aten._scaled_dot_product_efficient_attention.default, q, k, v, bias, True)
     assert facts == (PER_SAMPLE, PER_SAMPLE, REPLICATED, REPLICATED)
     grad = graph.input("grad", (B, H, T, D), PER_SAMPLE)
-    facts, _ = graph.call(aten._scaled_dot_product_efficient_attention_backward.default, grad, q, k, v, bias, out[0],
-                          out[1], out[2], out[3], 0.0, [True, True, True, with_bias])
+    facts, _ = graph.call(
+        aten._scaled_dot_product_efficient_attention_backward.default,
+        grad,
+        q,
+        k,
+        v,
+        bias,
+        out[0],
+        out[1],
+        out[2],
+        out[3],
+        0.0,
+        [True, True, True, with_bias],
+    )
     assert facts == (PER_SAMPLE,) * 3 + ((PER_SAMPLE,) if with_bias else (REPLICATED,))
 
 
@@ -91,8 +118,20 @@ def test_efficient_attention_refuses_a_shared_bias_that_needs_a_gradient() -> No
     _, out = graph.call(aten._scaled_dot_product_efficient_attention.default, q, k, v, bias, True)
     grad = graph.input("grad", (B, H, T, D), PER_SAMPLE)
     with pytest.raises(NotSupportedYetError, match="shared by the samples"):
-        graph.call(aten._scaled_dot_product_efficient_attention_backward.default, grad, q, k, v, bias, out[0],
-                   out[1], out[2], out[3], 0.0, [True, True, True, True])
+        graph.call(
+            aten._scaled_dot_product_efficient_attention_backward.default,
+            grad,
+            q,
+            k,
+            v,
+            bias,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            0.0,
+            [True, True, True, True],
+        )
 
 
 def test_cudnn_attention_and_its_backward_are_per_sample() -> None:
@@ -101,14 +140,35 @@ def test_cudnn_attention_and_its_backward_are_per_sample() -> None:
     facts, out = graph.call(aten._scaled_dot_product_cudnn_attention.default, q, k, v, None, True)
     assert facts == (PER_SAMPLE, PER_SAMPLE) + (REPLICATED,) * 7
     grad = graph.input("grad", (B, H, T, D), PER_SAMPLE)
-    facts, _ = graph.call(aten._scaled_dot_product_cudnn_attention_backward.default, grad, q, k, v, out[0], out[1],
-                          out[6], out[7], None, out[2], out[3], out[4], out[5], 0.0, False)
+    facts, _ = graph.call(
+        aten._scaled_dot_product_cudnn_attention_backward.default,
+        grad,
+        q,
+        k,
+        v,
+        out[0],
+        out[1],
+        out[6],
+        out[7],
+        None,
+        out[2],
+        out[3],
+        out[4],
+        out[5],
+        0.0,
+        False,
+    )
     assert facts == (PER_SAMPLE,) * 3
 
 
-@pytest.mark.parametrize("op", [aten._scaled_dot_product_flash_attention.default,
-                                aten._scaled_dot_product_efficient_attention.default,
-                                aten._scaled_dot_product_cudnn_attention.default])
+@pytest.mark.parametrize(
+    "op",
+    [
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+    ],
+)
 def test_attention_over_a_batch_on_the_heads_dim_is_refused(op) -> None:
     graph = Graph()
     q, k, v = _qkv(graph, Batched(1))

@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
-
-import bkcompile
 import zoo
 from helpers import assert_matches
 from oracle import clipped_sum
+from torch._dynamo.utils import counters
+
+import bkcompile
 
 
 def test_backend_name_works_without_importing_bkcompile() -> None:

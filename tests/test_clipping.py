@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
+from helpers import assert_matches, raises_bk
+from oracle import clipped_sum, compiled_grads
 from torch import nn
 
 import bkcompile
-import zoo
 from bkcompile.optimizer import gradient_noise_multiplier
-from helpers import assert_matches, raises_bk
-from oracle import clipped_sum, compiled_grads
 
 MODELS = {"transformer-block": (zoo.PreNormBlock, (4, 8)), "conv": (zoo.ConvNet, (3, 8, 8))}
 
@@ -62,9 +62,18 @@ def test_clipping_style_matches_the_oracle(model_name: str, style: str, clip_fn:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     expected = _expected_groups(names, style, PREFIX[model_name], radius)
     want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), groups=expected, clip_fn=clip_fn)
-    got, _ = compiled_grads(model, (x,), F.cross_entropy, (y,), {
-        "max_grad_norm": radius, "compiler": "aot_eager", "clipping": _option(style, PREFIX[model_name]),
-        "clip_fn": clip_fn})
+    got, _ = compiled_grads(
+        model,
+        (x,),
+        F.cross_entropy,
+        (y,),
+        {
+            "max_grad_norm": radius,
+            "compiler": "aot_eager",
+            "clipping": _option(style, PREFIX[model_name]),
+            "clip_fn": clip_fn,
+        },
+    )
     assert_matches(got, want, torch.float64)
     found = _by_members((g["params"], g["threshold"]) for g in bkcompile.last_report().groups)
     assert found.keys() == _by_members(expected).keys()
@@ -77,13 +86,16 @@ def test_each_sample_contributes_at_most_its_group_threshold(style: str, clip_fn
     torch.manual_seed(1)
     model = zoo.MLP().double()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager",
-                                                             "clipping": style, "clip_fn": clip_fn})
+    compiled = torch.compile(
+        twin,
+        backend="bk_dp",
+        options={"max_grad_norm": 1.0, "compiler": "aot_eager", "clipping": style, "clip_fn": clip_fn},
+    )
     scales = torch.logspace(-3, 3, 13, dtype=torch.float64)  # gradients from 1e-3 to 1e3 times the usual
     x = torch.randn(13, 6, dtype=torch.float64) * scales[:, None]
     groups = None
     for i in range(len(x)):
-        sample = x[i:i + 1]
+        sample = x[i : i + 1]
         bkcompile.mark_batch_dynamic(sample)  # one graph for every batch size: the batched pipeline
         twin.zero_grad(set_to_none=True)
         (compiled(sample) * scales[i]).sum().backward()
@@ -97,12 +109,17 @@ def test_each_sample_contributes_at_most_its_group_threshold(style: str, clip_fn
 def test_adaptive_thresholds_converge_to_the_target_quantile() -> None:
     torch.manual_seed(2)
     model = nn.Linear(1, 1, bias=False)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 5.0, "compiler": "aot_eager",
-                                                              "loss_reduction": "sum"})
+    compiled = torch.compile(
+        model, backend="bk_dp", options={"max_grad_norm": 5.0, "compiler": "aot_eager", "loss_reduction": "sum"}
+    )
     optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=5.0, expected_batch_size=64,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=1.0,
+        max_grad_norm=5.0,
+        expected_batch_size=64,
         generator=torch.Generator().manual_seed(0),
-        adaptive_clipping=bkcompile.AdaptiveClipping(target_quantile=0.7, learning_rate=0.2, count_noise=1.0))
+        adaptive_clipping=bkcompile.AdaptiveClipping(target_quantile=0.7, learning_rate=0.2, count_noise=1.0),
+    )
     stream = torch.distributions.LogNormal(0.0, 0.5)
     for _ in range(200):  # per-sample gradient norms |x_i| from the stream
         x = stream.sample((64, 1))
@@ -116,12 +133,22 @@ def test_adaptive_thresholds_converge_to_the_target_quantile() -> None:
 
 def test_noise_scale_is_sigma_times_the_groups_sensitivity() -> None:
     model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100))
-    compiled = torch.compile(model, backend="bk_dp", options={
-        "max_grad_norm": 1.0, "compiler": "aot_eager",
-        "clipping": [{"params": "0.*", "max_grad_norm": 0.3}, {"params": "1.*", "max_grad_norm": 0.4}]})
-    optimizer = bkcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=2.0,
-                                      max_grad_norm=1.0, expected_batch_size=8,
-                                      generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(
+        model,
+        backend="bk_dp",
+        options={
+            "max_grad_norm": 1.0,
+            "compiler": "aot_eager",
+            "clipping": [{"params": "0.*", "max_grad_norm": 0.3}, {"params": "1.*", "max_grad_norm": 0.4}],
+        },
+    )
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+        generator=torch.Generator().manual_seed(3),
+    )
     compiled(torch.randn(8, 100)).sum(1).mean().backward()
     for p in model.parameters():
         p.grad.zero_()  # noise alone remains
@@ -143,13 +170,16 @@ def test_per_device_groups_one_per_device() -> None:
     assert [(g["name"], g["threshold"]) for g in report.groups] == [("cpu", 2.0)]
 
 
-@pytest.mark.parametrize(("options", "fragment"), [
-    ({"clipping": "per-tensor"}, "clipping"),
-    ({"clipping": [{"params": 3}]}, "name pattern"),
-    ({"clipping": ["net.0.*"]}, "is in no clipping group"),
-    ({"clip_fn": "tanh"}, "clip_fn"),
-    ({"clip_gamma": 0}, "clip_gamma"),
-])
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"clipping": "per-tensor"}, "clipping"),
+        ({"clipping": [{"params": 3}]}, "name pattern"),
+        ({"clipping": ["net.0.*"]}, "is in no clipping group"),
+        ({"clip_fn": "tanh"}, "clip_fn"),
+        ({"clip_gamma": 0}, "clip_gamma"),
+    ],
+)
 def test_bad_clipping_options_are_refused(options: dict, fragment: str) -> None:
     with raises_bk(bkcompile.OptionError, fragment):
         bkcompile.explain(zoo.MLP(), torch.randn(4, 6), **options)

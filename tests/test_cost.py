@@ -11,23 +11,30 @@ import sys
 import pytest
 import sympy
 import torch
-from torch import nn
-
-import bkcompile
 import zoo
 from helpers import assert_matches, raises_bk
 from test_oracle import CASES, run_case
+from torch import nn
+
+import bkcompile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # site kinds: matmul + sum (mlp), bmm (einsum), embedding (text), conv (convnet, 1-d and 3-d), several sites (tied)
-KIND_CASES = ["mlp", "raw-params-einsum", "embedding-padding-mha-masks", "convnet-depthwise-transposed",
-              "conv1d-instancenorm-conv3d", "tied-embeddings-sdpa-lm"]
+KIND_CASES = [
+    "mlp",
+    "raw-params-einsum",
+    "embedding-padding-mha-masks",
+    "convnet-depthwise-transposed",
+    "conv1d-instancenorm-conv3d",
+    "tied-embeddings-sdpa-lm",
+]
 
 
 def _check_strategy(name: str, strategy: str, dtype: torch.dtype, compiler: str) -> None:
     case = CASES[name]
-    got, want, _, _ = run_case(dataclasses.replace(case, options={**case.options, "strategy": strategy}), 7, dtype,
-                               compiler)
+    got, want, _, _ = run_case(
+        dataclasses.replace(case, options={**case.options, "strategy": strategy}), 7, dtype, compiler
+    )
     assert_matches(got, want, dtype)
 
 
@@ -40,9 +47,14 @@ def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
         assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
 
 
-@pytest.mark.parametrize(("name", "strategy"), [("convnet-depthwise-transposed", "ghost"),
-                                                ("tied-embeddings-sdpa-lm", "explicit"),
-                                                ("embedding-padding-mha-masks", "auto")])
+@pytest.mark.parametrize(
+    ("name", "strategy"),
+    [
+        ("convnet-depthwise-transposed", "ghost"),
+        ("tied-embeddings-sdpa-lm", "explicit"),
+        ("embedding-padding-mha-masks", "auto"),
+    ],
+)
 def test_strategies_with_inductor(name: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
     _check_strategy(name, strategy, torch.float32, "inductor")
@@ -64,16 +76,19 @@ def _row(report: bkcompile.CostReport, param: str) -> bkcompile.report.SiteRow:
 
 
 # "auto": ghost holds 2T^2 values per sample, explicit pd = 4096 at p = d = 64: ghost up to T = 45
-@pytest.mark.parametrize(("tokens", "strategy"), [(1, "ghost"), (16, "ghost"), (45, "ghost"), (46, "explicit"),
-                                                   (64, "explicit")])
+@pytest.mark.parametrize(
+    ("tokens", "strategy"), [(1, "ghost"), (16, "ghost"), (45, "ghost"), (46, "explicit"), (64, "explicit")]
+)
 def test_auto_choice_flips_where_ghost_holds_more(tokens: int, strategy: str) -> None:
     row = _row(bkcompile.explain(Tokens(), torch.randn(8, tokens, 64)), "fc.weight")
     assert (row.strategy, row.reason) == (strategy, "less memory")
 
 
 # "fastest": ghost 2T^2(p + d) + T^2 FLOPs against explicit 3pd at p = d = 64: ghost is cheaper up to T = 6
-@pytest.mark.parametrize(("tokens", "strategy"), [(1, "ghost"), (4, "ghost"), (6, "ghost"), (7, "explicit"),
-                                                   (16, "explicit"), (64, "explicit")])
+@pytest.mark.parametrize(
+    ("tokens", "strategy"),
+    [(1, "ghost"), (4, "ghost"), (6, "ghost"), (7, "explicit"), (16, "explicit"), (64, "explicit")],
+)
 def test_fastest_choice_flips_with_sequence_length(tokens: int, strategy: str) -> None:
     report = bkcompile.explain(Tokens(), torch.randn(8, tokens, 64), strategy="fastest")
     assert _row(report, "fc.weight").strategy == strategy
@@ -119,8 +134,9 @@ def test_report_as_text_markdown_dict_and_on_compile(capsys: pytest.CaptureFixtu
     text, markdown, data = str(report), report.to_markdown(), report.to_dict()
     assert "net.0.weight" in text and "| net.0.weight | matmul |" in markdown
     assert data["rows"][0]["param"] == "net.0.weight" and data["overhead"] == report.overhead > 0
-    compiled = torch.compile(zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager",
-                                                                   "report": True})
+    compiled = torch.compile(
+        zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager", "report": True}
+    )
     compiled(torch.randn(8, 6))
     assert "bk_dp cost model: 6 sites, B = 8" in capsys.readouterr().out
 
@@ -134,19 +150,39 @@ def test_dynamic_batch_report_keeps_b_symbolic() -> None:
     assert report.batch_dynamic and report.batch != "8" and "dynamic" in str(report)
 
 
-@pytest.mark.parametrize(("options", "fragment"), [({"strategy": "fast"}, "strategy"),
-                                                   ({"memory_budget": -1}, "memory_budget"),
-                                                   ({"memory_budget": 10**6}, "strategy='fastest'"),
-                                                   ({"report": "yes"}, "report")])
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"strategy": "fast"}, "strategy"),
+        ({"memory_budget": -1}, "memory_budget"),
+        ({"memory_budget": 10**6}, "strategy='fastest'"),
+        ({"report": "yes"}, "report"),
+    ],
+)
 def test_bad_cost_options_are_refused(options: dict, fragment: str) -> None:
     with raises_bk(bkcompile.OptionError, fragment):
         bkcompile.explain(zoo.MLP(), torch.randn(8, 6), **options)
 
 
 def test_command_line_prints_the_table() -> None:
-    done = subprocess.run([sys.executable, "-m", "bkcompile", "explain", "examples/models.py:small_cnn",
-                           "--input-shape", "4,3,16,16", "--option", "strategy='explicit'"],
-                          capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bkcompile",
+            "explain",
+            "examples/models.py:small_cnn",
+            "--input-shape",
+            "4,3,16,16",
+            "--option",
+            "strategy='explicit'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bk_dp cost model: 10 sites, B = 4" in done.stdout
     assert "0.weight   conv" in done.stdout and "explicit (strategy='explicit')" in done.stdout

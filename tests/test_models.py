@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from helpers import TOL, assert_matches, raises_bk
+from oracle import EPS, clipped_sum, compiled_grads
 
 import bkcompile
 from bkcompile.norms import backward_count
-from helpers import TOL, assert_matches, raises_bk
-from oracle import EPS, clipped_sum, compiled_grads
 
 BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
@@ -29,10 +29,12 @@ def looped_clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     per_sample = []
     for i in range(len(inputs[0])):
-        loss = sample_loss(model(*(x[i:i + 1] for x in inputs)), *(y[i:i + 1] for y in targets))
+        loss = sample_loss(model(*(x[i : i + 1] for x in inputs)), *(y[i : i + 1] for y in targets))
         per_sample.append(dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True))))
-    grads = {k: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_sample])
-             for k, p in params.items()}
+    grads = {
+        k: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_sample])
+        for k, p in params.items()
+    }
     norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
     factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
     return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms
@@ -51,8 +53,9 @@ def assert_matches_model(got: dict, want: dict, dtype: torch.dtype) -> None:
     assert_matches({k: got[k] for k in got if k not in zero}, {k: want[k] for k in want if k not in zero}, dtype)
 
 
-def check_matches_oracle(model: nn.Module, inputs: tuple, targets: tuple, loss, dtype=F64, options=None,
-                         oracle=clipped_sum):
+def check_matches_oracle(
+    model: nn.Module, inputs: tuple, targets: tuple, loss, dtype=F64, options=None, oracle=clipped_sum
+):
     """Compile ``model`` with bk_dp (aot_eager), R = the median per-sample norm; compare with the oracle."""
     model = model.to(dtype)
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
@@ -116,24 +119,51 @@ class Loss(Logits):
 
 
 def tiny_gpt2(attn: str = "eager") -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=16,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+    )
     config._attn_implementation = attn
     return transformers.GPT2LMHeadModel(config).train()
 
 
 def tiny_vit(attn: str = "eager") -> nn.Module:
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     config._attn_implementation = attn
     return transformers.ViTForImageClassification(config).train()
 
 
 def tiny_bert(attn: str = "eager") -> nn.Module:
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
     config._attn_implementation = attn
     return transformers.BertForSequenceClassification(config).train()
 
@@ -156,8 +186,13 @@ def test_gpt2_lm_per_sample_token_loss(attn: str) -> None:
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_vit_image_classification(attn: str, dtype: torch.dtype) -> None:
     pixels = torch.randn(BATCH, 3, 8, 8)
-    check_matches_oracle(Logits(tiny_vit(attn), "pixel_values"), (pixels,), (torch.randint(0, 3, (BATCH,)),),
-                         F.cross_entropy, dtype=dtype)
+    check_matches_oracle(
+        Logits(tiny_vit(attn), "pixel_values"),
+        (pixels,),
+        (torch.randint(0, 3, (BATCH,)),),
+        F.cross_entropy,
+        dtype=dtype,
+    )
 
 
 # --- 3. BERT sequence classifier with padding ------------------------------------------------------------------
@@ -167,8 +202,13 @@ def test_vit_image_classification(attn: str, dtype: torch.dtype) -> None:
 def test_bert_sequence_classification_with_padding(attn: str) -> None:
     inputs = (token_ids(), padding_mask())
     oracle = looped_clipped_sum if attn == "sdpa" else clipped_sum  # vmap refuses the SDPA mask's torch.all
-    check_matches_oracle(Logits(tiny_bert(attn), "input_ids", "attention_mask"), inputs,
-                         (torch.randint(0, 3, (BATCH,)),), F.cross_entropy, oracle=oracle)
+    check_matches_oracle(
+        Logits(tiny_bert(attn), "input_ids", "attention_mask"),
+        inputs,
+        (torch.randint(0, 3, (BATCH,)),),
+        F.cross_entropy,
+        oracle=oracle,
+    )
 
 
 # --- 4. the loss computed inside the transformers model (labels=) -------------------------------------------------
@@ -196,26 +236,35 @@ def test_gpt2_loss_inside_token_mean_over_the_batch_is_refused() -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_lora_gpt2_adapters_only(attn: str) -> None:
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.0,
-                             fan_in_fan_out=True, init_lora_weights=False)  # random B: A's gradient is not 0
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["c_attn", "c_proj"],
+        lora_dropout=0.0,
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )  # random B: A's gradient is not 0
     model = peft.get_peft_model(tiny_gpt2(attn), config)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
     ids = token_ids()
-    compiled = check_matches_oracle(Logits(model, "input_ids"), (ids,), (torch.roll(ids, -1, dims=1),),
-                                    per_sample_token_loss)
+    compiled = check_matches_oracle(
+        Logits(model, "input_ids"), (ids,), (torch.roll(ids, -1, dims=1),), per_sample_token_loss
+    )
     assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
 
 
 def test_lora_bert_adapters_only() -> None:
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0,
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False
+    )
     model = peft.get_peft_model(tiny_bert(), config)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
     inputs = (token_ids(), padding_mask())
-    compiled = check_matches_oracle(Logits(model, "input_ids", "attention_mask"), inputs,
-                                    (torch.randint(0, 3, (BATCH,)),), F.cross_entropy)
+    compiled = check_matches_oracle(
+        Logits(model, "input_ids", "attention_mask"), inputs, (torch.randint(0, 3, (BATCH,)),), F.cross_entropy
+    )
     assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
 
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import bkcompile
+import zoo
 from helpers import assert_matches
 from oracle import clipped_sum, compiled_grads
-import zoo
+
+import bkcompile
 
 
 @dataclasses.dataclass
@@ -47,8 +47,9 @@ def _returned_loss(out, *targets):
 
 CASES = {
     "mlp": Case(zoo.MLP, (6,), F.cross_entropy),
-    "mlp-sum-outside": Case(zoo.MLP, (6,), lambda o, y: F.cross_entropy(o, y, reduction="sum"),
-                            options={"loss_reduction": "sum"}),
+    "mlp-sum-outside": Case(
+        zoo.MLP, (6,), lambda o, y: F.cross_entropy(o, y, reduction="sum"), options={"loss_reduction": "sum"}
+    ),
     "mlp-loss-inside-ce-mean": Case(lambda: zoo.MLPWithLoss("mean"), (6,), _returned_loss, loss_inside=True),
     "mlp-loss-inside-ce-sum": Case(lambda: zoo.MLPWithLoss("sum"), (6,), _returned_loss, loss_inside=True),
     "mlp-loss-inside-sq-mean": Case(lambda: zoo.MLPWithLoss("mean", "square"), (6,), _returned_loss, loss_inside=True),

@@ -8,22 +8,25 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from oracle import clipped_sum
 
 import bkcompile
-from oracle import clipped_sum
 
 OPTIONS = {"max_grad_norm": 0.5, "compiler": "aot_eager"}
 
 
-@pytest.mark.parametrize("q, sigma, steps, delta", [(0.05, 1.1, 300, 1e-5), (0.01, 0.8, 1000, 1e-6),
-                                                    (0.2, 2.0, 50, 1e-5), (1.0, 5.0, 20, 1e-5)])
+@pytest.mark.parametrize(
+    "q, sigma, steps, delta",
+    [(0.05, 1.1, 300, 1e-5), (0.01, 0.8, 1000, 1e-6), (0.2, 2.0, 50, 1e-5), (1.0, 5.0, 20, 1e-5)],
+)
 def test_epsilon_agrees_with_dp_accounting(q: float, sigma: float, steps: int, delta: float) -> None:
     dp_accounting = pytest.importorskip("dp_accounting")
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
     pld = pld_privacy_accountant.PLDAccountant()
     pld.compose(event)
     rdp = rdp_privacy_accountant.RdpAccountant()
@@ -55,8 +58,13 @@ def _compiled_linear(seed: int = 0):
 def test_noise_has_the_right_standard_deviation() -> None:
     model = nn.Linear(200, 50)
     inner = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer = bkcompile.DPOptimizer(inner, noise_multiplier=1.3, max_grad_norm=0.7, expected_batch_size=4.0,
-                                      generator=torch.Generator().manual_seed(0))
+    optimizer = bkcompile.DPOptimizer(
+        inner,
+        noise_multiplier=1.3,
+        max_grad_norm=0.7,
+        expected_batch_size=4.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     optimizer.zero_grad()
     optimizer.step()  # an empty batch: noise only
     noise = model.weight.grad * 4.0
@@ -69,8 +77,9 @@ def test_accumulated_micro_batches_equal_one_big_batch_without_noise() -> None:
     grads = []
     for chunks in (1, 3):
         model, compiled = _compiled_linear()
-        optimizer = bkcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
-                                          max_grad_norm=0.5, expected_batch_size=12)
+        optimizer = bkcompile.DPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=12
+        )
         optimizer.zero_grad()
         for xs, ys in zip(x.chunk(chunks), y.chunk(chunks)):
             F.cross_entropy(compiled(xs), ys).backward()
@@ -81,8 +90,9 @@ def test_accumulated_micro_batches_equal_one_big_batch_without_noise() -> None:
 
 def test_gradients_not_from_bk_dp_are_refused() -> None:
     model = nn.Linear(5, 3)
-    optimizer = bkcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
-                                      max_grad_norm=1.0, expected_batch_size=4)
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4
+    )
     optimizer.zero_grad()
     F.cross_entropy(model(torch.randn(4, 5)), torch.randint(0, 3, (4,))).backward()  # plain eager backward
     with pytest.raises(bkcompile.PrivacyError, match="not produced by a bk_dp backward"):
@@ -96,8 +106,9 @@ def test_training_without_noise_equals_eager_dp_sgd() -> None:
     data = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     loader = bkcompile.PoissonLoader(*data, sample_rate=0.3, steps=5, generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="bk_dp", options=OPTIONS)
-    optimizer = bkcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.0,
-                                      max_grad_norm=0.5, expected_batch_size=12.0)
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=12.0
+    )
     reference_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     for x, y in loader:
         optimizer.zero_grad()
@@ -117,9 +128,13 @@ def test_poisson_batches_vary_include_empty_and_do_not_recompile() -> None:
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     loader = bkcompile.PoissonLoader(x, y, sample_rate=0.3, steps=30, generator=torch.Generator().manual_seed(3))
     model, compiled = _compiled_linear()
-    optimizer = bkcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-                                      max_grad_norm=0.5, expected_batch_size=1.8,
-                                      generator=torch.Generator().manual_seed(0))
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        expected_batch_size=1.8,
+        generator=torch.Generator().manual_seed(0),
+    )
     counters.clear()
     sizes = set()
     for xb, yb in loader:
@@ -142,11 +157,13 @@ def test_make_private_refuses_bad_arguments() -> None:
     with pytest.raises(bkcompile.BKError, match="exactly one of noise_multiplier"):
         bkcompile.make_private(model, sgd, loader, max_grad_norm=1.0, target_delta=1e-5)
     with pytest.raises(bkcompile.BKError, match="exactly one of noise_multiplier"):
-        bkcompile.make_private(model, sgd, loader, max_grad_norm=1.0, target_delta=1e-5, noise_multiplier=1.0,
-                               target_epsilon=2.0, epochs=1)
+        bkcompile.make_private(
+            model, sgd, loader, max_grad_norm=1.0, target_delta=1e-5, noise_multiplier=1.0, target_epsilon=2.0, epochs=1
+        )
     with pytest.raises(bkcompile.BKError, match="already compiled"):
-        bkcompile.make_private(torch.compile(model), sgd, loader, max_grad_norm=1.0, target_delta=1e-5,
-                               noise_multiplier=1.0)
+        bkcompile.make_private(
+            torch.compile(model), sgd, loader, max_grad_norm=1.0, target_delta=1e-5, noise_multiplier=1.0
+        )
     big = torch.utils.data.DataLoader(data, batch_size=80)
     with pytest.raises(bkcompile.BKError, match="outside"):
         bkcompile.make_private(model, sgd, big, max_grad_norm=1.0, target_delta=1e-5, noise_multiplier=1.0)
@@ -156,13 +173,25 @@ def test_make_private_refuses_bad_arguments() -> None:
 
 def test_accountant_state_survives_a_resume() -> None:
     model = nn.Linear(5, 3)
-    first = bkcompile.DPOptimizer(torch.optim.Adam(model.parameters()), noise_multiplier=1.0, max_grad_norm=1.0,
-                                  expected_batch_size=5, sample_rate=0.1, accountant=bkcompile.PrivacyAccountant())
+    first = bkcompile.DPOptimizer(
+        torch.optim.Adam(model.parameters()),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=5,
+        sample_rate=0.1,
+        accountant=bkcompile.PrivacyAccountant(),
+    )
     for _ in range(7):
         first.zero_grad()
         first.step()
-    resumed = bkcompile.DPOptimizer(torch.optim.Adam(model.parameters()), noise_multiplier=1.0, max_grad_norm=1.0,
-                                    expected_batch_size=5, sample_rate=0.1, accountant=bkcompile.PrivacyAccountant())
+    resumed = bkcompile.DPOptimizer(
+        torch.optim.Adam(model.parameters()),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=5,
+        sample_rate=0.1,
+        accountant=bkcompile.PrivacyAccountant(),
+    )
     resumed.load_state_dict(first.state_dict())
     assert resumed.accountant.history == [[0.1, 1.0, 7]]
     assert resumed.accountant.get_epsilon(1e-5) == first.accountant.get_epsilon(1e-5)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import raises_bk
 
 import bkcompile
-from helpers import raises_bk
 
 OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
 
@@ -49,8 +49,10 @@ def _(x):
     return torch.empty_like(x)
 
 
-mystery.register_autograd(lambda ctx, g: g * torch.cos(ctx.saved_tensors[0]),
-                          setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+mystery.register_autograd(
+    lambda ctx, g: g * torch.cos(ctx.saved_tensors[0]),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]),
+)
 
 
 class UsesMystery(nn.Module):
@@ -76,6 +78,7 @@ def test_op_without_rule() -> None:
 
 def test_registered_rule_makes_a_custom_op_work() -> None:
     import copy
+
     from helpers import assert_matches
     from oracle import clipped_sum
 
@@ -88,6 +91,7 @@ def test_registered_rule_makes_a_custom_op_work() -> None:
         _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager"})
     finally:
         from bkcompile.passes.rules import RULES
+
         RULES.pop(torch.ops.bktest.mystery.default)
     reference = UsesSin().double()
     reference.load_state_dict(model.state_dict())
@@ -109,8 +113,9 @@ def test_embedding_scaled_by_batch_frequency_is_refused() -> None:
 
 
 def test_instance_norm_with_running_stats_is_refused() -> None:
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten(),
-                          nn.Linear(6, 2))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten(), nn.Linear(6, 2)
+    )
     with raises_bk(bkcompile.SampleMixingError, "running statistics", "track_running_stats=False"):
         _train_step(model, torch.randn(4, 2, 4))
 

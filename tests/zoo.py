@@ -124,9 +124,13 @@ class ResBlockGN(nn.Module):
     def __init__(self, width: int = 6, classes: int = 3) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.GroupNorm(2, width), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.GroupNorm(3, width),
-                                   nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
-                                   nn.GroupNorm(3, width))
+        self.block = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.GroupNorm(3, width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.GroupNorm(3, width),
+        )
         self.head = nn.Linear(width, classes)
 
     def forward(self, x):
