@@ -12,6 +12,7 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.data import PoissonLoader
+from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
     GraphBreakError,
@@ -34,6 +35,10 @@ from bkcompile.report import CostReport, explain, last_report
 torch._dynamo.config.allow_rnn = True
 # Past its recompile limit dynamo would also run a frame eagerly (unclipped): make it an error instead.
 torch._dynamo.config.fail_on_recompile_limit_hit = True
+# Under DDP dynamo would split the graph at DDP's bucket boundaries (to overlap the all-reduce with the
+# backward); all-layer clipping needs every norm before any clipped sum, so a split gains no overlap and
+# each piece would clip alone (refused). One graph, with DDP's reducer all-reducing its gradients.
+torch._dynamo.config.optimize_ddp = False
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
 # here only when that has not happened (a plain ``import bkcompile`` before any lookup).
@@ -44,6 +49,7 @@ __all__ = [
     "AccountingError",
     "AdaptiveClipping",
     "DPOptimizer",
+    "DistributedPoissonLoader",
     "PoissonLoader",
     "PrivacyAccountant",
     "get_noise_multiplier",

@@ -45,10 +45,14 @@ class PoissonLoader:
     def __len__(self) -> int:
         return self.steps
 
+    def sample_indices(self) -> torch.Tensor:
+        """The rows of one batch: each row in with probability ``sample_rate``."""
+        mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
+        return mask.nonzero().squeeze(1)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
-            index = mask.nonzero().squeeze(1)
+            index = self.sample_indices()
             batch = tuple(t[index] for t in self.tensors)
             mark_batch_dynamic(*batch)
             yield batch

@@ -8,6 +8,7 @@ import math
 import torch
 
 from bkcompile.accountant import PrivacyAccountant
+from bkcompile.distributed import refuse_sharded, shared_generator, sum_of_clipped_sums, sum_over_ranks
 from bkcompile.errors import BKError, PrivacyError
 from bkcompile.norms import ClipState, backward_count, clip_state, register_clip_state, take_active
 
@@ -82,10 +83,7 @@ class DPOptimizer:
         self.expected_batch_size = expected_batch_size
         self.sample_rate = sample_rate
         self.accountant = accountant
-        if generator is None:
-            generator = torch.Generator()
-            generator.seed()  # OS entropy
-        self.generator = generator
+        self.generator = shared_generator(generator)  # in a process group: rank 0's state on every rank
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
         self._start_logical_batch()
@@ -111,6 +109,7 @@ class DPOptimizer:
         """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping)."""
         self._take_clip_state()
         params = self._params()
+        refuse_sharded(params)
         has_grad = any(p.grad is not None for p in params)
         if has_grad and backward_count() == self._backwards_at_zero:
             raise PrivacyError(
@@ -118,6 +117,7 @@ class DPOptimizer:
                 "would not be private. Compile the model with backend='bk_dp' and call zero_grad() before each "
                 "logical batch"
             )
+        sum_of_clipped_sums(params)  # in a process group: DDP's average of the ranks' sums, times W
         std = self._gradient_noise_multiplier() * self.sensitivity
         for p in params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -150,6 +150,7 @@ class DPOptimizer:
     def _adapt_thresholds(self) -> None:
         """Move each group's threshold toward the target quantile by its privatised count of samples under it."""
         state, rule = self._clip_state, self.adaptive_clipping
+        sum_over_ranks(state.below)  # the counts of the union batch
         noise = torch.normal(
             0.0, self._count_noise(), size=state.below.shape, generator=self.generator, dtype=torch.float64
         )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
+from bkcompile.distributed import DistributedPoissonLoader, world_size
 from bkcompile.errors import BKError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 
@@ -29,7 +31,10 @@ def make_private(
     """Compile ``model`` with bk_dp, wrap ``optimizer``, and replace ``data_loader`` by Poisson sampling.
 
     ``data_loader`` is a DataLoader over a ``TensorDataset``; its ``batch_size`` becomes the expected
-    batch size (sample rate q = batch_size / len(dataset)). Give ``noise_multiplier``, or
+    batch size (sample rate q = batch_size / len(dataset)). Under torchrun (an initialised process
+    group) every rank passes the whole dataset: ``batch_size`` is the global expected batch, the loader
+    is a :class:`DistributedPoissonLoader`, and the model comes back as ``DDP(torch.compile(model))``
+    (a model already wrapped in DDP is compiled as it is). Give ``noise_multiplier``, or
     ``target_epsilon`` with ``epochs`` to have sigma found by the accountant. The accountant is
     ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp backend (``clipping``, ``clip_fn``,
     ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
@@ -57,8 +62,12 @@ def make_private(
         )
     if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
-    loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, generator=generator)
+    # In a process group each rank yields its part of one global Poisson batch (the same q and epsilon).
+    loader_type = DistributedPoissonLoader if world_size() > 1 else PoissonLoader
+    loader = loader_type(*dataset.tensors, sample_rate=sample_rate, generator=generator)
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
+    if world_size() > 1 and not isinstance(model, DistributedDataParallel):
+        compiled = DistributedDataParallel(compiled)  # starts from rank 0's parameters on every rank
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,

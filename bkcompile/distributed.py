@@ -1,0 +1,150 @@
+"""Data-parallel DP-SGD: each rank clips its own samples, the noise is drawn once for all of them.
+
+Under DDP every rank's bk_dp backward clips the samples it holds, and DDP's all-reduce leaves on every
+rank the *average* of the ranks' clipped sums, ``(1/W) sum_r S_r``. One private step must release
+
+    (sum_r S_r + N(0, (sigma * sensitivity)^2)) / B_global,
+
+the single-process update on the union batch: one Gaussian draw per coordinate, not one per rank (W
+draws would add W times the variance to the sum of the ranks' updates, or, averaged, leave the
+replicas apart). So every rank draws the *same* noise from a generator whose state rank 0 owns and
+broadcasts once (:func:`shared_generator`), undoes DDP's average (times W), adds that noise and
+divides by the global expected batch size: the replicas apply bit-identical updates and stay equal.
+Before adding noise :func:`sum_of_clipped_sums` checks that every rank holds the same gradients
+(a fingerprint all-gathered): gradients that no all-reduce combined (a model not wrapped in DDP)
+would otherwise be released at the wrong scale and leave the replicas apart.
+
+Poisson sampling of the union (:class:`DistributedPoissonLoader`): every rank draws the same global
+mask from a shared generator and keeps every W-th selected row, so the global batch is exactly the
+single-process one and the local batches differ in size by at most one (they may be empty; the batch
+axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
+still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
+
+FSDP2 (``fully_shard``) leaves sharded DTensor gradients produced by one compiled graph per block;
+clipping a sample's total gradient across those graphs is not supported yet, and ``DPOptimizer``
+refuses such gradients (:func:`refuse_sharded`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bkcompile.data import PoissonLoader
+from bkcompile.errors import NotSupportedYetError, PrivacyError
+
+
+def world_size() -> int:
+    """The number of ranks of the default process group (1 when none is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shared_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator in the same state on every rank: rank 0's ``generator`` (OS entropy when None).
+
+    Outside a process group the generator is returned as it is (seeded from OS entropy when None).
+    The state is broadcast into ``generator`` itself, so an object shared by the loader and the
+    optimizer stays one stream.
+    """
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()  # OS entropy: only rank 0's survives the broadcast
+    if world_size() > 1:
+        state = [generator.get_state()]
+        dist.broadcast_object_list(state, src=0)
+        generator.set_state(state[0])
+    return generator
+
+
+def refuse_sharded(params: list[torch.Tensor]) -> None:
+    """FSDP2's sharded (DTensor) gradients come from one bk_dp graph per block: refuse them."""
+    sharded = [p for p in params if _is_dtensor(p) or _is_dtensor(p.grad)]
+    if sharded:
+        raise NotSupportedYetError(
+            f"{len(sharded)} parameters are sharded DTensors (FSDP2's fully_shard)\n"
+            "  why: fully_shard compiles and runs one graph per block, so each graph would clip its block's part "
+            "of a sample's gradient on its own and the sample's total gradient would not be bounded by the "
+            "threshold\n"
+            "  fix: train with DistributedDataParallel (DDP(model), then torch.compile(..., backend='bk_dp'), or "
+            "the other order); FSDP2 is not supported yet"
+        )
+
+
+def _is_dtensor(value: object) -> bool:
+    return isinstance(value, torch.distributed.tensor.DTensor)
+
+
+def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
+    """Turn DDP's average of the ranks' clipped sums into their sum (times W), in place.
+
+    Refuses gradients that differ between ranks: only gradients an all-reduce combined are the union
+    batch's; noising per-rank gradients would release each rank's own clipped sum.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    mine = _fingerprint(params)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(other, mine) for other in every):
+        raise PrivacyError(
+            "the clipped gradients differ between ranks at DPOptimizer.step()\n"
+            "  why: in a process group every rank must hold the all-reduced clipped sums of the union batch; "
+            "noising each rank's own gradients would not be one private step of the whole batch\n"
+            "  fix: wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
+            "DDP(torch.compile(model, backend='bk_dp'))) and run forward and backward on every rank at every "
+            "step, with an empty batch where a rank has no sample"
+        )
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(world)
+
+
+def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """Per parameter: whether it has a gradient, its sum and its sum of squares (float64)."""
+    rows = []
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            rows.append(torch.zeros(3, dtype=torch.float64))
+        else:
+            g = grad.detach().double()
+            rows.append(torch.stack([torch.ones((), dtype=torch.float64), g.sum().cpu(), g.pow(2).sum().cpu()]))
+    fingerprint = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    backend = dist.get_backend()
+    return fingerprint.cuda() if backend == "nccl" else fingerprint
+
+
+def sum_over_ranks(counts: torch.Tensor) -> None:
+    """Sum per-rank counts in place (adaptive clipping's samples under each threshold)."""
+    if world_size() == 1:
+        return
+    if dist.get_backend() == "nccl":
+        on_device = counts.cuda()
+        dist.all_reduce(on_device)
+        counts.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(counts)
+
+
+class DistributedPoissonLoader(PoissonLoader):
+    """Poisson sampling of the union of the ranks' data: each rank yields its part of one global batch.
+
+    Every rank passes the same full tensors. Each step draws one global mask (each of the N rows in
+    with probability ``sample_rate``) from a generator shared by all ranks, and rank r keeps the
+    selected rows ``r, r + W, r + 2W, ...``. ``expected_batch_size`` is the global ``q * N``.
+    """
+
+    def __init__(
+        self,
+        *tensors: torch.Tensor,
+        sample_rate: float,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(*tensors, sample_rate=sample_rate, steps=steps, generator=shared_generator(generator))
+        self.rank = dist.get_rank() if world_size() > 1 else 0
+        self.world = world_size()
+
+    def sample_indices(self) -> torch.Tensor:
+        return super().sample_indices()[self.rank :: self.world]
