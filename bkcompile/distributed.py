@@ -148,3 +148,10 @@ class DistributedPoissonLoader(PoissonLoader):
 
     def sample_indices(self) -> torch.Tensor:
         return super().sample_indices()[self.rank :: self.world]
+
+    def state_dict(self) -> dict:
+        """The shared generator's state (the same on every rank): resuming draws the batches that follow."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -59,6 +59,10 @@ class DPOptimizer:
 
     Noise comes from ``generator`` when given (reproducible), else from a generator seeded with OS
     entropy. ``step()`` refuses gradients that no bk_dp backward produced since the last step.
+
+    In a process group (DDP) every rank draws the same noise from rank 0's generator state, and DDP's
+    average of the ranks' clipped sums is multiplied back by the world size: the update is the
+    single-process one on the union batch, noised once (``bkcompile.distributed``).
     """
 
     def __init__(

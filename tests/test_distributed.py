@@ -334,3 +334,53 @@ def test_make_private_under_a_process_group(ranks) -> None:
         assert result["expected"] == 8  # the global q * N
         assert result["history"] == [[8 / 32, 1.0, 4]]  # the global sample rate, ceil(1 / q) steps
     assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
+
+
+def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume: bool) -> tuple:
+    """``steps`` steps of make_private's DDP training from seed ``seed`` (or from ``checkpoint``); when not
+    resuming, rank 0 saves the model, optimizer and loader after the first two steps."""
+    torch.manual_seed(seed)
+    model = Net().double()
+    x, y = _union_batch(torch.float64)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=8)
+    private, optimizer, loader = bkcompile.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+        data,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        target_delta=1e-3,
+        compiler="aot_eager",
+    )
+    if resume:
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+    batches = iter(loader)
+    for step in range(steps):
+        xb, yb = next(batches)
+        optimizer.zero_grad()
+        F.cross_entropy(private(xb), yb).backward()
+        optimizer.step()
+        if step == 1 and not resume and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict()}
+            torch.save(state, checkpoint)
+    torch.distributed.barrier()  # the checkpoint is written before any rank reads it
+    return [p.detach().clone() for p in model.parameters()], optimizer.accountant.history
+
+
+def _checkpoint_and_resume(rank: int, checkpoint: str) -> dict:
+    whole = _private_training(rank, 0, checkpoint, steps=4, resume=False)
+    torch._dynamo.reset()
+    resumed = _private_training(rank, 1 + rank, checkpoint, steps=2, resume=True)  # other seeds, fresh generators
+    return {"whole": whole, "resumed": resumed}
+
+
+def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
+    results = ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"))
+    for result in results:
+        (whole, whole_history), (resumed, resumed_history) = result["whole"], result["resumed"]
+        assert all(torch.equal(a, b) for a, b in zip(whole, resumed))  # the same batches, noise and momentum
+        assert whole_history == resumed_history == [[0.25, 1.0, 4]]  # so the same epsilon
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["whole"][0], results[1]["whole"][0]))
