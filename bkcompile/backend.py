@@ -13,6 +13,7 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from bkcompile import rows
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
@@ -172,15 +173,25 @@ def _inductor_decompositions() -> dict:
 
 
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
-    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients."""
+    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
+    of the model: hands its per-sample gradients to the clip at the end of the backward)."""
     opts = parse_options(options)
+    role = _graph_role(gm, opts)
+    compiled = _compile(gm, example_inputs, opts, role)
+    if not role.piece:
+        return compiled
+    batched = [i for i, fact in enumerate(_classify_inputs(gm, example_inputs, opts)[0]) if isinstance(fact, Batched)]
+    return rows.guard(compiled, batched, role.label)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, role: GraphRole):
     facts, trainable, names = _classify_inputs(gm, example_inputs, opts)
     context = {
         "facts": facts,
         "trainable": trainable,
         "names": names,
         "options": opts,
-        "role": _graph_role(gm, opts),
+        "role": role,
     }
     if opts.compiler == "aot_eager":
         from functorch.compile import make_boxed_func

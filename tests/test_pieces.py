@@ -183,6 +183,44 @@ def test_regional_compilation_clips_all_parameters_together(dtype: torch.dtype) 
     assert len(spans) == 1 and len(spans[0].params) == len(want)
 
 
+class EagerBetween(Regional):
+    """Eager code between the compiled blocks: ``between`` maps the hidden batch."""
+
+    def __init__(self, between) -> None:
+        super().__init__(depth=2)
+        self.between = between
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        for block in self.blocks:
+            h = self.between(block(h))
+        return self.head(h)
+
+
+def test_row_wise_eager_code_between_graphs_is_allowed() -> None:
+    torch.manual_seed(10)
+    model = EagerBetween(lambda h: 0.5 * torch.relu(h) + h.clone().view(h.shape)).double()
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    got = _regional_grads(model, ids, y, **_options(graphs="several"))
+    want, _ = clipped_sum(model, F.cross_entropy, (ids,), (y,), max_grad_norm=R)
+    assert_matches(got, want, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("between", "op"),
+    [
+        (lambda h: h.flip(0), "FlipBackward0"),
+        (lambda h: h - h.mean(0), "MeanBackward1"),
+        (lambda h: h[[1, 0, *range(2, len(h))]], "IndexBackward0"),
+    ],
+)
+def test_eager_code_that_moves_or_mixes_rows_between_graphs_is_refused(between, op: str) -> None:
+    model = EagerBetween(between)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.PrivacyError, match=f"computed outside the bk_dp graphs by {op}"):
+        _regional_grads(model, ids, y, **_options(graphs="several"))
+
+
 def _layers(names: list[str]) -> list[list[str]]:
     layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
     return [[n for n in names if n.rpartition(".")[0] == layer] for layer in layers]
