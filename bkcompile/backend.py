@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -12,11 +13,12 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile.errors import GraphBreakError
+from bkcompile import rows
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched, Fact
+from bkcompile.passes.pieces import GraphRole
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -89,21 +91,25 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     return facts, trainable, names
 
 
-def _refuse_graph_breaks(gm: torch.fx.GraphModule) -> None:
+def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
+    """A piece when dynamo cut the graph at a graph break or resumed a frame after one, or when the options
+    say the model is compiled in several graphs; else the whole model (the fast path)."""
     reason = getattr(gm, "compile_subgraph_reason", None)
-    if reason is None:
-        return
-    frames = list(reason.user_stack or [])
+    frames = list(reason.user_stack or []) if reason is not None else []
+    broken = bool(reason is not None and reason.graph_break)
     resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
-    if reason.graph_break or resumed:
-        where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "unknown location"
-        raise GraphBreakError(
-            f"the model has a graph break at {where}: {reason.reason}\n"
-            "  why: all-layer clipping needs every parameter's per-sample norm in one graph; clipping each "
-            "piece on its own would not bound a sample's whole gradient\n"
-            "  fix: remove the break (run torch.compile(model, fullgraph=True) to see where and why dynamo "
-            "breaks the graph)"
-        )
+    where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "an unknown location"
+    number = next(_GRAPH_NUMBERS)
+    if broken:
+        label = f"bk_dp graph #{number}, cut at the graph break at {where}"
+    elif resumed:
+        label = f"bk_dp graph #{number}, resumed after a graph break, ending at {where}"
+    else:
+        label = f"bk_dp graph #{number}, ending at {where}"
+    return GraphRole(piece=broken or resumed or options.graphs == "several", label=label, ends_at_break=broken)
+
+
+_GRAPH_NUMBERS = itertools.count(1)
 
 
 def _fake_mode(gm: torch.fx.GraphModule) -> Any:
@@ -123,6 +129,7 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
         context["names"],
         context["options"],
         _fake_mode(gm),
+        context["role"],
     )
     if state.plans:
         record(build_report(state), show=context["options"].report)
@@ -166,11 +173,26 @@ def _inductor_decompositions() -> dict:
 
 
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
-    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients."""
+    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
+    of the model: hands its per-sample gradients to the clip at the end of the backward)."""
     opts = parse_options(options)
-    _refuse_graph_breaks(gm)
+    role = _graph_role(gm, opts)
+    compiled = _compile(gm, example_inputs, opts, role)
+    if not role.piece:
+        return compiled
+    batched = [i for i, fact in enumerate(_classify_inputs(gm, example_inputs, opts)[0]) if isinstance(fact, Batched)]
+    return rows.guard(compiled, batched, role.label)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, role: GraphRole):
     facts, trainable, names = _classify_inputs(gm, example_inputs, opts)
-    context = {"facts": facts, "trainable": trainable, "names": names, "options": opts}
+    context = {
+        "facts": facts,
+        "trainable": trainable,
+        "names": names,
+        "options": opts,
+        "role": role,
+    }
     if opts.compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._decomp import get_decompositions

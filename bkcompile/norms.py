@@ -15,6 +15,8 @@ import dataclasses
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from bkcompile.backwards import join_whole
+
 
 @dataclasses.dataclass
 class ClipState:
@@ -70,8 +72,8 @@ def take_active() -> list[ClipState]:
     return states
 
 
-@torch.library.custom_op("bkcompile::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
+def record(key: int, group: int, norms: torch.Tensor) -> torch.Tensor:
+    """Record group ``group``'s per-sample norms (B,) in clip state ``key``; return its threshold R_g (a copy)."""
     state = _STATES[key]
     values = norms.detach().double().cpu()
     if len(state.recorded) == len(state.groups):  # every group of the last backward is in: a new one starts
@@ -85,6 +87,15 @@ def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
     state.latest[:, group] = values
     state.below[group] += (values <= state.thresholds[group]).sum()
     return state.thresholds[group].to(dtype=norms.dtype, device=norms.device, copy=True)  # not a view of the state
+
+
+@torch.library.custom_op("bkcompile::record_norms", mutates_args=())
+def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
+    """The norms of a graph compiled as the whole model: it must be the only bk_dp graph of its backward."""
+    if group == 0:
+        names = [name for members in _STATES[key].params for name in members]
+        join_whole(f"the graph of parameters {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    return record(key, group, norms)
 
 
 @record_norms.register_fake
