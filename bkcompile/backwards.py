@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from bkcompile.distributed import world_size
 from bkcompile.errors import GraphBreakError
 
 
@@ -53,7 +54,12 @@ def current() -> Backward:
     return record
 
 
-def _end(task: int) -> None:
+def _end(task: int, last: bool = False) -> None:
+    if not last and world_size() > 1:
+        # DDP's reducer queues its end-of-backward callback (writing its all-reduced buckets into .grad) at the
+        # first gradient it sees, after this one: run the finalizers after it, at the end of the queue.
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _end(task, last=True))
+        return
     record = _RUNNING.pop(task, None)
     if record is not None:
         for finalize in record.finalizers:

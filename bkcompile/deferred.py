@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bkcompile.backwards import Backward, join_piece
+from bkcompile.distributed import average_over_ranks
 from bkcompile.errors import LossReductionError, PrivacyError
 from bkcompile.norms import clip_state, record, register_clip_state
 from bkcompile.options import BKOptions
@@ -303,4 +304,5 @@ def finalize(backward: Backward) -> None:
         spans.append(
             ClipSpan(names[group], [p.name for p in group_params], graphs, float(clip_state(key).thresholds[group]))
         )
+    average_over_ranks([p.tensor for p in params.values()])  # in a process group: as DDP's all-reduce would
     record_spans(spans)

@@ -20,9 +20,13 @@ single-process one and the local batches differ in size by at most one (they may
 axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
 still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
 
-FSDP2 (``fully_shard``) leaves sharded DTensor gradients produced by one compiled graph per block;
-clipping a sample's total gradient across those graphs is not supported yet, and ``DPOptimizer``
-refuses such gradients (:func:`refuse_sharded`).
+FSDP2 (``fully_shard`` on the root module, compiled whole) leaves DTensor gradients: each rank holds a
+shard of the average of the ranks' clipped sums (reduce-scattered). Every rank draws the whole noise
+tensor from the shared generator and adds its own shard of it (:func:`shard_like`), so each
+coordinate's noise is drawn once and the shards put together are the single-process update.
+``fully_shard`` on blocks as well makes dynamo compile one graph per block with FSDP's own autograd
+functions between them; the several-graphs clip refuses that (the rows between the graphs do not come
+from the data through row-wise ops).
 """
 
 from __future__ import annotations
@@ -57,28 +61,39 @@ def shared_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def refuse_sharded(params: list[torch.Tensor]) -> None:
-    """FSDP2's sharded (DTensor) gradients come from one bk_dp graph per block: refuse them."""
-    sharded = [p for p in params if _is_dtensor(p) or _is_dtensor(p.grad)]
-    if sharded:
-        raise NotSupportedYetError(
-            f"{len(sharded)} parameters are sharded DTensors (FSDP2's fully_shard)\n"
-            "  why: fully_shard compiles and runs one graph per block, so each graph would clip its block's part "
-            "of a sample's gradient on its own and the sample's total gradient would not be bounded by the "
-            "threshold\n"
-            "  fix: train with DistributedDataParallel (DDP(model), then torch.compile(..., backend='bk_dp'), or "
-            "the other order); FSDP2 is not supported yet"
-        )
+    """Sharded (DTensor) gradients must be FSDP2's average over a 1-D mesh of every rank: the sum of the
+    ranks' clipped sums is then W times it, and each rank noises its own shard."""
+    world = world_size()
+    for p in params:
+        grad = p.grad
+        if _is_dtensor(grad) and (grad.device_mesh.ndim != 1 or grad.device_mesh.size() != world):
+            raise NotSupportedYetError(
+                f"a sharded gradient of shape {tuple(grad.shape)} lives on a device mesh of shape "
+                f"{tuple(grad.device_mesh.shape)}, not on one dimension over all {world} ranks\n"
+                "  why: the noise and the undoing of FSDP2's average assume every rank holds a shard of one "
+                "average over all ranks (hybrid sharding or tensor parallelism is not supported yet)\n"
+                "  fix: fully_shard(model, mesh=init_device_mesh(device, (world_size,)))"
+            )
 
 
 def _is_dtensor(value: object) -> bool:
     return isinstance(value, torch.distributed.tensor.DTensor)
 
 
-def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
-    """Turn DDP's average of the ranks' clipped sums into their sum (times W), in place.
+def shard_like(noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``noise`` (drawn whole, identically on every rank) where ``grad`` is sharded:
+    each shard's owner adds its shard of the one draw."""
+    if not _is_dtensor(grad):
+        return noise
+    return torch.distributed.tensor.distribute_tensor(noise, grad.device_mesh, grad.placements, src_data_rank=None)
 
-    Refuses gradients that differ between ranks: only gradients an all-reduce combined are the union
-    batch's; noising per-rank gradients would release each rank's own clipped sum.
+
+def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
+    """Turn DDP's all-reduced (FSDP2's reduce-scattered) average of the ranks' clipped sums into their sum
+    (times W), in place.
+
+    Refuses replicated gradients that differ between ranks: only gradients an all-reduce combined are the
+    union batch's; noising per-rank gradients would release each rank's own clipped sum.
     """
     world = world_size()
     if world == 1:
@@ -101,10 +116,13 @@ def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
 
 
 def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
-    """Per parameter: whether it has a gradient, its sum and its sum of squares (float64)."""
+    """Per replicated parameter (not an FSDP2 shard): whether it has a gradient, its sum and its sum of
+    squares (float64)."""
     rows = []
     for p in params:
         grad = p.grad
+        if _is_dtensor(p) or _is_dtensor(grad):  # a shard, different on every rank
+            continue
         if grad is None:
             rows.append(torch.zeros(3, dtype=torch.float64))
         else:
@@ -113,6 +131,23 @@ def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
     fingerprint = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
     backend = dist.get_backend()
     return fingerprint.cuda() if backend == "nccl" else fingerprint
+
+
+def average_over_ranks(params: list[torch.Tensor]) -> None:
+    """Average the parameters' gradients over the ranks in place (every rank calls it with the same list).
+
+    A model in several bk_dp graphs clips at the end of the backward, after DDP's reducer all-reduced the
+    zeros the graphs returned: the clipped sums are combined here, as DDP would have. Gradients already
+    equal on every rank keep their value.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
 
 
 def sum_over_ranks(counts: torch.Tensor) -> None:

@@ -8,7 +8,13 @@ import math
 import torch
 
 from bkcompile.accountant import PrivacyAccountant
-from bkcompile.distributed import refuse_sharded, shared_generator, sum_of_clipped_sums, sum_over_ranks
+from bkcompile.distributed import (
+    refuse_sharded,
+    shard_like,
+    shared_generator,
+    sum_of_clipped_sums,
+    sum_over_ranks,
+)
 from bkcompile.errors import BKError, PrivacyError
 from bkcompile.norms import ClipState, backward_count, clip_state, register_clip_state, take_active
 
@@ -126,7 +132,7 @@ class DPOptimizer:
         for p in params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             noise = torch.normal(0.0, std, size=p.shape, generator=self.generator, dtype=p.dtype)
-            p.grad = (grad + noise.to(p.device)) / self.expected_batch_size
+            p.grad = (grad + shard_like(noise.to(p.device), grad)) / self.expected_batch_size
 
     @property
     def sensitivity(self) -> float:

@@ -62,9 +62,11 @@ def _max_relative_error(got: dict, want: dict) -> float:
 
 
 def _ddp_grads(rank: int, order: str, several: bool, dtype: torch.dtype, optimize_ddp: bool, clipping: str) -> dict:
+    """With ``several`` buckets and ``optimize_ddp`` dynamo splits the graph at DDP's buckets (a layer over DDP's
+    1 MB first bucket); without ``optimize_ddp`` DDP's reducer all-reduces several buckets of one graph."""
     torch._dynamo.config.optimize_ddp = optimize_ddp
     try:
-        model = Net().to(dtype)
+        model = Net(384 if several and optimize_ddp else 8).to(dtype)
         x, y = _union_batch(dtype)
         _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
         radius = norms.median().item()  # half the samples are clipped
@@ -77,12 +79,17 @@ def _ddp_grads(rank: int, order: str, several: bool, dtype: torch.dtype, optimiz
             groups = [([n], radius / math.sqrt(len(names))) for n in names]
         want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius, groups=groups)
         options = {"max_grad_norm": radius, "compiler": "aot_eager", "clipping": clipping}
-        wrapped = _wrap(model, order, options, caps=[1e-4] * 6 if several else None)  # buckets of 100 bytes
+        caps = [1e-4] * 6 if several and not optimize_ddp else None  # buckets of 100 bytes
+        wrapped = _wrap(model, order, options, caps)
         F.cross_entropy(wrapped(*_local(rank, x)), *_local(rank, y)).backward()
         got = {n: WORLD * p.grad for n, p in model.named_parameters()}  # DDP averages the ranks' sums
         ddp = wrapped if isinstance(wrapped, DDP) else wrapped._orig_mod
-        buckets = len(ddp._get_ddp_logging_data()["bucket_sizes"].split(","))
-        return {"error": _max_relative_error(got, want), "buckets": buckets}
+        spans = bkcompile.last_clip_spans() if several and optimize_ddp else None
+        return {
+            "error": _max_relative_error(got, want),
+            "buckets": len(ddp._get_ddp_logging_data()["bucket_sizes"].split(",")),
+            "graphs": len({graph for span in spans for graph in span.graphs}) if spans else 1,
+        }
     finally:
         torch._dynamo.config.optimize_ddp = False
 
@@ -94,9 +101,13 @@ CASES = [  # (order, several DDP buckets, dtype, optimize_ddp, clipping)
     ("DDP(compile)", False, torch.float64, True, "all-layer"),
     ("compile(DDP)", True, torch.float64, False, "all-layer"),
     ("DDP(compile)", True, torch.float64, False, "all-layer"),
+    ("compile(DDP)", True, torch.float64, True, "all-layer"),
+    ("DDP(compile)", True, torch.float64, True, "all-layer"),
     ("DDP(compile)", False, torch.float32, False, "all-layer"),
+    ("compile(DDP)", True, torch.float32, True, "all-layer"),
     ("compile(DDP)", False, torch.float64, False, "layer-wise"),
     ("DDP(compile)", True, torch.float64, False, "param-wise"),
+    ("DDP(compile)", True, torch.float64, True, "layer-wise"),
 ]
 
 
@@ -105,31 +116,14 @@ def test_ddp_gradients_match_the_union_batch_oracle(ranks, order, several, dtype
     results = ranks.run(_ddp_grads, order, several, dtype, optimize_ddp, clipping)
     for result in results:
         assert result["error"] <= TOL[dtype], results
-        assert (result["buckets"] > 1) == several
+        if several and optimize_ddp:  # dynamo's DDPOptimizer split the graph: clipped once over the pieces
+            assert result["graphs"] > 1
+        else:
+            assert (result["buckets"] > 1) == several
 
 
-def _ddp_split_by_dynamo(rank: int) -> str:
-    torch._dynamo.config.optimize_ddp = True
-    try:
-        model = Net(384).double()
-        x, y = _local(rank, *_union_batch(torch.float64))
-        wrapped = DDP(torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"}))
-        try:
-            F.cross_entropy(wrapped(x), y).backward()
-        except Exception as error:  # dynamo wraps the backend's error
-            while getattr(error, "inner_exception", None) is not None:
-                error = error.inner_exception
-            return f"{type(error).__name__}: {error}"
-        return "no error"
-    finally:
-        torch._dynamo.config.optimize_ddp = False
-
-
-def test_optimize_ddp_bucket_split_is_refused(ranks) -> None:
-    assert torch._dynamo.config.optimize_ddp is False  # importing bkcompile keeps DDP's graph whole
-    for message in ranks.run(_ddp_split_by_dynamo):
-        assert message.startswith("GraphBreakError"), message
-        assert "DDPOptimizer" in message and "optimize_ddp = False" in message
+def test_importing_bkcompile_keeps_ddp_graphs_whole() -> None:
+    assert torch._dynamo.config.optimize_ddp is False  # the fast path: one graph, norms fused in its backward
 
 
 def _noisy_steps(rank: int, steps: int) -> dict:
@@ -149,10 +143,7 @@ def _noisy_steps(rank: int, steps: int) -> dict:
     reference = torch.Generator().manual_seed(5)
     errors, snapshots = [], []
     for _ in range(steps):
-        want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
-        for name, p in model.named_parameters():  # one draw per coordinate, in the optimizer's order
-            noise = torch.normal(0.0, sigma * radius, size=p.shape, generator=reference, dtype=p.dtype)
-            want[name] = (want[name] + noise) / batch
+        want = _expected_update(model, x, y, radius, sigma, reference, batch)
         optimizer.zero_grad()
         F.cross_entropy(wrapped(*_local(rank, x)), *_local(rank, y)).backward()
         optimizer.add_noise()
@@ -233,6 +224,72 @@ def test_sequential_run_eagerly_inside_compiled_ddp_is_refused(ranks) -> None:
         assert "not produced by a bk_dp backward" in message
 
 
+def _expected_update(model: nn.Module, x, y, radius: float, sigma: float, reference, batch: float) -> dict:
+    """The single-process update on the union batch: (clipped sum + one draw from ``reference``) / batch."""
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
+    for name, p in model.named_parameters():  # one draw per coordinate, in the optimizer's order
+        noise = torch.normal(0.0, sigma * radius, size=p.shape, generator=reference, dtype=p.dtype)
+        want[name] = (want[name] + noise) / batch
+    return want
+
+
+def _fsdp2_noisy_step(rank: int) -> dict:
+    """fully_shard on the root, compiled whole: one graph; FSDP2 reduce-scatters the average of the sums."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
+    model = Net().double()
+    x, y = _union_batch(torch.float64)
+    want = _expected_update(model, x, y, radius, sigma, torch.Generator().manual_seed(5), batch)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager"})
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        noise_multiplier=sigma,
+        max_grad_norm=radius,
+        expected_batch_size=batch,
+        generator=torch.Generator().manual_seed(5 if rank == 0 else 99),
+    )
+    F.cross_entropy(compiled(*_local(rank, x)), *_local(rank, y)).backward()
+    optimizer.add_noise()
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    sharded = all(isinstance(p.grad, torch.distributed.tensor.DTensor) for p in model.parameters())
+    return {"error": _max_relative_error(got, want), "sharded": sharded}
+
+
+def test_fsdp2_update_is_the_union_batch_update_noised_once(ranks) -> None:
+    for result in ranks.run(_fsdp2_noisy_step):
+        assert result["sharded"] and result["error"] <= 1e-8
+
+
+def _fsdp2_mixed_precision(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = Net()
+    x, y = _union_batch(torch.float32)
+    _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
+    radius = norms.median().item()
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)), mp_policy=policy)
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager"})
+    F.cross_entropy(compiled(*_local(rank, x)), *_local(rank, y)).backward()
+    got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
+    return {
+        "error": _max_relative_error(got, want),
+        "grad dtypes": {p.grad.dtype for p in model.parameters()},
+        "norm dtype": bkcompile.last_report().norm_dtype,
+    }
+
+
+def test_fsdp2_bf16_mixed_precision_matches_the_oracle(ranks) -> None:
+    for result in ranks.run(_fsdp2_mixed_precision):
+        assert result["grad dtypes"] == {torch.float32} and result["norm dtype"] == "float32"
+        assert result["error"] <= 2e-2  # bf16 forward and backward against the float32 oracle
+
+
 class Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -242,26 +299,20 @@ class Block(nn.Module):
         return torch.tanh(self.linear(x))
 
 
-def _fully_sharded(rank: int, per_block: bool) -> str:
+def _fully_sharded_blocks(rank: int, graphs: str) -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
     model = nn.Sequential(Block(8), Block(8), nn.Linear(8, 3)).double()
-    options = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "graphs": graphs}
     for block in model[:2]:
         fully_shard(block, mesh=mesh)
-        if per_block:
-            block.compile(backend="bk_dp", options=options)
+        block.compile(backend="bk_dp", options=options)
     fully_shard(model, mesh=mesh)
-    compiled = model if per_block else torch.compile(model, backend="bk_dp", options=options)
     x, y = _local(rank, *_union_batch(torch.float64))
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8
-    )
     try:
-        F.cross_entropy(compiled(x), y).backward()
-        optimizer.step()
+        F.cross_entropy(model(x), y).backward()
     except Exception as error:  # dynamo wraps the backend's error
         while getattr(error, "inner_exception", None) is not None:
             error = error.inner_exception
@@ -269,13 +320,13 @@ def _fully_sharded(rank: int, per_block: bool) -> str:
     return "no error"
 
 
-def test_fsdp2_is_refused(ranks) -> None:
-    # Whole model: dynamo skips the root's frame (fully_shard's hooks) and compiles each block alone;
-    # per block: one graph per block. Either way each graph would clip alone, and the head not at all.
-    for per_block in (False, True):
-        for message in ranks.run(_fully_sharded, per_block):
-            assert message.startswith("NotSupportedYetError"), message
-            assert "sharded DTensors (FSDP2's fully_shard)" in message and "DistributedDataParallel" in message
+def test_fsdp2_per_block_is_refused(ranks) -> None:
+    # One graph per block: compiled as whole graphs, each would clip alone; as pieces, the rows between
+    # them pass through FSDP's own autograd functions, which the several-graphs clip cannot follow.
+    for message in ranks.run(_fully_sharded_blocks, "auto"):
+        assert message.startswith("GraphBreakError: one backward ran through several bk_dp graphs"), message
+    for message in ranks.run(_fully_sharded_blocks, "several"):
+        assert message.startswith("PrivacyError") and "RegisterPostBackwardFunctionBackward" in message, message
 
 
 def _loader_batches(rank: int, seed: int) -> list[torch.Tensor]:
