@@ -433,3 +433,27 @@ def test_two_calls_of_a_model_in_pieces_before_one_backward_are_refused() -> Non
 def test_graphs_option_is_validated() -> None:
     with raises_bk(bkcompile.OptionError, "'graphs'"):
         compiled_grads(Broken(), _data(torch.float32, 3)[:1], lambda out: out.sum(), options=_options(graphs="many"))
+
+
+def test_dp_optimizer_steps_a_model_in_pieces_over_dynamic_batches() -> None:
+    torch.manual_seed(11)
+    model = Broken().double()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bk_dp", options=_options(clipping="layer-wise"))
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=5
+    )
+    groups = [(members, R / math.sqrt(2)) for members in _layers([n for n, _ in model.named_parameters()])]
+    for batch in (5, 3):
+        x, y = _data(torch.float64, batch)
+        bkcompile.mark_batch_dynamic(x, y)
+        optimizer.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        optimizer.add_noise()
+        want, _ = clipped_sum(reference, F.cross_entropy, (x,), (y,), groups=groups)
+        got = {k: v.grad * 5 for k, v in model.named_parameters()}
+        assert_matches(got, want, torch.float64)
+        assert optimizer.sensitivity == pytest.approx(R)
+    report = bkcompile.last_report()
+    assert "resumed after a graph break" in report.graph and "at the end of the backward" in report.clipped
+    assert "clipped at the end of the backward" in str(report)
