@@ -457,3 +457,25 @@ def test_dp_optimizer_steps_a_model_in_pieces_over_dynamic_batches() -> None:
     report = bkcompile.last_report()
     assert "resumed after a graph break" in report.graph and "at the end of the backward" in report.clipped
     assert "clipped at the end of the backward" in str(report)
+
+
+class Checkpointed(Regional):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__(depth=2)
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_pieces_are_refused(reentrant: bool) -> None:
+    model = Checkpointed(reentrant)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    # reentrant: the checkpoint's own autograd node feeds the block; non-reentrant: the block runs again
+    refusal = "by CheckpointFunctionBackward" if reentrant else "activation checkpointing"
+    with pytest.raises(bkcompile.PrivacyError, match=refusal):
+        _regional_grads(model, ids, y, **_options(graphs="several"))
