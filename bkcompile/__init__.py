@@ -15,12 +15,13 @@ from bkcompile.data import PoissonLoader
 from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
-    GraphBreakError,
+    ClipOnceError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
     PrivacyError,
     SampleMixingError,
+    UnclippedGradientError,
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
@@ -51,13 +52,14 @@ __all__ = [
     "make_private",
     "BKError",
     "BKOptions",
+    "ClipOnceError",
     "CostReport",
-    "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",
     "PrivacyError",
     "SampleMixingError",
+    "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
     "explain",
