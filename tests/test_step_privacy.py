@@ -323,8 +323,51 @@ def _eager_penalty(cm, x, y):
 ROADS = [_plain, _micro_batches, _two_calls, _two_backwards, _eager_penalty]
 
 
+class _Broken(nn.Module):
+    """The MLP with a graph break: two bk_dp graphs, clipped together at the end of the backward."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        h = self.mlp[1](self.mlp[0](x))
+        torch._dynamo.graph_break()
+        return self.mlp[2](h)
+
+
+class _Part(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _whole(model: nn.Module) -> nn.Module:
+    return torch.compile(model, backend="bk_dp", options=OPTIONS)
+
+
+def _graph_break(model: nn.Module) -> nn.Module:
+    return torch.compile(_Broken(model), backend="bk_dp", options=OPTIONS)
+
+
+def _regional(model: nn.Module) -> nn.Module:
+    """Each layer compiled on its own, with options graphs='several' (modules of this file: dynamo runs a
+    torch.nn module's own compiled call eagerly)."""
+    parts = nn.Sequential(_Part(model[0]), model[1], _Part(model[2]))
+    for part in (parts[0], parts[2]):
+        part.compile(backend="bk_dp", options={**OPTIONS, "graphs": "several"})
+    return parts
+
+
+BUILDS = [_whole, _graph_break, _regional]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=[b.__name__ for b in BUILDS])
 @pytest.mark.parametrize("road", ROADS, ids=[r.__name__ for r in ROADS])
-def test_no_road_trains_with_sensitivity_above_r(road) -> None:
+def test_no_road_trains_with_sensitivity_above_r(road, build) -> None:
     """Replace sample 0 by an outlier: a road that trains must move the summed gradient by at most 2R."""
     x, y = _batch(6)
     outlier = x.clone()
@@ -333,7 +376,7 @@ def test_no_road_trains_with_sensitivity_above_r(road) -> None:
     for inputs in (x, outlier):
         model = _mlp()
         optimizer = _optimizer(model)
-        cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+        cm = build(model)
         optimizer.zero_grad()
         try:
             road(cm, inputs, y)
