@@ -16,12 +16,13 @@ from bkcompile.deferred import last_clip_spans
 from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
-    GraphBreakError,
+    ClipOnceError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
     PrivacyError,
     SampleMixingError,
+    UnclippedGradientError,
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
@@ -57,13 +58,14 @@ __all__ = [
     "make_private",
     "BKError",
     "BKOptions",
+    "ClipOnceError",
     "CostReport",
-    "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",
     "PrivacyError",
     "SampleMixingError",
+    "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
     "explain",

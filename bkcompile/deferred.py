@@ -30,8 +30,8 @@ import torch
 
 from bkcompile.backwards import Backward, join_piece
 from bkcompile.distributed import average_over_ranks
-from bkcompile.errors import LossReductionError, PrivacyError
-from bkcompile.norms import clip_state, record, register_clip_state
+from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError
+from bkcompile.ledger import Clip, ledger_for, parameter_of
 from bkcompile.options import BKOptions
 
 if TYPE_CHECKING:
@@ -77,8 +77,9 @@ class Piece:
 def defer_grads(
     params: list[torch.Tensor], grads: list[torch.Tensor], factor: torch.Tensor, graph: int
 ) -> list[torch.Tensor]:
-    join_piece(Piece(_GRAPHS[graph], list(params), [g.detach() for g in grads], factor.detach()), finalize)
-    return [torch.zeros_like(p) for p in params]
+    handed = Piece(_GRAPHS[graph], [parameter_of(p) for p in params], [g.detach() for g in grads], factor.detach())
+    join_piece(handed, finalize)
+    return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
 
 
 @defer_grads.register_fake
@@ -154,7 +155,7 @@ def _combine(pieces: list[Piece]) -> dict[int, _Param]:
     for piece in pieces:
         for tensor, grad, name in zip(piece.params, piece.grads, piece.graph.names):
             if (id(piece.graph), id(tensor)) in seen:
-                raise PrivacyError(
+                raise ClipOnceError(
                     f"{piece.graph.label} ran twice over parameter {name!r} before one backward: the two calls' "
                     "rows are not known to be the same samples, so neither clipping each call nor adding them "
                     "per row is private\n"
@@ -281,14 +282,23 @@ def finalize(backward: Backward) -> None:
     _group_keys(pieces, params, options)
     _unique_names(params)
     names, members, thresholds = _groups(pieces, params, options)
-    key = register_clip_state(tuple(names), tuple(tuple(p.name for p in g) for g in members), tuple(thresholds))
+    tensors = [p.tensor for p in params.values()]
+    ledger = ledger_for(tensors)  # pieces compiled one by one join one ledger, as an optimizer's would
+    state = ledger.clip_state(
+        tuple(names),
+        tuple(tuple(p.tensor for p in g) for g in members),
+        tuple(tuple(p.name for p in g) for g in members),
+        tuple(thresholds),
+        tensors[0].device,
+    )
+    clip_record = Clip(state, tuple(map(id, tensors)))
     dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params.values()) else torch.float32
     scale = scale.to(dtype)
     spans = []
     for group, group_params in enumerate(members):
         grads = [p.grad.to(dtype) for p in group_params]
         norms = torch.stack([(g * g).sum(1) for g in grads]).sum(0).sqrt() * scale
-        threshold = record(key, group, norms)
+        threshold = state.record(norms, group)
         if options.clip_fn == "automatic":
             clip = threshold / (norms + options.clip_gamma)
         else:
@@ -296,13 +306,8 @@ def finalize(backward: Backward) -> None:
         weights = clip * scale
         for param, grad in zip(group_params, grads):
             total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
-            if param.tensor.grad is None:
-                param.tensor.grad = total
-            else:
-                param.tensor.grad.add_(total)
+            ledger.accumulate(param.tensor, total, clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
-        spans.append(
-            ClipSpan(names[group], [p.name for p in group_params], graphs, float(clip_state(key).thresholds[group]))
-        )
+        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, float(state.thresholds[group])))
     average_over_ranks([p.tensor for p in params.values()])  # in a process group: as DDP's all-reduce would
     record_spans(spans)

@@ -35,9 +35,12 @@ class LossReductionError(PrivacyError):
     """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``."""
 
 
-class GraphBreakError(PrivacyError):
-    """A bk_dp graph compiled as the whole model met other bk_dp graphs in one backward (regional
-    compilation without ``options={"graphs": "several"}``): it would clip only its own part of a sample."""
+class UnclippedGradientError(PrivacyError):
+    """A parameter's gradient holds something no bk_dp clip wrote (eager use, eager fallback, eager stem)."""
+
+
+class ClipOnceError(PrivacyError):
+    """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
 
 
 def module_of(node: torch.fx.Node) -> str | None:

@@ -15,7 +15,6 @@ import torch
 
 from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
 from bkcompile.errors import BKError, module_of, source_line
-from bkcompile.norms import clip_state
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
@@ -174,7 +173,7 @@ def build_report(state: PassState) -> CostReport:
         k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
     }
     piece = state.role.piece
-    thresholds = list(state.grouping.thresholds) if piece else clip_state(state.clip_key).thresholds.tolist()
+    thresholds = list(state.grouping.thresholds) if piece else state.clip.thresholds.tolist()
     groups = [
         {"name": name, "params": list(members), "threshold": threshold}
         for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)

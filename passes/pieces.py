@@ -61,7 +61,8 @@ def refuse_batch_outputs(joint: JointGraph, role: GraphRole) -> None:
                 "dynamo does not trace uses it (a branch or .item() on a batch statistic): what the model "
                 "does next would depend on every sample of the batch",
                 "decide per sample (torch.where on per-sample values) or on values that do not depend on the "
-                "batch; log batch statistics outside the compiled model",
+                "batch; return the loss, and print or log batch statistics (the loss too) outside the compiled "
+                "model",
             )
 
 

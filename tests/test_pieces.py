@@ -386,7 +386,7 @@ def test_whole_graph_meeting_other_graphs_is_refused() -> None:
     torch.manual_seed(9)
     model = Regional(depth=2)
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
-    with pytest.raises(bkcompile.GraphBreakError, match="'graphs': 'several'"):
+    with pytest.raises(bkcompile.ClipOnceError, match="'graphs': 'several'"):
         _regional_grads(model, ids, y, **_options())
 
 
@@ -426,10 +426,56 @@ def test_two_calls_of_a_model_in_pieces_before_one_backward_are_refused() -> Non
     model = torch.compile(Broken(), backend="bk_dp", options=_options())
     x, y = _data(torch.float32, 7)
     loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(x + 0.1), y)
-    with pytest.raises(bkcompile.PrivacyError, match="ran twice"):
+    with pytest.raises(bkcompile.ClipOnceError, match="ran twice"):
         loss.backward()
 
 
 def test_graphs_option_is_validated() -> None:
     with raises_bk(bkcompile.OptionError, "'graphs'"):
         compiled_grads(Broken(), _data(torch.float32, 3)[:1], lambda out: out.sum(), options=_options(graphs="many"))
+
+
+def test_dp_optimizer_steps_a_model_in_pieces_over_dynamic_batches() -> None:
+    torch.manual_seed(11)
+    model = Broken().double()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bk_dp", options=_options(clipping="layer-wise"))
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=5
+    )
+    groups = [(members, R / math.sqrt(2)) for members in _layers([n for n, _ in model.named_parameters()])]
+    for batch in (5, 3):
+        x, y = _data(torch.float64, batch)
+        bkcompile.mark_batch_dynamic(x, y)
+        optimizer.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        optimizer.add_noise()
+        want, _ = clipped_sum(reference, F.cross_entropy, (x,), (y,), groups=groups)
+        got = {k: v.grad * 5 for k, v in model.named_parameters()}
+        assert_matches(got, want, torch.float64)
+        assert optimizer.sensitivity == pytest.approx(R)
+    report = bkcompile.last_report()
+    assert "resumed after a graph break" in report.graph and "at the end of the backward" in report.clipped
+    assert "clipped at the end of the backward" in str(report)
+
+
+class Checkpointed(Regional):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__(depth=2)
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_pieces_are_refused(reentrant: bool) -> None:
+    model = Checkpointed(reentrant)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    # reentrant: the checkpoint's own autograd node feeds the block; non-reentrant: the block runs again
+    refusal = "by CheckpointFunctionBackward" if reentrant else "activation checkpointing"
+    with pytest.raises(bkcompile.PrivacyError, match=refusal):
+        _regional_grads(model, ids, y, **_options(graphs="several"))
