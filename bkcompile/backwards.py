@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 
-from bkcompile.distributed import world_size
 from bkcompile.errors import PrivacyError
 
 
@@ -44,14 +43,5 @@ def join_piece(piece, finalize: Callable[[Backward], None]) -> None:
         while len(_RUNNING) >= _KEEP:
             _RUNNING.pop(next(iter(_RUNNING)))
         record = _RUNNING[task] = Backward(task)
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _at_end(task, finalize))
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: finalize(_RUNNING.pop(task)))
     record.pieces.append(piece)
-
-
-def _at_end(task: int, finalize: Callable[[Backward], None], last: bool = False) -> None:
-    if not last and world_size() > 1:
-        # DDP's reducer queues its end-of-backward callback (writing its all-reduced buckets into .grad) at the
-        # first gradient it sees, after this one: finalize after it, at the end of the queue.
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _at_end(task, finalize, last=True))
-        return
-    finalize(_RUNNING.pop(task))

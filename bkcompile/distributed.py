@@ -20,19 +20,21 @@ single-process one and the local batches differ in size by at most one (they may
 axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
 still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
 
-FSDP2 (``fully_shard`` on the root module, compiled whole) leaves DTensor gradients: each rank holds a
-shard of the average of the ranks' clipped sums (reduce-scattered). Every rank draws the whole noise
-tensor from the shared generator and adds its own shard of it (:func:`shard_like`), so each
-coordinate's noise is drawn once and the shards put together are the single-process update.
-``fully_shard`` on blocks as well makes dynamo compile one graph per block with FSDP's own autograd
-functions between them; the several-graphs clip refuses that (the rows between the graphs do not come
-from the data through row-wise ops).
+FSDP2 (``fully_shard``): a model sharded at its root and compiled whole is one bk_dp graph on the
+unsharded parameters, and FSDP2 reduce-scatters its clipped sums into sharded (DTensor) gradients, the
+ranks' average, exactly (bf16 mixed precision too). ``DPOptimizer`` refuses those gradients
+(:func:`refuse_sharded`): the step ledger proves the unsharded parameters' gradients, not the shards.
+``fully_shard`` on blocks as well makes one graph per block, refused by the step ledger (two graphs
+compiled as the whole model in one backward) or, as pieces, by the several-graphs clip (FSDP2's own
+autograd functions between the graphs).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import NotSupportedYetError, PrivacyError
@@ -61,39 +63,28 @@ def shared_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def refuse_sharded(params: list[torch.Tensor]) -> None:
-    """Sharded (DTensor) gradients must be FSDP2's average over a 1-D mesh of every rank: the sum of the
-    ranks' clipped sums is then W times it, and each rank noises its own shard."""
-    world = world_size()
-    for p in params:
-        grad = p.grad
-        if _is_dtensor(grad) and (grad.device_mesh.ndim != 1 or grad.device_mesh.size() != world):
-            raise NotSupportedYetError(
-                f"a sharded gradient of shape {tuple(grad.shape)} lives on a device mesh of shape "
-                f"{tuple(grad.device_mesh.shape)}, not on one dimension over all {world} ranks\n"
-                "  why: the noise and the undoing of FSDP2's average assume every rank holds a shard of one "
-                "average over all ranks (hybrid sharding or tensor parallelism is not supported yet)\n"
-                "  fix: fully_shard(model, mesh=init_device_mesh(device, (world_size,)))"
-            )
+    """FSDP2's sharded (DTensor) gradients: refused by the DP optimizer (not supported yet)."""
+    sharded = [p for p in params if _is_dtensor(p) or _is_dtensor(p.grad)]
+    if sharded:
+        raise NotSupportedYetError(
+            f"{len(sharded)} parameters are sharded DTensors (FSDP2's fully_shard) at DPOptimizer.step()\n"
+            "  why: the step ledger proves that each gradient is a clipped sum for the parameters a bk_dp graph "
+            "receives, which under FSDP2 are the unsharded parameters; the sharded gradients FSDP2 reduce-scatters "
+            "for the optimizer are not proven yet, so they cannot be released\n"
+            "  fix: train with DistributedDataParallel (DDP(torch.compile(model, backend='bk_dp')), or "
+            "torch.compile(DDP(model), ...)); FSDP2 is not supported by DPOptimizer yet"
+        )
 
 
 def _is_dtensor(value: object) -> bool:
     return isinstance(value, torch.distributed.tensor.DTensor)
 
 
-def shard_like(noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``noise`` (drawn whole, identically on every rank) where ``grad`` is sharded:
-    each shard's owner adds its shard of the one draw."""
-    if not _is_dtensor(grad):
-        return noise
-    return torch.distributed.tensor.distribute_tensor(noise, grad.device_mesh, grad.placements, src_data_rank=None)
-
-
 def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
-    """Turn DDP's all-reduced (FSDP2's reduce-scattered) average of the ranks' clipped sums into their sum
-    (times W), in place.
+    """Turn the all-reduced average of the ranks' clipped sums into their sum (times W), in place.
 
-    Refuses replicated gradients that differ between ranks: only gradients an all-reduce combined are the
-    union batch's; noising per-rank gradients would release each rank's own clipped sum.
+    Refuses gradients that differ between ranks: only gradients an all-reduce combined are the union
+    batch's; noising per-rank gradients would release each rank's own clipped sum.
     """
     world = world_size()
     if world == 1:
@@ -116,13 +107,10 @@ def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
 
 
 def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
-    """Per replicated parameter (not an FSDP2 shard): whether it has a gradient, its sum and its sum of
-    squares (float64)."""
+    """Per parameter: whether it has a gradient, its sum and its sum of squares (float64)."""
     rows = []
     for p in params:
         grad = p.grad
-        if _is_dtensor(p) or _is_dtensor(grad):  # a shard, different on every rank
-            continue
         if grad is None:
             rows.append(torch.zeros(3, dtype=torch.float64))
         else:
@@ -133,21 +121,38 @@ def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
     return fingerprint.cuda() if backend == "nccl" else fingerprint
 
 
-def average_over_ranks(params: list[torch.Tensor]) -> None:
-    """Average the parameters' gradients over the ranks in place (every rank calls it with the same list).
+_SYNCED = WeakIdKeyDictionary()  # parameters whose gradients bkcompile all-reduces in place of DDP's reducer
 
-    A model in several bk_dp graphs clips at the end of the backward, after DDP's reducer all-reduced the
-    zeros the graphs returned: the clipped sums are combined here, as DDP would have. Gradients already
-    equal on every rank keep their value.
+
+def sync_under_ddp(params: list[torch.Tensor]) -> None:
+    """At a bk_dp graph's forward call inside a DDP forward: bkcompile takes over DDP's gradient all-reduce.
+
+    The step ledger writes a graph's clipped gradients into ``p.grad`` itself (autograd never accumulates
+    them), so DDP's reducer, whose hooks fire on autograd's accumulation, would wait for gradients that
+    never come. Its backward sync is switched off for this forward (as ``no_sync()`` does) and the
+    parameters are all-reduced by :func:`average_over_ranks` when their clipped sums are written.
     """
-    world = world_size()
-    if world == 1:
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
         return
+    ddp.require_backward_grad_sync = False
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+        _SYNCED[p] = True
+
+
+def average_over_ranks(params: list[torch.Tensor]) -> None:
+    """Average the gradients of the parameters DDP holds over the ranks, in place, once their clipped sums
+    are written (every rank runs the same graphs, so every rank calls this with the same parameters).
+
+    The result is what DDP's all-reduce leaves: the ranks' average of their clipped sums. Gradients already
+    equal on every rank (earlier micro-batches of the step) keep their value.
+    """
+    synced = [p for p in params if p in _SYNCED and p.grad is not None]
+    if not synced or world_size() == 1:
+        return
+    for p in synced:
         dist.all_reduce(p.grad)
-        p.grad.div_(world)
+        p.grad.div_(world_size())
 
 
 def sum_over_ranks(counts: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile.distributed import average_over_ranks, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -95,6 +96,7 @@ class GraphRecord:
             args = list(args)
             params = [args[i] for i in indices]
             _know(params, self.names)
+            sync_under_ddp(params)  # DDP's reducer sees no gradient of a bk_dp graph: bkcompile all-reduces them
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
@@ -250,6 +252,7 @@ class StepLedger:
         for p, grad in zip(call.params, grads):
             if grad is not None:
                 self.accumulate(p, grad, clip)
+        average_over_ranks(call.params)  # under DDP: the ranks' average, as DDP's all-reduce would leave it
 
     def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
         """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""

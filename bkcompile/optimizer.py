@@ -10,7 +10,6 @@ import torch
 from bkcompile.accountant import PrivacyAccountant
 from bkcompile.distributed import (
     refuse_sharded,
-    shard_like,
     shared_generator,
     sum_of_clipped_sums,
     sum_over_ranks,
@@ -70,7 +69,7 @@ class DPOptimizer:
     the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
     noise scale stay on the model's device.
 
-    In a process group (DDP, FSDP2) every rank draws the same noise from rank 0's generator state, and
+    In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
     the ranks' average of their clipped sums is multiplied back by the world size: the update is the
     single-process one on the union batch, noised once (``bkcompile.distributed``).
     """
@@ -128,8 +127,7 @@ class DPOptimizer:
         for p in params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
-            noise = shard_like(noise * std.to(device=p.device, dtype=p.dtype), grad)  # FSDP2: this rank's shard
-            p.grad = (grad + noise) / self.expected_batch_size
+            p.grad = (grad + noise * std.to(device=p.device, dtype=p.dtype)) / self.expected_batch_size
 
     @property
     def sensitivity(self) -> float:
