@@ -249,11 +249,11 @@ class ClipSpan:
     group: str
     params: list[str]
     graphs: list[str]
-    threshold: float
+    threshold: torch.Tensor  # R_g at the clip (0-dim, on the model's device: read only when printed)
 
     def __str__(self) -> str:
         return (
-            f"clipping group {self.group!r} (R = {self.threshold:.4g}, {len(self.params)} parameters) spans "
+            f"clipping group {self.group!r} (R = {float(self.threshold):.4g}, {len(self.params)} parameters) spans "
             f"{len(self.graphs)} graph(s): " + "; ".join(self.graphs)
         )
 
@@ -307,5 +307,5 @@ def finalize(backward: Backward) -> None:
             total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
             ledger.accumulate(param.tensor, total, clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
-        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, float(state.thresholds[group])))
+        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
     record_spans(spans)
