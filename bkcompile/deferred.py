@@ -250,11 +250,11 @@ class ClipSpan:
     group: str
     params: list[str]
     graphs: list[str]
-    threshold: float
+    threshold: torch.Tensor  # R_g at the clip (0-dim, on the model's device: read only when printed)
 
     def __str__(self) -> str:
         return (
-            f"clipping group {self.group!r} (R = {self.threshold:.4g}, {len(self.params)} parameters) spans "
+            f"clipping group {self.group!r} (R = {float(self.threshold):.4g}, {len(self.params)} parameters) spans "
             f"{len(self.graphs)} graph(s): " + "; ".join(self.graphs)
         )
 
@@ -308,6 +308,6 @@ def finalize(backward: Backward) -> None:
             total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
             ledger.accumulate(param.tensor, total, clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
-        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, float(state.thresholds[group])))
-    average_over_ranks([p.tensor for p in params.values()])  # in a process group: as DDP's all-reduce would
+        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
+    average_over_ranks([p.tensor for p in params.values()])  # under DDP: as DDP's all-reduce would leave them
     record_spans(spans)

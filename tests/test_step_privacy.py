@@ -345,12 +345,12 @@ class _Part(nn.Module):
         return self.layer(x)
 
 
-def _whole(model: nn.Module) -> nn.Module:
-    return torch.compile(model, backend="bk_dp", options=OPTIONS)
+def _whole(model: nn.Module, **options) -> nn.Module:
+    return torch.compile(model, backend="bk_dp", options={**OPTIONS, **options})
 
 
-def _graph_break(model: nn.Module) -> nn.Module:
-    return torch.compile(_Broken(model), backend="bk_dp", options=OPTIONS)
+def _graph_break(model: nn.Module, **options) -> nn.Module:
+    return torch.compile(_Broken(model), backend="bk_dp", options={**OPTIONS, **options})
 
 
 def _regional(model: nn.Module) -> nn.Module:
@@ -390,7 +390,8 @@ def test_no_road_trains_with_sensitivity_above_r(road, build) -> None:
 # --- no host round-trip in a warmed-up step ---------------------------------------------------------------------
 
 
-def test_a_warm_step_never_copies_to_the_host(monkeypatch) -> None:
+@pytest.mark.parametrize("build", [_whole, _graph_break], ids=["whole", "graph_break"])
+def test_a_warm_step_never_copies_to_the_host(monkeypatch, build) -> None:
     model = _mlp(torch.float32)
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -399,7 +400,7 @@ def test_a_warm_step_never_copies_to_the_host(monkeypatch) -> None:
         expected_batch_size=8,
         adaptive_clipping=bkcompile.AdaptiveClipping(count_noise=8.0),
     )
-    cm = torch.compile(model, backend="bk_dp", options={**OPTIONS, "clipping": "layer-wise"})
+    cm = build(model, clipping="layer-wise")
     x, y = _batch(8, torch.float32)
 
     def step():
