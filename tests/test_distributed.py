@@ -435,3 +435,34 @@ def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
         assert all(torch.equal(a, b) for a, b in zip(whole, resumed))  # the same batches, noise and momentum
         assert whole_history == resumed_history == [[0.25, 1.0, 4]]  # so the same epsilon
     assert all(torch.equal(a, b) for a, b in zip(results[0]["whole"][0], results[1]["whole"][0]))
+
+
+def _adaptive_steps(rank: int) -> dict:
+    model = Net().double()
+    x, y = _union_batch(torch.float64)
+    _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
+    halves = norms.view(WORLD, PER_RANK)
+    # the smallest threshold at which the ranks count different numbers of samples under it
+    radius = next(r for r in norms.sort().values.tolist() if len({int((h <= r).sum()) for h in halves}) > 1)
+    wrapped = _wrap(model, "DDP(compile)", {"max_grad_norm": radius, "compiler": "aot_eager"})
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=radius,
+        expected_batch_size=WORLD * PER_RANK,
+        adaptive_clipping=bkcompile.AdaptiveClipping(target_quantile=0.5, learning_rate=0.5, count_noise=2.0),
+    )
+    local = (norms[rank * PER_RANK : (rank + 1) * PER_RANK] <= radius).sum().item()
+    thresholds = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(*_local(rank, x)), *_local(rank, y)).backward()
+        optimizer.step()
+        thresholds.append(optimizer._clip_state.thresholds.clone())
+    return {"thresholds": thresholds, "local count": local}
+
+
+def test_adaptive_clipping_counts_the_union_batch(ranks) -> None:
+    first, second = ranks.run(_adaptive_steps)
+    assert first["local count"] != second["local count"]  # local counts would move the ranks apart
+    assert all(torch.equal(a, b) for a, b in zip(first["thresholds"], second["thresholds"]))
