@@ -12,6 +12,7 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.data import PoissonLoader
+from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
@@ -66,6 +67,7 @@ __all__ = [
     "explain",
     "last_report",
     "last_per_sample_norms",
+    "last_clip_spans",
     "mark_batch_dynamic",
     "register_batch_rule",
     "rules",

@@ -44,7 +44,8 @@ class ClipOnceError(PrivacyError):
 
 
 class GraphBreakError(PrivacyError):
-    """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
+    """A bk_dp graph compiled as the whole model met other bk_dp graphs in one backward (regional
+    compilation without ``options={"graphs": "several"}``): it would clip only its own part of a sample."""
 
 
 def module_of(node: torch.fx.Node) -> str | None:

@@ -10,8 +10,10 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
   the ledger knows refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
-  the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
-  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
+  the same forward; a graph compiled as the whole model whose taps run twice in one autograd backward
+  (``bkcompile.backwards``) is two calls clipped on their own, and one that meets other bk_dp graphs
+  there clips only its part of each sample. All would let a sample contribute more than R: refused.
+  (Pieces of a model, ``bkcompile.deferred``, are clipped together at the end of the backward.)
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
 - ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
@@ -33,12 +35,20 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile import backwards
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ALIASES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a tap's output -> the parameter it stands for
+
+
+def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The parameter a graph input stands for (a graph sees each trainable parameter through its tap)."""
+    return _ALIASES.get(tensor, tensor)
+
 
 _FOREIGN = (
     "p.grad already held a gradient no bk_dp graph wrote when a graph accumulated into it (set by hand, or "
@@ -79,7 +89,9 @@ class GraphRecord:
 
     indices: tuple[int, ...]
     names: tuple[str, ...]
-    state: ClipState | None = None  # its clip state (set once the pass has run)
+    label: str = "the whole model"  # how errors name the graph
+    piece: bool = False  # one of several graphs of the model, clipped at the end of the backward (deferred.py)
+    state: ClipState | None = None  # its clip state (set once the pass has run; a piece has none)
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
@@ -95,7 +107,8 @@ class GraphRecord:
             params = [args[i] for i in indices]
             _know(params, self.names)
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
-            for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
+            for i, p, tapped in zip(indices, params, _Tap.apply(self.anchor, call)):
+                _ALIASES[tapped] = p
                 args[i] = tapped
             return compiled(*args)
 
@@ -125,50 +138,42 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
         call = ctx.call
-        _WATCH.enter(call)
+        _enter(call)
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
-        ledger.write(call, grads)
+        if not call.graph.piece:  # a piece's gradients are zeros: its clip writes at the end of the backward
+            ledger.write(call, grads)
         return None, None
 
 
-class _BackwardWatch:
-    """The calls whose clipped gradients the running autograd backward (graph task) has written."""
-
-    def __init__(self) -> None:
-        self.task = -1
-        self.calls: list[CallRecord] = []
-
-    def enter(self, call: CallRecord) -> None:
-        if call.backwards:
+def _enter(call: CallRecord) -> None:
+    """Join the running autograd backward (``bkcompile.backwards``): a call's backward runs once, and a
+    graph compiled as the whole model is alone in its backward (pieces are clipped together at its end)."""
+    if call.backwards:
+        raise ClipOnceError(
+            f"a second backward runs through the compiled call at {call.where}\n"
+            "  why: each backward would clip the samples of that call again, so one sample could contribute "
+            "up to 2R to the step\n"
+            "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
+        )
+    call.backwards += 1
+    record = backwards.current()
+    if not call.graph.piece:
+        state = call.graph.state
+        first = next(
+            (c for c in record.calls if c.graph is call.graph or (state is not None and c.graph.state is state)), None
+        )
+        if first is not None:
             raise ClipOnceError(
-                f"a second backward runs through the compiled call at {call.where}\n"
-                "  why: each backward would clip the samples of that call again, so one sample could contribute "
-                "up to 2R to the step\n"
-                "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
-            )
-        call.backwards += 1
-        task = torch._C._current_graph_task_id()
-        if task != self.task:
-            self.task, self.calls = task, []
-        if self.calls:
-            first = self.calls[0]
-            what = (
-                "the compiled model was called twice before one backward"
-                if first.graph is call.graph or first.graph.state is call.graph.state
-                else "two bk_dp graphs (graph breaks, or modules compiled one by one) ran in one backward"
-            )
-            raise ClipOnceError(
-                f"{what}: first call at {first.where}, second call at {call.where}\n"
+                f"the compiled model was called twice before one backward: first call at {first.where}, second "
+                f"call at {call.where}\n"
                 "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the step\n"
                 "  fix: put every use of the model in one compiled function (compile a module whose forward "
                 "computes both passes and returns the summed per-sample loss); when the calls hold different "
                 "samples, run forward and backward per micro-batch before step()"
             )
-        self.calls.append(call)
-
-
-_WATCH = _BackwardWatch()
+        backwards.join_whole(f"{call.graph.label} (called at {call.where})")
+    record.calls.append(call)
 
 
 class StepLedger:
@@ -225,20 +230,26 @@ class StepLedger:
 
     def write(self, call: CallRecord, grads: Sequence) -> None:
         """Accumulate a call's clipped gradients into ``p.grad`` (what autograd would have done)."""
+        clip = Clip(call.graph.state, tuple(map(id, call.params))) if call.graph.state is not None else None
         for p, grad in zip(call.params, grads):
-            if grad is None:
-                continue
-            entry = self.entries[p]
-            grad = grad.detach()
-            if p.grad is None:
-                p.grad = grad.clone() if grad._is_view() else grad
-            else:
-                if p.grad is not entry.grad:
-                    entry.road = entry.road or _FOREIGN
-                p.grad.add_(grad)
-            entry.grad = p.grad
-            if call.graph.state is not None:
-                entry.clips.add(Clip(call.graph.state, tuple(map(id, call.params))))
+            if grad is not None:
+                self._accumulate(p, grad.detach(), clip)
+
+    def add_clipped(self, p: torch.nn.Parameter, grad: torch.Tensor, state: ClipState, params: Sequence) -> None:
+        """A clip over several graphs (``deferred.finalize``) adds its clipped sum for ``p``."""
+        self._accumulate(p, grad, Clip(state, tuple(map(id, params))))
+
+    def _accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
+        entry = self.entries[p]
+        if p.grad is None:
+            p.grad = grad.clone() if grad._is_view() else grad
+        else:
+            if p.grad is not entry.grad:
+                entry.road = entry.road or _FOREIGN
+            p.grad.add_(grad)
+        entry.grad = p.grad
+        if clip is not None:
+            entry.clips.add(clip)
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
         """The gradients as they are now (after ``zero_grad``) are the start of a step."""
@@ -288,14 +299,18 @@ def _label(p: torch.nn.Parameter) -> str:
 
 def _call_site() -> str:
     """The user's line that called the compiled model: the first frame outside torch and bkcompile after
-    dynamo's entry (``eval_frame``), else the first outside them."""
+    dynamo's entry (``compile_wrapper``), else the first outside them."""
     frame = sys._getframe(2)
     first, entered = None, False
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
-        if ours and file.endswith(os.path.join("_dynamo", "eval_frame.py")):
-            entered = True
+        if (
+            ours
+            and frame.f_code.co_name == "compile_wrapper"
+            and file.endswith(os.path.join("_dynamo", "eval_frame.py"))
+        ):
+            entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:
                 return f"{file}:{frame.f_lineno}"
