@@ -200,8 +200,9 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     try:
         opts = parse_options(options)
         role = _graph_role(gm, opts)
-        record = GraphRecord(indices, names, label=role.label, piece=role.piece)
         device = params[0].device if params else torch.device("cpu")
+        anchor = torch.zeros((), device=device, requires_grad=True)
+        record = GraphRecord(indices, names, label=role.label, piece=role.piece, anchor=anchor)
         compiled = _compile(gm, example_inputs, opts, role, _clip_states(ledger, dict(zip(names, params)), device))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that

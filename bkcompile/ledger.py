@@ -8,7 +8,8 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
   them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
-  the ledger knows refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
+  the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
+  use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; a graph compiled as the whole model whose taps run twice in one autograd backward
   (``bkcompile.backwards``) is two calls clipped on their own, and one that meets other bk_dp graphs
@@ -29,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.utils import orig_code_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile import backwards
@@ -43,6 +46,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ALIASES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a tap's output -> the parameter it stands for
+_MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
 
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,6 +110,7 @@ class GraphRecord:
             args = list(args)
             params = [args[i] for i in indices]
             _know(params, self.names)
+            _know_module(_compiled_module())
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
             for i, p, tapped in zip(indices, params, _Tap.apply(self.anchor, call)):
                 _ALIASES[tapped] = p
@@ -159,10 +164,7 @@ def _enter(call: CallRecord) -> None:
     call.backwards += 1
     record = backwards.current()
     if not call.graph.piece:
-        state = call.graph.state
-        first = next(
-            (c for c in record.calls if c.graph is call.graph or (state is not None and c.graph.state is state)), None
-        )
+        first = next((c for c in record.calls if _same(c.params, call.params)), None)
         if first is not None:
             raise ClipOnceError(
                 f"the compiled model was called twice before one backward: first call at {first.where}, second "
@@ -174,6 +176,10 @@ def _enter(call: CallRecord) -> None:
             )
         backwards.join_whole(f"{call.graph.label} (called at {call.where})")
     record.calls.append(call)
+
+
+def _same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 class StepLedger:
@@ -340,6 +346,31 @@ def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
     """Adopt parameters no ledger knows yet (a graph dynamo reuses for another model of the same code)."""
     if not all(p in _LEDGERS and p in _LEDGERS[p].entries for p in params):
         ledger_for(params).adopt(params, names)
+
+
+def _compiled_module() -> torch.nn.Module | None:
+    """The module whose compiled forward is calling the graph (``self`` of dynamo's frame), if any."""
+    frame = sys._getframe(2)
+    for _ in range(4):  # the graph is called from dynamo's frame through a wrapper or two
+        if frame is None:
+            return None
+        if frame.f_code in orig_code_map:
+            owner = frame.f_locals.get("self")
+            return owner if isinstance(owner, torch.nn.Module) else None
+        frame = frame.f_back
+    return None
+
+
+def _know_module(module: torch.nn.Module | None) -> None:
+    """Adopt every trainable parameter of the compiled module, also those its graphs do not use: one used
+    only outside them (``cm(x) * cm.temperature``) is then refused in the backward too."""
+    if module is None or module in _MODULES:
+        return
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if named:
+        names, params = zip(*named)
+        _know(params, names)
+    _MODULES.add(module)
 
 
 def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:

@@ -185,6 +185,24 @@ class _Block(nn.Module):
         return torch.tanh(self.fc(x))
 
 
+class _WithTemperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+        self.temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_module_parameter_used_only_outside_the_call_is_refused_on_the_plain_path() -> None:
+    model = _WithTemperature()
+    x, y = _batch(4)
+    cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+    with pytest.raises(bkcompile.UnclippedGradientError, match="'temperature' received a gradient that no bk_dp"):
+        F.cross_entropy(cm(x) * model.temperature, y).backward()
+
+
 def test_eager_stem_before_a_compiled_block_is_refused() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), _Block(6, 3)).double()
