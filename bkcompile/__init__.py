@@ -16,7 +16,6 @@ from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
-    GraphBreakError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
@@ -55,7 +54,6 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
-    "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",

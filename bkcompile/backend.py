@@ -201,35 +201,32 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         opts = parse_options(options)
         role = _graph_role(gm, opts)
         device = params[0].device if params else torch.device("cpu")
-        anchor = torch.zeros((), device=device, requires_grad=True)
-        record = GraphRecord(indices, names, label=role.label, piece=role.piece, anchor=anchor)
-        compiled = _compile(gm, example_inputs, opts, role, _clip_states(ledger, dict(zip(names, params)), device))
+        anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
+        record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
+        facts, trainable, input_names = _classify_inputs(gm, example_inputs, opts)
+        context = {
+            "facts": facts,
+            "trainable": trainable,
+            "names": input_names,
+            "options": opts,
+            "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
+            "role": role,
+        }
+        compiled = _compile(gm, example_inputs, opts, context)
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
             ledger.adopt(params, names)
         raise
-    record.state, compiled = compiled
+    state = context.get("state")
+    record.state = state.clip if state is not None else None
     ledger.adopt(params, names)
     if role.piece:
-        batched = [i for i, f in enumerate(_classify_inputs(gm, example_inputs, opts)[0]) if isinstance(f, Batched)]
-        compiled = rows.guard(compiled, batched, role.label)
+        compiled = rows.guard(compiled, [i for i, f in enumerate(facts) if isinstance(f, Batched)], role.label)
     return record.wrap(compiled)
 
 
-def _compile(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, role: GraphRole, clip_states
-) -> tuple[ClipState | None, Any]:
-    """(the graph's clip state, the compiled graph)."""
-    facts, trainable, names = _classify_inputs(gm, example_inputs, opts)
-    context = {
-        "facts": facts,
-        "trainable": trainable,
-        "names": names,
-        "options": opts,
-        "role": role,
-        "clip_states": clip_states,
-    }
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, context: dict):
     if opts.compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._decomp import get_decompositions
@@ -237,25 +234,19 @@ def _compile(
         def boxed(graph: torch.fx.GraphModule, _inputs: Any):
             return make_boxed_func(graph.forward)
 
-        compiled = aot_autograd(
+        return aot_autograd(
             fw_compiler=boxed,
             bw_compiler=boxed,
             partition_fn=functools.partial(_partition, context=context),
             decompositions=get_decompositions(_DECOMPOSE),
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
-    else:
-        from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(
-            gm,
-            example_inputs,
-            # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
-            config_patches={
-                "joint_custom_pre_pass": _InductorJointPass(context),
-                "trace.provenance_tracking_level": 1,
-            },
-            decompositions=_inductor_decompositions(),
-        )
-    state = context.get("state")
-    return (state.clip if state is not None else None), compiled
+    return compile_fx(
+        gm,
+        example_inputs,
+        # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
+        config_patches={"joint_custom_pre_pass": _InductorJointPass(context), "trace.provenance_tracking_level": 1},
+        decompositions=_inductor_decompositions(),
+    )

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from bkcompile.backwards import Backward, join_piece
-from bkcompile.errors import LossReductionError, PrivacyError
-from bkcompile.ledger import ledger_for, parameter_of
+from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError
+from bkcompile.ledger import Clip, ledger_for, parameter_of
 from bkcompile.options import BKOptions
 
 if TYPE_CHECKING:
@@ -76,9 +76,9 @@ class Piece:
 def defer_grads(
     params: list[torch.Tensor], grads: list[torch.Tensor], factor: torch.Tensor, graph: int
 ) -> list[torch.Tensor]:
-    params = [parameter_of(p) for p in params]  # the graph received the taps' stand-ins (bkcompile.ledger)
-    join_piece(Piece(_GRAPHS[graph], params, [g.detach() for g in grads], factor.detach()), finalize)
-    return [torch.zeros_like(p) for p in params]
+    handed = Piece(_GRAPHS[graph], [parameter_of(p) for p in params], [g.detach() for g in grads], factor.detach())
+    join_piece(handed, finalize)
+    return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
 
 
 @defer_grads.register_fake
@@ -154,7 +154,7 @@ def _combine(pieces: list[Piece]) -> dict[int, _Param]:
     for piece in pieces:
         for tensor, grad, name in zip(piece.params, piece.grads, piece.graph.names):
             if (id(piece.graph), id(tensor)) in seen:
-                raise PrivacyError(
+                raise ClipOnceError(
                     f"{piece.graph.label} ran twice over parameter {name!r} before one backward: the two calls' "
                     "rows are not known to be the same samples, so neither clipping each call nor adding them "
                     "per row is private\n"
@@ -249,7 +249,7 @@ class ClipSpan:
     group: str
     params: list[str]
     graphs: list[str]
-    threshold: torch.Tensor  # 0-dim, on the device (read when printed: no host copy in the backward)
+    threshold: torch.Tensor  # R_g at the clip (0-dim, on the model's device: read only when printed)
 
     def __str__(self) -> str:
         return (
@@ -282,7 +282,7 @@ def finalize(backward: Backward) -> None:
     _unique_names(params)
     names, members, thresholds = _groups(pieces, params, options)
     tensors = [p.tensor for p in params.values()]
-    ledger = ledger_for(tensors)
+    ledger = ledger_for(tensors)  # pieces compiled one by one join one ledger, as an optimizer's would
     state = ledger.clip_state(
         tuple(names),
         tuple(tuple(p.tensor for p in g) for g in members),
@@ -290,6 +290,7 @@ def finalize(backward: Backward) -> None:
         tuple(thresholds),
         tensors[0].device,
     )
+    clip_record = Clip(state, tuple(map(id, tensors)))
     dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params.values()) else torch.float32
     scale = scale.to(dtype)
     spans = []
@@ -304,7 +305,7 @@ def finalize(backward: Backward) -> None:
         weights = clip * scale
         for param, grad in zip(group_params, grads):
             total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
-            ledger.add_clipped(param.tensor, total, state, tensors)
+            ledger.accumulate(param.tensor, total, clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
     record_spans(spans)

@@ -43,11 +43,6 @@ class ClipOnceError(PrivacyError):
     """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
 
 
-class GraphBreakError(PrivacyError):
-    """A bk_dp graph compiled as the whole model met other bk_dp graphs in one backward (regional
-    compilation without ``options={"graphs": "several"}``): it would clip only its own part of a sample."""
-
-
 def module_of(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:

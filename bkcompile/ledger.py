@@ -11,10 +11,8 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
   use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
-  the same forward; a graph compiled as the whole model whose taps run twice in one autograd backward
-  (``bkcompile.backwards``) is two calls clipped on their own, and one that meets other bk_dp graphs
-  there clips only its part of each sample. All would let a sample contribute more than R: refused.
-  (Pieces of a model, ``bkcompile.deferred``, are clipped together at the end of the backward.)
+  the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
+  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
 - ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
@@ -38,21 +36,14 @@ import torch
 from torch._dynamo.utils import orig_code_map
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile import backwards
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_ALIASES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # a tap's output -> the parameter it stands for
 _MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
-
-
-def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter a graph input stands for (a graph sees each trainable parameter through its tap)."""
-    return _ALIASES.get(tensor, tensor)
-
 
 _FOREIGN = (
     "p.grad already held a gradient no bk_dp graph wrote when a graph accumulated into it (set by hand, or "
@@ -93,9 +84,8 @@ class GraphRecord:
 
     indices: tuple[int, ...]
     names: tuple[str, ...]
-    label: str = "the whole model"  # how errors name the graph
-    piece: bool = False  # one of several graphs of the model, clipped at the end of the backward (deferred.py)
-    state: ClipState | None = None  # its clip state (set once the pass has run; a piece has none)
+    piece: bool = False  # one of several graphs of the model: clipped with the others at the end of the backward
+    state: ClipState | None = None  # its clip state (set once the pass has run; None for a piece)
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
@@ -112,8 +102,7 @@ class GraphRecord:
             _know(params, self.names)
             _know_module(_compiled_module())
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
-            for i, p, tapped in zip(indices, params, _Tap.apply(self.anchor, call)):
-                _ALIASES[tapped] = p
+            for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
 
@@ -129,6 +118,7 @@ class CallRecord:
     upstream: tuple[torch.nn.Parameter, ...]  # parameters used eagerly to compute the call's inputs
     params: list[torch.nn.Parameter]  # the graph's trainable parameters, in its input order
     backwards: int = 0
+    aliases: tuple[torch.Tensor, ...] = ()  # what the graph receives for them (held, so their identity lasts)
 
 
 class _Tap(torch.autograd.Function):
@@ -138,48 +128,74 @@ class _Tap(torch.autograd.Function):
     def forward(ctx: Any, anchor: torch.Tensor, call: CallRecord) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.call = call
-        return tuple(p.detach() for p in call.params)
+        call.aliases = tuple(p.detach() for p in call.params)
+        for alias, p in zip(call.aliases, call.params):
+            _ORIGINS[alias] = p
+        return call.aliases
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
         call = ctx.call
-        _enter(call)
+        _WATCH.enter(call)
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
-        if not call.graph.piece:  # a piece's gradients are zeros: its clip writes at the end of the backward
+        if not call.graph.piece:  # a piece's clipped sums are written at the end of the backward
             ledger.write(call, grads)
         return None, None
 
 
-def _enter(call: CallRecord) -> None:
-    """Join the running autograd backward (``bkcompile.backwards``): a call's backward runs once, and a
-    graph compiled as the whole model is alone in its backward (pieces are clipped together at its end)."""
-    if call.backwards:
-        raise ClipOnceError(
-            f"a second backward runs through the compiled call at {call.where}\n"
-            "  why: each backward would clip the samples of that call again, so one sample could contribute "
-            "up to 2R to the step\n"
-            "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
-        )
-    call.backwards += 1
-    record = backwards.current()
-    if not call.graph.piece:
-        first = next((c for c in record.calls if _same(c.params, call.params)), None)
-        if first is not None:
+_ORIGINS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the tensor a graph receives -> its parameter
+
+
+def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The parameter behind a tensor a compiled graph received for it (itself when it is no tap's alias)."""
+    return _ORIGINS.get(tensor, tensor)
+
+
+class _BackwardWatch:
+    """The calls whose clipped gradients the running autograd backward (graph task) has written."""
+
+    def __init__(self) -> None:
+        self.task = -1
+        self.calls: list[CallRecord] = []
+
+    def enter(self, call: CallRecord) -> None:
+        if call.backwards:
             raise ClipOnceError(
-                f"the compiled model was called twice before one backward: first call at {first.where}, second "
-                f"call at {call.where}\n"
-                "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the step\n"
-                "  fix: put every use of the model in one compiled function (compile a module whose forward "
-                "computes both passes and returns the summed per-sample loss); when the calls hold different "
-                "samples, run forward and backward per micro-batch before step()"
+                f"a second backward runs through the compiled call at {call.where}\n"
+                "  why: each backward would clip the samples of that call again, so one sample could contribute "
+                "up to 2R to the step\n"
+                "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
             )
-        backwards.join_whole(f"{call.graph.label} (called at {call.where})")
-    record.calls.append(call)
+        call.backwards += 1
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task, self.calls = task, []
+        if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
+            first = self.calls[0]
+            if first.graph is call.graph and all(p is q for p, q in zip(first.params, call.params)):
+                raise ClipOnceError(
+                    f"the compiled model was called twice before one backward: first call at {first.where}, "
+                    f"second call at {call.where}\n"
+                    "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the "
+                    "step\n"
+                    "  fix: put every use of the model in one compiled function (compile a module whose forward "
+                    "computes both passes and returns the summed per-sample loss); when the calls hold different "
+                    "samples, run forward and backward per micro-batch before step()"
+                )
+            raise ClipOnceError(
+                f"two bk_dp graphs ran in one backward (calls at {first.where} and {call.where}), and one of "
+                "them was compiled as the whole model\n"
+                "  why: a graph compiled as the whole model clips its own part of each sample's gradient, so a "
+                "sample in both could contribute up to 2R to the step\n"
+                "  fix: for modules compiled one by one (regional compilation), compile every one of them, stem "
+                "and head too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, "
+                "once per sample; or compile the model as one graph"
+            )
+        self.calls.append(call)
 
 
-def _same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+_WATCH = _BackwardWatch()
 
 
 class StepLedger:
@@ -239,14 +255,12 @@ class StepLedger:
         clip = Clip(call.graph.state, tuple(map(id, call.params))) if call.graph.state is not None else None
         for p, grad in zip(call.params, grads):
             if grad is not None:
-                self._accumulate(p, grad.detach(), clip)
+                self.accumulate(p, grad, clip)
 
-    def add_clipped(self, p: torch.nn.Parameter, grad: torch.Tensor, state: ClipState, params: Sequence) -> None:
-        """A clip over several graphs (``deferred.finalize``) adds its clipped sum for ``p``."""
-        self._accumulate(p, grad, Clip(state, tuple(map(id, params))))
-
-    def _accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
+    def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
+        """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""
         entry = self.entries[p]
+        grad = grad.detach()
         if p.grad is None:
             p.grad = grad.clone() if grad._is_view() else grad
         else:
@@ -311,11 +325,7 @@ def _call_site() -> str:
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
-        if (
-            ours
-            and frame.f_code.co_name == "compile_wrapper"
-            and file.endswith(os.path.join("_dynamo", "eval_frame.py"))
-        ):
+        if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:

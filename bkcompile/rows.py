@@ -5,6 +5,9 @@ eager code that keeps every row where it is (elementwise maths, dtype casts, vie
 therefore marks its outputs' autograd nodes, and checks, before it runs, the autograd history of each of
 its batched inputs back to a piece's output or a leaf: any other op (an index or a permutation of the
 batch, a mean over it, a concatenation, an eager layer) is refused, naming the op.
+
+A piece whose forward runs again inside a backward (activation checkpointing) is refused too: a reentrant
+recomputation's backward is an autograd backward of its own, whose end would clip that piece alone.
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ def guard(compiled: Callable, batched: list[int], label: str) -> Callable:
     outputs marked."""
 
     def run(*args: Any) -> Any:
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
+            raise PrivacyError(
+                f"{label} runs its forward again inside a backward (activation checkpointing)\n"
+                "  why: a recomputed piece's backward may run in an autograd backward of its own (reentrant "
+                "checkpointing), whose end would clip that piece alone\n"
+                "  fix: do not checkpoint a module compiled in pieces, or compile the model as one graph"
+            )
         check_inputs(args, batched, label)
         outputs = compiled(*args)
         mark_outputs(outputs, label)
