@@ -200,9 +200,10 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     try:
         opts = parse_options(options)
         role = _graph_role(gm, opts)
-        record = GraphRecord(indices, names, piece=role.piece)
-        facts, trainable, input_names = _classify_inputs(gm, example_inputs, opts)
         device = params[0].device if params else torch.device("cpu")
+        anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
+        record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
+        facts, trainable, input_names = _classify_inputs(gm, example_inputs, opts)
         context = {
             "facts": facts,
             "trainable": trainable,

@@ -8,7 +8,8 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
   them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
-  the ledger knows refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
+  the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
+  use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
   own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
@@ -27,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.utils import orig_code_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.distributed import average_over_ranks, sync_under_ddp
@@ -39,7 +42,9 @@ from bkcompile.norms import ClipState
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
 _FOREIGN = (
     "p.grad already held a gradient no bk_dp graph wrote when a graph accumulated into it (set by hand, or "
@@ -96,6 +101,7 @@ class GraphRecord:
             args = list(args)
             params = [args[i] for i in indices]
             _know(params, self.names)
+            _know_module(_compiled_module())
             sync_under_ddp(params)  # DDP's reducer sees no gradient of a bk_dp graph: bkcompile all-reduces them
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
@@ -316,14 +322,14 @@ def _label(p: torch.nn.Parameter) -> str:
 
 def _call_site() -> str:
     """The user's line that called the compiled model: the first frame outside torch and bkcompile after
-    dynamo's entry (``eval_frame``), else the first outside them."""
+    dynamo's entry (``compile_wrapper``), else the first outside them."""
     frame = sys._getframe(2)
     first, entered = None, False
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
-        if ours and file.endswith(os.path.join("_dynamo", "eval_frame.py")):
-            entered = True
+        if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+            entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:
                 return f"{file}:{frame.f_lineno}"
@@ -353,6 +359,31 @@ def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
     """Adopt parameters no ledger knows yet (a graph dynamo reuses for another model of the same code)."""
     if not all(p in _LEDGERS and p in _LEDGERS[p].entries for p in params):
         ledger_for(params).adopt(params, names)
+
+
+def _compiled_module() -> torch.nn.Module | None:
+    """The module whose compiled forward is calling the graph (``self`` of dynamo's frame), if any."""
+    frame = sys._getframe(2)
+    for _ in range(4):  # the graph is called from dynamo's frame through a wrapper or two
+        if frame is None:
+            return None
+        if frame.f_code in orig_code_map:
+            owner = frame.f_locals.get("self")
+            return owner if isinstance(owner, torch.nn.Module) else None
+        frame = frame.f_back
+    return None
+
+
+def _know_module(module: torch.nn.Module | None) -> None:
+    """Adopt every trainable parameter of the compiled module, also those its graphs do not use: one used
+    only outside them (``cm(x) * cm.temperature``) is then refused in the backward too."""
+    if module is None or module in _MODULES:
+        return
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if named:
+        names, params = zip(*named)
+        _know(params, names)
+    _MODULES.add(module)
 
 
 def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:

@@ -99,9 +99,11 @@ def test_the_fix_for_two_calls_is_exact() -> None:
         torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_inductor_and_dynamic_batch_go_through_the_ledger() -> None:
+@pytest.mark.parametrize("broken", [False, True], ids=["whole", "graph_break"])
+def test_inductor_and_dynamic_batch_go_through_the_ledger(broken: bool) -> None:
     model = _mlp(torch.float32)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": R}, dynamic=True)
+    target = _Broken(model) if broken else model
+    compiled = torch.compile(target, backend="bk_dp", options={"max_grad_norm": R}, dynamic=True)
     optimizer = _optimizer(model)
     for size in (5, 9):
         x, y = _batch(size, torch.float32, seed=size)
@@ -173,6 +175,24 @@ class _Block(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.fc(x))
+
+
+class _WithTemperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+        self.temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_module_parameter_used_only_outside_the_call_is_refused_on_the_plain_path() -> None:
+    model = _WithTemperature()
+    x, y = _batch(4)
+    cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+    with pytest.raises(bkcompile.UnclippedGradientError, match="'temperature' received a gradient that no bk_dp"):
+        F.cross_entropy(cm(x) * model.temperature, y).backward()
 
 
 def test_eager_stem_before_a_compiled_block_is_refused() -> None:
