@@ -355,7 +355,7 @@ def _make_private_steps(rank: int) -> dict:
     torch.manual_seed(rank)  # different initialisations: DDP starts every rank from rank 0's
     model = Net().double()
     x, y = _union_batch(torch.float64)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=8)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=2)
     private, optimizer, loader = bkcompile.make_private(
         model,
         torch.optim.SGD(model.parameters(), lr=0.5),
@@ -365,11 +365,18 @@ def _make_private_steps(rank: int) -> dict:
         target_delta=1e-3,
         compiler="aot_eager",
     )
-    for xb, yb in loader:  # every rank runs its backward, empty local batches too
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    sizes = []
+    for xb, yb in loader:  # ceil(1 / q) = 16 steps; every rank runs its backward, empty local batches too
+        sizes.append(len(xb))
         optimizer.zero_grad()
         F.cross_entropy(private(xb), yb).backward()
         optimizer.step()
     return {
+        "sizes": sizes,
+        "graphs": counters["stats"]["unique_graphs"],
         "ddp": isinstance(private, DDP),
         "loader": type(loader).__name__,
         "expected": optimizer.expected_batch_size,
@@ -382,8 +389,11 @@ def test_make_private_under_a_process_group(ranks) -> None:
     results = ranks.run(_make_private_steps)
     for result in results:
         assert result["ddp"] and result["loader"] == "DistributedPoissonLoader"
-        assert result["expected"] == 8  # the global q * N
-        assert result["history"] == [[8 / 32, 1.0, 4]]  # the global sample rate, ceil(1 / q) steps
+        assert result["expected"] == 2  # the global q * N
+        assert result["history"] == [[2 / 32, 1.0, 16]]  # the global sample rate, one record per step
+        assert result["graphs"] == 1  # one compile for every local batch size
+    sizes = [size for result in results for size in result["sizes"]]
+    assert 0 in sizes and len(set(sizes)) > 1  # empty local batches among non-empty ones
     assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
 
 
