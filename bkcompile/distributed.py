@@ -1,14 +1,18 @@
 """Data-parallel DP-SGD: each rank clips its own samples, the noise is drawn once for all of them.
 
-Under DDP every rank's bk_dp backward clips the samples it holds, and DDP's all-reduce leaves on every
-rank the *average* of the ranks' clipped sums, ``(1/W) sum_r S_r``. One private step must release
+Under DDP every rank's bk_dp backward clips the samples it holds. The step ledger writes those clipped
+sums into ``p.grad`` itself, so DDP's reducer never sees them: a bk_dp graph called inside a DDP
+forward switches DDP's gradient sync off for that forward (:func:`sync_under_ddp`) and bkcompile
+all-reduces each clipped sum as it is written (:func:`average_over_ranks`), leaving on every rank what
+DDP would have left, the *average* of the ranks' clipped sums ``(1/W) sum_r S_r``. One private step
+must release
 
     (sum_r S_r + N(0, (sigma * sensitivity)^2)) / B_global,
 
 the single-process update on the union batch: one Gaussian draw per coordinate, not one per rank (W
 draws would add W times the variance to the sum of the ranks' updates, or, averaged, leave the
 replicas apart). So every rank draws the *same* noise from a generator whose state rank 0 owns and
-broadcasts once (:func:`shared_generator`), undoes DDP's average (times W), adds that noise and
+broadcasts once (:func:`shared_generator`), undoes the average (times W), adds that noise and
 divides by the global expected batch size: the replicas apply bit-identical updates and stay equal.
 Before adding noise :func:`sum_of_clipped_sums` checks that every rank holds the same gradients
 (a fingerprint all-gathered): gradients that no all-reduce combined (a model not wrapped in DDP)
@@ -116,9 +120,12 @@ def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
         else:
             g = grad.detach().double()
             rows.append(torch.stack([torch.ones((), dtype=torch.float64), g.sum().cpu(), g.pow(2).sum().cpu()]))
-    fingerprint = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
-    backend = dist.get_backend()
-    return fingerprint.cuda() if backend == "nccl" else fingerprint
+    return torch.stack(rows).to(_collective_device()) if rows else torch.zeros(0, 3, dtype=torch.float64)
+
+
+def _collective_device() -> torch.device:
+    """Where the process group's collectives take tensors: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 _SYNCED = WeakIdKeyDictionary()  # parameters whose gradients bkcompile all-reduces in place of DDP's reducer
@@ -159,12 +166,10 @@ def sum_over_ranks(counts: torch.Tensor) -> None:
     """Sum per-rank counts in place (adaptive clipping's samples under each threshold)."""
     if world_size() == 1:
         return
-    if dist.get_backend() == "nccl":
-        on_device = counts.cuda()
-        dist.all_reduce(on_device)
-        counts.copy_(on_device.cpu())
-    else:
-        dist.all_reduce(counts)
+    on_device = counts.to(_collective_device())
+    dist.all_reduce(on_device)
+    if on_device is not counts:
+        counts.copy_(on_device)
 
 
 class DistributedPoissonLoader(PoissonLoader):
