@@ -35,6 +35,8 @@ autograd functions between the graphs).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -180,14 +182,8 @@ class DistributedPoissonLoader(PoissonLoader):
     selected rows ``r, r + W, r + 2W, ...``. ``expected_batch_size`` is the global ``q * N``.
     """
 
-    def __init__(
-        self,
-        *tensors: torch.Tensor,
-        sample_rate: float,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(*tensors, sample_rate=sample_rate, steps=steps, generator=shared_generator(generator))
+    def __init__(self, *tensors: torch.Tensor, generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(*tensors, generator=shared_generator(generator), **options)  # sample_rate, steps
         self.rank = dist.get_rank() if world_size() > 1 else 0
         self.world = world_size()
 

@@ -7,6 +7,7 @@ draw on every rank from rank 0's generator state) and the replicas stay bit-iden
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -95,14 +96,10 @@ def _ddp_grads(rank: int, order: str, several: bool, dtype: torch.dtype, optimiz
 
 
 CASES = [  # (order, several DDP buckets, dtype, optimize_ddp, clipping)
-    ("compile(DDP)", False, torch.float64, False, "all-layer"),
-    ("DDP(compile)", False, torch.float64, False, "all-layer"),
-    ("compile(DDP)", False, torch.float64, True, "all-layer"),
-    ("DDP(compile)", False, torch.float64, True, "all-layer"),
-    ("compile(DDP)", True, torch.float64, False, "all-layer"),
-    ("DDP(compile)", True, torch.float64, False, "all-layer"),
-    ("compile(DDP)", True, torch.float64, True, "all-layer"),
-    ("DDP(compile)", True, torch.float64, True, "all-layer"),
+    *[
+        (order, several, torch.float64, optimize_ddp, "all-layer")
+        for order, several, optimize_ddp in itertools.product(("compile(DDP)", "DDP(compile)"), *[(False, True)] * 2)
+    ],
     ("DDP(compile)", False, torch.float32, False, "all-layer"),
     ("compile(DDP)", True, torch.float32, True, "all-layer"),
     ("compile(DDP)", False, torch.float64, False, "layer-wise"),
