@@ -43,7 +43,7 @@ EPS = 1e-6
 class PieceGraph:
     """What the pass knows of one piece, read again when its backward hands over its gradients."""
 
-    label: str  # e.g. "graph 2 (resumed after model.py:12 in forward)"
+    label: str  # e.g. "bk_dp graph #2, resumed after a graph break, ending at model.py:14 (...)"
     options: BKOptions
     names: tuple[str, ...]  # the trainable parameters in the order defer_grads receives them
     grouping: Grouping  # the clipping groups of this piece's parameters (names as above)
