@@ -6,13 +6,15 @@ in its user stack); a graph compiled with ``options={"graphs": "several"}`` (reg
 by the user's word. Any other graph is the whole model and clips in the graph (the fast path); if at run
 time it meets other bk_dp graphs in its backward, ``bkcompile.backwards`` refuses it.
 
-A piece's backward does not clip: each trainable parameter's gradient becomes its per-sample gradients
-(B, n) (the explicit strategy of ``clip.py``), handed over with the loss scale s and the parameters to
-``bkcompile::defer_grads``, which returns zeros::
+A piece's backward does not clip: each trainable parameter hands over, with the loss scale s, to
+``bkcompile::defer_grads`` (which returns zeros) either its per-sample gradients (B, n) (explicit, as in
+``clip.py``) or, when the cost model chose ghost, its ghost norm and its site's operands
+(``bookkeeping.py``)::
 
     before:  grad_w = mm(t(grad_out), act)                                       -> output
-    after:   g = reshape(bmm(t(act_i), grad_out_i), [B, -1])
-             zeros = defer_grads([w, ...], [g, ...], s, graph)                  -> getitem(zeros, 0) -> output
+    after:   g = reshape(bmm(t(act_i), grad_out_i), [B, -1])                    (explicit)
+             n = ghost_norm(grad_out, act)                                      (ghost)
+             zeros = defer_grads([w, v], [g], s, graph, [n], [grad_out, act])   -> getitem(zeros, k) -> output
 
 ``bkcompile.deferred.finalize`` clips them with the other pieces' at the end of the backward.
 """
