@@ -12,7 +12,9 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
-  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
+  own, unless all are pieces of a model (clipped together at the end of the backward,
+  ``bkcompile.deferred``). Both would let a sample contribute more than R, and are refused by
+  :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
 - ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
