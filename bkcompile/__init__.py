@@ -10,7 +10,7 @@ from torch._dynamo.backends import registry as _registry
 from bkcompile import rules
 from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
 from bkcompile.backend import bk_dp
-from bkcompile.batch import mark_batch_dynamic
+from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import (
     BKError,
@@ -23,7 +23,7 @@ from bkcompile.errors import (
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
-from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
+from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
 from bkcompile.options import BKOptions
 from bkcompile.passes.rules import register_batch_rule
 from bkcompile.private import make_private
@@ -46,6 +46,7 @@ __all__ = [
     "DPOptimizer",
     "PoissonLoader",
     "PrivacyAccountant",
+    "StepRelease",
     "get_noise_multiplier",
     "make_private",
     "BKError",
@@ -63,6 +64,7 @@ __all__ = [
     "last_report",
     "last_per_sample_norms",
     "mark_batch_dynamic",
+    "micro_batches",
     "register_batch_rule",
     "rules",
 ]

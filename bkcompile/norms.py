@@ -25,12 +25,14 @@ class ClipState:
     initial: tuple[float, ...]  # the thresholds the options gave
     thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64: the current R_g
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
+    rows: torch.Tensor = dataclasses.field(init=False)  # (G,) samples recorded since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     recorded: set[int] = dataclasses.field(default_factory=set)  # groups the current backward has recorded
 
     def __post_init__(self) -> None:
         self.thresholds = torch.tensor(self.initial, dtype=torch.float64)
         self.below = torch.zeros_like(self.thresholds)
+        self.rows = torch.zeros_like(self.thresholds)
 
     @property
     def sensitivity(self) -> float:
@@ -39,6 +41,7 @@ class ClipState:
 
     def reset_counts(self) -> None:
         self.below.zero_()
+        self.rows.zero_()
 
 
 _STATES: list[ClipState] = []
@@ -84,6 +87,7 @@ def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
     state.recorded.add(group)
     state.latest[:, group] = values
     state.below[group] += (values <= state.thresholds[group]).sum()
+    state.rows[group] += len(values)
     return state.thresholds[group].to(dtype=norms.dtype, device=norms.device, copy=True)  # not a view of the state
 
 
