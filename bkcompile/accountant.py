@@ -65,6 +65,8 @@ class PrivacyAccountant:
 
     def step(self, sample_rate: float, noise_multiplier: float, steps: int = 1) -> None:
         _check(sample_rate, noise_multiplier)
+        if not (isinstance(steps, int) and steps > 0):
+            raise AccountingError(f"steps must be a positive integer, got {steps!r}")
         if self.history and self.history[-1][:2] == [sample_rate, noise_multiplier]:
             self.history[-1][2] += steps
         else:

@@ -11,6 +11,7 @@ from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import BKError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
+from bkcompile.randomness import child_generators
 
 
 def make_private(
@@ -34,8 +35,9 @@ def make_private(
     size (sample rate q = batch_size / len(dataset)), and its ``collate_fn``, ``num_workers``,
     ``pin_memory`` and worker options carry over. Its sampling is replaced: a ``sampler`` or
     ``batch_sampler`` of your own is refused (subset the dataset instead), ``shuffle`` and ``drop_last`` do
-    not apply. Batches are drawn from ``generator`` or, by default, from a secret OS-entropy generator
-    (a seeded ``generator`` reproduces a run, and reveals its batches and noise to whoever knows the seed).
+    not apply. Batches and noise are drawn from two generators seeded from ``generator`` or, by default,
+    from OS entropy (secret); a seeded ``generator`` reproduces a run, with or without workers, and reveals
+    its batches and noise to whoever knows the seed.
     The returned loader and optimizer are coupled: one batch per ``optimizer.step()``.
 
     Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
@@ -64,10 +66,11 @@ def make_private(
         )
     if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
+    sampling, noise = child_generators(generator, 2)
     loader = PoissonLoader(
         dataset,
         sample_rate=sample_rate,
-        generator=generator,
+        generator=sampling,
         collate_fn=data_loader.collate_fn,
         worker_generator=data_loader.generator,
         **_worker_options(data_loader),
@@ -78,7 +81,7 @@ def make_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         accountant=PrivacyAccountant(),
-        generator=generator,
+        generator=noise,
         adaptive_clipping=adaptive_clipping,
         data_loader=loader,
     )

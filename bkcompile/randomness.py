@@ -19,3 +19,13 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63))
     return generator
+
+
+def child_generators(parent: torch.Generator | None, count: int) -> list[torch.Generator]:
+    """``count`` independent generators for separate streams (batches, noise): seeded from ``parent`` (a
+    reproducible run), or from OS entropy when it is None. Separate streams keep each reproducible on its
+    own, whatever order the draws interleave in (data-loader workers prefetch batches)."""
+    if parent is None:
+        return [secret_generator() for _ in range(count)]
+    seeds = torch.randint(2**62, (count,), generator=parent, device=parent.device).tolist()
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
