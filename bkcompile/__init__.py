@@ -11,6 +11,7 @@ from bkcompile import rules
 from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
 from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic, micro_batches
+from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import (
     BKError,
@@ -65,6 +66,8 @@ __all__ = [
     "last_per_sample_norms",
     "mark_batch_dynamic",
     "micro_batches",
+    "load_checkpoint",
+    "save_checkpoint",
     "register_batch_rule",
     "rules",
 ]

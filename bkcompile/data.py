@@ -11,6 +11,7 @@ out a batch before ``step()`` consumed the previous one: each step is one Poisso
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -45,7 +46,8 @@ class OneBatchPerStep:
                 "the accountant records one step at the loader's sample rate q per step(), and two batches per "
                 "step are a sample of rate about 2q. Fix: call optimizer.step() once per loader batch (an empty "
                 "batch too: it adds noise); to accumulate gradients, split ONE batch with "
-                "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step"
+                "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step (to "
+                "evaluate on the training data, iterate your original DataLoader)"
             )
         self.pending = True
 
@@ -54,17 +56,27 @@ class OneBatchPerStep:
 
 
 class PoissonBatchSampler:
-    """Index lists, each index in independently with probability ``sample_rate``; ``steps`` lists per epoch."""
+    """Index lists, each index in independently with probability ``sample_rate``; ``steps`` lists per epoch.
+
+    An epoch may start ``skip`` lists in (a resumed run). After each draw the generator's state is queued
+    in ``states_after``: data-loader workers prefetch, so the generator runs ahead of the batches handed
+    out, and a checkpoint needs the state right after the last batch handed out.
+    """
 
     def __init__(self, size: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
         self.size, self.sample_rate, self.steps, self.generator = size, sample_rate, steps, generator
+        self.skip = 0
+        self.states_after: collections.deque[torch.Tensor] = collections.deque()
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
+        self.states_after.clear()
+        count, self.skip = self.steps - self.skip, 0
+        for _ in range(count):
             mask = torch.rand(self.size, generator=self.generator) < self.sample_rate
+            self.states_after.append(self.generator.get_state())
             yield mask.nonzero().squeeze(1).tolist()
 
 
@@ -130,6 +142,8 @@ class PoissonLoader:
             **loader_options,
         )
         self.step_gate: OneBatchPerStep | None = None
+        self._position = 0  # batches handed out in the current epoch
+        self._resume_state: torch.Tensor | None = None  # the generator's state after the last batch handed out
 
     @property
     def dataset_size(self) -> int:
@@ -158,10 +172,34 @@ class PoissonLoader:
         return self.steps
 
     def __iter__(self) -> Iterator[Any]:
+        self._position = self.batch_sampler.skip  # the sampler skips them when the DataLoader starts it
+        self._resume_state = self.generator.get_state()
         for rows, batch in self._loader:
             if self.step_gate is not None:
                 self.step_gate.draw()
+            self._position += 1
+            self._resume_state = self.batch_sampler.states_after.popleft()
             yield mark_rows_dynamic(batch, rows)
+        self._position = 0
+
+    def state_dict(self) -> dict:
+        """Where sampling stands: the batches handed out in this epoch and, under ``"secret"``, the sampling
+        generator's state right after the last of them (it reveals the coming batches: keep it private)."""
+        if self.step_gate is not None and self.step_gate.pending:
+            raise BKError(
+                "the loader's state was taken between drawing a batch and optimizer.step(); take it after the step "
+                "(a checkpoint then holds whole steps)"
+            )
+        state = self._resume_state if self._position else self.generator.get_state()
+        return {"position": self._position, "steps": self.steps, "secret": {"sampling_generator": state.clone()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume sampling: the next iteration yields the rest of the saved epoch, then whole epochs."""
+        if state["steps"] != self.steps:
+            raise BKError(f"the saved loader took {state['steps']} batches per epoch, this one {self.steps}")
+        self.generator.set_state(state["secret"]["sampling_generator"])
+        self.batch_sampler.skip = state["position"]
+        self._position, self._resume_state = 0, None
 
 
 def _as_dataset(data: Sequence[Dataset | torch.Tensor]) -> Dataset:
