@@ -15,12 +15,14 @@ from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import (
     BKError,
+    ClipOnceError,
     GraphBreakError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
     PrivacyError,
     SampleMixingError,
+    UnclippedGradientError,
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
@@ -52,6 +54,7 @@ __all__ = [
     "make_private",
     "BKError",
     "BKOptions",
+    "ClipOnceError",
     "CostReport",
     "GraphBreakError",
     "LossReductionError",
@@ -59,6 +62,7 @@ __all__ = [
     "OptionError",
     "PrivacyError",
     "SampleMixingError",
+    "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
     "explain",

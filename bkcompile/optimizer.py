@@ -10,7 +10,8 @@ import torch
 from bkcompile.accountant import AccountingError, PrivacyAccountant
 from bkcompile.data import OneBatchPerStep, PoissonLoader
 from bkcompile.errors import BKError, PrivacyError
-from bkcompile.norms import ClipState, backward_count, clip_state, register_clip_state, take_active
+from bkcompile.ledger import audit, ledger_for, refuse_step, start_step
+from bkcompile.norms import ClipState
 from bkcompile.randomness import secret_generator
 
 
@@ -63,7 +64,7 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise: float, group
 class StepRelease:
     """What one ``step()`` published besides the update: the noise scales and the adaptive counts."""
 
-    gradient_noise_std: float  # std of the Gaussian noise on the clipped gradient sum (sigma_grad * sensitivity)
+    gradient_noise_std: torch.Tensor  # 0-dim: std of the noise on the clipped gradient sum (sigma_grad * sensitivity)
     counts: torch.Tensor | None = None  # (G,) the noisy centred counts of adaptive clipping
     count_noise_std: float | None = None  # std of the noise on each count
 
@@ -88,7 +89,10 @@ class DPOptimizer:
     Noise comes from ``generator`` when given (reproducible: whoever knows its seed knows the noise),
     else from a generator seeded with OS entropy. It is drawn in float32 (float64 for float64
     parameters), added to the clipped sum and averaged in that precision, and rounded once to the
-    parameter's dtype. ``step()`` refuses gradients that no bk_dp backward produced since the last step.
+    parameter's dtype. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
+    gradient it steps is exactly the sum of what bk_dp clips wrote since ``zero_grad()``, and refuses
+    the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
+    noise scale stay on the model's device.
 
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
     batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see
@@ -136,6 +140,7 @@ class DPOptimizer:
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
         self.last_release: StepRelease | None = None
+        ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
         self._start_logical_batch()
         if data_loader is not None:  # last: a refused construction leaves the loader uncoupled
             self._gate = data_loader.couple()
@@ -152,26 +157,18 @@ class DPOptimizer:
         self._start_logical_batch()
 
     def _start_logical_batch(self) -> None:
-        """Backwards before this point do not count toward the next step (its gradients and clip counts)."""
-        self._backwards_at_zero = backward_count()
-        for state in take_active():
-            state.reset_counts()
+        """Gradients and clip counts before this point do not count toward the next step."""
+        start_step(self._params())
 
     def add_noise(self) -> None:
         """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping)."""
-        self._take_clip_state()
         params = self._params()
-        has_grad = any(p.grad is not None for p in params)
-        if has_grad and backward_count() == self._backwards_at_zero:
-            raise PrivacyError(
-                "the gradients were not produced by a bk_dp backward since the last zero_grad(); stepping them "
-                "would not be private. Compile the model with backend='bk_dp' and call zero_grad() before each "
-                "logical batch"
-            )
-        std = self._gradient_noise_multiplier() * self.sensitivity
+        self._take_clip_state(params)
+        std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
             dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
-            noise = torch.normal(0.0, std, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
+            noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
+            noise = noise * std.to(device=p.device, dtype=dtype)
             total = noise if p.grad is None else p.grad.to(dtype) + noise
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.last_release = StepRelease(gradient_noise_std=std)
@@ -179,17 +176,25 @@ class DPOptimizer:
     @property
     def sensitivity(self) -> float:
         """The L2 sensitivity the noise is scaled to: sqrt(sum_g R_g^2) of the model's clipping groups."""
-        return self._clip_state.sensitivity if self._clip_state is not None else self.max_grad_norm
+        return float(self._sensitivity_tensor())
 
-    def _take_clip_state(self) -> None:
-        states = take_active()
-        if len(states) > 1:
+    def _sensitivity_tensor(self) -> torch.Tensor:
+        if self._clip_state is None:
+            return torch.tensor(self.max_grad_norm, dtype=torch.float64)
+        return self._clip_state.sensitivity_tensor()
+
+    def _take_clip_state(self, params: list[torch.nn.Parameter]) -> None:
+        """The clip state of this step's gradients, after the ledger has proved they are clipped sums."""
+        found = audit(params)
+        if found.problems:
+            raise refuse_step(found.problems)
+        if len({(clip.state, clip.params) for clip in found.clips}) > 1:
             raise PrivacyError(
-                "gradients from models with different clipping groups reached one DP optimizer "
-                "step; use one optimizer per bk_dp model"
+                "gradients from graphs with different clipping groups reached one DP optimizer step (several "
+                "models, or blocks compiled one by one); use one optimizer per bk_dp model, compiled as one graph"
             )
-        if states:
-            self._clip_state = states[0]
+        if found.clips:
+            self._clip_state = next(iter(found.clips)).state
 
     def _gradient_noise_multiplier(self) -> float:
         if self.adaptive_clipping is None or self._clip_state is None:
@@ -204,7 +209,7 @@ class DPOptimizer:
         state, rule = self._clip_state, self.adaptive_clipping
         count_noise = self._count_noise()
         noise = torch.normal(0.0, count_noise, size=state.below.shape, generator=self.generator, dtype=torch.float64)
-        counts = state.below - state.rows / 2 + noise  # each sample moves each count by exactly 1/2
+        counts = state.below - state.rows / 2 + noise.to(state.below.device)  # a sample moves each by exactly 1/2
         fraction = counts / self.expected_batch_size + 0.5
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
         self.last_release = dataclasses.replace(self.last_release, counts=counts, count_noise_std=count_noise)
@@ -221,7 +226,7 @@ class DPOptimizer:
         self.optimizer.step()
         if self._gate is not None:
             self._gate.stepped()
-        self._backwards_at_zero = backward_count()
+        start_step(self._params())  # the noised gradients are released: what follows starts anew
 
     def state_dict(self, include_secret: bool = True) -> dict:
         """Everything to resume: the wrapped optimizer, noise multiplier, accountant, adaptive thresholds and,
@@ -240,7 +245,7 @@ class DPOptimizer:
             if self._clip_state is None
             else {
                 "groups": self._clip_state.groups,
-                "params": self._clip_state.params,
+                "params": self._clip_state.names,
                 "initial": self._clip_state.initial,
                 "thresholds": self._clip_state.thresholds.clone(),
             },
@@ -257,6 +262,7 @@ class DPOptimizer:
         if self.accountant is not None and state["accountant"] is not None:
             self.accountant.load_state_dict(state["accountant"])
         clip = state.get("clip_state")
-        if clip is not None:  # adapted thresholds resume where they were (the graphs read the shared state)
-            self._clip_state = clip_state(register_clip_state(clip["groups"], clip["params"], clip["initial"]))
-            self._clip_state.thresholds.copy_(clip["thresholds"])
+        if clip is not None:  # adapted thresholds resume where they were (the graphs read the ledger's state)
+            ledger_for(self._params()).restore_thresholds(
+                clip["groups"], clip["params"], clip["initial"], clip["thresholds"]
+            )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import bkcompile
 
 
-def build(seed: int = 0, adaptive: bool = True):
+def build(seed: int = 0):
     fixed = torch.Generator().manual_seed(0)  # the data is the same in every run
     data = torch.utils.data.TensorDataset(
         torch.randn(30, 6, generator=fixed), torch.randint(0, 3, (30,), generator=fixed)
@@ -33,7 +33,7 @@ def build(seed: int = 0, adaptive: bool = True):
         target_delta=1e-5,
         noise_multiplier=1.1,
         generator=torch.Generator().manual_seed(seed),
-        adaptive_clipping=bkcompile.AdaptiveClipping(count_noise=2.0) if adaptive else None,
+        adaptive_clipping=bkcompile.AdaptiveClipping(count_noise=2.0),
         compiler="aot_eager",
         clipping="layer-wise",
     )

@@ -18,23 +18,20 @@ WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
 def test_resume_continues_bit_identically_with_the_same_epsilon(tmp_path: Path) -> None:
-    # fixed thresholds here: adaptive ones are shared by the models of one process that have the same clipping
-    # groups; the SIGKILL test below resumes adaptive clipping across processes
-    model, compiled, optimizer, loader = build(adaptive=False)
+    # adaptive thresholds included: restored before the resumed model compiles
+    model, compiled, optimizer, loader = build()
     train(model, compiled, optimizer, loader, steps=8, step=0, checkpoint=None, sleep=0)
     want = {k: v.clone() for k, v in model.state_dict().items()}
 
     torch._dynamo.reset()
-    model, compiled, optimizer, loader = build(adaptive=False)
+    model, compiled, optimizer, loader = build()
     train(model, compiled, optimizer, loader, steps=3, step=0, checkpoint=None, sleep=0)  # mid-epoch
     path = tmp_path / "run.pt"
     bkcompile.save_checkpoint(path, compiled, optimizer, loader, step=3)
     epsilon = optimizer.accountant.get_epsilon(1e-5)
 
     torch._dynamo.reset()
-    model, compiled, optimizer, loader = build(
-        seed=1, adaptive=False
-    )  # different weights and generators: all overwritten
+    model, compiled, optimizer, loader = build(seed=1)  # other weights and generators: all overwritten
     assert bkcompile.load_checkpoint(path, compiled, optimizer, loader) == {"step": 3}
     assert optimizer.accountant.history == [[0.2, 1.1, 3]]
     assert optimizer.accountant.get_epsilon(1e-5) == epsilon

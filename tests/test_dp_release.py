@@ -70,8 +70,9 @@ def test_adaptive_step_is_no_weaker_than_the_recorded_gaussian_mechanism(count_n
         state["secret"]["noise_generator"] = noise_state
         optimizer.load_state_dict(state)
     (g0, r0), (g1, r1) = released
-    assert r0.gradient_noise_std == r1.gradient_noise_std and r0.count_noise_std == count_noise
-    shift = (g1 - g0).pow(2).sum() / r0.gradient_noise_std**2 + (r1.counts - r0.counts).pow(2).sum() / count_noise**2
+    gradient_std = float(r0.gradient_noise_std)
+    assert gradient_std == float(r1.gradient_noise_std) and r0.count_noise_std == count_noise
+    shift = (g1 - g0).pow(2).sum() / gradient_std**2 + (r1.counts - r0.counts).pow(2).sum() / count_noise**2
     true_sigma = shift.item() ** -0.5
     for q, sigma, _ in optimizer.accountant.history:  # what the accountant recorded for these steps
         assert q == 0.01
@@ -93,7 +94,8 @@ def test_low_precision_noise_is_drawn_and_summed_in_float32() -> None:
     optimizer.step()  # an empty batch: noise alone, averaged
     reference = torch.Generator().manual_seed(0)
     for p in model.parameters():
-        noise = torch.normal(0.0, 1.3 * 0.7, size=p.shape, generator=reference, dtype=torch.float32)
+        std = torch.tensor(1.3 * 0.7, dtype=torch.float64).float()
+        noise = torch.normal(0.0, 1.0, size=p.shape, generator=reference, dtype=torch.float32) * std
         assert p.grad.dtype == torch.bfloat16
         assert torch.equal(p.grad, (noise / 3.0).bfloat16())  # one rounding, not two
 
