@@ -290,3 +290,22 @@ def test_micro_batches_accumulate_one_batch_exactly() -> None:
     assert [c["text"] for c in bkcompile.micro_batches(text, 2)] == [["a", "b"], ["c", "d"], ["e"]]
     with pytest.raises(bkcompile.BKError, match="cannot tell the number of rows"):
         list(bkcompile.micro_batches((torch.zeros(4), torch.zeros(3)), 2))
+
+
+def test_coupling_takes_the_loaders_rates_and_refuses_disagreement() -> None:
+    model = nn.Linear(1, 1)
+    loader = bkcompile.PoissonLoader(torch.zeros(20, 1), sample_rate=0.25)
+
+    def optimizer(**kwargs) -> bkcompile.DPOptimizer:
+        return bkcompile.DPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, **kwargs
+        )
+
+    with pytest.raises(bkcompile.BKError, match="sample_rate=0.5 disagrees with the data loader's 0.25"):
+        optimizer(data_loader=loader, sample_rate=0.5, accountant=bkcompile.PrivacyAccountant())
+    with pytest.raises(bkcompile.BKError, match="needs expected_batch_size"):
+        optimizer()
+    coupled = optimizer(data_loader=loader, accountant=bkcompile.PrivacyAccountant())
+    assert (coupled.sample_rate, coupled.expected_batch_size) == (0.25, 5.0)
+    with pytest.raises(bkcompile.BKError, match="already feeds a DP optimizer"):
+        optimizer(data_loader=loader)
