@@ -13,10 +13,10 @@ from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
+from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
-    GraphBreakError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
@@ -56,7 +56,6 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
-    "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",
@@ -68,6 +67,7 @@ __all__ = [
     "explain",
     "last_report",
     "last_per_sample_norms",
+    "last_clip_spans",
     "mark_batch_dynamic",
     "micro_batches",
     "load_checkpoint",
