@@ -44,6 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import NotSupportedYetError, PrivacyError
+from bkcompile.randomness import secret_generator
 
 
 def world_size() -> int:
@@ -59,8 +60,7 @@ def shared_generator(generator: torch.Generator | None) -> torch.Generator:
     optimizer stays one stream.
     """
     if generator is None:
-        generator = torch.Generator()
-        generator.seed()  # OS entropy: only rank 0's survives the broadcast
+        generator = secret_generator()  # OS entropy: only rank 0's survives the broadcast
     if world_size() > 1:
         state = [generator.get_state()]
         dist.broadcast_object_list(state, src=0)
@@ -177,22 +177,14 @@ def sum_over_ranks(counts: torch.Tensor) -> None:
 class DistributedPoissonLoader(PoissonLoader):
     """Poisson sampling of the union of the ranks' data: each rank yields its part of one global batch.
 
-    Every rank passes the same full tensors. Each step draws one global mask (each of the N rows in
-    with probability ``sample_rate``) from a generator shared by all ranks, and rank r keeps the
-    selected rows ``r, r + W, r + 2W, ...``. ``expected_batch_size`` is the global ``q * N``.
+    Every rank passes the same whole dataset (and the same options as to :class:`PoissonLoader`). Each
+    step draws one global mask (each of the N examples in with probability ``sample_rate``) from a
+    generator shared by all ranks, and rank r keeps the selected examples ``r, r + W, r + 2W, ...``.
+    ``expected_batch_size`` is the global ``q * N``; ``state_dict`` (the shared generator and the
+    position in the epoch) is the same on every rank.
     """
 
-    def __init__(self, *tensors: torch.Tensor, generator: torch.Generator | None = None, **options: Any) -> None:
-        super().__init__(*tensors, generator=shared_generator(generator), **options)  # sample_rate, steps
-        self.rank = dist.get_rank() if world_size() > 1 else 0
-        self.world = world_size()
-
-    def sample_indices(self) -> torch.Tensor:
-        return super().sample_indices()[self.rank :: self.world]
-
-    def state_dict(self) -> dict:
-        """The shared generator's state (the same on every rank): resuming draws the batches that follow."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def __init__(self, *data: Any, generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(*data, generator=shared_generator(generator), **options)  # sample_rate, steps, ...
+        if world_size() > 1:
+            self.batch_sampler.part = slice(dist.get_rank(), None, world_size())
