@@ -411,10 +411,7 @@ def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume:
         compiler="aot_eager",
     )
     if resume:
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
+        bkcompile.load_checkpoint(checkpoint, model, optimizer, loader)
     batches = iter(loader)
     for step in range(steps):
         xb, yb = next(batches)
@@ -422,8 +419,7 @@ def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume:
         F.cross_entropy(private(xb), yb).backward()
         optimizer.step()
         if step == 1 and not resume and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict()}
-            torch.save(state, checkpoint)
+            bkcompile.save_checkpoint(checkpoint, model, optimizer, loader)
     torch.distributed.barrier()  # the checkpoint is written before any rank reads it
     return [p.detach().clone() for p in model.parameters()], optimizer.accountant.history
 
