@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import orig_code_map
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
@@ -236,7 +237,8 @@ class StepLedger:
         state = ClipState(groups, members, names, tuple(initial), device)
         for key, thresholds in self._pending:
             if key == (groups, names, tuple(initial)):
-                state.thresholds.copy_(thresholds)
+                with unset_fake_temporarily():  # the pass runs under a fake mode; the state holds real tensors
+                    state.thresholds.copy_(thresholds)
         self.states.append(state)
         return state
 
