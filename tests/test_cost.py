@@ -47,6 +47,7 @@ def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
         assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "strategy"),
     [

@@ -19,6 +19,8 @@ from oracle import EPS, clipped_sum, compiled_grads
 import bkcompile
 from bkcompile.norms import backward_count
 
+pytestmark = pytest.mark.slow  # real transformers models: seconds each
+
 BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
 
