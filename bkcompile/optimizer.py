@@ -57,6 +57,13 @@ class DPOptimizer:
     has run). A step with no gradient (an empty Poisson batch) adds noise alone. With
     ``adaptive_clipping`` the thresholds follow a target quantile of the norms (:class:`AdaptiveClipping`).
 
+    Mixed precision: give the ``torch.amp.GradScaler`` as ``grad_scaler`` and step through it
+    (``scaler.scale(loss).backward(); scaler.step(dp_optimizer); scaler.update()``). The graphs clip the
+    unscaled per-sample norms (they read the scaler's scale on the device), ``step()`` unscales the clipped
+    sums before the noise, and a step the scaler finds non-finite (inf/nan) updates nothing but is still
+    counted by the accountant: the batch was looked at. Whether a step is skipped depends on the data (an
+    overflow) and is not itself noised; GradScaler's own check reads one flag on the host per step.
+
     Noise comes from ``generator`` when given (reproducible), else from a generator seeded with OS
     entropy. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
     gradient it steps is exactly the sum of what bk_dp clips wrote since ``zero_grad()``, and refuses
@@ -75,6 +82,7 @@ class DPOptimizer:
         accountant: PrivacyAccountant | None = None,
         generator: torch.Generator | None = None,
         adaptive_clipping: AdaptiveClipping | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
             raise BKError("noise_multiplier must be >= 0, max_grad_norm and expected_batch_size > 0")
@@ -92,7 +100,10 @@ class DPOptimizer:
         self.generator = generator
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
-        ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
+        self.grad_scaler = grad_scaler
+        ledger = ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
+        if grad_scaler is not None:
+            ledger.use_grad_scaler(grad_scaler)
         self._start_logical_batch()
 
     @property
@@ -110,13 +121,17 @@ class DPOptimizer:
         """Gradients and clip counts before this point do not count toward the next step."""
         start_step(self._params())
 
-    def add_noise(self) -> None:
-        """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping)."""
+    def add_noise(self, grad_scale: torch.Tensor | None = None) -> None:
+        """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping); with
+        ``grad_scale``, the sums are divided by it first (a GradScaler's scale)."""
         params = self._params()
         self._take_clip_state(params)
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if grad_scale is not None:
+                wide = torch.promote_types(grad.dtype, torch.float32)
+                grad = (grad.to(wide) / grad_scale.to(device=grad.device, dtype=wide)).to(grad.dtype)
             noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
             p.grad = (grad + noise * std.to(device=p.device, dtype=p.dtype)) / self.expected_batch_size
 
@@ -160,8 +175,40 @@ class DPOptimizer:
         fraction = (state.below + noise.to(state.below.device)) / self.expected_batch_size
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
 
+    # GradScaler.step(dp_optimizer) then calls step() itself, with the attributes grad_scale (None when the
+    # gradients are unscaled already) and found_inf set, instead of skipping it on an overflow.
+    _step_supports_amp_scaling = True
+
+    def _scaler_step(self) -> tuple[torch.Tensor | None, bool]:
+        """(the scale to divide the clipped sums by, whether the scaler found them non-finite)."""
+        given = hasattr(self, "grad_scale")
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            if given and self.grad_scale is not None:
+                raise BKError(
+                    "a GradScaler stepped this DPOptimizer, which was not given it: its graphs clipped the scaled "
+                    "per-sample norms against R. Pass it once: DPOptimizer(..., grad_scaler=scaler)"
+                )
+            return None, False
+        if not given:
+            raise BKError(
+                "this DPOptimizer has a grad_scaler: step it through the scaler, scaler.step(dp_optimizer) then "
+                "scaler.update(), so the clipped sums are unscaled and checked for inf/nan"
+            )
+        found_inf = self.found_inf
+        skipped = bool(found_inf.item()) if isinstance(found_inf, torch.Tensor) else bool(found_inf)
+        return self.grad_scale, skipped
+
     def step(self) -> None:
-        self.add_noise()
+        grad_scale, skipped = self._scaler_step()
+        if skipped:  # the scaler found inf/nan: nothing is released, but the batch was looked at
+            self._take_clip_state(self._params())
+            if self._clip_state is not None:
+                self._clip_state.reset_counts()
+            if self.accountant is not None:
+                self.accountant.step(self.sample_rate, self.noise_multiplier)
+            start_step(self._params())
+            return
+        self.add_noise(grad_scale)
         if self.adaptive_clipping is not None and self._clip_state is not None:
             self._adapt_thresholds()
         if self._clip_state is not None:
