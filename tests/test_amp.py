@@ -14,7 +14,6 @@ from oracle import looped_clipped_sum
 import bkcompile
 
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}  # of each parameter's largest oracle value
-OPTIONS = {"compiler": "aot_eager"}
 
 
 def _oracle(model, x, y, dtype):
@@ -25,7 +24,7 @@ def _oracle(model, x, y, dtype):
     return want, norms, radius
 
 
-def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, **optimizer_kwargs):
+def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, compiler="aot_eager", **optimizer_kwargs):
     torch.manual_seed(0)
     model = zoo.MLP()
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
@@ -39,7 +38,7 @@ def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, **optimizer_kwargs):
         grad_scaler=scaler,
         **optimizer_kwargs,
     )
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": radius, **OPTIONS})
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": radius, "compiler": compiler})
     return twin, compiled, optimizer, (x, y), want, norms
 
 
@@ -61,8 +60,18 @@ def _assert_close(twin, want, dtype) -> None:
     "dtype, scaled", [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)], ids=str
 )
 def test_autocast_and_grad_scaler_match_the_oracle(dtype: torch.dtype, scaled: bool) -> None:
+    _check_against_the_oracle(dtype, scaled, "aot_eager")
+
+
+@pytest.mark.slow
+def test_grad_scaler_with_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
+    _check_against_the_oracle(torch.float16, True, "inductor")
+
+
+def _check_against_the_oracle(dtype: torch.dtype, scaled: bool, compiler: str) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
-    twin, compiled, optimizer, (x, y), want, norms = _setup(dtype, scaler)
+    twin, compiled, optimizer, (x, y), want, norms = _setup(dtype, scaler, compiler=compiler)
     for scale in (2.0**12, 2.0**5):  # a new scale between steps: the graph reads it at run time
         assert scaler is None or scaler.get_scale() == scale
         _backward(compiled, optimizer, scaler, x, y, dtype)
