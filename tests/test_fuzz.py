@@ -157,48 +157,33 @@ def test_every_model_is_exact_or_refused(case: Case) -> None:
 
 # Cases the fuzzer found, kept as regression tests (quick: not marked slow).
 P = Piece
+DYNAMIC = Case(ModelSpec(2, 2, False, ()), 4, True, torch.float64, "all-layer", "abadi", "auto", "sum", 0)
 FOUND = {
     # an embedding's per-sample rows reshaped to (B, -1, d): a guard on B * d != 0 an unbacked batch cannot decide
     "embedding-conv-dynamic": (
-        Case(
-            ModelSpec(6, 3, True, (P("conv", (0,), True),)),
-            4,
-            True,
-            torch.float32,
-            "all-layer",
-            "automatic",
-            "explicit",
-            "sum",
-            1,
+        dataclasses.replace(
+            DYNAMIC,
+            spec=ModelSpec(6, 3, True, (P("conv", (0,), True),)),
+            dtype=torch.float32,
+            clip_fn="automatic",
+            strategy="explicit",
+            seed=1,
         ),
         "exact",
     ),
     "embedding-groupnorm-dynamic": (
-        Case(
-            ModelSpec(4, 2, True, (P("groupnorm", (0,), True),)),
-            3,
-            True,
-            torch.float64,
-            "all-layer",
-            "abadi",
-            "auto",
-            "sum",
-            775,
-        ),
+        dataclasses.replace(DYNAMIC, spec=ModelSpec(4, 2, True, (P("groupnorm", (0,), True),)), batch=3, seed=775),
         "exact",
     ),
     # a graph without trainable parameters under param-wise clipping: R / sqrt(0 groups)
     "parameterless-graph-param-wise": (
-        Case(
-            ModelSpec(4, 2, True, (P("add", (0, 0)), P("batchnorm", (0,)), P("batch_mean", (1,), True))),
-            4,
-            True,
-            torch.float64,
-            "param-wise",
-            "automatic",
-            "explicit",
-            "sum",
-            65536,
+        dataclasses.replace(
+            DYNAMIC,
+            spec=ModelSpec(4, 2, True, (P("add", (0, 0)), P("batchnorm", (0,)), P("batch_mean", (1,), True))),
+            clipping="param-wise",
+            clip_fn="automatic",
+            strategy="explicit",
+            seed=65536,
         ),
         "refused: SampleMixingError",
     ),
@@ -206,16 +191,13 @@ FOUND = {
     # forward eagerly and compiles each function it calls as a graph of its own (each clipped on its own, and
     # x - x.mean(0) in a graph without parameters); without the step ledger this was a silent wrong clipped sum
     "forward-run-eagerly-with-compiled-callees": (
-        Case(
-            ModelSpec(6, 3, False, (P("tanh", (0,)), P("groupnorm", (1,)), P("linear", (1,)), P("batch_mean", (0,)))),
-            8,
-            True,
-            torch.float64,
-            "all-layer",
-            "abadi",
-            "auto",
-            "sum",
-            8262,
+        dataclasses.replace(
+            DYNAMIC,
+            spec=ModelSpec(
+                6, 3, False, (P("tanh", (0,)), P("groupnorm", (1,)), P("linear", (1,)), P("batch_mean", (0,)))
+            ),
+            batch=8,
+            seed=8262,
         ),
         "refused: UnclippedGradientError",
     ),
