@@ -12,6 +12,7 @@ LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
+Graphs = Literal["auto", "several"]
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
 
 
@@ -40,6 +41,10 @@ class BKOptions:
         without a threshold share max_grad_norm: R / sqrt(G) each, so the sensitivity stays R.
     clip_fn: "abadi" (C = min(1, R / (n + 1e-6))) or "automatic" (C = R / (n + clip_gamma)).
     clip_gamma: the stabiliser of automatic clipping.
+    graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
+        model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
+        "several": always a piece (regional compilation: every compiled block, stem and head), clipped
+        with the other graphs of its backward, once per sample, at the end of the backward.
     """
 
     max_grad_norm: float
@@ -52,6 +57,7 @@ class BKOptions:
     clipping: str | tuple = "all-layer"
     clip_fn: ClipFn = "abadi"
     clip_gamma: float = 0.01
+    graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
@@ -62,6 +68,7 @@ _CHOICES = {
     "strategy": ("auto", "fastest", "ghost", "explicit"),
     "report": (True, False),
     "clip_fn": ("abadi", "automatic"),
+    "graphs": ("auto", "several"),
 }
 
 
@@ -141,5 +148,6 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         strategy=raw.get("strategy", "auto"),
         memory_budget=budget,
         report=raw.get("report", False),
+        graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,
     )

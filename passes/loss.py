@@ -29,6 +29,7 @@ class LossScale:
     kind: str
     source: str  # what the report says: "option loss_reduction='mean'" or the op
     node: torch.fx.Node | None = None
+    from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
 
     @property
     def reduction(self) -> str:
@@ -122,7 +123,9 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         )
     if not losses:
         kind = options.loss_reduction
-        return LossScale(kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)")
+        return LossScale(
+            kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)", from_option=True
+        )
     scale = _scale_of(joint, losses[0])
     if scale is None:
         raise _unknown(losses[0])
