@@ -24,9 +24,18 @@ def _oracle(model, x, y, dtype):
     return want, norms, radius
 
 
-def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, compiler="aot_eager", **optimizer_kwargs):
+class BrokenMLP(zoo.MLP):
+    """The MLP with a graph break inside: two bk_dp graphs, clipped once at the end of the backward."""
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        torch._dynamo.graph_break()
+        return self.net[3](self.net[2](h))
+
+
+def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, compiler="aot_eager", make=zoo.MLP, **optimizer_kwargs):
     torch.manual_seed(0)
-    model = zoo.MLP()
+    model = make()
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     want, norms, radius = _oracle(model, x, y, dtype)
     twin = copy.deepcopy(model)
@@ -63,15 +72,19 @@ def test_autocast_and_grad_scaler_match_the_oracle(dtype: torch.dtype, scaled: b
     _check_against_the_oracle(dtype, scaled, "aot_eager")
 
 
+def test_grad_scaler_with_a_graph_break() -> None:
+    _check_against_the_oracle(torch.float16, True, "aot_eager", BrokenMLP)
+
+
 @pytest.mark.slow
 def test_grad_scaler_with_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
     _check_against_the_oracle(torch.float16, True, "inductor")
 
 
-def _check_against_the_oracle(dtype: torch.dtype, scaled: bool, compiler: str) -> None:
+def _check_against_the_oracle(dtype: torch.dtype, scaled: bool, compiler: str, make=zoo.MLP) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
-    twin, compiled, optimizer, (x, y), want, norms = _setup(dtype, scaler, compiler=compiler)
+    twin, compiled, optimizer, (x, y), want, norms = _setup(dtype, scaler, compiler=compiler, make=make)
     for scale in (2.0**12, 2.0**5):  # a new scale between steps: the graph reads it at run time
         assert scaler is None or scaler.get_scale() == scale
         _backward(compiled, optimizer, scaler, x, y, dtype)
