@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 import bkcompile
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_backend_name_works_without_importing_bkcompile() -> None:
     script = textwrap.dedent(
         """
