@@ -220,6 +220,13 @@ class StepLedger:
         self.states: list[ClipState] = []
         self.refusal: str | None = None  # the backend's refusal, when dynamo may run the model eagerly instead
         self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
+        self.grad_scaler: Any = None  # the GradScaler of the model's DPOptimizer (its scale is in the gradients)
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Every graph of the model divides its per-sample norms by this scaler's scale (now and later)."""
+        self.grad_scaler = scaler
+        for state in self.states:
+            state.grad_scaler = scaler
 
     def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
         """Know these parameters: every eager accumulation into their ``.grad`` is refused from now on."""
@@ -237,6 +244,7 @@ class StepLedger:
             if state.same_groups(groups, members, initial):
                 return state
         state = ClipState(groups, members, names, tuple(initial), device)
+        state.grad_scaler = self.grad_scaler
         for key, thresholds in self._pending:
             if key == (groups, names, tuple(initial)):
                 with unset_fake_temporarily():  # the pass runs under a fake mode; the state holds real tensors
@@ -431,6 +439,7 @@ def _merge(into: StepLedger, other: StepLedger) -> None:
     into.states.extend(s for s in other.states if s not in into.states)
     into.refusal = into.refusal or other.refusal
     into._pending.extend(other._pending)
+    into.use_grad_scaler(into.grad_scaler or other.grad_scaler)
 
 
 def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedger | None:
