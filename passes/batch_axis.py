@@ -14,7 +14,7 @@ import sympy
 import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
-from bkcompile.passes.rules import FactOut, RuleInput, rule_for
+from bkcompile.passes.ops import FactOut, RuleInput, rule_for
 
 from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.groups import Grouping
 from bkcompile.passes.loss import LossScale
-from bkcompile.passes.site_kinds import SITE_KINDS, Size, mask_padding, per_sample_tables, static_shape
+from bkcompile.passes.ops import law_for
+from bkcompile.passes.site_kinds import SITE_KINDS, Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
@@ -34,16 +35,6 @@ from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 EPS = 1e-6
-_SHAPE_ONLY = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.unsqueeze.default,
-}
-_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
 def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
@@ -57,55 +48,6 @@ def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
-    """Apply the norm-preserving op ``node`` to per-sample values (B, *shape of its input)."""
-    if node.target in _SHAPE_ONLY:
-        return emit(aten.reshape.default, value, [-1, *static_shape(node)])
-    if node.target in _IDENTITY:
-        return value
-    if node.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default):
-        return emit.to_dtype(value, node.meta["val"].dtype)
-    if node.target in (aten.slice_backward.default, aten.select_backward.default):
-        _, sizes, dim, *rest = node.args
-        return emit(node.target, value, [emit.size(value, 0), *sizes], dim % len(sizes) + 1, *rest)
-    if node.target in (aten.slice_scatter.default, aten.select_scatter.default):  # into zeros
-        _, _, dim, *rest = node.args
-        out = node.meta["val"]
-        zeros = emit(
-            aten.zeros.default, [emit.size(value, 0), *out.shape], dtype=value.meta["val"].dtype, device=out.device
-        )
-        return emit(node.target, zeros, value, dim % out.dim() + 1, *rest)
-    ndim = node.meta["val"].dim()
-    order = list(range(ndim))
-    if node.target == aten.permute.default:
-        order = [d % ndim for d in node.args[1]]
-    elif node.target == aten.t.default:
-        order = order[::-1]
-    elif node.target == aten.transpose.int:
-        a, b = (d % ndim for d in node.args[1:3])
-        order[a], order[b] = order[b], order[a]
-    else:
-        raise AssertionError(f"no per-sample form for {node.target}")  # NORM_PRESERVING and _lift disagree
-    return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
-
-
-def _lift_linear(
-    emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node, batch: Size
-) -> torch.fx.Node:
-    """Apply the linear map ``node`` (``sites.LINEAR_MAPS``) of ``term`` to its per-sample values ``value``
-    (B, *shape of ``term``)."""
-    if node.target == aten.sum.dim_IntList:
-        ndim = node.args[0].meta["val"].dim()
-        dims = [d % ndim + 1 for d in node.args[1]]
-        return emit(aten.sum.dim_IntList, value, dims, *node.args[2:])
-    if node.target == aten.embedding_dense_backward.default:
-        _, indices, vocab, padding_idx = node.args[:4]
-        rows = emit(aten.reshape.default, value, [batch, -1, value.meta["val"].shape[-1]])  # (B, n, d)
-        index = emit(aten.reshape.default, indices, [1, -1])  # the n indices every sample shares
-        return per_sample_tables(emit, mask_padding(emit, rows, index, padding_idx), index, vocab, batch)
-    return emit(node.target, *[value if a is term else a for a in node.args])  # a scaling
-
-
 def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
@@ -113,10 +55,11 @@ def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, site
     if node.target is aten.add.Tensor:
         left, right = (_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
         return emit(aten.add.Tensor, left, right)
+    law = law_for(node.target)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
-        return _lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
-    return _lift(emit, node, _per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+        return law.lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
+    return law.lift(emit, node, _per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
 def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

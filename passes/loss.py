@@ -15,6 +15,8 @@ import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.ops import law_for
+from bkcompile.passes.ops.table import schema_arg
 
 from bkcompile.errors import LossReductionError, node_error
 from bkcompile.options import BKOptions
@@ -35,25 +37,6 @@ class LossScale:
         return "sum" if self.kind == "sum" else "mean"
 
 
-_SUMS = {aten.sum.default, aten.sum.dim_IntList}
-_MEANS = {aten.mean.default, aten.mean.dim}
-_PASS_THROUGH = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.clone.default,
-    aten.alias.default,
-    aten._to_copy.default,
-    aten.neg.default,
-    torch.ops.prims.convert_element_type.default,
-    aten.squeeze.dims,
-}
-_SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
-_ADDS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar}
-
-
 def _unknown(node: torch.fx.Node) -> LossReductionError:
     return node_error(
         LossReductionError,
@@ -71,22 +54,22 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
     target = node.target
     if target is operator.getitem and node.args[0].target == aten.nll_loss_forward.default:
         loss = node.args[0]
-        reduction = loss.args[3] if len(loss.args) > 3 else loss.kwargs.get("reduction", 1)
-        if reduction == 2:
+        if schema_arg(loss, "reduction") == 2:
             return LossScale("sum", "cross-entropy/nll loss, reduction='sum'")
         weight = next((u for u in loss.users if u.target is operator.getitem and u.args[1] == 1), None)
         return LossScale("weight", "cross-entropy/nll loss, reduction='mean' (its total weight)", weight or loss)
     source = node.args[0] if node.args else None
-    if target in _SUMS | _MEANS | {aten.mse_loss.default}:
+    passes = law_for(target).loss
+    if passes in ("sum", "mean") or target == aten.mse_loss.default:
         if not isinstance(joint.facts.get(source), Batched):
             return _scale_of(joint, source)
-        mean = target in _MEANS or (target == aten.mse_loss.default and (node.args[2:3] or [1])[0] == 1)
+        mean = passes == "mean" or (target == aten.mse_loss.default and schema_arg(node, "reduction") == 1)
         return LossScale("mean", f"{target} over the batch") if mean else LossScale("sum", f"{target} over the batch")
-    if target in _PASS_THROUGH:
+    if passes == "pass":
         return _scale_of(joint, source)
-    if target in _SCALES:
+    if passes == "scale":
         return _scale_of(joint, source if isinstance(joint.facts.get(source), Reduced) else node.args[1])
-    if target in _ADDS:
+    if passes == "add":
         scales = {s for s in (_scale_of(joint, a) for a in node.args if isinstance(a, torch.fx.Node)) if s is not None}
         if len({(s.kind, s.node) for s in scales}) > 1:
             raise node_error(

@@ -1,6 +1,7 @@
 """Site discovery: the ops that reduce per-sample values into each trainable parameter's gradient.
 
-From each gradient output we look back through norm-preserving ops (views, transposes, copies) and
+From each gradient output we look back through norm-preserving ops (views, transposes, copies: their op
+law's ``keeps_norm``), linear maps by sample-independent operands (``lift_linear``) and
 ``add`` (a parameter used at several places: tied or reused weights) to the sites: ops of a kind in
 ``site_kinds.SITE_KINDS`` that sum over the sample axis. Every sum over samples in the backward must be
 such a site; anything else is refused.
@@ -14,58 +15,18 @@ import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds import kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 
 aten = torch.ops.aten
 
-# Ops on the way from a site to the gradient output that keep the per-sample norm.
-NORM_PRESERVING = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.unsqueeze.default,
-    aten._to_copy.default,
-    torch.ops.prims.convert_element_type.default,
-    aten.slice_backward.default,  # a sliced parameter: the gradient rows go back in place, zeros elsewhere
-    aten.select_backward.default,
-    aten.slice_scatter.default,  # the same, decomposed (into a zero tensor: see preserved_operand)
-    aten.select_scatter.default,
-}
-_SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default}
-_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
-_FILLS = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}  # op -> fill value arg
-
-
-def _is_zeros(value: object) -> bool:
-    target = getattr(value, "target", None)
-    return target in _ZEROS or (target in _FILLS and value.args[_FILLS[target]] == 0)
-
 
 def preserved_operand(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The operand whose norm a NORM_PRESERVING ``node`` keeps (a scatter's source, when it scatters into
-    zeros), or None."""
-    if node.target not in NORM_PRESERVING:
-        return None
-    if node.target in _SCATTERS:
-        return node.args[1] if _is_zeros(node.args[0]) else None
-    return node.args[0]
-
-
-# Ops linear in one reduced operand, with sample-independent other operands (a frozen BatchNorm's 1/std,
-# a constant, the indices of a broadcast position embedding): not norm-preserving, applied per sample.
-SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
-LINEAR_MAPS = SCALINGS | {aten.embedding_dense_backward.default, aten.sum.dim_IntList}
+    """The operand whose per-sample norm ``node`` keeps (its op law's ``keeps_norm``), or None."""
+    keeps = law_for(node.target).keeps_norm if node.op == "call_function" else None
+    return keeps(node) if keeps is not None else None
 
 
 @dataclasses.dataclass
@@ -89,7 +50,7 @@ class ParamGrad:
 def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     """The reduced operand of ``node`` when ``node`` is a linear map of it by sample-independent operands
     (the same map for every sample's part of the sum), else None."""
-    if node.target not in LINEAR_MAPS:
+    if node.op != "call_function" or law_for(node.target).lift_linear is None:
         return None
     term, *rest = node.args
     if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
@@ -99,12 +60,8 @@ def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     ):
         return None
     factor = rest[0] if rest else None
-    if (
-        node.target in SCALINGS
-        and isinstance(factor, torch.fx.Node)
-        and factor.meta["val"].dim() > term.meta["val"].dim()
-    ):
-        return None
+    if isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta["val"].dim():
+        return None  # the factor broadcasts the sum up: not the same map of each sample's part
     return term
 
 

@@ -1,0 +1,20 @@
+"""The op-law table, split by op family (see ``table.py`` for what a law holds).
+
+Importing this package fills the table: every family module registers its laws.
+"""
+
+from bkcompile.passes.ops import (  # noqa: F401  (each module registers its family's laws)
+    attention,
+    conv,
+    embedding,
+    indexing,
+    losses,
+    matmul,
+    normalization,
+    pointwise,
+    reductions,
+    views,
+)
+from bkcompile.passes.ops.table import LAWS, FactOut, OpLaw, RuleInput, law_for, register_batch_rule, rule_for
+
+__all__ = ["LAWS", "FactOut", "OpLaw", "RuleInput", "law_for", "register_batch_rule", "rule_for"]
