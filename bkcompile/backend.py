@@ -17,6 +17,7 @@ from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched, Fact
+from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -162,7 +163,8 @@ def _full_inductor_decompositions() -> dict:
 
 @functools.cache
 def _inductor_decompositions() -> dict:
-    return {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
+    kept = {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
+    return {**kept, **DECOMPOSITIONS}
 
 
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
@@ -182,7 +184,7 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
             fw_compiler=boxed,
             bw_compiler=boxed,
             partition_fn=functools.partial(_partition, context=context),
-            decompositions=get_decompositions(_DECOMPOSE),
+            decompositions={**get_decompositions(_DECOMPOSE), **DECOMPOSITIONS},
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter, static_shape
+from bkcompile.passes.facts import Reduced
 from bkcompile.passes.groups import Grouping
 from bkcompile.passes.loss import LossScale
 from bkcompile.passes.ops import law_for
@@ -31,6 +32,7 @@ from bkcompile.passes.site_kinds import SITE_KINDS, Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
+from bkcompile.errors import OptionError
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -53,8 +55,11 @@ def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, site
     if node in sites:
         return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
-        left, right = (_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
-        return emit(aten.add.Tensor, left, right)
+        terms = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]  # not the free terms
+        grads = [_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in terms]
+        return grads[0] if len(grads) == 1 else emit(aten.add.Tensor, *grads)
+    if node.target is aten.sub.Tensor:
+        return emit(aten.sub.Tensor, *[_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
     law = law_for(node.target)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
@@ -129,6 +134,28 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
     return None
 
 
+def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions) -> dict[str, list[torch.fx.Node]]:
+    """Multiply each data-independent gradient term by the expected batch size E, in place: it has no
+    sensitivity (no sample reaches it), so it is neither clipped nor noised, and after the DP optimizer's
+    division by E it acts exactly as in non-private training. Returns each parameter's scaled terms."""
+    scaled_terms: dict[str, list[torch.fx.Node]] = {}
+    for param in params:
+        for add, term in param.free:
+            if options.expected_batch_size is None:
+                raise OptionError(
+                    f"the loss adds a data-independent term to the gradient of {param.param!r} (a term of the "
+                    "parameters alone, such as weight decay written in the loss): give "
+                    "options={'expected_batch_size': E}, the expected batch size the DP optimizer divides by, "
+                    "so that the term acts as in non-private training (make_private and the Trainer "
+                    "integration set it)"
+                )
+            with emit.graph.inserting_before(add):
+                scaled = emit(aten.mul.Tensor, term, options.expected_batch_size)
+            add.replace_input_with(term, scaled)
+            scaled_terms.setdefault(param.param, []).append(scaled)
+    return scaled_terms
+
+
 def insert_clipping(
     joint: JointGraph,
     params: list[ParamGrad],
@@ -149,6 +176,7 @@ def insert_clipping(
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
+    free = scale_free_terms(emit, params, options)
     squares, explicit = {}, {}
     for param in params:
         if strategies[param.param] == "ghost":
@@ -171,6 +199,8 @@ def insert_clipping(
                     aten.view.default, emit(aten.mm.default, row, explicit[param.param]), static_shape(param.grad)
                 )
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
+                for term in free.get(param.param, []):  # an explicit sum leaves the graph's adds: add them here
+                    reduced[param.index] = emit(aten.add.Tensor, reduced[param.index], term)
                 continue
             site = param.sites[0]
             weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.param], batch)

@@ -45,27 +45,47 @@ class ParamGrad:
     grad: torch.fx.Node
     sites: list[Site]
     scaled: bool = False  # the tree maps a site linearly by sample-independent operands (not norm-preserving)
+    # data-independent terms added to the gradient (a loss term of the parameters alone, e.g. weight decay
+    # written in the loss): each (the add node, the term); no sensitivity, so neither clipped nor noised
+    free: list[tuple[torch.fx.Node, torch.fx.Node]] = dataclasses.field(default_factory=list)
 
 
 def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     """The reduced operand of ``node`` when ``node`` is a linear map of it by sample-independent operands
     (the same map for every sample's part of the sum), else None."""
-    if node.op != "call_function" or law_for(node.target).lift_linear is None:
+    law = law_for(node.target) if node.op == "call_function" else None
+    if law is None or law.lift_linear is None:
         return None
-    term, *rest = node.args
-    if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
-        term, rest = rest[0], [term]
-    if not isinstance(joint.facts.get(term), Reduced) or any(
-        isinstance(joint.facts.get(a), (Reduced, Batched)) for a in rest if isinstance(a, torch.fx.Node)
-    ):
+    operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    terms = [a for a in operands if isinstance(joint.facts.get(a), Reduced)]
+    if len(terms) != 1 or any(isinstance(joint.facts.get(a), Batched) for a in operands):
         return None
-    factor = rest[0] if rest else None
-    if isinstance(factor, torch.fx.Node) and factor.meta["val"].dim() > term.meta["val"].dim():
-        return None  # the factor broadcasts the sum up: not the same map of each sample's part
+    (term,) = terms
+    if law.linear_in is not None and law.linear_in(node) is not term:
+        return None  # not linear in that operand (a divisor, or a select whose other branch is not zero)
+    if any(a.meta["val"].dim() > term.meta["val"].dim() for a in operands if a is not term):
+        return None  # another operand broadcasts the sum up: not the same map of each sample's part
     return term
 
 
-def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site]) -> bool:
+def data_independent(joint: JointGraph, node: object) -> bool:
+    """``node`` is computed from parameters, constants and the loss's output gradient alone: no sample data
+    (batched or summed over the batch) reaches it."""
+    if not isinstance(node, torch.fx.Node):
+        return True
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        if isinstance(joint.facts.get(current), (Batched, Reduced)):
+            return False
+        for value in current.all_input_nodes:
+            if value not in seen:
+                seen.add(value)
+                stack.append(value)
+    return True
+
+
+def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site], free_terms: list[tuple]) -> bool:
     """Append the sites under ``node`` (a value of the gradient of parameter ``name``); True when the
     way from them to ``node`` scales them."""
     while preserved_operand(node) is not None and kind_of(joint, node) is None:
@@ -74,16 +94,31 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
     if kind is not None:
         sites.append(Site(param=name, node=node, kind=kind))
         return False
+    if node.target is aten.add.Tensor and not node.kwargs and isinstance(joint.facts.get(node), Reduced):
+        reduced = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]
+        free = [a for a in node.args if a not in reduced]
+        if all(data_independent(joint, a) for a in free):
+            # a parameter used at several places adds the uses' gradients; a term of the parameters alone
+            # (weight decay written in the loss) is data-independent: kept apart from clipping
+            free_terms.extend((node, a) for a in free)
+            return any([_collect(joint, term, name, sites, free_terms) for term in reduced])
     if (
-        node.target is aten.add.Tensor
+        node.target is aten.sub.Tensor
         and not node.kwargs
         and all(isinstance(joint.facts.get(a), Reduced) for a in node.args)
     ):
-        # a parameter used at several places: its gradient adds the uses' gradients
-        return any([_collect(joint, term, name, sites) for term in node.args])
+        return any([_collect(joint, term, name, sites, free_terms) for term in node.args])
     term = linear_term(joint, node)
     if term is not None:
-        _collect(joint, term, name, sites)
+        inner: list[tuple] = []
+        _collect(joint, term, name, sites, inner)
+        if inner:
+            raise node_error(
+                NotSupportedYetError,
+                node,
+                f"the gradient of parameter {name!r} maps a data-independent term together with per-sample terms",
+                "add the data-independent term (e.g. weight decay) to the loss last, unscaled by other terms",
+            )
         return True
     if not isinstance(joint.facts.get(node), Reduced):
         raise node_error(
@@ -117,8 +152,9 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
                 )
             continue
         sites: list[Site] = []
-        scaled = _collect(joint, grad, name, sites)
-        params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled))
+        free: list[tuple] = []
+        scaled = _collect(joint, grad, name, sites, free)
+        params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled, free=free))
     found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
         if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):

@@ -11,10 +11,14 @@ from bkcompile.passes.ops import (  # noqa: F401  (each module registers its fam
     losses,
     matmul,
     normalization,
+    parametrizations,
     pointwise,
     reductions,
     views,
 )
 from bkcompile.passes.ops.table import LAWS, FactOut, OpLaw, RuleInput, law_for, register_batch_rule, rule_for
 
-__all__ = ["LAWS", "FactOut", "OpLaw", "RuleInput", "law_for", "register_batch_rule", "rule_for"]
+# Decompositions the backend applies while tracing: fused ops whose parts have laws
+DECOMPOSITIONS = {**embedding.DECOMPOSITIONS, **parametrizations.DECOMPOSITIONS}
+
+__all__ = ["DECOMPOSITIONS", "LAWS", "FactOut", "OpLaw", "RuleInput", "law_for", "register_batch_rule", "rule_for"]

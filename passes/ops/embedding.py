@@ -65,3 +65,72 @@ def embedding_backward(r: RuleInput) -> Fact:
             "use nn.Embedding(..., scale_grad_by_freq=False)",
         )
     return REDUCED
+
+
+# --- nn.EmbeddingBag: decomposed into a lookup and a per-bag sum or mean -------------------------------------
+#
+# With a 2-D input (B, L) every bag is one sample's row: offsets = arange(0, B*L, L). The decomposition holds
+# for such regular offsets only; it checks them at run time, so 1-D inputs with irregular offsets fail loudly.
+_MODE_SUM, _MODE_MEAN = 0, 1
+
+
+def _regular(indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights, include_last_offset) -> bool:
+    bags = offsets.shape[0]
+    return (
+        mode in (_MODE_SUM, _MODE_MEAN)
+        and per_sample_weights is None
+        and not include_last_offset
+        and indices.dim() == 1
+        and bags > 0
+        and indices.shape[0] % bags == 0
+    )
+
+
+def _bag_counts(indices: torch.Tensor, bags: int, padding_idx: int) -> torch.Tensor:
+    """(bags, 1): each bag's rows that are not padding (at least 1)."""
+    keep = (indices != padding_idx).view(bags, -1) if padding_idx >= 0 else torch.ones_like(indices).view(bags, -1)
+    return keep.sum(1, keepdim=True).clamp(min=1)
+
+
+def embedding_bag(
+    weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False, per_sample_weights=None,
+    include_last_offset=False, padding_idx=-1,
+):  # fmt: skip
+    if not _regular(indices, offsets, mode, per_sample_weights, include_last_offset):
+        return NotImplemented
+    bags, width = offsets.shape[0], weight.shape[1]
+    length = indices.shape[0] // bags
+    expected = torch.arange(0, indices.shape[0], length, dtype=offsets.dtype, device=offsets.device)
+    torch._assert_async(
+        (offsets == expected).all(),
+        "bk_dp decomposes nn.EmbeddingBag for bags of equal length only (a 2-D input): pass a (B, L) input",
+    )
+    rows = aten.embedding.default(weight, indices, padding_idx)
+    if padding_idx >= 0:
+        rows = rows * (indices != padding_idx).unsqueeze(1).to(rows.dtype)
+    out = rows.view(bags, length, width).sum(1)
+    if mode == _MODE_MEAN:
+        out = out / _bag_counts(indices, bags, padding_idx).to(out.dtype)
+    empty = indices.new_empty(0)
+    return out, empty, empty, empty  # the other outputs only feed the backward, decomposed below
+
+
+def embedding_bag_backward(
+    grad, indices, offsets, offset2bag, bag_size, maximum_indices, num_weights, scale_grad_by_freq, mode,
+    sparse, per_sample_weights, padding_idx=-1,
+):  # fmt: skip
+    if sparse or not _regular(indices, offsets, mode, per_sample_weights, False):
+        return NotImplemented
+    bags, width = offsets.shape[0], grad.shape[1]
+    rows = grad.unsqueeze(1).expand(bags, indices.shape[0] // bags, width)
+    if mode == _MODE_MEAN:
+        rows = rows / _bag_counts(indices, bags, padding_idx).unsqueeze(2).to(grad.dtype)
+    return aten.embedding_dense_backward.default(
+        rows.reshape(-1, width), indices, num_weights, padding_idx, scale_grad_by_freq
+    )
+
+
+DECOMPOSITIONS = {
+    aten._embedding_bag.default: embedding_bag,
+    aten._embedding_bag_backward.default: embedding_bag_backward,
+}

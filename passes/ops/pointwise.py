@@ -12,12 +12,11 @@ import torch
 import torch.fx
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, same
-from bkcompile.passes.ops.table import RuleInput, agree, define, first_operand, law
+from bkcompile.passes.ops.table import RuleInput, agree, define, first_operand, is_zeros, law, law_for
 
 aten = torch.ops.aten
 
 _LINEAR_IN_ALL = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default}
-_LINEAR_IN_ONE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 _IDENTITY = [aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default]
 _CASTS = [aten._to_copy.default, torch.ops.prims.convert_element_type.default]
 
@@ -61,10 +60,12 @@ def pointwise(r: RuleInput) -> Fact:
                 "sum or mean over the batch",
             )
         target = r.node.target
+        law = law_for(target)
+        operand = r.tensor_args()[reduced[0]]
         linear_in_one = (
-            target in _LINEAR_IN_ONE and reduced == [0]
-            if target in (aten.div.Tensor, aten.div.Scalar)
-            else (target in _LINEAR_IN_ONE and len(reduced) == 1)
+            law.lift_linear is not None
+            and len(reduced) == 1
+            and (law.linear_in is None or law.linear_in(r.node) is operand)
         )
         if target in _LINEAR_IN_ALL or linear_in_one or target in _IDENTITY or target in _CASTS:
             return REDUCED
@@ -96,8 +97,29 @@ define(_IDENTITY, rule=pointwise, keeps_norm=first_operand, lift=_lift_identity,
 define(_CASTS, rule=pointwise, keeps_norm=first_operand, lift=_lift_cast, loss="pass")
 # neg is linear and keeps the norm up to sign: a loss passes through, a gradient is scaled by -1
 define(aten.neg.default, rule=pointwise, lift_linear=_lift_scaling, loss="pass")
-# mul and div are linear in one operand
-define(_LINEAR_IN_ONE, rule=pointwise, lift_linear=_lift_scaling, loss="scale")
+# mul is linear in either operand, div in its dividend
+define([aten.mul.Tensor, aten.mul.Scalar], rule=pointwise, lift_linear=_lift_scaling, loss="scale")
+define(
+    [aten.div.Tensor, aten.div.Scalar], rule=pointwise, lift_linear=_lift_scaling, linear_in=first_operand, loss="scale"
+)
+
+
+def _selected(node: torch.fx.Node) -> torch.fx.Node | None:
+    """where(cond, a, 0) is linear in a, where(cond, 0, b) in b."""
+    _, a, b = node.args
+    return a if is_zeros(b) else (b if is_zeros(a) else None)
+
+
+# a select between a value and zero by a sample-independent condition is a linear mask of the value
+define(aten.where.self, rule=pointwise, lift_linear=_lift_scaling, linear_in=_selected)
+
+
+def _filled_with_zero(node: torch.fx.Node) -> torch.fx.Node | None:
+    return node.args[0] if is_zeros(node.args[2]) else None
+
+
+# filling masked places with zero is a linear mask too
+define(aten.masked_fill.Scalar, rule=pointwise, lift_linear=_lift_scaling, linear_in=_filled_with_zero)
 # add and sub are linear in all operands
 define([aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar], rule=pointwise, loss="add")
 

@@ -9,6 +9,7 @@ An :class:`OpLaw` holds
                   gradients of a gradient tree that passes through it (clip pass);
 - ``lift_linear`` for a linear map of a sum over samples by sample-independent operands (a scaling, a sum
                   over dims, a shared-index embedding backward): the map applied to each sample's part;
+                  ``linear_in`` names the operand the map is linear in, where only one can be;
 - ``loss``        how a scalar loss passes through the op on its way to the graph's output (loss pass):
                   ``"pass"`` (the same value), ``"scale"`` (linear in one operand), ``"add"`` (a sum of terms),
                   ``"sum"`` / ``"mean"`` (a reduction that may be the loss's reduction over the batch).
@@ -48,6 +49,7 @@ class OpLaw:
     keeps_norm: Callable[[torch.fx.Node], torch.fx.Node | None] | None = None
     lift: Lift | None = None
     lift_linear: Lift | None = None
+    linear_in: Callable[[torch.fx.Node], torch.fx.Node | None] | None = None  # None: any one operand
     loss: LossLaw | None = None
 
 
@@ -190,6 +192,22 @@ def index_on_batch(r: RuleInput) -> SampleMixingError:
         "it indexes or slices the sample axis, so one sample's values reach other samples' outputs",
         "index only non-batch dimensions inside the model (the batch is dim 0 of every input)",
     )
+
+
+_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
+_FILLS = {aten.full.default, aten.new_full.default, aten.full_like.default, aten.scalar_tensor.default}
+
+
+def is_zeros(value: object) -> bool:
+    """``value`` is the number 0 or a graph constant filled with zeros."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    target = getattr(value, "target", None)
+    if target in _ZEROS:
+        return True
+    if target in _FILLS:
+        return schema_arg(value, "s" if target is aten.scalar_tensor.default else "fill_value") == 0
+    return False
 
 
 def first_operand(node: torch.fx.Node) -> torch.fx.Node:

@@ -18,9 +18,9 @@ from bkcompile.passes.ops.table import (
     define,
     first_operand,
     index_on_batch,
+    is_zeros,
     law,
     norm_dim,
-    schema_arg,
 )
 
 from bkcompile.errors import NotSupportedYetError, node_error
@@ -80,7 +80,16 @@ def view(r: RuleInput) -> Fact:
 define(_RESHAPES, keeps_norm=first_operand, lift=_lift_reshape, loss="pass")
 
 
-@law(aten.expand.default)
+def _lift_expand(emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node, batch):
+    """A broadcast of a sum over samples: each sample's part broadcast alike (behind its leading dim)."""
+    out = static_shape(node)
+    source = static_shape(term)
+    aligned = emit(aten.reshape.default, value, [-1] + [1] * (len(out) - len(source)) + source)
+    return emit(aten.expand.default, aligned, [emit.size(value, 0), *out])
+
+
+# a broadcast copies values: a linear map of a sum over samples
+@law(aten.expand.default, lift_linear=_lift_expand)
 def expand(r: RuleInput) -> Fact:
     source = r.arg("self")
     fact = r.fact(source)
@@ -195,22 +204,9 @@ def _scatter(r: RuleInput, inserted: bool) -> Fact:
     return fact
 
 
-_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
-_FILLS = {aten.full.default: "fill_value", aten.new_full.default: "fill_value", aten.full_like.default: "fill_value"}
-
-
-def _is_zeros(value: object) -> bool:
-    target = getattr(value, "target", None)
-    if target in _ZEROS:
-        return True
-    if target in _FILLS:
-        return schema_arg(value, _FILLS[target]) == 0
-    return False
-
-
 def _scattered_source(node: torch.fx.Node) -> torch.fx.Node | None:
     """A slice or select gradient decomposed: the source keeps its norm when written into zeros."""
-    return node.args[1] if _is_zeros(node.args[0]) else None
+    return node.args[1] if is_zeros(node.args[0]) else None
 
 
 def _lift_scatter(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
