@@ -71,7 +71,7 @@ def backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
     return seen
 
 
-def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
+def _fact_of(joint: JointGraph, node: torch.fx.Node, backward: bool = False) -> FactOut:
     if node.op != "call_function":
         raise PrivacyError(f"unexpected {node.op} node {node.name} in the joint graph")
     if node.target is operator.getitem:
@@ -92,7 +92,7 @@ def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
             "express it with supported ops, or register a rule: "
             "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
         )
-    return rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts))
+    return rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts, backward=backward))
 
 
 def _differentiable_outputs(joint: JointGraph) -> list:
@@ -144,4 +144,4 @@ def analyze(joint: JointGraph) -> None:
     _tangent_facts(joint)
     for node in nodes:
         if node in backward:
-            joint.facts[node] = _fact_of(joint, node)
+            joint.facts[node] = _fact_of(joint, node, backward=True)

@@ -128,7 +128,10 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
 
 def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
     if scale.kind == "mean":
-        return emit(aten.scalar_tensor.default, batch, dtype=dtype)
+        factor = emit(aten.scalar_tensor.default, batch, dtype=dtype)
+        for count in scale.checks:  # counts that must be B for the per-sample loss to be defined
+            factor = emit(torch.ops.bkcompile.same_count.default, emit.to_dtype(count, dtype), factor)
+        return factor
     if scale.kind == "weight":
         return emit.to_dtype(scale.node, dtype)
     return None

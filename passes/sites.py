@@ -16,6 +16,7 @@ import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.ops import law_for
+from bkcompile.passes.ops.table import is_count
 from bkcompile.passes.site_kinds import kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
@@ -157,6 +158,8 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
         params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled, free=free))
     found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
+        if is_count(node, joint.facts):
+            continue  # a loss normaliser: it reaches gradients only as a divisor, which the loss pass checks
         if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):
             raise node_error(
                 NotSupportedYetError,

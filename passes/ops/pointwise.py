@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, same
-from bkcompile.passes.ops.table import RuleInput, agree, define, first_operand, is_zeros, law, law_for
+from bkcompile.passes.ops.table import RuleInput, agree, define, first_operand, is_count, is_zeros, law, law_for
 
 aten = torch.ops.aten
 
@@ -49,6 +49,8 @@ def broadcast(r: RuleInput, out_shape: list[sympy.Expr]) -> tuple[list[Batched],
 
 def pointwise(r: RuleInput) -> Fact:
     """Elementwise with broadcasting: samples stay apart; a sum over samples may only be scaled or added."""
+    if r.node.target is aten.div.Tensor and is_count(r.arg("other"), r.facts):
+        return _by_count(r)
     batched, reduced = broadcast(r, r.out_shape())
     if reduced:
         if batched:
@@ -74,6 +76,20 @@ def pointwise(r: RuleInput) -> Fact:
             "make each sample's loss depend on that sample only (a per-sample loss), then sum or mean it",
         )
     return agree(r, batched) if batched else REPLICATED
+
+
+def _by_count(r: RuleInput) -> Fact:
+    """A division by a count over the batch (a loss normaliser, e.g. the non-ignored labels of a smoothed
+    cross entropy): in the forward only a sum over samples may be divided (the loss); in the backward the
+    loss's gradient carries it, and the loss pass checks that it is the loss's normaliser, which the
+    per-sample scale cancels."""
+    fact = r.fact(r.arg("self"))
+    if isinstance(fact, Reduced) or r.backward:
+        return fact
+    raise r.mixing(
+        "it divides values by a count over the whole batch, so every sample's output depends on the others",
+        "divide a per-sample value by that sample's own count, or divide only the summed loss",
+    )
 
 
 def _lift_identity(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.facts import REPLICATED, Batched, Fact, same, shape_exprs
+from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, same, shape_exprs
 
 from bkcompile.errors import SampleMixingError, node_error
 
@@ -127,6 +127,7 @@ class RuleInput:
     node: torch.fx.Node
     batch: sympy.Expr
     facts: dict[torch.fx.Node, FactOut]
+    backward: bool = False  # the node is in the backward part of the joint graph
 
     def arg(self, name: str, default: Any = None) -> Any:
         """The argument ``name`` (its schema name) of the op."""
@@ -208,6 +209,26 @@ def is_zeros(value: object) -> bool:
     if target in _FILLS:
         return schema_arg(value, "s" if target is aten.scalar_tensor.default else "fill_value") == 0
     return False
+
+
+_CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+
+
+def uncast(value: object) -> object:
+    """``value`` before any dtype casts."""
+    while isinstance(value, torch.fx.Node) and value.target in _CASTS:
+        value = value.args[0]
+    return value
+
+
+def is_count(value: object, facts: dict) -> bool:
+    """``value`` is a count over the whole batch: a scalar sum over samples of integer values (the number of
+    labels that are not ignored, a loss's normaliser)."""
+    source = uncast(value)
+    if not isinstance(source, torch.fx.Node) or not isinstance(facts.get(source), Reduced):
+        return False
+    val = source.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and not (val.is_floating_point() or val.is_complex())
 
 
 def first_operand(node: torch.fx.Node) -> torch.fx.Node:
