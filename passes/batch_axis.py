@@ -95,7 +95,7 @@ def _fact_of(joint: JointGraph, node: torch.fx.Node, backward: bool = False) -> 
     return rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts, backward=backward))
 
 
-def _differentiable_outputs(joint: JointGraph) -> list:
+def differentiable_outputs(joint: JointGraph) -> list:
     out = []
     for value in joint.forward_outputs:
         val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
@@ -105,7 +105,7 @@ def _differentiable_outputs(joint: JointGraph) -> list:
 
 
 def _tangent_facts(joint: JointGraph) -> None:
-    outputs = _differentiable_outputs(joint)
+    outputs = differentiable_outputs(joint)
     tangents = joint.tangents
     if len(outputs) != len(tangents):
         raise PrivacyError(

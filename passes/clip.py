@@ -29,7 +29,7 @@ from bkcompile.passes.groups import Grouping
 from bkcompile.passes.loss import LossScale
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds import SITE_KINDS, Size
-from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
+from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
 from bkcompile.errors import OptionError
@@ -137,6 +137,19 @@ def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtyp
     return None
 
 
+def free_scale(options: BKOptions, name: str) -> float:
+    """The factor of a data-independent gradient term: the expected batch size."""
+    if options.expected_batch_size is None:
+        raise OptionError(
+            f"the loss adds a data-independent term to the gradient of {name!r} (a term of the "
+            "parameters alone, such as weight decay written in the loss): give "
+            "options={'expected_batch_size': E}, the expected batch size the DP optimizer divides by, "
+            "so that the term acts as in non-private training (make_private and the Trainer "
+            "integration set it)"
+        )
+    return options.expected_batch_size
+
+
 def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions) -> dict[str, list[torch.fx.Node]]:
     """Multiply each data-independent gradient term by the expected batch size E, in place: it has no
     sensitivity (no sample reaches it), so it is neither clipped nor noised, and after the DP optimizer's
@@ -144,16 +157,8 @@ def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions)
     scaled_terms: dict[str, list[torch.fx.Node]] = {}
     for param in params:
         for add, term in param.free:
-            if options.expected_batch_size is None:
-                raise OptionError(
-                    f"the loss adds a data-independent term to the gradient of {param.param!r} (a term of the "
-                    "parameters alone, such as weight decay written in the loss): give "
-                    "options={'expected_batch_size': E}, the expected batch size the DP optimizer divides by, "
-                    "so that the term acts as in non-private training (make_private and the Trainer "
-                    "integration set it)"
-                )
             with emit.graph.inserting_before(add):
-                scaled = emit(aten.mul.Tensor, term, options.expected_batch_size)
+                scaled = emit(aten.mul.Tensor, term, free_scale(options, param.param))
             add.replace_input_with(term, scaled)
             scaled_terms.setdefault(param.param, []).append(scaled)
     return scaled_terms
@@ -233,15 +238,24 @@ def clip_single_sample(
         return
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
     with graph.inserting_before(graph.output_node()):
-        squares = {}
+        squares, parts = {}, {}
         for _, name, grad in grads:
-            g = emit.to_dtype(grad, dtype)
+            rest, free = split_free_terms(joint, grad)
+            total = rest[0]
+            for term in rest[1:]:
+                total = emit(aten.add.Tensor, total, term)
+            parts[name] = (total, [emit(aten.mul.Tensor, term, free_scale(options, name)) for term in free])
+            g = emit.to_dtype(total, dtype)
             squares[name] = emit(aten.view.default, emit(aten.sum.default, emit(aten.mul.Tensor, g, g)), [1])
         weights = clip_weights(emit, squares, grouping, key, None, options)
         outputs = joint.outputs
         for index, name, grad in grads:
+            total, free = parts[name]
             factor = emit(aten.view.default, emit.to_dtype(weights[name], grad.meta["val"].dtype), [])
-            outputs[joint.num_fwd_outputs + index] = emit(aten.mul.Tensor, grad, factor)
+            clipped = emit(aten.mul.Tensor, total, factor)
+            for term in free:
+                clipped = emit(aten.add.Tensor, clipped, term)
+            outputs[joint.num_fwd_outputs + index] = clipped
     graph.output_node().args = (outputs,)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.batch_axis import JointGraph, differentiable_outputs
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count
@@ -84,6 +84,38 @@ def data_independent(joint: JointGraph, node: object) -> bool:
                 seen.add(value)
                 stack.append(value)
     return True
+
+
+def split_free_terms(joint: JointGraph, grad: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """For a graph of one sample (no facts): the terms of the sum ``grad`` that carry the sample's data,
+    and the data-independent ones (computed without the per-sample inputs or the gradients of per-sample
+    outputs; a 0-dim output is the loss, whose gradient is a constant)."""
+    data = {p for p, f in zip(joint.primals, joint.primal_facts) if isinstance(f, Batched)}
+    data |= {t for o, t in zip(differentiable_outputs(joint), joint.tangents) if o.meta["val"].dim() > 0}
+
+    def free(node: object) -> bool:
+        if not isinstance(node, torch.fx.Node):
+            return True
+        stack, seen = [node], {node}
+        while stack:
+            current = stack.pop()
+            if current in data:
+                return False
+            for value in current.all_input_nodes:
+                if value not in seen:
+                    seen.add(value)
+                    stack.append(value)
+        return True
+
+    rest, free_terms, stack = [], [], [grad]
+    while stack:
+        node = stack.pop()
+        if node.target is aten.add.Tensor and not node.kwargs and any(free(a) for a in node.args):
+            free_terms += [a for a in node.args if free(a)]
+            stack += [a for a in node.args if not free(a)]
+        else:
+            rest.append(node)
+    return rest, free_terms
 
 
 def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site], free_terms: list[tuple]) -> bool:

@@ -75,6 +75,10 @@ law(aten.mean.default, loss="mean")(sum_all)
         aten.var.correction,
         aten.std.correction,
         aten.linalg_vector_norm.default,
+        aten.all.dim,
+        aten.any.dim,
+        aten.all.dims,
+        aten.any.dims,
     ]
 )
 def nonlinear_reduce_dims(r: RuleInput) -> Fact:
@@ -94,7 +98,7 @@ def nonlinear_reduce_dim(r: RuleInput) -> FactOut:
     return (fact, fact) if r.node.target in (aten.max.dim, aten.min.dim) else fact
 
 
-@law([aten.max.default, aten.min.default, aten.prod.default])
+@law([aten.max.default, aten.min.default, aten.prod.default, aten.all.default, aten.any.default])
 def nonlinear_reduce_all(r: RuleInput) -> Fact:
     return _reduce(r, None, None, linear=False)
 
