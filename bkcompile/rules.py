@@ -8,7 +8,7 @@ A rule reads the op's arguments by schema name (``r.arg("dim")``) and their fact
 """
 
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Reduced, Replicated
-from bkcompile.passes.ops import RuleInput, register_batch_rule
+from bkcompile.passes.ops import RuleInput, reads_batch_sums, register_batch_rule
 from bkcompile.passes.ops.pointwise import pointwise
 from bkcompile.passes.ops.reductions import along_dim, sum_dims
 from bkcompile.passes.ops.views import view
@@ -22,6 +22,7 @@ __all__ = [
     "RuleInput",
     "along_dim",
     "pointwise",
+    "reads_batch_sums",
     "register_batch_rule",
     "sum_dims",
     "view",

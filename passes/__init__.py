@@ -5,7 +5,7 @@ Passes run in order on one :class:`PassState`; each is a plain function ``pass(s
 1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (rules.py)
 2. ``sites``       the op that reduces per-sample values into each parameter gradient (sites.py)
 3. ``loss_scale``  how the loss reduces over the batch: the per-sample scale s (loss.py)
-4. ``groups``      the clipping groups and their thresholds, registered as shared clip state (groups.py)
+4. ``groups``      the clipping groups and their thresholds, a clip state in the model's step ledger (groups.py)
 5. ``cost``        per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
 
@@ -30,8 +30,11 @@ from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.sites import ParamGrad, find_sites
 
 from bkcompile.errors import PrivacyError
-from bkcompile.norms import register_clip_state
+from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions
+
+# The backend's way to the model's step ledger: the shared clip state of a graph's clipping groups.
+ClipStates = Callable[[Grouping], ClipState]
 
 
 @dataclasses.dataclass
@@ -40,6 +43,7 @@ class PassState:
     options: BKOptions
     names: list[str]
     fake_mode: Any
+    clip_states: ClipStates
     params: list[ParamGrad] = dataclasses.field(default_factory=list)
     scale: LossScale | None = None
     plans: list[ParamPlan] = dataclasses.field(default_factory=list)
@@ -47,7 +51,7 @@ class PassState:
     hints: dict = dataclasses.field(default_factory=dict)  # shape symbols -> their compiled values
     norm_dtype: torch.dtype = torch.float32  # what the per-sample norms accumulate in
     grouping: Grouping | None = None  # the clipping groups and their initial thresholds
-    clip_key: int = -1  # the groups' clip state in bkcompile.norms
+    clip: ClipState | None = None  # the groups' clip state, in the model's step ledger
 
 
 def _batch_axis(state: PassState) -> None:
@@ -78,7 +82,7 @@ def _clipping(state: PassState) -> None:
         state.norm_dtype,
         state.scale,
         state.grouping,
-        state.clip_key,
+        state.clip.key,
         state.options,
         state.fake_mode,
     )
@@ -95,11 +99,11 @@ def _groups(state: PassState) -> None:
         if isinstance(p.meta["val"], torch.Tensor)
     }
     state.grouping = clip_groups(params, devices, state.options)
-    state.clip_key = register_clip_state(state.grouping.names, state.grouping.members, state.grouping.thresholds)
+    state.clip = state.clip_states(state.grouping)
 
 
 def _single_sample(state: PassState) -> None:
-    clip_single_sample(state.joint, state.names, state.grouping, state.clip_key, state.options, state.fake_mode)
+    clip_single_sample(state.joint, state.names, state.grouping, state.clip.key, state.options, state.fake_mode)
 
 
 PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
@@ -145,6 +149,7 @@ def privatize(
     names: list[str],
     options: BKOptions,
     fake_mode: Any,
+    clip_states: ClipStates,
 ) -> PassState:
     """Run the pipeline on a joint graph in place; return what the passes found."""
     primals = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
@@ -155,7 +160,7 @@ def privatize(
         )
     batch, source = _batch_size(primals, input_facts, names)
     joint = JointGraph(gm, num_fwd_outputs, input_facts, trainable, batch, source)
-    state = PassState(joint, options, names, fake_mode)
+    state = PassState(joint, options, names, fake_mode, clip_states)
     for _, run in SINGLE_SAMPLE_PIPELINE if batch == 1 else PIPELINE:
         run(state)
         gm.graph.lint()

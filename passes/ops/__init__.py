@@ -16,9 +16,30 @@ from bkcompile.passes.ops import (  # noqa: F401  (each module registers its fam
     reductions,
     views,
 )
-from bkcompile.passes.ops.table import LAWS, FactOut, OpLaw, RuleInput, law_for, register_batch_rule, rule_for
+from bkcompile.passes.ops.table import (
+    LAWS,
+    FactOut,
+    OpLaw,
+    Rule,
+    RuleInput,
+    law_for,
+    reads_batch_sums,
+    register_batch_rule,
+    rule_for,
+)
 
 # Decompositions the backend applies while tracing: fused ops whose parts have laws
 DECOMPOSITIONS = {**embedding.DECOMPOSITIONS, **parametrizations.DECOMPOSITIONS}
 
-__all__ = ["DECOMPOSITIONS", "LAWS", "FactOut", "OpLaw", "RuleInput", "law_for", "register_batch_rule", "rule_for"]
+__all__ = [
+    "DECOMPOSITIONS",
+    "LAWS",
+    "FactOut",
+    "OpLaw",
+    "Rule",
+    "RuleInput",
+    "law_for",
+    "reads_batch_sums",
+    "register_batch_rule",
+    "rule_for",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from bkcompile.passes.facts import REDUCED, REPLICATED, Fact
 from bkcompile.passes.ops.pointwise import broadcast, broadcast_shape, pointwise
-from bkcompile.passes.ops.table import RuleInput, agree, batched_facts, law
+from bkcompile.passes.ops.table import RuleInput, agree, batched_facts, law, reads_batch_sums
 
 from bkcompile.errors import LossReductionError, node_error
 
@@ -43,6 +43,7 @@ def nll_loss_forward(r: RuleInput) -> tuple:
 
 
 @law(aten.nll_loss_backward.default)
+@reads_batch_sums  # the normaliser (total_weight) is the loss's own reduction, which the loss pass rescales
 def nll_loss_backward(r: RuleInput) -> Fact:
     """The loss gradient of each row depends on that row and the (batch-wide) normaliser only."""
     batched = batched_facts(r, (r.arg("self"), r.arg("target")))

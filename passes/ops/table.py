@@ -24,6 +24,7 @@ their schema name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -84,6 +85,19 @@ def register_batch_rule(ops: torch._ops.OpOverload | Iterable[torch._ops.OpOverl
         bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.rules.pointwise)
     """
     return law(ops)
+
+
+def reads_batch_sums(rule: Rule) -> Rule:
+    """``rule``, marked as proving harmless the sums over the batch (``Reduced`` operands) that it lets
+    reach per-sample outputs; without the mark the analysis refuses any such op (default-deny). A copy
+    is marked, so marking a shared combinator exempts only the ops registered with the copy."""
+
+    @functools.wraps(rule)
+    def exempt(r: RuleInput) -> FactOut:
+        return rule(r)
+
+    exempt.reads_batch_sums = True
+    return exempt
 
 
 def law_for(op: object) -> OpLaw:
