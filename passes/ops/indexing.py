@@ -67,6 +67,8 @@ def sample_index_dim(node: object, batch) -> int | None:
         return None
     if target in _KEEP_DIM:
         return inner
+    if target is aten.slice.Tensor and all(same(a, b) for a, b in zip(_sizes(node), _sizes(source))):
+        return inner  # a slice that keeps every element (x[:] with a symbolic batch)
     if target is aten.add.Tensor and node.args[1] == 0:
         return inner
     if target is aten.unsqueeze.default:
