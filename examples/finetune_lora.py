@@ -1,7 +1,7 @@
 """Private LoRA fine-tuning of a Llama-style model with the Hugging Face Trainer (bkcompile's DPTrainer).
 
 A tiny Llama config with random weights (nothing is downloaded) learns synthetic sequences of variable length
-(arithmetic progressions of tokens, padded per batch); LoRA adapters on the attention projections are the only
+(a noisy counting pattern, padded per batch); LoRA adapters on every projection are the only
 trained parameters. Prints the loss curve and the epsilon spent.
 
     python examples/finetune_lora.py [--steps 30] [--epsilon 8]
@@ -25,12 +25,15 @@ VOCAB, MAX_LENGTH, PAD = 64, 24, 0
 
 
 def synthetic_text(count: int, generator: torch.Generator) -> list[dict]:
-    """Token sequences s, s+d, s+2d, ... (mod VOCAB, never PAD) of lengths 8..MAX_LENGTH."""
+    """Sequences of lengths 8..MAX_LENGTH counting 1, 2, ..., 8, 1, 2, ... from a random start, with one token in
+    ten replaced by a random one (never PAD)."""
     rows = []
     for _ in range(count):
         length = int(torch.randint(8, MAX_LENGTH + 1, (), generator=generator))
-        start, step = (int(v) for v in torch.randint(1, VOCAB, (2,), generator=generator))
-        ids = [1 + (start + i * step) % (VOCAB - 1) for i in range(length)]
+        ids = [int(torch.randint(1, 9, (), generator=generator))]
+        for _ in range(length - 1):
+            noisy = float(torch.rand((), generator=generator)) < 0.1
+            ids.append(int(torch.randint(1, VOCAB, (), generator=generator)) if noisy else 1 + ids[-1] % 8)
         rows.append({"input_ids": ids, "labels": ids})
     return rows
 
@@ -59,7 +62,8 @@ def tiny_llama(width: int) -> torch.nn.Module:
         use_cache=False,
     )
     model = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
     return peft.get_peft_model(model, lora)
 
 
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                 per_device_train_batch_size=args.batch_size,
                 gradient_accumulation_steps=args.accumulation,
                 max_steps=args.steps,
-                learning_rate=2e-2,
+                learning_rate=args.lr,
                 logging_steps=max(1, args.steps // 10),
                 save_strategy="no",
                 report_to=[],

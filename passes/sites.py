@@ -69,21 +69,30 @@ def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     return term
 
 
+def _search(start: torch.fx.Node, hit, neighbours) -> bool:
+    """Whether a node for which ``hit`` holds is reachable from ``start`` (itself included) by ``neighbours``."""
+    stack, seen = [start], {start}
+    while stack:
+        current = stack.pop()
+        if hit(current):
+            return True
+        for value in neighbours(current):
+            if value not in seen:
+                seen.add(value)
+                stack.append(value)
+    return False
+
+
+def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return node.all_input_nodes
+
+
 def data_independent(joint: JointGraph, node: object) -> bool:
     """``node`` is computed from parameters, constants and the loss's output gradient alone: no sample data
     (batched or summed over the batch) reaches it."""
     if not isinstance(node, torch.fx.Node):
         return True
-    stack, seen = [node], {node}
-    while stack:
-        current = stack.pop()
-        if isinstance(joint.facts.get(current), (Batched, Reduced)):
-            return False
-        for value in current.all_input_nodes:
-            if value not in seen:
-                seen.add(value)
-                stack.append(value)
-    return True
+    return not _search(node, lambda n: isinstance(joint.facts.get(n), (Batched, Reduced)), _inputs)
 
 
 def split_free_terms(joint: JointGraph, grad: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
@@ -94,18 +103,7 @@ def split_free_terms(joint: JointGraph, grad: torch.fx.Node) -> tuple[list[torch
     data |= {t for o, t in zip(differentiable_outputs(joint), joint.tangents) if o.meta["val"].dim() > 0}
 
     def free(node: object) -> bool:
-        if not isinstance(node, torch.fx.Node):
-            return True
-        stack, seen = [node], {node}
-        while stack:
-            current = stack.pop()
-            if current in data:
-                return False
-            for value in current.all_input_nodes:
-                if value not in seen:
-                    seen.add(value)
-                    stack.append(value)
-        return True
+        return not isinstance(node, torch.fx.Node) or not _search(node, data.__contains__, _inputs)
 
     rest, free_terms, stack = [], [], [grad]
     while stack:
@@ -204,13 +202,4 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
 
 def _feeds_gradient(joint: JointGraph, node: torch.fx.Node) -> bool:
     grads = {g for g in joint.gradient_outputs if g is not None}
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in grads:
-            return True
-        for user in current.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return False
+    return _search(node, grads.__contains__, lambda n: n.users)

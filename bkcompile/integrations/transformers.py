@@ -217,8 +217,8 @@ class DPTrainer(transformers.Trainer):
 
     # --- optimizer: DPOptimizer around the Trainer's own --------------------------------------------------------
 
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> Any:
-        inner = super().create_optimizer(model)
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:  # transformers 5 adds a model argument
+        inner = super().create_optimizer(*args, **kwargs)
         if self.dp_optimizer is None or self.dp_optimizer.optimizer is not inner:
             self.dp_optimizer = DPOptimizer(
                 inner,
