@@ -43,10 +43,6 @@ class ClipOnceError(PrivacyError):
     """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
 
 
-class GraphBreakError(PrivacyError):
-    """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
-
-
 def module_of(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:

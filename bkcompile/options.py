@@ -12,6 +12,7 @@ LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
+Graphs = Literal["auto", "several"]
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
 
 
@@ -45,6 +46,10 @@ class BKOptions:
         sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
         optimizer's division it acts exactly as in non-private training (``make_private`` and the
         Trainer integration set it).
+    graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
+        model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
+        "several": always a piece (regional compilation: every compiled block, stem and head), clipped
+        with the other graphs of its backward, once per sample, at the end of the backward.
     """
 
     max_grad_norm: float
@@ -58,6 +63,7 @@ class BKOptions:
     clip_fn: ClipFn = "abadi"
     clip_gamma: float = 0.01
     expected_batch_size: float | None = None
+    graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
@@ -68,6 +74,7 @@ _CHOICES = {
     "strategy": ("auto", "fastest", "ghost", "explicit"),
     "report": (True, False),
     "clip_fn": ("abadi", "automatic"),
+    "graphs": ("auto", "several"),
 }
 
 
@@ -152,5 +159,6 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         memory_budget=budget,
         report=raw.get("report", False),
         expected_batch_size=_expected_batch_size(raw.get("expected_batch_size")),
+        graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,
     )

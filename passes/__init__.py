@@ -9,6 +9,10 @@ Passes run in order on one :class:`PassState`; each is a plain function ``pass(s
 5. ``cost``        per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    per-sample norms, clip factors, C-weighted reductions (clip.py)
 
+A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
+``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
+gradients to the clip at the end of the backward (pieces.py, ``bkcompile.deferred``).
+
 Invariants after each pass: the graph lints, every node keeps a valid ``meta["val"]``, and no pass
 adds aliasing. A pass that cannot prove privacy raises a :class:`bkcompile.errors.PrivacyError`.
 """
@@ -27,6 +31,7 @@ from bkcompile.passes.cost import ParamPlan, backward_flops, choose, hints
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.loss import LossScale, find_loss_scale
+from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
 from bkcompile.passes.sites import ParamGrad, find_sites
 
 from bkcompile.errors import PrivacyError
@@ -44,6 +49,7 @@ class PassState:
     names: list[str]
     fake_mode: Any
     clip_states: ClipStates
+    role: GraphRole = WHOLE
     params: list[ParamGrad] = dataclasses.field(default_factory=list)
     scale: LossScale | None = None
     plans: list[ParamPlan] = dataclasses.field(default_factory=list)
@@ -86,6 +92,10 @@ def _clipping(state: PassState) -> None:
         state.options,
         state.fake_mode,
     )
+    _sort(state)
+
+
+def _sort(state: PassState) -> None:
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(state.joint.gm.graph)
@@ -99,11 +109,24 @@ def _groups(state: PassState) -> None:
         if isinstance(p.meta["val"], torch.Tensor)
     }
     state.grouping = clip_groups(params, devices, state.options)
+    if state.role.piece:
+        return  # the groups of a piece join those of the other pieces at the end of the backward
     state.clip = state.clip_states(state.grouping)
 
 
 def _single_sample(state: PassState) -> None:
     clip_single_sample(state.joint, state.names, state.grouping, state.clip.key, state.options, state.fake_mode)
+
+
+def _batch_outputs(state: PassState) -> None:
+    refuse_batch_outputs(state.joint, state.role)
+
+
+def _defer(state: PassState) -> None:
+    for plan in state.plans:  # per-sample gradients are what the deferred clip adds over the pieces
+        plan.strategy, plan.reason = "explicit", "deferred: kept until the end of the backward"
+    defer_clipping(state)
+    _sort(state)
 
 
 PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
@@ -114,11 +137,24 @@ PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
     ("cost", _cost),
     ("clipping", _clipping),
 ]
+PIECE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
+    ("batch_axis", _batch_axis),
+    ("batch_outputs", _batch_outputs),
+    ("sites", _sites),
+    ("loss_scale", _loss_scale),
+    ("groups", _groups),
+    ("cost", _cost),
+    ("defer", _defer),
+]
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
 # and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
 SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
     ("groups", _groups),
     ("single_sample", _single_sample),
+]
+PIECE_SINGLE_SAMPLE_PIPELINE: list[tuple[str, Callable[[PassState], None]]] = [
+    ("groups", _groups),
+    ("defer_single_sample", defer_single_sample),
 ]
 
 
@@ -150,6 +186,7 @@ def privatize(
     options: BKOptions,
     fake_mode: Any,
     clip_states: ClipStates,
+    role: GraphRole = WHOLE,
 ) -> PassState:
     """Run the pipeline on a joint graph in place; return what the passes found."""
     primals = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
@@ -160,8 +197,12 @@ def privatize(
         )
     batch, source = _batch_size(primals, input_facts, names)
     joint = JointGraph(gm, num_fwd_outputs, input_facts, trainable, batch, source)
-    state = PassState(joint, options, names, fake_mode, clip_states)
-    for _, run in SINGLE_SAMPLE_PIPELINE if batch == 1 else PIPELINE:
+    state = PassState(joint, options, names, fake_mode, clip_states, role)
+    if role.piece:
+        pipeline = PIECE_SINGLE_SAMPLE_PIPELINE if batch == 1 else PIECE_PIPELINE
+    else:
+        pipeline = SINGLE_SAMPLE_PIPELINE if batch == 1 else PIPELINE
+    for _, run in pipeline:
         run(state)
         gm.graph.lint()
     gm.recompile()

@@ -50,24 +50,24 @@ def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
+def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
         return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
         terms = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]  # not the free terms
-        grads = [_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in terms]
+        grads = [per_sample_grad(emit, joint, a, sites, batch, dtype) for a in terms]
         return grads[0] if len(grads) == 1 else emit(aten.add.Tensor, *grads)
     if node.target is aten.sub.Tensor:
-        return emit(aten.sub.Tensor, *[_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
+        return emit(aten.sub.Tensor, *[per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
     law = law_for(node.target)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
-        return law.lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
-    return law.lift(emit, node, _per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+        return law.lift_linear(emit, node, term, per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
+    return law.lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
-def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+def erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Erase ``node`` and the inputs only it used; a convolution_backward loses the outputs nobody reads."""
     if node.users or node.op != "call_function":
         return
@@ -76,7 +76,7 @@ def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     for value in inputs:
         if value.target == aten.convolution_backward.default and value.users:
             _drop_unread_outputs(graph, value)
-        _erase_dead(graph, value)
+        erase_dead(graph, value)
 
 
 def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
@@ -126,7 +126,7 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
     return emit.size(source, dim)
 
 
-def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
+def loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
     if scale.kind == "mean":
         factor = emit(aten.scalar_tensor.default, batch, dtype=dtype)
         for count in scale.checks:  # counts that must be B for the per-sample loss to be defined
@@ -193,12 +193,12 @@ def insert_clipping(
                 squares[param.param] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
-            grads = _per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
+            grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, -1])
             squares[param.param] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.param] = flat
     with graph.inserting_before(graph.output_node()):
-        weights = clip_weights(emit, squares, grouping, key, _loss_factor(emit, scale, batch, dtype), options)
+        weights = clip_weights(emit, squares, grouping, key, loss_factor(emit, scale, batch, dtype), options)
         reduced = {}
         for param in params:
             if param.param in explicit:
@@ -213,14 +213,14 @@ def insert_clipping(
             site = param.sites[0]
             weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.param], batch)
             site.node.replace_all_uses_with(weighted)
-            _erase_dead(graph, site.node)
+            erase_dead(graph, site.node)
     outputs = joint.outputs
     for index, value in reduced.items():
         outputs[joint.num_fwd_outputs + index] = value
     graph.output_node().args = (outputs,)
     for param in params:
         if param.param in explicit:
-            _erase_dead(graph, param.grad)
+            erase_dead(graph, param.grad)
 
 
 def clip_single_sample(

@@ -38,6 +38,7 @@ class LossScale:
     source: str  # what the report says: "option loss_reduction='mean'" or the op
     node: torch.fx.Node | None = None
     checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (kind "mean")
+    from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
 
     @property
     def reduction(self) -> str:
@@ -190,7 +191,9 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         )
     if not losses:
         kind = options.loss_reduction
-        return LossScale(kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)")
+        return LossScale(
+            kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)", from_option=True
+        )
     scale = _scale_of(joint, losses[0])
     if scale is None:
         raise _unknown(losses[0])
