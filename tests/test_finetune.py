@@ -145,8 +145,10 @@ def test_t5_sdpa(batch: int) -> None:
 
 
 def test_gradient_checkpointing() -> None:
-    """HF gradient checkpointing logs a warning_once that dynamo breaks the graph on: it works once graph
-    breaks are supported (one clip over several graphs)."""
+    """HF gradient checkpointing: transformers' warning_once breaks the graph (graph breaks are supported:
+    the graphs of one backward are clipped together), but the checkpointed layers are recomputed in the
+    backward outside the bk_dp graphs, so the next graph's batch comes from code the several-graphs clip
+    cannot follow row by row: refused until it can."""
     model = transformers.LlamaForCausalLM(llm_config("llama", "sdpa")).train()
     model.config.use_cache = True  # the default a user has: transformers warns under checkpointing
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,12 +162,10 @@ def test_gradient_checkpointing() -> None:
             oracle=looped_clipped_sum,
             tol=ROPE_TOL,
         )
-    except Exception as error:  # dynamo wraps the backend's error
-        while getattr(error, "inner_exception", None) is not None:
-            error = error.inner_exception
-        if isinstance(error, bkcompile.GraphBreakError):
-            pytest.xfail(f"graph breaks are not supported yet: {str(error).splitlines()[0]}")
-        raise
+    except bkcompile.PrivacyError as error:
+        if "computed outside the bk_dp graphs" not in str(error):
+            raise
+        pytest.xfail(f"checkpointed layers run outside the bk_dp graphs: {str(error).splitlines()[0]}")
 
 
 # --- losses -------------------------------------------------------------------------------------------------
