@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 import torch.fx
-from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, same, to_expr
+from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, Replicated, same, to_expr
 from bkcompile.passes.ops.table import RuleInput, agree, law, schema_arg
 
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
@@ -106,15 +106,15 @@ def _layout(r: RuleInput, indices: list) -> Indexing:
     return Indexing(positions, rank, positions[0] if adjacent else 0)
 
 
-def _index_dims(r: RuleInput, indices: list, rank: int) -> tuple[list[Batched], list[int]]:
-    """The per-sample index tensors' facts on S's dims, and the S dims of the sample's-own-index tensors."""
-    batched, own = [], []
+def _index_dims(r: RuleInput, indices: list, rank: int) -> list[Batched]:
+    """The per-sample index tensors' facts on S's dims."""
+    batched = []
     for index in indices:
         if index is None:
             continue
         shift = rank - index.meta["val"].dim()
         fact = r.fact(index)
-        if index.meta["val"].dtype in (torch.bool, torch.uint8) and not isinstance(fact, type(REPLICATED)):
+        if index.meta["val"].dtype in (torch.bool, torch.uint8) and not isinstance(fact, Replicated):
             raise node_error(
                 NotSupportedYetError,
                 r.node,
@@ -125,11 +125,7 @@ def _index_dims(r: RuleInput, indices: list, rank: int) -> tuple[list[Batched], 
             raise r.mixing("it indexes with values summed over the batch", "index with per-sample values")
         if isinstance(fact, Batched):
             batched.append(fact.at(fact.dim + shift))
-        else:
-            dim = sample_index_dim(index, r.batch)
-            if dim is not None:
-                own.append(dim + shift)
-    return batched, own
+    return batched
 
 
 def _cross(r: RuleInput) -> Exception:
@@ -146,7 +142,7 @@ def index(r: RuleInput) -> Fact:
     source, indices = r.arg("self"), list(r.arg("indices"))
     fact = r.fact(source)
     layout = _layout(r, indices)
-    batched, own = _index_dims(r, indices, layout.rank)
+    batched = _index_dims(r, indices, layout.rank)
     if isinstance(fact, Reduced):
         if batched:
             raise r.mixing("it picks values of a sum over the batch by per-sample indices", "index per-sample values")
@@ -182,7 +178,7 @@ def index_put(r: RuleInput) -> Fact:
     ``index`` of the same arguments would be (the rows read are the rows written)."""
     base, indices, values = r.arg("self"), list(r.arg("indices")), r.arg("values")
     layout = _layout(r, indices)
-    batched, _ = _index_dims(r, indices, layout.rank)
+    batched = _index_dims(r, indices, layout.rank)
     facts = [r.fact(base), r.fact(values)]
     if any(isinstance(f, Reduced) for f in facts):
         if batched or any(isinstance(f, Batched) for f in facts):
