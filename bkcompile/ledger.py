@@ -8,11 +8,13 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
   them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
-  the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
-  use, dynamo's eager fallback). No host synchronisation.
+  the ledger knows (those of the graphs, and all of the compiled module's and of the user's module that
+  calls it) refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
-  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
+  own, unless all are pieces of a model (clipped together at the end of the backward,
+  ``bkcompile.deferred``). Both would let a sample contribute more than R, and are refused by
+  :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
 - ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
@@ -26,6 +28,7 @@ graphs of one model (recompiles, blocks compiled one by one) share it once an op
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import weakref
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import orig_code_map
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
@@ -89,6 +93,11 @@ class GraphRecord:
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    known: list[weakref.ref] = dataclasses.field(default_factory=list)  # the parameters of the last call
+
+    @functools.cached_property
+    def trainable(self) -> frozenset[int]:
+        return frozenset(self.indices)
 
     def wrap(self, compiled: Callable) -> Callable:
         """The compiled graph, with its trainable parameters passed through the ledger's tap."""
@@ -99,9 +108,14 @@ class GraphRecord:
                 return compiled(*args)
             args = list(args)
             params = [args[i] for i in indices]
-            _know(params, self.names)
-            _know_module(_compiled_module())
-            call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
+            if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
+                _know(params, self.names)
+                self.known = [weakref.ref(p) for p in params]
+            where, modules = _caller()
+            for module in modules:
+                _know_module(module)
+            others = [args[i] for i in range(len(args)) if i not in self.trainable]
+            call = CallRecord(self, where, _eager_upstream(others), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
@@ -129,8 +143,9 @@ class _Tap(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.call = call
         call.aliases = tuple(p.detach() for p in call.params)
-        for alias, p in zip(call.aliases, call.params):
-            _ORIGINS[alias] = p
+        if call.graph.piece:  # the deferred clip meets the aliases in the backward and asks for the parameters
+            for alias, p in zip(call.aliases, call.params):
+                alias._bk_parameter = p
         return call.aliases
 
     @staticmethod
@@ -144,12 +159,9 @@ class _Tap(torch.autograd.Function):
         return None, None
 
 
-_ORIGINS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the tensor a graph receives -> its parameter
-
-
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a tensor a compiled graph received for it (itself when it is no tap's alias)."""
-    return _ORIGINS.get(tensor, tensor)
+    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias)."""
+    return getattr(tensor, "_bk_parameter", tensor)
 
 
 class _BackwardWatch:
@@ -206,6 +218,13 @@ class StepLedger:
         self.states: list[ClipState] = []
         self.refusal: str | None = None  # the backend's refusal, when dynamo may run the model eagerly instead
         self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
+        self.grad_scaler: Any = None  # the GradScaler of the model's DPOptimizer (its scale is in the gradients)
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Every graph of the model divides its per-sample norms by this scaler's scale (now and later)."""
+        self.grad_scaler = scaler
+        for state in self.states:
+            state.grad_scaler = scaler
 
     def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
         """Know these parameters: every eager accumulation into their ``.grad`` is refused from now on."""
@@ -223,9 +242,11 @@ class StepLedger:
             if state.same_groups(groups, members, initial):
                 return state
         state = ClipState(groups, members, names, tuple(initial), device)
+        state.grad_scaler = self.grad_scaler
         for key, thresholds in self._pending:
             if key == (groups, names, tuple(initial)):
-                state.thresholds.copy_(thresholds)
+                with unset_fake_temporarily():  # the pass runs under a fake mode; the state holds real tensors
+                    state.thresholds.copy_(thresholds)
         self.states.append(state)
         return state
 
@@ -317,27 +338,45 @@ def _label(p: torch.nn.Parameter) -> str:
     return f"a parameter of shape {tuple(p.shape)} that no bk_dp graph uses"
 
 
-def _call_site() -> str:
-    """The user's line that called the compiled model: the first frame outside torch and bkcompile after
-    dynamo's entry (``compile_wrapper``), else the first outside them."""
+def _caller() -> tuple[str, list[torch.nn.Module]]:
+    """The user's line that called the compiled model, and the modules whose parameters belong to the call.
+
+    The line is the first frame outside torch and bkcompile after dynamo's entry (``compile_wrapper``),
+    else the first outside them. The modules: the one whose compiled forward calls the graph (``self`` of
+    dynamo's frame), and the user's module whose forward called it, when it contains it (the model a
+    regionally compiled block belongs to: its stem and head, run eagerly, are then refused too).
+    """
     frame = sys._getframe(2)
-    first, entered = None, False
+    first, entered, modules = None, False, []
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
+        if frame.f_code in orig_code_map and not entered:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module):
+                modules.append(owner)
         if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:
-                return f"{file}:{frame.f_lineno}"
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, torch.nn.Module) and modules and _contains(owner, modules[0]):
+                    modules.append(owner)
+                return f"{file}:{frame.f_lineno}", modules
             first = first or f"{file}:{frame.f_lineno}"
         frame = frame.f_back
-    return first or "<unknown location>"
+    return first or "<unknown location>", modules
 
 
-def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...]:
-    """Parameters that computed the call's tensor inputs in eager autograd (stopping at other bk_dp taps)."""
-    roots = [a.grad_fn for i, a in enumerate(args) if i not in skip and isinstance(a, torch.Tensor) and a.grad_fn]
+def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
+    if root in _MODULES:  # known already: no need to search it again
+        return False
+    return root is not module and any(m is module for m in root.modules())
+
+
+def _eager_upstream(inputs: list) -> tuple[torch.nn.Parameter, ...]:
+    """Parameters that computed these inputs in eager autograd (stopping at other bk_dp taps)."""
+    roots = [a.grad_fn for a in inputs if isinstance(a, torch.Tensor) and a.grad_fn is not None]
     found: dict[int, torch.nn.Parameter] = {}
     seen: set = set()
     while roots:
@@ -352,29 +391,21 @@ def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...
     return tuple(found.values())
 
 
+def _alive(refs: list[weakref.ref], params: Sequence[torch.Tensor]) -> bool:
+    return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params))
+
+
 def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
     """Adopt parameters no ledger knows yet (a graph dynamo reuses for another model of the same code)."""
     if not all(p in _LEDGERS and p in _LEDGERS[p].entries for p in params):
         ledger_for(params).adopt(params, names)
 
 
-def _compiled_module() -> torch.nn.Module | None:
-    """The module whose compiled forward is calling the graph (``self`` of dynamo's frame), if any."""
-    frame = sys._getframe(2)
-    for _ in range(4):  # the graph is called from dynamo's frame through a wrapper or two
-        if frame is None:
-            return None
-        if frame.f_code in orig_code_map:
-            owner = frame.f_locals.get("self")
-            return owner if isinstance(owner, torch.nn.Module) else None
-        frame = frame.f_back
-    return None
-
-
-def _know_module(module: torch.nn.Module | None) -> None:
-    """Adopt every trainable parameter of the compiled module, also those its graphs do not use: one used
-    only outside them (``cm(x) * cm.temperature``) is then refused in the backward too."""
-    if module is None or module in _MODULES:
+def _know_module(module: torch.nn.Module) -> None:
+    """Adopt every trainable parameter of the module, also those its graphs do not use: one used only
+    outside them (``cm(x) * cm.temperature``, an eager head after compiled blocks) is then refused in the
+    backward too."""
+    if module in _MODULES:
         return
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if named:
@@ -405,6 +436,7 @@ def _merge(into: StepLedger, other: StepLedger) -> None:
     into.states.extend(s for s in other.states if s not in into.states)
     into.refusal = into.refusal or other.refusal
     into._pending.extend(other._pending)
+    into.use_grad_scaler(into.grad_scaler or other.grad_scaler)
 
 
 def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedger | None:

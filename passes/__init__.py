@@ -123,9 +123,12 @@ def _batch_outputs(state: PassState) -> None:
 
 
 def _defer(state: PassState) -> None:
-    for plan in state.plans:  # per-sample gradients are what the deferred clip adds over the pieces
-        plan.strategy, plan.reason = "explicit", "deferred: kept until the end of the backward"
-    defer_clipping(state)
+    kept = defer_clipping(state)
+    for plan in state.plans:  # what the piece keeps until the clip at the end of the backward
+        if plan.param.param in kept:
+            plan.reason = "deferred: ghost norm, site operands kept until the end of the backward"
+        else:
+            plan.strategy, plan.reason = "explicit", "deferred: per-sample gradients kept until the end of the backward"
     _sort(state)
 
 

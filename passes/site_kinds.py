@@ -19,11 +19,12 @@ import math
 import operator
 from collections.abc import Callable
 
+import sympy
 import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter, static_shape
-from bkcompile.passes.facts import Batched, Reduced, Replicated
+from bkcompile.passes.facts import Batched, Reduced, Replicated, to_expr
 from bkcompile.passes.ops.embedding import mask_padding, per_sample_tables
 from bkcompile.passes.ops.table import norm_dims
 
@@ -180,13 +181,24 @@ def sum_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch:
 # --- embedding: embedding_dense_backward(grad (..., d), indices (...), V, padding_idx, by_freq) -----------
 
 
+def rows_per_sample(value: torch.fx.Node, batch: Size) -> int:
+    """n where ``value`` (..., d) holds B * n rows, when the sizes make it a constant; else -1.
+
+    A reshape to [B, -1, d] would guard on B * d != 0, which an unbacked batch size cannot decide.
+    """
+    rows = math.prod(to_expr(s) for s in value.meta["val"].shape[:-1])
+    count = sympy.simplify(rows / to_expr(batch.meta["val"] if isinstance(batch, torch.fx.Node) else batch))
+    return int(count) if count.is_Integer else -1
+
+
 def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     """Per-sample rows (B, T, d) with padding rows zeroed, and their indices (B, T)."""
     grad, indices, _, padding_idx = node.args[:4]
-    rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, -1, grad.meta["val"].shape[-1]])
+    count = rows_per_sample(grad, batch)
+    rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, count, grad.meta["val"].shape[-1]])
     # a dense copy: the gradient of a pooled embedding is often an expand (stride 0), slow for the Gram bmm
     rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
-    index = emit(aten.reshape.default, indices, [batch, -1])
+    index = emit(aten.reshape.default, indices, [batch, count])
     return mask_padding(emit, rows, index, padding_idx), index
 
 

@@ -16,11 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from helpers import assert_matches, raises_bk
-from oracle import clipped_sum
+from oracle import clipped_sum, looped_clipped_sum
 from test_models import (
     Logits,
     check_matches_oracle,
-    looped_clipped_sum,
     per_sample_token_loss,
     returned_loss,
 )

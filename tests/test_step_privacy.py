@@ -99,6 +99,7 @@ def test_the_fix_for_two_calls_is_exact() -> None:
         torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", [False, True], ids=["whole", "graph_break"])
 def test_inductor_and_dynamic_batch_go_through_the_ledger(broken: bool) -> None:
     model = _mlp(torch.float32)
@@ -201,6 +202,26 @@ def test_eager_stem_before_a_compiled_block_is_refused() -> None:
     model[2].compile(backend="bk_dp", options=OPTIONS)
     x, y = _batch(4)
     with pytest.raises(bkcompile.UnclippedGradientError, match=r"shape \(6, 6\).*computed the inputs of the compiled"):
+        F.cross_entropy(model(x), y).backward()
+
+
+class _BlockThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("graphs", ["auto", "several"])
+def test_eager_head_after_a_compiled_block_is_refused_on_the_plain_path(graphs: str) -> None:
+    torch.manual_seed(0)
+    model = _BlockThenHead().double()
+    model.block.compile(backend="bk_dp", options={**OPTIONS, "graphs": graphs})
+    x, y = _batch(4)
+    with pytest.raises(bkcompile.UnclippedGradientError, match="'head.(weight|bias)' received a gradient that no"):
         F.cross_entropy(model(x), y).backward()
 
 
