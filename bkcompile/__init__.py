@@ -29,7 +29,7 @@ from bkcompile.errors import (
 from bkcompile.norms import last_per_sample_norms
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
 from bkcompile.options import BKOptions
-from bkcompile.passes.rules import register_batch_rule
+from bkcompile.passes.ops import register_batch_rule
 from bkcompile.private import make_private
 from bkcompile.report import CostReport, explain, last_report
 

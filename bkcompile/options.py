@@ -41,6 +41,11 @@ class BKOptions:
         without a threshold share max_grad_norm: R / sqrt(G) each, so the sensitivity stays R.
     clip_fn: "abadi" (C = min(1, R / (n + 1e-6))) or "automatic" (C = R / (n + clip_gamma)).
     clip_gamma: the stabiliser of automatic clipping.
+    expected_batch_size: the expected batch size the DP optimizer divides the noisy sum by. Needed only when
+        the loss has a data-independent term (``+ wd * sum(p.pow(2))``): that term's gradient has no
+        sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
+        optimizer's division it acts exactly as in non-private training (``make_private`` and the
+        Trainer integration set it).
     graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
         model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
         "several": always a piece (regional compilation: every compiled block, stem and head), clipped
@@ -57,6 +62,7 @@ class BKOptions:
     clipping: str | tuple = "all-layer"
     clip_fn: ClipFn = "abadi"
     clip_gamma: float = 0.01
+    expected_batch_size: float | None = None
     graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
@@ -107,6 +113,10 @@ def _clipping(raw: Any) -> str | tuple:
     return tuple(groups)
 
 
+def _expected_batch_size(value: Any) -> float | None:
+    return None if value is None else _positive(value, "expected_batch_size")
+
+
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     """Validate the user's options dict; raise :class:`OptionError` naming the offending key."""
     raw = dict(raw or {})
@@ -148,6 +158,7 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         strategy=raw.get("strategy", "auto"),
         memory_budget=budget,
         report=raw.get("report", False),
+        expected_batch_size=_expected_batch_size(raw.get("expected_batch_size")),
         graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,
     )

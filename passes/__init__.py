@@ -2,7 +2,7 @@
 
 Passes run in order on one :class:`PassState`; each is a plain function ``pass(state) -> None``:
 
-1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (rules.py)
+1. ``batch_axis``  every value gets a fact: batched on dim k / replicated / reduced (the op laws, ops/)
 2. ``sites``       the op that reduces per-sample values into each parameter gradient (sites.py)
 3. ``loss_scale``  how the loss reduces over the batch: the per-sample scale s (loss.py)
 4. ``groups``      the clipping groups and their thresholds, a clip state in the model's step ledger (groups.py)

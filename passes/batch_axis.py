@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
-from bkcompile.passes.rules import FactOut, Rule, RuleInput, rule_for
+from bkcompile.passes.ops import FactOut, Rule, RuleInput, rule_for
 
 from bkcompile.errors import PrivacyError, SampleMixingError, UnsupportedOpError, node_error
 
@@ -76,7 +76,7 @@ def backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
     return seen
 
 
-def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
+def _fact_of(joint: JointGraph, node: torch.fx.Node, backward: bool = False) -> FactOut:
     if node.op != "call_function":
         raise PrivacyError(f"unexpected {node.op} node {node.name} in the joint graph")
     if node.target is operator.getitem:
@@ -97,7 +97,7 @@ def _fact_of(joint: JointGraph, node: torch.fx.Node) -> FactOut:
             "express it with supported ops, or register a rule: "
             "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
         )
-    out = rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts))
+    out = rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts, backward=backward))
     _deny_batch_sums(joint, node, rule, out)
     return out
 
@@ -123,7 +123,7 @@ def _deny_batch_sums(joint: JointGraph, node: torch.fx.Node, rule: Rule, out: Fa
         )
 
 
-def _differentiable_outputs(joint: JointGraph) -> list:
+def differentiable_outputs(joint: JointGraph) -> list:
     out = []
     for value in joint.forward_outputs:
         val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
@@ -133,7 +133,7 @@ def _differentiable_outputs(joint: JointGraph) -> list:
 
 
 def _tangent_facts(joint: JointGraph) -> None:
-    outputs = _differentiable_outputs(joint)
+    outputs = differentiable_outputs(joint)
     tangents = joint.tangents
     if len(outputs) != len(tangents):
         raise PrivacyError(
@@ -172,4 +172,4 @@ def analyze(joint: JointGraph) -> None:
     _tangent_facts(joint)
     for node in nodes:
         if node in backward:
-            joint.facts[node] = _fact_of(joint, node)
+            joint.facts[node] = _fact_of(joint, node, backward=True)

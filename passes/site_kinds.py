@@ -23,9 +23,10 @@ import sympy
 import torch
 import torch.fx
 from bkcompile.passes.batch_axis import JointGraph
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Batched, Reduced, Replicated, to_expr
-from bkcompile.passes.rules import _dims
+from bkcompile.passes.ops.embedding import mask_padding, per_sample_tables
+from bkcompile.passes.ops.table import norm_dims
 
 from bkcompile.errors import NotSupportedYetError, node_error
 
@@ -76,10 +77,6 @@ def split_batch(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, ba
     order[dim], order[dim + 1] = dim + 1, dim
     moved = emit(aten.permute.default, grouped, order)  # (..., B, outer, inner, ...)
     return emit(aten.reshape.default, moved, sizes[:dim] + [batch, -1] + sizes[dim + 1 :])
-
-
-def static_shape(value: torch.fx.Node) -> list[int]:
-    return [int(s) for s in value.meta["val"].shape]
 
 
 def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, batch: Size):
@@ -162,7 +159,7 @@ def _sum_per_sample_keepdim(emit: Emitter, joint: JointGraph, node: torch.fx.Nod
     x = node.args[0]
     fact: Batched = joint.facts[x]
     ndim = x.meta["val"].dim()
-    dims = _dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
+    dims = norm_dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
     split = split_batch(emit, emit.to_dtype(x, dtype), fact, fact.dim, batch)
     reduce_dims = [d + (d > fact.dim) for d in dims if d != fact.dim] + [fact.dim + 1]
     return emit(aten.sum.dim_IntList, split, reduce_dims, True), fact.dim  # batch on fact.dim, ones elsewhere
@@ -203,24 +200,6 @@ def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
     index = emit(aten.reshape.default, indices, [batch, count])
     return mask_padding(emit, rows, index, padding_idx), index
-
-
-def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, padding_idx: int | None) -> torch.fx.Node:
-    """``rows`` (B, n, d) with the rows whose ``index`` (B or 1, n) is ``padding_idx`` zeroed."""
-    if padding_idx is None or padding_idx < 0:
-        return rows
-    keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), rows.meta["val"].dtype)
-    return emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, keep, 2))
-
-
-def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, vocab: int, batch: Size):
-    """(B, V, d): rows (B, n, d) added at ``index`` (B or 1, n) into a zero table of each sample."""
-    width = rows.meta["val"].shape[-1]
-    table = emit(
-        aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype, device=rows.meta["val"].device
-    )
-    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [batch, -1, width])
-    return emit(aten.scatter_add.default, table, 1, where, rows)
 
 
 def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
