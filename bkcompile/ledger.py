@@ -417,13 +417,19 @@ def _know_module(module: torch.nn.Module) -> None:
     _MODULES.add(module)
 
 
-def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:
-    """The ledger of these parameters: theirs if they have one (several are merged), else a new one."""
+def _distinct_ledgers(params: Sequence[torch.nn.Parameter]) -> list[StepLedger]:
+    """The ledgers these parameters have, each once, in the parameters' order."""
     found: list[StepLedger] = []
     for p in params:
         ledger = _LEDGERS.get(p)
         if ledger is not None and all(ledger is not f for f in found):
             found.append(ledger)
+    return found
+
+
+def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:
+    """The ledger of these parameters: theirs if they have one (several are merged), else a new one."""
+    found = _distinct_ledgers(params)
     ledger = found[0] if found else StepLedger()
     for other in found[1:]:
         _merge(ledger, other)
@@ -481,12 +487,7 @@ def audit(params: Sequence[torch.nn.Parameter]) -> Audit:
 
 def start_step(params: Sequence[torch.nn.Parameter]) -> None:
     """Mark the start of a step for these parameters (``DPOptimizer.zero_grad`` and ``step``)."""
-    ledgers: list[StepLedger] = []
-    for p in params:
-        ledger = _LEDGERS.get(p)
-        if ledger is not None and all(ledger is not seen for seen in ledgers):
-            ledgers.append(ledger)
-    for ledger in ledgers:
+    for ledger in _distinct_ledgers(params):
         ledger.start_step(params)
 
 
