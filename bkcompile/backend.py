@@ -16,7 +16,8 @@ from bkcompile.errors import GraphBreakError
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
-from bkcompile.passes.facts import REPLICATED, Batched, Fact
+from bkcompile.passes.facts import REPLICATED, Batched
+from bkcompile.passes.joint import GraphInput, InputKind
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -66,27 +67,23 @@ def _is_module_state(source: str) -> bool:
     )
 
 
+def _classify(node: torch.fx.Node, example: Any, options: BKOptions) -> GraphInput:
+    """A graph input's record: parameters and module state are replicated, other tensors hold samples on
+    ``options.batch_dim``."""
+    source = _source_name(node)
+    is_state = _is_module_state(source)
+    if isinstance(example, torch.nn.Parameter):
+        return GraphInput(_param_name(source), source, InputKind.PARAMETER, REPLICATED, example.requires_grad)
+    if is_state:
+        return GraphInput(_param_name(source), source, InputKind.STATE, REPLICATED, False)
+    if isinstance(example, torch.Tensor) and example.dim() > options.batch_dim:
+        return GraphInput(node.name, source, InputKind.SAMPLES, Batched(options.batch_dim), False)
+    return GraphInput(node.name, source, InputKind.OTHER, REPLICATED, False)
+
+
 def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
-    """Fact, trainability and name of every graph input: parameters and buffers are replicated,
-    other tensors hold samples on ``options.batch_dim``."""
-    facts: list[Fact] = []
-    trainable: list[bool] = []
-    names: list[str] = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, example_inputs):
-        source = _source_name(node)
-        is_state = _is_module_state(source)
-        names.append(_param_name(source) if is_state or isinstance(example, torch.nn.Parameter) else node.name)
-        if isinstance(example, torch.nn.Parameter):
-            facts.append(REPLICATED)
-            trainable.append(example.requires_grad)
-        elif isinstance(example, torch.Tensor) and not is_state and example.dim() > options.batch_dim:
-            facts.append(Batched(options.batch_dim))
-            trainable.append(False)
-        else:
-            facts.append(REPLICATED)
-            trainable.append(False)
-    return facts, trainable, names
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return tuple(_classify(n, e, options) for n, e in zip(placeholders, example_inputs, strict=True))
 
 
 def _refuse_graph_breaks(gm: torch.fx.GraphModule) -> None:
@@ -112,19 +109,10 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 
 def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
     """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
-    has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
-    if not has_tangents or context.get("done"):
+    if context.get("done"):
         return
-    state = privatize(
-        gm,
-        num_fwd_outputs,
-        context["facts"],
-        context["trainable"],
-        context["names"],
-        context["options"],
-        _fake_mode(gm),
-    )
-    if state.plans:
+    state = privatize(gm, num_fwd_outputs, context["inputs"], context["options"], _fake_mode(gm))
+    if state.cost is not None and state.cost.plans:
         record(build_report(state), show=context["options"].report)
     context["state"] = state
     context["done"] = True
@@ -143,9 +131,11 @@ class _InductorJointPass:
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
-        outputs = list(graph.output_node().args[0])
-        primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-        _joint_pass(gm, len(outputs) - len(primals), self.context)
+        primals = len(self.context["inputs"])
+        # Inductor runs this hook on inference graphs too (no tangents: nothing to clip); a joint graph
+        # returns the forward outputs, then one gradient per primal
+        if len(graph.find_nodes(op="placeholder")) > primals:
+            _joint_pass(gm, len(graph.output_node().args[0]) - primals, self.context)
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
 
@@ -169,8 +159,7 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients."""
     opts = parse_options(options)
     _refuse_graph_breaks(gm)
-    facts, trainable, names = _classify_inputs(gm, example_inputs, opts)
-    context = {"facts": facts, "trainable": trainable, "names": names, "options": opts}
+    context = {"inputs": _classify_inputs(gm, example_inputs, opts), "options": opts}
     if opts.compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._decomp import get_decompositions

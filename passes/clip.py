@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.cost import ParamPlan, Strategy
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.groups import Grouping
-from bkcompile.passes.loss import LossScale
+from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.loss import LossScale, ScaleKind
 from bkcompile.passes.site_kinds import SITE_KINDS, Size, mask_padding, per_sample_tables, static_shape
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
+from bkcompile.errors import NotSupportedYetError, node_error
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -85,7 +87,12 @@ def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.
         a, b = (d % ndim for d in node.args[1:3])
         order[a], order[b] = order[b], order[a]
     else:
-        raise AssertionError(f"no per-sample form for {node.target}")  # NORM_PRESERVING and _lift disagree
+        raise node_error(  # sites.NORM_PRESERVING lets through an op that has no per-sample form here
+            NotSupportedYetError,
+            node,
+            "the parameter's gradient passes through this op, which has no per-sample form for explicit norms yet",
+            "use strategy='ghost' if the parameter has a single site, or freeze the parameter",
+        )
     return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
 
 
@@ -179,17 +186,16 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
 
 
 def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
-    if scale.kind == "mean":
+    if scale.kind is ScaleKind.MEAN:
         return emit(aten.scalar_tensor.default, batch, dtype=dtype)
-    if scale.kind == "weight":
+    if scale.kind is ScaleKind.WEIGHT:
         return emit.to_dtype(scale.node, dtype)
     return None
 
 
 def insert_clipping(
     joint: JointGraph,
-    params: list[ParamGrad],
-    strategies: dict[str, str],
+    plans: list[ParamPlan],
     dtype: torch.dtype,
     scale: LossScale,
     grouping: Grouping,
@@ -197,40 +203,42 @@ def insert_clipping(
     options: BKOptions,
     fake_mode,
 ) -> None:
-    """Insert norms, clip factors and the weighted reductions, each parameter by its strategy; norms in
+    """Insert norms, clip factors and the weighted reductions, each parameter by its plan's strategy; norms in
     ``dtype`` (``acc_dtype``)."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    if not params:
+    if not plans:
         return
+    params = [plan.param for plan in plans]
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
     squares, explicit = {}, {}
-    for param in params:
-        if strategies[param.param] == "ghost":
+    for plan in plans:
+        param = plan.param
+        if plan.strategy is Strategy.GHOST:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                squares[param.param] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
+                squares[param.name] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
             grads = _per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, -1])
-            squares[param.param] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
-            explicit[param.param] = flat
+            squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
+            explicit[param.name] = flat
     with graph.inserting_before(graph.output_node()):
         weights = clip_weights(emit, squares, grouping, key, _loss_factor(emit, scale, batch, dtype), options)
         reduced = {}
         for param in params:
-            if param.param in explicit:
-                row = emit(aten.unsqueeze.default, weights[param.param], 0)
+            if param.name in explicit:
+                row = emit(aten.unsqueeze.default, weights[param.name], 0)
                 total = emit(
-                    aten.view.default, emit(aten.mm.default, row, explicit[param.param]), static_shape(param.grad)
+                    aten.view.default, emit(aten.mm.default, row, explicit[param.name]), static_shape(param.grad)
                 )
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
                 continue
             site = param.sites[0]
-            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.param], batch)
+            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.name], batch)
             site.node.replace_all_uses_with(weighted)
             _erase_dead(graph, site.node)
     outputs = joint.outputs
@@ -238,13 +246,11 @@ def insert_clipping(
         outputs[joint.num_fwd_outputs + index] = value
     graph.output_node().args = (outputs,)
     for param in params:
-        if param.param in explicit:
+        if param.name in explicit:
             _erase_dead(graph, param.grad)
 
 
-def clip_single_sample(
-    joint: JointGraph, names: list[str], grouping: Grouping, key: int, options: BKOptions, fake_mode
-) -> None:
+def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
     """A graph compiled for a batch of exactly one sample: its gradient is that sample's gradient.
 
     Nothing can mix samples, so no sites are needed: each group's norm is that of its gradient outputs,
@@ -252,7 +258,7 @@ def clip_single_sample(
     """
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    grads = trainable_grads(joint, names)
+    grads = trainable_grads(joint)
     if not grads:
         return
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
@@ -269,10 +275,10 @@ def clip_single_sample(
     graph.output_node().args = (outputs,)
 
 
-def trainable_grads(joint: JointGraph, names: list[str]) -> list[tuple[int, str, torch.fx.Node]]:
+def trainable_grads(joint: JointGraph) -> list[tuple[int, str, torch.fx.Node]]:
     """(output index, parameter name, gradient node) of every trainable parameter with a gradient."""
     return [
-        (i, name, g)
-        for i, (g, t, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names))
-        if g is not None and t
+        (i, graph_input.name, g)
+        for i, (g, graph_input) in enumerate(zip(joint.gradient_outputs, joint.inputs, strict=True))
+        if g is not None and graph_input.trainable
     ]

@@ -9,30 +9,45 @@ loss computed outside uses the ``loss_reduction`` option.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.joint import JointGraph
 
-from bkcompile.errors import LossReductionError, node_error
+from bkcompile.errors import LossReductionError, node_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 
 
+class ScaleKind(enum.Enum):
+    SUM = "sum"  # s = 1
+    MEAN = "mean"  # s = B
+    WEIGHT = "weight"  # s = the loss's total weight, a graph value (a weighted or ignore_index mean)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossScale:
-    """``kind`` is "sum" (s = 1), "mean" (s = B) or "weight" (s = the loss's total weight, a graph value)."""
+    """What the ``loss_scale`` pass produces: the per-sample scale s and how it was found."""
 
-    kind: str
-    source: str  # what the report says: "option loss_reduction='mean'" or the op
-    node: torch.fx.Node | None = None
+    kind: ScaleKind
+    source: str  # how the pass found it, for the report: the option, or the loss's reducing op and line
+    node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
 
     @property
     def reduction(self) -> str:
-        return "sum" if self.kind == "sum" else "mean"
+        return "sum" if self.kind is ScaleKind.SUM else "mean"
+
+    def describe(self) -> str:
+        s = {ScaleKind.SUM: "1", ScaleKind.MEAN: "B", ScaleKind.WEIGHT: "the loss's total weight"}[self.kind]
+        return f"s = {s}, from {self.source}"
+
+
+def _found(node: torch.fx.Node, what: str) -> str:
+    return f"{what} at {user_location(node)}"
 
 
 _SUMS = {aten.sum.default, aten.sum.dim_IntList}
@@ -73,15 +88,16 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
         loss = node.args[0]
         reduction = loss.args[3] if len(loss.args) > 3 else loss.kwargs.get("reduction", 1)
         if reduction == 2:
-            return LossScale("sum", "cross-entropy/nll loss, reduction='sum'")
+            return LossScale(ScaleKind.SUM, _found(loss, "cross-entropy/nll loss, reduction='sum'"))
         weight = next((u for u in loss.users if u.target is operator.getitem and u.args[1] == 1), None)
-        return LossScale("weight", "cross-entropy/nll loss, reduction='mean' (its total weight)", weight or loss)
+        what = _found(loss, "cross-entropy/nll loss, reduction='mean' (divided by its total weight)")
+        return LossScale(ScaleKind.WEIGHT, what, weight or loss)
     source = node.args[0] if node.args else None
     if target in _SUMS | _MEANS | {aten.mse_loss.default}:
         if not isinstance(joint.facts.get(source), Batched):
             return _scale_of(joint, source)
         mean = target in _MEANS or (target == aten.mse_loss.default and (node.args[2:3] or [1])[0] == 1)
-        return LossScale("mean", f"{target} over the batch") if mean else LossScale("sum", f"{target} over the batch")
+        return LossScale(ScaleKind.MEAN if mean else ScaleKind.SUM, _found(node, f"{target} over the batch"))
     if target in _PASS_THROUGH:
         return _scale_of(joint, source)
     if target in _SCALES:
@@ -122,7 +138,10 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         )
     if not losses:
         kind = options.loss_reduction
-        return LossScale(kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)")
+        given = "" if options.loss_reduction_given else " (the default)"
+        return LossScale(
+            ScaleKind(kind), f"option loss_reduction={kind!r}{given}: the loss is computed outside the compiled model"
+        )
     scale = _scale_of(joint, losses[0])
     if scale is None:
         raise _unknown(losses[0])

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Batched, Reduced, Replicated
+from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.rules import _dims
 
 from bkcompile.errors import NotSupportedYetError, node_error

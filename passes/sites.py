@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.joint import GraphInput, JointGraph
 from bkcompile.passes.site_kinds import kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
@@ -68,22 +68,25 @@ SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, 
 LINEAR_MAPS = SCALINGS | {aten.embedding_dense_backward.default, aten.sum.dim_IntList}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Site:
-    param: str  # the parameter's name, e.g. "layers.0.fc.weight"
     node: torch.fx.Node  # the op that reduces over the samples
     kind: str  # a key of site_kinds.SITE_KINDS
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class ParamGrad:
-    """A trainable parameter's gradient output and the sites it adds up."""
+    """A trainable parameter's gradient output and the sites it adds up (what the ``sites`` pass produces)."""
 
-    param: str
+    input: GraphInput  # the parameter
     index: int  # position among the graph's gradient outputs
     grad: torch.fx.Node
-    sites: list[Site]
+    sites: tuple[Site, ...]
     scaled: bool = False  # the tree maps a site linearly by sample-independent operands (not norm-preserving)
+
+    @property
+    def name(self) -> str:
+        return self.input.name
 
 
 def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
@@ -115,7 +118,7 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
         node = preserved_operand(node)
     kind = kind_of(joint, node)
     if kind is not None:
-        sites.append(Site(param=name, node=node, kind=kind))
+        sites.append(Site(node=node, kind=kind))
         return False
     if (
         node.target is aten.add.Tensor
@@ -144,13 +147,14 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
     )
 
 
-def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
+def find_sites(joint: JointGraph) -> list[ParamGrad]:
     """The sites of every trainable parameter that receives a gradient (pass 2 of the pipeline)."""
     params: list[ParamGrad] = []
-    for index, (grad, trainable, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names)):
+    for index, (grad, graph_input) in enumerate(zip(joint.gradient_outputs, joint.inputs, strict=True)):
+        name = graph_input.name
         if grad is None:
             continue
-        if not trainable:
+        if not graph_input.trainable:
             if isinstance(joint.facts.get(grad), Reduced):
                 raise node_error(
                     PrivacyError,
@@ -161,7 +165,7 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
             continue
         sites: list[Site] = []
         scaled = _collect(joint, grad, name, sites)
-        params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled))
+        params.append(ParamGrad(input=graph_input, index=index, grad=grad, sites=tuple(sites), scaled=scaled))
     found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
         if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):
