@@ -65,7 +65,7 @@ from models import Batch, PerSampleCrossEntropy, Workload
 from torch.func import functional_call, grad, vmap
 
 import bkcompile
-from bkcompile.norms import backward_count
+from bkcompile.ledger import ledger_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,10 +149,15 @@ def bk_dp(model: nn.Module, batch: Batch, *, compiler: str, dp_optimizer: bool, 
         )
     step = training_step(compiled, PerSampleCrossEntropy(), optimizer, batch)
 
+    def backwards() -> int:  # bk_dp backwards recorded in the model's step ledger
+        ledger = ledger_of(model)
+        state = ledger.last_state() if ledger is not None else None
+        return state.backwards if state is not None else 0
+
     def checked_step() -> None:
-        backwards = backward_count()
+        before = backwards()
         step()
-        if backward_count() == backwards:
+        if backwards() == before:
             raise RuntimeError("no bk_dp backward ran: dynamo ran the model in eager, which is not private")
 
     return checked_step

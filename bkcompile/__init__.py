@@ -14,12 +14,14 @@ from bkcompile.batch import mark_batch_dynamic
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import (
     BKError,
+    ClipOnceError,
     GraphBreakError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
     PrivacyError,
     SampleMixingError,
+    UnclippedGradientError,
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
@@ -50,6 +52,7 @@ __all__ = [
     "make_private",
     "BKError",
     "BKOptions",
+    "ClipOnceError",
     "CostReport",
     "GraphBreakError",
     "LossReductionError",
@@ -57,6 +60,7 @@ __all__ = [
     "OptionError",
     "PrivacyError",
     "SampleMixingError",
+    "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
     "explain",

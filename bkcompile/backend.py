@@ -12,7 +12,9 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile.errors import GraphBreakError
+from bkcompile.errors import BKError, GraphBreakError
+from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
+from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
@@ -111,7 +113,9 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
     """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
     if context.get("done"):
         return
-    state = privatize(gm, num_fwd_outputs, context["inputs"], context["options"], _fake_mode(gm))
+    state = privatize(
+        gm, num_fwd_outputs, context["inputs"], context["options"], _fake_mode(gm), context["clip_states"]
+    )
     if state.cost is not None and state.cost.plans:
         record(build_report(state), show=context["options"].report)
     context["state"] = state
@@ -155,11 +159,48 @@ def _inductor_decompositions() -> dict:
     return {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
 
 
+def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], device: torch.device):
+    """The pass's way to the ledger: the clip state of a grouping of this graph's parameters (by name)."""
+
+    def clip_state(grouping) -> ClipState:
+        members = tuple(tuple(params[name] for name in group) for group in grouping.members)
+        return ledger.clip_state(grouping.names, members, grouping.members, grouping.thresholds, device)
+
+    return clip_state
+
+
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
-    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients."""
-    opts = parse_options(options)
-    _refuse_graph_breaks(gm)
-    context = {"inputs": _classify_inputs(gm, example_inputs, opts), "options": opts}
+    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients.
+
+    The compiled graph is returned wrapped (:meth:`bkcompile.ledger.GraphRecord.wrap`): its clipped
+    gradients reach ``p.grad`` through the model's step ledger, which refuses every other road."""
+    indices = tuple(i for i, e in enumerate(example_inputs) if isinstance(e, torch.nn.Parameter) and e.requires_grad)
+    params = [example_inputs[i] for i in indices]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    record = GraphRecord(indices, tuple(_param_name(_source_name(placeholders[i])) for i in indices))
+    ledger = ledger_for(params)
+    try:
+        opts = parse_options(options)
+        device = params[0].device if params else torch.device("cpu")
+        context = {
+            "inputs": _classify_inputs(gm, example_inputs, opts),
+            "options": opts,
+            "clip_states": _clip_states(ledger, dict(zip(record.names, params)), device),
+        }
+        _refuse_graph_breaks(gm)
+        compiled = _compile(gm, example_inputs, opts, context)
+    except BKError as error:
+        if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
+            ledger.refusal = str(error).splitlines()[0]
+            ledger.adopt(params, record.names)
+        raise
+    state = context.get("state")
+    record.state = state.clip if state is not None else None
+    ledger.adopt(params, record.names)
+    return record.wrap(compiled)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, context: dict):
     if opts.compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._decomp import get_decompositions

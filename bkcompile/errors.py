@@ -48,6 +48,14 @@ class LossReductionError(PrivacyError):
     """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``."""
 
 
+class UnclippedGradientError(PrivacyError):
+    """A parameter's gradient holds something no bk_dp clip wrote (eager use, eager fallback, eager stem)."""
+
+
+class ClipOnceError(PrivacyError):
+    """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
+
+
 class GraphBreakError(PrivacyError):
     """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
 

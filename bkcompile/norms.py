@@ -1,4 +1,4 @@
-"""Clip state shared by the compiled graphs and the DP optimizer: thresholds, recorded norms, counts.
+"""Clip state: the thresholds, per-sample norms and adaptive-clipping counts of one model's clipping groups.
 
 Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` on the per-sample norms
 (B,) of each clipping group, before clipping. The op records them, counts the samples under the
@@ -6,85 +6,95 @@ group's threshold (for adaptive clipping), and returns the group's current thres
 graph's clip factors use: thresholds are runtime values, so the DP optimizer can adapt them without a
 recompile, and the op's result feeds the gradients, so no compiler removes it. One call per group
 keeps the groups independent: a group's weighted reductions need only its own norms.
+
+Everything stays on the model's device: the op reads and writes device tensors only (no ``.cpu()``,
+no ``.item()``, no host synchronisation); the optimizer and :func:`last_per_sample_norms` copy when
+asked. A :class:`ClipState` belongs to the step ledger of its model (``bkcompile.ledger``), keyed by
+the identity of its parameters. A custom op takes no Python objects, so ``key`` is the state's number
+in a weak table (alive as long as the compiled graphs and the ledger hold the state).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+_BY_KEY: weakref.WeakValueDictionary[int, ClipState] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(eq=False)
 class ClipState:
-    """The clipping groups of one model (recompiles with the same groups share it)."""
+    """The clipping groups of one graph's parameters (recompiles with the same groups share it).
+
+    ``members`` holds each group's parameters by identity; ``names`` their names, for messages."""
 
     groups: tuple[str, ...]  # group names
-    params: tuple[tuple[str, ...], ...]  # the parameters of each group
+    members: tuple[tuple[torch.nn.Parameter, ...], ...]  # the parameters of each group
+    names: tuple[tuple[str, ...], ...]  # their names
     initial: tuple[float, ...]  # the thresholds the options gave
-    thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64: the current R_g
+    device: torch.device
+    key: int = dataclasses.field(init=False)
+    thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64 on the device: the current R_g
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
-    recorded: set[int] = dataclasses.field(default_factory=set)  # groups the current backward has recorded
+    backwards: int = 0  # backwards that recorded norms
+    _task: int = -1  # the autograd graph task of ``latest``
+    _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded
 
     def __post_init__(self) -> None:
-        self.thresholds = torch.tensor(self.initial, dtype=torch.float64)
-        self.below = torch.zeros_like(self.thresholds)
+        with unset_fake_temporarily():  # the pass may run under a fake mode: the state holds real tensors
+            self.thresholds = torch.tensor(self.initial, dtype=torch.float64, device=self.device)
+            self.below = torch.zeros_like(self.thresholds)
+        self.key = next(_KEYS)
+        _BY_KEY[self.key] = self
+
+    def same_groups(self, groups: tuple[str, ...], members: tuple[tuple, ...], initial) -> bool:
+        return (
+            self.groups == groups
+            and self.initial == tuple(initial)
+            and len(self.members) == len(members)
+            and all(len(a) == len(b) and all(p is q for p, q in zip(a, b)) for a, b in zip(self.members, members))
+        )
+
+    def sensitivity_tensor(self) -> torch.Tensor:
+        """The L2 sensitivity of the summed clipped gradient, sqrt(sum_g R_g^2), on the device (no sync)."""
+        return self.thresholds.pow(2).sum().sqrt()
 
     @property
     def sensitivity(self) -> float:
-        """The L2 sensitivity of the summed clipped gradient: sqrt(sum_g R_g^2)."""
-        return float(self.thresholds.pow(2).sum().sqrt())
+        """:meth:`sensitivity_tensor` as a number (copies it to the host)."""
+        return float(self.sensitivity_tensor())
 
     def reset_counts(self) -> None:
         self.below.zero_()
 
-
-_STATES: list[ClipState] = []
-_ACTIVE: set[int] = set()  # states that recorded a backward since the optimizer last took them
-_LAST: dict[str, int] = {}  # "key": the clip state of the last backward
-_COUNT = [0]
-
-
-def register_clip_state(
-    groups: tuple[str, ...], params: tuple[tuple[str, ...], ...], thresholds: tuple[float, ...]
-) -> int:
-    """The key of the clip state of these groups and initial thresholds (created on first use)."""
-    for key, state in enumerate(_STATES):
-        if state.groups == groups and state.params == params and state.initial == thresholds:
-            return key
-    with unset_fake_temporarily():  # the pass may run under a fake mode: the state holds real tensors
-        _STATES.append(ClipState(groups, params, thresholds))
-    return len(_STATES) - 1
+    def record(self, norms: torch.Tensor, group: int) -> torch.Tensor:
+        """Keep a group's norms of this backward, count those under its threshold; return the threshold."""
+        values = norms.detach() if norms.dtype == torch.float64 else norms.detach().float()
+        task = torch._C._current_graph_task_id()
+        if self.latest is None or task != self._task or group in self._recorded:  # a new backward (or call)
+            self._task, self._recorded = task, set()
+            self.backwards += 1
+            self.latest = values.new_zeros(len(values), len(self.groups))
+            _LAST[0] = weakref.ref(self)
+        self._recorded.add(group)
+        self.latest[:, group] = values
+        threshold = self.thresholds[group].to(values.device)
+        self.below[group] += (values <= threshold).sum().to(self.below)
+        return threshold.to(dtype=norms.dtype, copy=True)  # not a view of the state
 
 
-def clip_state(key: int) -> ClipState:
-    return _STATES[key]
-
-
-def take_active() -> list[ClipState]:
-    """The clip states whose graphs ran a backward since the last call (the DP optimizer's step)."""
-    states = [_STATES[k] for k in sorted(_ACTIVE)]
-    _ACTIVE.clear()
-    return states
+_LAST: list[weakref.ref[ClipState] | None] = [None]  # the state that recorded the most recent backward
 
 
 @torch.library.custom_op("bkcompile::record_norms", mutates_args=())
 def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
-    state = _STATES[key]
-    values = norms.detach().double().cpu()
-    if len(state.recorded) == len(state.groups):  # every group of the last backward is in: a new one starts
-        state.recorded.clear()
-    if not state.recorded:  # the graph calls the groups in any order, once each per backward
-        _COUNT[0] += 1
-        _ACTIVE.add(key)
-        _LAST["key"] = key
-        state.latest = torch.zeros(len(values), len(state.groups), dtype=values.dtype)
-    state.recorded.add(group)
-    state.latest[:, group] = values
-    state.below[group] += (values <= state.thresholds[group]).sum()
-    return state.thresholds[group].to(dtype=norms.dtype, device=norms.device, copy=True)  # not a view of the state
+    return _BY_KEY[key].record(norms, group)
 
 
 @record_norms.register_fake
@@ -92,19 +102,24 @@ def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tenso
     return norms.new_empty(())
 
 
-def last_per_sample_norms() -> torch.Tensor | None:
+def latest_norms(state: ClipState | None) -> torch.Tensor | None:
+    if state is None or state.latest is None:
+        return None
+    latest = state.latest
+    return latest[:, 0].clone() if latest.shape[1] == 1 else latest.clone()
+
+
+def last_per_sample_norms(model: torch.nn.Module | None = None) -> torch.Tensor | None:
     """Per-sample gradient norms of the most recent bk_dp backward, before clipping (None before any).
 
     With all-layer clipping a (B,) tensor of ||g_i|| over all trainable parameters (the fraction of
     clipped samples is ``(norms > max_grad_norm).float().mean()``); with clipping groups (B, G), one
-    column per group.
+    column per group. On the model's device, float32 (float64 for a float64 model). With ``model``,
+    that model's most recent backward; without, the process's.
     """
-    if "key" not in _LAST:
-        return None
-    latest = _STATES[_LAST["key"]].latest
-    return latest[:, 0].clone() if latest.shape[1] == 1 else latest.clone()
+    if model is None:
+        return latest_norms(_LAST[0]() if _LAST[0] is not None else None)
+    from bkcompile.ledger import ledger_of
 
-
-def backward_count() -> int:
-    """How many bk_dp backwards have run in this process (the DP optimizer checks its gradients' origin)."""
-    return _COUNT[0]
+    ledger = ledger_of(model)
+    return latest_norms(ledger.last_state() if ledger is not None else None)

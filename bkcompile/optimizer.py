@@ -9,7 +9,8 @@ import torch
 
 from bkcompile.accountant import PrivacyAccountant
 from bkcompile.errors import BKError, PrivacyError
-from bkcompile.norms import ClipState, backward_count, clip_state, register_clip_state, take_active
+from bkcompile.ledger import audit, ledger_for, refuse_step, start_step
+from bkcompile.norms import ClipState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,10 @@ class DPOptimizer:
     ``adaptive_clipping`` the thresholds follow a target quantile of the norms (:class:`AdaptiveClipping`).
 
     Noise comes from ``generator`` when given (reproducible), else from a generator seeded with OS
-    entropy. ``step()`` refuses gradients that no bk_dp backward produced since the last step.
+    entropy. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
+    gradient it steps is exactly the sum of what bk_dp clips wrote since ``zero_grad()``, and refuses
+    the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
+    noise scale stay on the model's device.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DPOptimizer:
         self.generator = generator
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
+        ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
         self._start_logical_batch()
 
     @property
@@ -102,42 +107,41 @@ class DPOptimizer:
         self._start_logical_batch()
 
     def _start_logical_batch(self) -> None:
-        """Backwards before this point do not count toward the next step (its gradients and clip counts)."""
-        self._backwards_at_zero = backward_count()
-        for state in take_active():
-            state.reset_counts()
+        """Gradients and clip counts before this point do not count toward the next step."""
+        start_step(self._params())
 
     def add_noise(self) -> None:
         """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping)."""
-        self._take_clip_state()
         params = self._params()
-        has_grad = any(p.grad is not None for p in params)
-        if has_grad and backward_count() == self._backwards_at_zero:
-            raise PrivacyError(
-                "the gradients were not produced by a bk_dp backward since the last zero_grad(); stepping them "
-                "would not be private. Compile the model with backend='bk_dp' and call zero_grad() before each "
-                "logical batch"
-            )
-        std = self._gradient_noise_multiplier() * self.sensitivity
+        self._take_clip_state(params)
+        std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            noise = torch.normal(0.0, std, size=p.shape, generator=self.generator, dtype=p.dtype)
-            p.grad = (grad + noise.to(p.device)) / self.expected_batch_size
+            noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
+            p.grad = (grad + noise * std.to(device=p.device, dtype=p.dtype)) / self.expected_batch_size
 
     @property
     def sensitivity(self) -> float:
         """The L2 sensitivity the noise is scaled to: sqrt(sum_g R_g^2) of the model's clipping groups."""
-        return self._clip_state.sensitivity if self._clip_state is not None else self.max_grad_norm
+        return float(self._sensitivity_tensor())
 
-    def _take_clip_state(self) -> None:
-        states = take_active()
-        if len(states) > 1:
+    def _sensitivity_tensor(self) -> torch.Tensor:
+        if self._clip_state is None:
+            return torch.tensor(self.max_grad_norm, dtype=torch.float64)
+        return self._clip_state.sensitivity_tensor()
+
+    def _take_clip_state(self, params: list[torch.nn.Parameter]) -> None:
+        """The clip state of this step's gradients, after the ledger has proved they are clipped sums."""
+        found = audit(params)
+        if found.problems:
+            raise refuse_step(found.problems)
+        if len({(clip.state, clip.params) for clip in found.clips}) > 1:
             raise PrivacyError(
-                "gradients from models with different clipping groups reached one DP optimizer "
-                "step; use one optimizer per bk_dp model"
+                "gradients from graphs with different clipping groups reached one DP optimizer step (several "
+                "models, or blocks compiled one by one); use one optimizer per bk_dp model, compiled as one graph"
             )
-        if states:
-            self._clip_state = states[0]
+        if found.clips:
+            self._clip_state = next(iter(found.clips)).state
 
     def _gradient_noise_multiplier(self) -> float:
         if self.adaptive_clipping is None or self._clip_state is None:
@@ -153,7 +157,7 @@ class DPOptimizer:
         noise = torch.normal(
             0.0, self._count_noise(), size=state.below.shape, generator=self.generator, dtype=torch.float64
         )
-        fraction = (state.below + noise) / self.expected_batch_size
+        fraction = (state.below + noise.to(state.below.device)) / self.expected_batch_size
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
 
     def step(self) -> None:
@@ -165,7 +169,7 @@ class DPOptimizer:
         self.optimizer.step()
         if self.accountant is not None:
             self.accountant.step(self.sample_rate, self.noise_multiplier)
-        self._backwards_at_zero = backward_count()
+        start_step(self._params())  # the noised gradients are released: what follows starts anew
 
     def state_dict(self) -> dict:
         return {
@@ -177,7 +181,7 @@ class DPOptimizer:
             if self._clip_state is None
             else {
                 "groups": self._clip_state.groups,
-                "params": self._clip_state.params,
+                "params": self._clip_state.names,
                 "initial": self._clip_state.initial,
                 "thresholds": self._clip_state.thresholds.clone(),
             },
@@ -190,6 +194,7 @@ class DPOptimizer:
         if self.accountant is not None and state["accountant"] is not None:
             self.accountant.load_state_dict(state["accountant"])
         clip = state.get("clip_state")
-        if clip is not None:  # adapted thresholds resume where they were (the graphs read the shared state)
-            self._clip_state = clip_state(register_clip_state(clip["groups"], clip["params"], clip["initial"]))
-            self._clip_state.thresholds.copy_(clip["thresholds"])
+        if clip is not None:  # adapted thresholds resume where they were (the graphs read the ledger's state)
+            ledger_for(self._params()).restore_thresholds(
+                clip["groups"], clip["params"], clip["initial"], clip["thresholds"]
+            )

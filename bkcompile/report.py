@@ -16,7 +16,6 @@ import sympy
 import torch
 
 from bkcompile.errors import BKError, module_of, source_line
-from bkcompile.norms import clip_state
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
@@ -176,7 +175,7 @@ def build_report(state: PassState) -> CostReport:
     options = {
         k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
     }
-    thresholds = clip_state(state.clip_key).thresholds.tolist()
+    thresholds = state.clip.thresholds.tolist()
     groups = [
         {"name": name, "params": list(members), "threshold": threshold}
         for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)

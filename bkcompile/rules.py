@@ -6,7 +6,15 @@ Example, for an elementwise custom op::
 """
 
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Reduced, Replicated
-from bkcompile.passes.rules import RuleInput, along_dim, pointwise, register_batch_rule, sum_dims, view
+from bkcompile.passes.rules import (
+    RuleInput,
+    along_dim,
+    pointwise,
+    reads_batch_sums,
+    register_batch_rule,
+    sum_dims,
+    view,
+)
 
 __all__ = [
     "REDUCED",
@@ -17,6 +25,7 @@ __all__ = [
     "RuleInput",
     "along_dim",
     "pointwise",
+    "reads_batch_sums",
     "register_batch_rule",
     "sum_dims",
     "view",

@@ -6,7 +6,8 @@ what it produces:
 1. ``batch_axis``  ``joint.facts``: every value batched on dim k / replicated / reduced (batch_axis.py, rules.py)
 2. ``sites``       ``params``: each parameter's gradient and the ops reducing samples into it (sites.py)
 3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s (loss.py)
-4. ``groups``      ``grouping``, ``clip_key``: clipping groups and thresholds, as shared clip state (groups.py)
+4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
+                   (groups.py)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py)
 
@@ -18,6 +19,7 @@ a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove pri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,8 +33,11 @@ from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.sites import ParamGrad, find_sites
 
-from bkcompile.norms import register_clip_state
+from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions
+
+# The backend's way to the model's step ledger: the shared clip state of a graph's clipping groups.
+ClipStates = Callable[[Grouping], ClipState]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +47,11 @@ class PassState:
     joint: JointGraph
     options: BKOptions
     fake_mode: Any
+    clip_states: ClipStates  # the backend's way to the model's step ledger
     params: tuple[ParamGrad, ...] = ()  # sites
     scale: LossScale | None = None  # loss_scale
     grouping: Grouping | None = None  # groups: the clipping groups and their initial thresholds
-    clip_key: int = -1  # groups: the groups' clip state in bkcompile.norms
+    clip: ClipState | None = None  # groups: the groups' clip state, in the model's step ledger
     cost: CostPlan | None = None  # cost
 
 
@@ -69,8 +75,7 @@ def _groups(state: PassState) -> PassState:
         if isinstance(node.meta["val"], torch.Tensor)
     }
     grouping = clip_groups(params, devices, state.options)
-    key = register_clip_state(grouping.names, grouping.members, grouping.thresholds)
-    return dataclasses.replace(state, grouping=grouping, clip_key=key)
+    return dataclasses.replace(state, grouping=grouping, clip=state.clip_states(grouping))
 
 
 def _cost(state: PassState) -> PassState:
@@ -90,7 +95,7 @@ def _clipping(state: PassState) -> PassState:
         state.cost.norm_dtype,
         state.scale,
         state.grouping,
-        state.clip_key,
+        state.clip.key,
         state.options,
         state.fake_mode,
     )
@@ -99,7 +104,7 @@ def _clipping(state: PassState) -> PassState:
 
 
 def _single_sample(state: PassState) -> PassState:
-    clip_single_sample(state.joint, state.grouping, state.clip_key, state.options, state.fake_mode)
+    clip_single_sample(state.joint, state.grouping, state.clip.key, state.options, state.fake_mode)
     return state
 
 
@@ -125,14 +130,14 @@ def privatize(
     inputs: tuple[GraphInput, ...],
     options: BKOptions,
     fake_mode: Any,
+    clip_states: ClipStates,
 ) -> PassState:
     """Run the pipeline on a joint graph in place; return what the passes found."""
     with named("inputs"):
         joint = joint_graph(gm, num_fwd_outputs, inputs)
     passes = SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIPELINE
-    state = run_passes(
-        passes, PassState(joint, options, fake_mode), gm, check=options.check_passes, dump=options.dump, label="joint"
-    )
+    state = PassState(joint, options, fake_mode, clip_states)
+    state = run_passes(passes, state, gm, check=options.check_passes, dump=options.dump, label="joint")
     gm.graph.lint()
     gm.recompile()
     return state

@@ -3,6 +3,11 @@
 Forward nodes are analysed first; the fact of each tangent is then the fact of the forward output it
 belongs to (a loss's tangent is replicated), and the backward nodes follow. A value computed only from
 replicated values is replicated whatever the op; every other op needs a rule, or it is refused.
+
+Default-deny: whatever its rule says, an op that reads a sum over samples (a ``Reduced`` operand) and
+gives per-sample values is refused, as every sample's output would then depend on all samples (e.g. an
+embedding table built from the batch, ``F.embedding(y, onehot(y).T @ x)``). Only a rule marked with
+``rules.reads_batch_sums`` (it proves the sum harmless, like the loss's own normaliser) is exempt.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.facts import REPLICATED, Batched, Reduced, Replicated
+from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.rules import FactOut, RuleInput, rule_for
+from bkcompile.passes.rules import FactOut, Rule, RuleInput, rule_for
 
-from bkcompile.errors import PrivacyError, UnsupportedOpError, node_error
+from bkcompile.errors import PrivacyError, SampleMixingError, UnsupportedOpError, node_error
 
 
 def _is_tensor_valued(node: torch.fx.Node) -> bool:
@@ -59,7 +64,30 @@ def _fact_of(joint: JointGraph, facts: dict[torch.fx.Node, FactOut], node: torch
             "express it with supported ops, or register a rule: "
             "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
         )
-    return rule(RuleInput(node=node, batch=joint.batch, facts=facts))
+    out = rule(RuleInput(node=node, batch=joint.batch, facts=facts))
+    _deny_batch_sums(facts, node, rule, out)
+    return out
+
+
+def _flat(fact: FactOut) -> list[Fact]:
+    return [f for item in fact for f in _flat(item)] if isinstance(fact, tuple) else [fact]
+
+
+def _deny_batch_sums(facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, rule: Rule, out: FactOut) -> None:
+    """Refuse a sum over samples reaching a per-sample output, unless the rule proves it harmless."""
+    if getattr(rule, "reads_batch_sums", False) or not any(isinstance(f, Batched) for f in _flat(out)):
+        return
+    sums = [a for a in node.all_input_nodes if any(isinstance(f, Reduced) for f in _flat(facts[a]))]
+    if sums:
+        raise node_error(
+            SampleMixingError,
+            node,
+            f"its operand {sums[0].name} is a sum over the samples of the batch and its result holds per-sample "
+            "values, so every sample's output would depend on all samples (e.g. a table or statistic built "
+            "from the whole batch)",
+            "compute per-sample values from that sample's rows and parameters only; a custom op whose rule "
+            "proves such a sum harmless marks the rule with bkcompile.rules.reads_batch_sums",
+        )
 
 
 def _differentiable_outputs(joint: JointGraph) -> list:

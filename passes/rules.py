@@ -9,6 +9,7 @@ rule is refused by the analysis. Register a rule for a custom op with :func:`reg
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -88,6 +89,19 @@ def register_batch_rule(ops: torch._ops.OpOverload | Iterable[torch._ops.OpOverl
         return rule
 
     return install
+
+
+def reads_batch_sums(rule: Rule) -> Rule:
+    """``rule``, marked as proving harmless the sums over the batch (``Reduced`` operands) that it lets
+    reach per-sample outputs; without the mark the analysis refuses any such op (default-deny). A copy
+    is marked, so marking a shared combinator exempts only the ops registered with the copy."""
+
+    @functools.wraps(rule)
+    def exempt(r: RuleInput) -> FactOut:
+        return rule(r)
+
+    exempt.reads_batch_sums = True
+    return exempt
 
 
 def _dim(dim: int, ndim: int) -> int:
@@ -663,6 +677,7 @@ def nll_loss_forward(r: RuleInput) -> tuple:
 
 
 @register_batch_rule(aten.nll_loss_backward.default)
+@reads_batch_sums  # the normaliser (total_weight) is the loss's own reduction, which the loss pass rescales
 def nll_loss_backward(r: RuleInput) -> Fact:
     """The loss gradient of each row depends on that row and the (batch-wide) normaliser only."""
     facts = [r.fact(r.arg(1, "self")), r.fact(r.arg(2, "target"))]

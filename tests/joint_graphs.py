@@ -13,6 +13,7 @@ from bkcompile.passes.joint import GraphInput, InputKind, joint_graph
 from functorch.compile import aot_function, make_boxed_func
 from torch._functorch.partitioners import default_partition
 
+from bkcompile.norms import ClipState
 from bkcompile.options import parse_options
 
 
@@ -40,7 +41,12 @@ def run_until(last: str, fn: Callable, params: dict, *batch: torch.Tensor, **opt
     """The state after the pipeline's passes up to ``last`` (included) on the joint graph of ``fn``."""
     joint, fake_mode = capture(fn, params, *batch)
     names = [p.name for p in PIPELINE]
-    state = PassState(joint, parse_options({"max_grad_norm": 1.0, **options}), fake_mode)
+
+    def clip_state(grouping):  # what the backend asks of the model's step ledger
+        members = tuple(tuple(params[name] for name in group) for group in grouping.members)
+        return ClipState(grouping.names, members, grouping.members, grouping.thresholds, torch.device("cpu"))
+
+    state = PassState(joint, parse_options({"max_grad_norm": 1.0, **options}), fake_mode, clip_state)
     return run_passes(PIPELINE[: names.index(last) + 1], state, joint.gm, check=True)
 
 

@@ -17,7 +17,7 @@ from helpers import TOL, assert_matches, raises_bk
 from oracle import EPS, clipped_sum, compiled_grads
 
 import bkcompile
-from bkcompile.norms import backward_count
+from bkcompile.ledger import ledger_of
 
 BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
@@ -64,11 +64,11 @@ def check_matches_oracle(
     want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
     assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
     options = {"max_grad_norm": radius, "compiler": "aot_eager", **(options or {})}
-    backwards = backward_count()
     got, compiled = compiled_grads(model, inputs, loss, targets, options)
     # one bk_dp backward ran (not an eager fallback of dynamo's) and recorded the oracle's per-sample norms
-    assert backward_count() == backwards + 1, "no bk_dp backward ran: dynamo ran the model in eager"
-    recorded = bkcompile.last_per_sample_norms()
+    ledger = ledger_of(compiled)
+    assert ledger is not None and ledger.last_state().backwards == 1, "no bk_dp backward ran: dynamo ran it eagerly"
+    recorded = bkcompile.last_per_sample_norms(compiled)
     torch.testing.assert_close(recorded.to(dtype), norms, rtol=TOL[dtype], atol=0)
     assert_matches_model(got, want, dtype)
     return compiled

@@ -1,0 +1,407 @@
+"""The step ledger: what the bk_dp graphs of one model wrote into each parameter's gradient in this step.
+
+Privacy is a property of what one optimizer step releases: every sample's whole contribution to the
+step must be clipped once. The ledger makes that checkable, per parameter (by identity, never by name):
+
+- The backend wraps each compiled graph (:meth:`GraphRecord.wrap`). When a call runs with gradients
+  enabled, the wrapper passes the graph's trainable parameters through :class:`_Tap`, an identity
+  autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
+  them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
+  into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
+  the ledger knows refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
+- Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
+  the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
+  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
+- A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
+  compiled block) is refused when its backward runs.
+- ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
+  tensor the ledger wrote since ``zero_grad()``, with nothing else accumulated into it. This also
+  catches parameters no bk_dp graph has ever seen (a model that ran eagerly from its first call).
+
+A model's ledger is found from any of its parameters (a weak table keyed by parameter identity); the
+graphs of one model (recompiles, blocks compiled one by one) share it once an optimizer holds them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
+from bkcompile.norms import ClipState
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+_FOREIGN = (
+    "p.grad already held a gradient no bk_dp graph wrote when a graph accumulated into it (set by hand, or "
+    "left from an eager backward)"
+)
+_OUTSIDE = (
+    "it was used outside the compiled call (eager code such as `cm(x) * p`, a tied weight also used outside "
+    "the compiled model), or the compiled model ran eagerly (torch.compiler.set_stance('force_eager'), "
+    "dynamo's eager fallback)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One way the gradient was clipped: the clip state (thresholds) over a set of parameters (by identity).
+
+    Two graphs over different parameters (blocks compiled one by one, even when dynamo reuses one
+    compiled graph and its clip state for them) are two clips: a sample in both gets up to R from each."""
+
+    state: ClipState
+    params: tuple[int, ...]
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    """One parameter in the ledger: the gradient tensor the clips accumulate into this step."""
+
+    name: str
+    grad: torch.Tensor | None = None
+    road: str | None = None  # how a gradient no clip wrote got in (None: only clips wrote)
+    clips: set[Clip] = dataclasses.field(default_factory=set)  # the clips that wrote this step
+    hooked: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class GraphRecord:
+    """One compiled bk_dp graph: where its trainable parameters sit among its inputs."""
+
+    indices: tuple[int, ...]
+    names: tuple[str, ...]
+    state: ClipState | None = None  # its clip state (set once the pass has run)
+    # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
+    # to their gradient accumulators and never touches p.grad for a bk_dp graph
+    anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """The compiled graph, with its trainable parameters passed through the ledger's tap."""
+        indices = self.indices
+
+        def run(*args: Any) -> Any:
+            if not indices or not torch.is_grad_enabled():
+                return compiled(*args)
+            args = list(args)
+            params = [args[i] for i in indices]
+            _know(params, self.names)
+            call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
+            for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
+                args[i] = tapped
+            return compiled(*args)
+
+        return run
+
+
+@dataclasses.dataclass(eq=False)
+class CallRecord:
+    """One forward call of a graph with gradients enabled."""
+
+    graph: GraphRecord
+    where: str  # the user's call site
+    upstream: tuple[torch.nn.Parameter, ...]  # parameters used eagerly to compute the call's inputs
+    params: list[torch.nn.Parameter]  # the graph's trainable parameters, in its input order
+    backwards: int = 0
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the graph's parameters; its backward hands their clipped gradients to the ledger."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, call: CallRecord) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+        return tuple(p.detach() for p in call.params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
+        call = ctx.call
+        _WATCH.enter(call)
+        ledger = _LEDGERS[call.params[0]]
+        ledger.refuse_upstream(call)
+        ledger.write(call, grads)
+        return None, None
+
+
+class _BackwardWatch:
+    """The calls whose clipped gradients the running autograd backward (graph task) has written."""
+
+    def __init__(self) -> None:
+        self.task = -1
+        self.calls: list[CallRecord] = []
+
+    def enter(self, call: CallRecord) -> None:
+        if call.backwards:
+            raise ClipOnceError(
+                f"a second backward runs through the compiled call at {call.where}\n"
+                "  why: each backward would clip the samples of that call again, so one sample could contribute "
+                "up to 2R to the step\n"
+                "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
+            )
+        call.backwards += 1
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task, self.calls = task, []
+        if self.calls:
+            first = self.calls[0]
+            what = (
+                "the compiled model was called twice before one backward"
+                if first.graph is call.graph or first.graph.state is call.graph.state
+                else "two bk_dp graphs (graph breaks, or modules compiled one by one) ran in one backward"
+            )
+            raise ClipOnceError(
+                f"{what}: first call at {first.where}, second call at {call.where}\n"
+                "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the step\n"
+                "  fix: put every use of the model in one compiled function (compile a module whose forward "
+                "computes both passes and returns the summed per-sample loss); when the calls hold different "
+                "samples, run forward and backward per micro-batch before step()"
+            )
+        self.calls.append(call)
+
+
+_WATCH = _BackwardWatch()
+
+
+class StepLedger:
+    """The clip states of one model's graphs and, per parameter, what the clips wrote in this step."""
+
+    def __init__(self) -> None:
+        self.entries: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Entry
+        self.states: list[ClipState] = []
+        self.refusal: str | None = None  # the backend's refusal, when dynamo may run the model eagerly instead
+        self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
+
+    def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
+        """Know these parameters: every eager accumulation into their ``.grad`` is refused from now on."""
+        for p, name in zip(params, names):
+            entry = self.entries.get(p)
+            if entry is None:
+                entry = self.entries[p] = _Entry(name)  # a gradient already there was not written by a clip
+            if not entry.hooked:
+                p.register_post_accumulate_grad_hook(_eager_accumulation)
+                entry.hooked = True
+
+    def clip_state(self, groups, members, names, initial, device) -> ClipState:
+        """The clip state of these groups (created on first use; recompiles share it)."""
+        for state in self.states:
+            if state.same_groups(groups, members, initial):
+                return state
+        state = ClipState(groups, members, names, tuple(initial), device)
+        for key, thresholds in self._pending:
+            if key == (groups, names, tuple(initial)):
+                state.thresholds.copy_(thresholds)
+        self.states.append(state)
+        return state
+
+    def restore_thresholds(self, groups, names, initial, thresholds: torch.Tensor) -> None:
+        key = (tuple(groups), tuple(map(tuple, names)), tuple(initial))
+        for state in self.states:
+            if (state.groups, state.names, state.initial) == key:
+                state.thresholds.copy_(thresholds)
+                return
+        self._pending.append((key, thresholds))
+
+    def last_state(self) -> ClipState | None:
+        recorded = [s for s in self.states if s.latest is not None]
+        return max(recorded, key=lambda s: s._task) if recorded else None
+
+    def refuse_upstream(self, call: CallRecord) -> None:
+        if call.upstream:
+            labels = ", ".join(_label(p) for p in call.upstream)
+            raise UnclippedGradientError(
+                f"{labels} computed the inputs of the compiled call at {call.where} outside any bk_dp graph\n"
+                "  why: their gradients would not be clipped, so the step would not be private\n"
+                "  fix: compile the whole model with backend='bk_dp' (the stem too), or freeze those parameters"
+            )
+
+    def write(self, call: CallRecord, grads: Sequence) -> None:
+        """Accumulate a call's clipped gradients into ``p.grad`` (what autograd would have done)."""
+        for p, grad in zip(call.params, grads):
+            if grad is None:
+                continue
+            entry = self.entries[p]
+            grad = grad.detach()
+            if p.grad is None:
+                p.grad = grad.clone() if grad._is_view() else grad
+            else:
+                if p.grad is not entry.grad:
+                    entry.road = entry.road or _FOREIGN
+                p.grad.add_(grad)
+            entry.grad = p.grad
+            if call.graph.state is not None:
+                entry.clips.add(Clip(call.graph.state, tuple(map(id, call.params))))
+
+    def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """The gradients as they are now (after ``zero_grad``) are the start of a step."""
+        for p in params:
+            entry = self.entries.get(p)
+            if entry is not None:
+                entry.grad, entry.road = p.grad, None
+                entry.clips.clear()
+        for state in self.states:
+            state.reset_counts()
+
+    def road_of(self, p: torch.nn.Parameter) -> str:
+        """Why an eager accumulation into ``p.grad`` happened, as far as the ledger can tell."""
+        stance = torch._dynamo.eval_frame._stance.stance
+        if self.refusal is not None:
+            return (
+                "dynamo ran the model eagerly after bk_dp refused it (torch._dynamo.config.suppress_errors = True); "
+                f"the refusal: {self.refusal}"
+            )
+        if stance != "default":
+            return f"torch.compiler.set_stance({stance!r}) ran the compiled model eagerly"
+        return _OUTSIDE
+
+
+def _eager_accumulation(p: torch.nn.Parameter) -> None:
+    """Post-accumulate-grad hook: autograd itself accumulated into ``p.grad``, so no clip wrote it."""
+    ledger = _LEDGERS.get(p)
+    if ledger is None:
+        return
+    road = ledger.road_of(p)
+    ledger.entries[p].road = road
+    raise UnclippedGradientError(
+        f"parameter {_label(p)} received a gradient that no bk_dp clip wrote: {road}\n"
+        "  why: an unclipped gradient makes the step not private\n"
+        "  fix: run every use of the parameter inside the bk_dp-compiled model (or detach it outside), with "
+        "dynamo's default stance and suppress_errors off"
+    )
+
+
+def _label(p: torch.nn.Parameter) -> str:
+    ledger = _LEDGERS.get(p)
+    entry = ledger.entries.get(p) if ledger is not None else None
+    if entry is not None:
+        return repr(entry.name)
+    return f"a parameter of shape {tuple(p.shape)} that no bk_dp graph uses"
+
+
+def _call_site() -> str:
+    """The user's line that called the compiled model: the first frame outside torch and bkcompile after
+    dynamo's entry (``eval_frame``), else the first outside them."""
+    frame = sys._getframe(2)
+    first, entered = None, False
+    while frame is not None:
+        file = frame.f_code.co_filename
+        ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
+        if ours and file.endswith(os.path.join("_dynamo", "eval_frame.py")):
+            entered = True
+        elif not ours and not file.startswith("<"):
+            if entered:
+                return f"{file}:{frame.f_lineno}"
+            first = first or f"{file}:{frame.f_lineno}"
+        frame = frame.f_back
+    return first or "<unknown location>"
+
+
+def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...]:
+    """Parameters that computed the call's tensor inputs in eager autograd (stopping at other bk_dp taps)."""
+    roots = [a.grad_fn for i, a in enumerate(args) if i not in skip and isinstance(a, torch.Tensor) and a.grad_fn]
+    found: dict[int, torch.nn.Parameter] = {}
+    seen: set = set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen or isinstance(node, _Tap._backward_cls):
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.nn.Parameter):
+            found[id(variable)] = variable
+        roots.extend(next_node for next_node, _ in node.next_functions)
+    return tuple(found.values())
+
+
+def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
+    """Adopt parameters no ledger knows yet (a graph dynamo reuses for another model of the same code)."""
+    if not all(p in _LEDGERS and p in _LEDGERS[p].entries for p in params):
+        ledger_for(params).adopt(params, names)
+
+
+def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:
+    """The ledger of these parameters: theirs if they have one (several are merged), else a new one."""
+    found: list[StepLedger] = []
+    for p in params:
+        ledger = _LEDGERS.get(p)
+        if ledger is not None and all(ledger is not f for f in found):
+            found.append(ledger)
+    ledger = found[0] if found else StepLedger()
+    for other in found[1:]:
+        _merge(ledger, other)
+    for p in params:
+        _LEDGERS[p] = ledger
+    return ledger
+
+
+def _merge(into: StepLedger, other: StepLedger) -> None:
+    for p, entry in list(other.entries.items()):
+        into.entries[p] = entry
+        _LEDGERS[p] = into
+    into.states.extend(s for s in other.states if s not in into.states)
+    into.refusal = into.refusal or other.refusal
+    into._pending.extend(other._pending)
+
+
+def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedger | None:
+    """The ledger of a model (any of its parameters) or of one parameter; None if no bk_dp graph saw it."""
+    params = [model_or_param] if isinstance(model_or_param, torch.Tensor) else model_or_param.parameters()
+    return next((_LEDGERS[p] for p in params if p in _LEDGERS), None)
+
+
+@dataclasses.dataclass
+class Audit:
+    """What ``DPOptimizer.step()`` learns from the ledger about the parameters it steps."""
+
+    problems: list[str]  # one line per parameter whose gradient a clip did not (only) write
+    clips: set[Clip]  # the clips that wrote this step
+
+
+def audit(params: Sequence[torch.nn.Parameter]) -> Audit:
+    """Check that every ``p.grad`` is exactly what bk_dp clips wrote since the step started."""
+    problems: list[str] = []
+    clips: set[Clip] = set()
+    for index, p in enumerate(params):
+        if p.grad is None:
+            continue
+        ledger = _LEDGERS.get(p)
+        entry = ledger.entries.get(p) if ledger is not None else None
+        if entry is None or entry.grad is not p.grad:
+            label = repr(entry.name) if entry is not None else f"parameter {index} (shape {tuple(p.shape)})"
+            road = ledger.road_of(p) if ledger is not None and ledger.refusal else "the model ran eagerly"
+            problems.append(
+                f"{label}: no bk_dp graph wrote its gradient since zero_grad() ({road}: not compiled with "
+                "backend='bk_dp', run under torch.compiler.set_stance('force_eager'), or p.grad set by hand)"
+            )
+        elif entry.road is not None:
+            problems.append(f"{entry.name!r}: {entry.road}")
+        else:
+            clips |= entry.clips
+    return Audit(problems, clips)
+
+
+def start_step(params: Sequence[torch.nn.Parameter]) -> None:
+    """Mark the start of a step for these parameters (``DPOptimizer.zero_grad`` and ``step``)."""
+    ledgers: list[StepLedger] = []
+    for p in params:
+        ledger = _LEDGERS.get(p)
+        if ledger is not None and all(ledger is not seen for seen in ledgers):
+            ledgers.append(ledger)
+    for ledger in ledgers:
+        ledger.start_step(params)
+
+
+def refuse_step(problems: list[str]) -> PrivacyError:
+    return UnclippedGradientError(
+        "the gradients were not produced by a bk_dp backward alone since the last zero_grad(); stepping them "
+        "would not be private:\n  " + "\n  ".join(problems) + "\n  fix: compile the model with backend='bk_dp', "
+        "use its parameters only inside the compiled call, and call zero_grad() before each logical batch"
+    )
