@@ -12,10 +12,10 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.backend import bk_dp
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.data import PoissonLoader
+from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
-    GraphBreakError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
@@ -54,7 +54,6 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
-    "GraphBreakError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",
@@ -66,6 +65,7 @@ __all__ = [
     "explain",
     "last_report",
     "last_per_sample_norms",
+    "last_clip_spans",
     "mark_batch_dynamic",
     "register_batch_rule",
     "rules",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +13,8 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile.errors import BKError, GraphBreakError
+from bkcompile import rows
+from bkcompile.errors import BKError
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
@@ -20,6 +22,7 @@ from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
+from bkcompile.passes.pieces import GraphRole
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -88,21 +91,25 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
     return tuple(_classify(n, e, options) for n, e in zip(placeholders, example_inputs, strict=True))
 
 
-def _refuse_graph_breaks(gm: torch.fx.GraphModule) -> None:
+def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
+    """A piece when dynamo cut the graph at a graph break or resumed a frame after one, or when the options
+    say the model is compiled in several graphs; else the whole model (the fast path)."""
     reason = getattr(gm, "compile_subgraph_reason", None)
-    if reason is None:
-        return
-    frames = list(reason.user_stack or [])
+    frames = list(reason.user_stack or []) if reason is not None else []
+    broken = bool(reason is not None and reason.graph_break)
     resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
-    if reason.graph_break or resumed:
-        where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "unknown location"
-        raise GraphBreakError(
-            f"the model has a graph break at {where}: {reason.reason}\n"
-            "  why: all-layer clipping needs every parameter's per-sample norm in one graph; clipping each "
-            "piece on its own would not bound a sample's whole gradient\n"
-            "  fix: remove the break (run torch.compile(model, fullgraph=True) to see where and why dynamo "
-            "breaks the graph)"
-        )
+    where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "an unknown location"
+    number = next(_GRAPH_NUMBERS)
+    if broken:
+        label = f"bk_dp graph #{number}, cut at the graph break at {where}"
+    elif resumed:
+        label = f"bk_dp graph #{number}, resumed after a graph break, ending at {where}"
+    else:
+        label = f"bk_dp graph #{number}, ending at {where}"
+    return GraphRole(piece=broken or resumed or options.graphs == "several", label=label, ends_at_break=broken)
+
+
+_GRAPH_NUMBERS = itertools.count(1)
 
 
 def _fake_mode(gm: torch.fx.GraphModule) -> Any:
@@ -114,7 +121,13 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
     if context.get("done"):
         return
     state = privatize(
-        gm, num_fwd_outputs, context["inputs"], context["options"], _fake_mode(gm), context["clip_states"]
+        gm,
+        num_fwd_outputs,
+        context["inputs"],
+        context["options"],
+        _fake_mode(gm),
+        context["clip_states"],
+        context["role"],
     )
     if state.cost is not None and state.cost.plans:
         record(build_report(state), show=context["options"].report)
@@ -170,33 +183,40 @@ def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], devi
 
 
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
-    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients.
+    """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
+    of the model: hands its per-sample gradients to the clip at the end of the backward).
 
     The compiled graph is returned wrapped (:meth:`bkcompile.ledger.GraphRecord.wrap`): its clipped
     gradients reach ``p.grad`` through the model's step ledger, which refuses every other road."""
     indices = tuple(i for i, e in enumerate(example_inputs) if isinstance(e, torch.nn.Parameter) and e.requires_grad)
     params = [example_inputs[i] for i in indices]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    record = GraphRecord(indices, tuple(_param_name(_source_name(placeholders[i])) for i in indices))
     ledger = ledger_for(params)
+    names = tuple(_param_name(_source_name(placeholders[i])) for i in indices)
     try:
         opts = parse_options(options)
+        role = _graph_role(gm, opts)
         device = params[0].device if params else torch.device("cpu")
+        anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
+        record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
+        inputs = _classify_inputs(gm, example_inputs, opts)
         context = {
-            "inputs": _classify_inputs(gm, example_inputs, opts),
+            "inputs": inputs,
             "options": opts,
-            "clip_states": _clip_states(ledger, dict(zip(record.names, params)), device),
+            "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
+            "role": role,
         }
-        _refuse_graph_breaks(gm)
         compiled = _compile(gm, example_inputs, opts, context)
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
-            ledger.adopt(params, record.names)
+            ledger.adopt(params, names)
         raise
     state = context.get("state")
     record.state = state.clip if state is not None else None
-    ledger.adopt(params, record.names)
+    ledger.adopt(params, names)
+    if role.piece:
+        compiled = rows.guard(compiled, [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)], role.label)
     return record.wrap(compiled)
 
 

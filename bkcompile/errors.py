@@ -56,10 +56,6 @@ class ClipOnceError(PrivacyError):
     """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
 
 
-class GraphBreakError(PrivacyError):
-    """Dynamo split the model into several graphs; all-layer clipping needs them in one."""
-
-
 class PassInvariantError(BKError):
     """A pass left the graph in a state the next one cannot trust (a bug of bkcompile: please report it)."""
 

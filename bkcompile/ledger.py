@@ -8,7 +8,8 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
   them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
-  the ledger knows refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
+  the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
+  use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
   own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
@@ -27,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.utils import orig_code_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
@@ -38,7 +41,9 @@ from bkcompile.norms import ClipState
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
 _FOREIGN = (
     "p.grad already held a gradient no bk_dp graph wrote when a graph accumulated into it (set by hand, or "
@@ -79,7 +84,8 @@ class GraphRecord:
 
     indices: tuple[int, ...]
     names: tuple[str, ...]
-    state: ClipState | None = None  # its clip state (set once the pass has run)
+    piece: bool = False  # one of several graphs of the model: clipped with the others at the end of the backward
+    state: ClipState | None = None  # its clip state (set once the pass has run; None for a piece)
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
@@ -94,6 +100,7 @@ class GraphRecord:
             args = list(args)
             params = [args[i] for i in indices]
             _know(params, self.names)
+            _know_module(_compiled_module())
             call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
@@ -111,6 +118,7 @@ class CallRecord:
     upstream: tuple[torch.nn.Parameter, ...]  # parameters used eagerly to compute the call's inputs
     params: list[torch.nn.Parameter]  # the graph's trainable parameters, in its input order
     backwards: int = 0
+    aliases: tuple[torch.Tensor, ...] = ()  # what the graph receives for them (held, so their identity lasts)
 
 
 class _Tap(torch.autograd.Function):
@@ -120,7 +128,10 @@ class _Tap(torch.autograd.Function):
     def forward(ctx: Any, anchor: torch.Tensor, call: CallRecord) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.call = call
-        return tuple(p.detach() for p in call.params)
+        call.aliases = tuple(p.detach() for p in call.params)
+        for alias, p in zip(call.aliases, call.params):
+            _ORIGINS[alias] = p
+        return call.aliases
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
@@ -128,8 +139,17 @@ class _Tap(torch.autograd.Function):
         _WATCH.enter(call)
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
-        ledger.write(call, grads)
+        if not call.graph.piece:  # a piece's clipped sums are written at the end of the backward
+            ledger.write(call, grads)
         return None, None
+
+
+_ORIGINS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the tensor a graph receives -> its parameter
+
+
+def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The parameter behind a tensor a compiled graph received for it (itself when it is no tap's alias)."""
+    return _ORIGINS.get(tensor, tensor)
 
 
 class _BackwardWatch:
@@ -151,19 +171,26 @@ class _BackwardWatch:
         task = torch._C._current_graph_task_id()
         if task != self.task:
             self.task, self.calls = task, []
-        if self.calls:
+        if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
             first = self.calls[0]
-            what = (
-                "the compiled model was called twice before one backward"
-                if first.graph is call.graph or first.graph.state is call.graph.state
-                else "two bk_dp graphs (graph breaks, or modules compiled one by one) ran in one backward"
-            )
+            if first.graph is call.graph and all(p is q for p, q in zip(first.params, call.params)):
+                raise ClipOnceError(
+                    f"the compiled model was called twice before one backward: first call at {first.where}, "
+                    f"second call at {call.where}\n"
+                    "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the "
+                    "step\n"
+                    "  fix: put every use of the model in one compiled function (compile a module whose forward "
+                    "computes both passes and returns the summed per-sample loss); when the calls hold different "
+                    "samples, run forward and backward per micro-batch before step()"
+                )
             raise ClipOnceError(
-                f"{what}: first call at {first.where}, second call at {call.where}\n"
-                "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the step\n"
-                "  fix: put every use of the model in one compiled function (compile a module whose forward "
-                "computes both passes and returns the summed per-sample loss); when the calls hold different "
-                "samples, run forward and backward per micro-batch before step()"
+                f"two bk_dp graphs ran in one backward (calls at {first.where} and {call.where}), and one of "
+                "them was compiled as the whole model\n"
+                "  why: a graph compiled as the whole model clips its own part of each sample's gradient, so a "
+                "sample in both could contribute up to 2R to the step\n"
+                "  fix: for modules compiled one by one (regional compilation), compile every one of them, stem "
+                "and head too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, "
+                "once per sample; or compile the model as one graph"
             )
         self.calls.append(call)
 
@@ -225,20 +252,24 @@ class StepLedger:
 
     def write(self, call: CallRecord, grads: Sequence) -> None:
         """Accumulate a call's clipped gradients into ``p.grad`` (what autograd would have done)."""
+        clip = Clip(call.graph.state, tuple(map(id, call.params))) if call.graph.state is not None else None
         for p, grad in zip(call.params, grads):
-            if grad is None:
-                continue
-            entry = self.entries[p]
-            grad = grad.detach()
-            if p.grad is None:
-                p.grad = grad.clone() if grad._is_view() else grad
-            else:
-                if p.grad is not entry.grad:
-                    entry.road = entry.road or _FOREIGN
-                p.grad.add_(grad)
-            entry.grad = p.grad
-            if call.graph.state is not None:
-                entry.clips.add(Clip(call.graph.state, tuple(map(id, call.params))))
+            if grad is not None:
+                self.accumulate(p, grad, clip)
+
+    def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
+        """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""
+        entry = self.entries[p]
+        grad = grad.detach()
+        if p.grad is None:
+            p.grad = grad.clone() if grad._is_view() else grad
+        else:
+            if p.grad is not entry.grad:
+                entry.road = entry.road or _FOREIGN
+            p.grad.add_(grad)
+        entry.grad = p.grad
+        if clip is not None:
+            entry.clips.add(clip)
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
         """The gradients as they are now (after ``zero_grad``) are the start of a step."""
@@ -288,14 +319,14 @@ def _label(p: torch.nn.Parameter) -> str:
 
 def _call_site() -> str:
     """The user's line that called the compiled model: the first frame outside torch and bkcompile after
-    dynamo's entry (``eval_frame``), else the first outside them."""
+    dynamo's entry (``compile_wrapper``), else the first outside them."""
     frame = sys._getframe(2)
     first, entered = None, False
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
-        if ours and file.endswith(os.path.join("_dynamo", "eval_frame.py")):
-            entered = True
+        if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+            entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:
                 return f"{file}:{frame.f_lineno}"
@@ -325,6 +356,31 @@ def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
     """Adopt parameters no ledger knows yet (a graph dynamo reuses for another model of the same code)."""
     if not all(p in _LEDGERS and p in _LEDGERS[p].entries for p in params):
         ledger_for(params).adopt(params, names)
+
+
+def _compiled_module() -> torch.nn.Module | None:
+    """The module whose compiled forward is calling the graph (``self`` of dynamo's frame), if any."""
+    frame = sys._getframe(2)
+    for _ in range(4):  # the graph is called from dynamo's frame through a wrapper or two
+        if frame is None:
+            return None
+        if frame.f_code in orig_code_map:
+            owner = frame.f_locals.get("self")
+            return owner if isinstance(owner, torch.nn.Module) else None
+        frame = frame.f_back
+    return None
+
+
+def _know_module(module: torch.nn.Module | None) -> None:
+    """Adopt every trainable parameter of the compiled module, also those its graphs do not use: one used
+    only outside them (``cm(x) * cm.temperature``) is then refused in the backward too."""
+    if module is None or module in _MODULES:
+        return
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if named:
+        names, params = zip(*named)
+        _know(params, names)
+    _MODULES.add(module)
 
 
 def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:

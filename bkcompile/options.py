@@ -13,6 +13,7 @@ LossReduction = Literal["mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
+Graphs = Literal["auto", "several"]
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
 
 
@@ -45,6 +46,10 @@ class BKOptions:
         ``meta["val"]``, no new aliasing); default: the environment variable ``BKCOMPILE_CHECK=1``.
     dump: a directory; the graph is written there after each pass (``<n>-<graph>/<i>-<pass>.txt``); default:
         the environment variable ``BKCOMPILE_DUMP``.
+    graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
+        model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
+        "several": always a piece (regional compilation: every compiled block, stem and head), clipped
+        with the other graphs of its backward, once per sample, at the end of the backward.
     """
 
     max_grad_norm: float
@@ -59,6 +64,7 @@ class BKOptions:
     clip_gamma: float = 0.01
     check_passes: bool = False
     dump: str | None = None
+    graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
@@ -70,6 +76,7 @@ _CHOICES = {
     "report": (True, False),
     "check_passes": (True, False),
     "clip_fn": ("abadi", "automatic"),
+    "graphs": ("auto", "several"),
 }
 
 
@@ -154,5 +161,6 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         report=raw.get("report", False),
         check_passes=raw.get("check_passes", os.environ.get("BKCOMPILE_CHECK", "") == "1"),
         dump=None if dump is None else os.fspath(dump),
+        graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,
     )

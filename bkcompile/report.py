@@ -15,6 +15,7 @@ from typing import Any
 import sympy
 import torch
 
+from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
 from bkcompile.errors import BKError, module_of, source_line
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
@@ -52,6 +53,8 @@ class CostReport:
     total_flops: float  # what the chosen strategies add
     total_bytes: float
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
+    graph: str = "the whole model"  # which graph of the model this is
+    clipped: str = "in this graph"  # or: at the end of the backward, with the model's other graphs
 
     @property
     def overhead(self) -> float:
@@ -68,6 +71,7 @@ class CostReport:
         return [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
             f"loss scale: {self.loss_scale}",
+            f"graph: {self.graph}; clipped {self.clipped}",
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
             "clipping groups: "
             + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
@@ -175,7 +179,8 @@ def build_report(state: PassState) -> CostReport:
     options = {
         k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
     }
-    thresholds = state.clip.thresholds.tolist()
+    piece = state.role.piece
+    thresholds = list(state.grouping.thresholds) if piece else state.clip.thresholds.tolist()
     groups = [
         {"name": name, "params": list(members), "threshold": threshold}
         for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)
@@ -191,6 +196,10 @@ def build_report(state: PassState) -> CostReport:
         total_flops=total_flops,
         total_bytes=total_bytes,
         groups=groups,
+        graph=state.role.label,
+        clipped="at the end of the backward, once for all the model's graphs (see last_clip_spans())"
+        if piece
+        else "in this graph",
     )
 
 

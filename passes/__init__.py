@@ -11,6 +11,10 @@ what it produces:
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py)
 
+A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
+``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
+gradients to the clip at the end of the backward (pieces.py, ``bkcompile.deferred``).
+
 Invariants after each pass (checked with the ``check_passes`` option): the graph lints, every node keeps
 a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove privacy raises a
 :class:`bkcompile.errors.PrivacyError` built by ``errors.node_error``; the driver names the pass in it.
@@ -26,11 +30,12 @@ import torch
 import torch.fx
 from bkcompile.passes.batch_axis import analyze, backward_nodes
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
-from bkcompile.passes.cost import CostPlan, backward_flops, choose, compiled_sizes
+from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, choose, compiled_sizes
 from bkcompile.passes.driver import Pass, named, run_passes
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale
+from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
 from bkcompile.passes.sites import ParamGrad, find_sites
 
 from bkcompile.norms import ClipState
@@ -48,15 +53,21 @@ class PassState:
     options: BKOptions
     fake_mode: Any
     clip_states: ClipStates  # the backend's way to the model's step ledger
+    role: GraphRole = WHOLE  # the whole model, or one piece of it
     params: tuple[ParamGrad, ...] = ()  # sites
     scale: LossScale | None = None  # loss_scale
     grouping: Grouping | None = None  # groups: the clipping groups and their initial thresholds
-    clip: ClipState | None = None  # groups: the groups' clip state, in the model's step ledger
+    clip: ClipState | None = None  # groups: the groups' clip state, in the model's step ledger (not for a piece)
     cost: CostPlan | None = None  # cost
 
 
 def _batch_axis(state: PassState) -> PassState:
     return dataclasses.replace(state, joint=dataclasses.replace(state.joint, facts=analyze(state.joint)))
+
+
+def _batch_outputs(state: PassState) -> PassState:
+    refuse_batch_outputs(state.joint, state.role)
+    return state
 
 
 def _sites(state: PassState) -> PassState:
@@ -75,6 +86,8 @@ def _groups(state: PassState) -> PassState:
         if isinstance(node.meta["val"], torch.Tensor)
     }
     grouping = clip_groups(params, devices, state.options)
+    if state.role.piece:  # the groups of a piece join those of the other pieces at the end of the backward
+        return dataclasses.replace(state, grouping=grouping)
     return dataclasses.replace(state, grouping=grouping, clip=state.clip_states(grouping))
 
 
@@ -86,9 +99,14 @@ def _cost(state: PassState) -> PassState:
     return dataclasses.replace(state, cost=CostPlan(tuple(plans), sizes, flops, dtype))
 
 
-def _clipping(state: PassState) -> PassState:
+def _sorted(state: PassState) -> PassState:
     from torch._inductor.pattern_matcher import stable_topological_sort
 
+    stable_topological_sort(state.joint.gm.graph)
+    return state
+
+
+def _clipping(state: PassState) -> PassState:
     insert_clipping(
         state.joint,
         list(state.cost.plans),
@@ -99,12 +117,23 @@ def _clipping(state: PassState) -> PassState:
         state.options,
         state.fake_mode,
     )
-    stable_topological_sort(state.joint.gm.graph)
-    return state
+    return _sorted(state)
 
 
 def _single_sample(state: PassState) -> PassState:
     clip_single_sample(state.joint, state.grouping, state.clip.key, state.options, state.fake_mode)
+    return state
+
+
+def _defer(state: PassState) -> PassState:
+    for plan in state.cost.plans:  # per-sample gradients are what the deferred clip adds over the pieces
+        plan.strategy, plan.reason = Strategy.EXPLICIT, Reason.DEFERRED
+    defer_clipping(state)
+    return _sorted(state)
+
+
+def _defer_single_sample(state: PassState) -> PassState:
+    defer_single_sample(state)
     return state
 
 
@@ -116,11 +145,24 @@ PIPELINE: list[Pass[PassState]] = [
     Pass("cost", _cost),
     Pass("clipping", _clipping),
 ]
+PIECE_PIPELINE: list[Pass[PassState]] = [
+    Pass("batch_axis", _batch_axis),
+    Pass("batch_outputs", _batch_outputs),
+    Pass("sites", _sites),
+    Pass("loss_scale", _loss_scale),
+    Pass("groups", _groups),
+    Pass("cost", _cost),
+    Pass("defer", _defer),
+]
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
 # and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
 SINGLE_SAMPLE_PIPELINE: list[Pass[PassState]] = [
     Pass("groups", _groups),
     Pass("single_sample", _single_sample),
+]
+PIECE_SINGLE_SAMPLE_PIPELINE: list[Pass[PassState]] = [
+    Pass("groups", _groups),
+    Pass("defer_single_sample", _defer_single_sample),
 ]
 
 
@@ -131,13 +173,18 @@ def privatize(
     options: BKOptions,
     fake_mode: Any,
     clip_states: ClipStates,
+    role: GraphRole = WHOLE,
 ) -> PassState:
     """Run the pipeline on a joint graph in place; return what the passes found."""
     with named("inputs"):
         joint = joint_graph(gm, num_fwd_outputs, inputs)
-    passes = SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIPELINE
-    state = PassState(joint, options, fake_mode, clip_states)
-    state = run_passes(passes, state, gm, check=options.check_passes, dump=options.dump, label="joint")
+    if role.piece:
+        passes = PIECE_SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIECE_PIPELINE
+    else:
+        passes = SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIPELINE
+    state = PassState(joint, options, fake_mode, clip_states, role)
+    label = "piece" if role.piece else "joint"
+    state = run_passes(passes, state, gm, check=options.check_passes, dump=options.dump, label=label)
     gm.graph.lint()
     gm.recompile()
     return state

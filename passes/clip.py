@@ -113,20 +113,20 @@ def _lift_linear(
     return emit(node.target, *[value if a is term else a for a in node.args])  # a scaling
 
 
-def _per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
+def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
         return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
-        left, right = (_per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
+        left, right = (per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
         return emit(aten.add.Tensor, left, right)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
-        return _lift_linear(emit, node, term, _per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
-    return _lift(emit, node, _per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+        return _lift_linear(emit, node, term, per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
+    return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
-def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+def erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Erase ``node`` and the inputs only it used; a convolution_backward loses the outputs nobody reads."""
     if node.users or node.op != "call_function":
         return
@@ -135,7 +135,7 @@ def _erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     for value in inputs:
         if value.target == aten.convolution_backward.default and value.users:
             _drop_unread_outputs(graph, value)
-        _erase_dead(graph, value)
+        erase_dead(graph, value)
 
 
 def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
@@ -185,7 +185,7 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
     return emit.size(source, dim)
 
 
-def _loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
+def loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
     if scale.kind is ScaleKind.MEAN:
         return emit(aten.scalar_tensor.default, batch, dtype=dtype)
     if scale.kind is ScaleKind.WEIGHT:
@@ -222,12 +222,12 @@ def insert_clipping(
                 squares[param.name] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
-            grads = _per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
+            grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, -1])
             squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.name] = flat
     with graph.inserting_before(graph.output_node()):
-        weights = clip_weights(emit, squares, grouping, key, _loss_factor(emit, scale, batch, dtype), options)
+        weights = clip_weights(emit, squares, grouping, key, loss_factor(emit, scale, batch, dtype), options)
         reduced = {}
         for param in params:
             if param.name in explicit:
@@ -240,14 +240,14 @@ def insert_clipping(
             site = param.sites[0]
             weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.name], batch)
             site.node.replace_all_uses_with(weighted)
-            _erase_dead(graph, site.node)
+            erase_dead(graph, site.node)
     outputs = joint.outputs
     for index, value in reduced.items():
         outputs[joint.num_fwd_outputs + index] = value
     graph.output_node().args = (outputs,)
     for param in params:
         if param.name in explicit:
-            _erase_dead(graph, param.grad)
+            erase_dead(graph, param.grad)
 
 
 def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:

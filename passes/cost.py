@@ -151,6 +151,7 @@ class Reason(enum.Enum):
     LESS_MEMORY = "less memory"  # "auto"
     FASTER = "faster"  # "fastest"
     MEMORY_BUDGET = "memory_budget"  # "fastest", switched to fit options.memory_budget
+    DEFERRED = "deferred: kept until the end of the backward"  # a piece of the model: clipped with the others
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ class Grouping:
     names: tuple[str, ...]  # one per group
     members: tuple[tuple[str, ...], ...]  # the parameters of each group
     thresholds: tuple[float, ...]  # the initial R_g
+    shared: tuple[bool, ...] = ()  # per group: its threshold is a share of max_grad_norm (none of its own)
 
     def group_of(self, param: str) -> int:
         return next(g for g, members in enumerate(self.members) if param in members)
@@ -42,7 +43,7 @@ def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) 
     """Group the clipped parameters (in graph order) by ``options.clipping``; thresholds R_g."""
     style, radius = options.clipping, options.max_grad_norm
     if style == "all-layer":
-        return Grouping(("all",), (tuple(params),), (radius,))
+        return Grouping(("all",), (tuple(params),), (radius,), (True,))
     if isinstance(style, str):
         key = {
             "layer-wise": lambda p: p.rpartition(".")[0] or "<root>",
@@ -51,7 +52,7 @@ def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) 
         }[style]
         names, members = _by_key(params, key)
         share = radius / math.sqrt(len(names))
-        return Grouping(tuple(names), tuple(map(tuple, members)), (share,) * len(names))
+        return Grouping(tuple(names), tuple(map(tuple, members)), (share,) * len(names), (True,) * len(names))
     members: list[list[str]] = [[] for _ in style]
     for param in params:
         group = next((g for g, (selector, _) in enumerate(style) if _selects(selector, param)), None)
@@ -71,4 +72,5 @@ def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) 
         tuple(names[g] for g in kept),
         tuple(tuple(members[g]) for g in kept),
         tuple(style[g][1] if style[g][1] is not None else share for g in kept),
+        tuple(style[g][1] is None for g in kept),
     )

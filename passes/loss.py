@@ -36,6 +36,7 @@ class LossScale:
     kind: ScaleKind
     source: str  # how the pass found it, for the report: the option, or the loss's reducing op and line
     node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
+    from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
 
     @property
     def reduction(self) -> str:
@@ -140,7 +141,9 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         kind = options.loss_reduction
         given = "" if options.loss_reduction_given else " (the default)"
         return LossScale(
-            ScaleKind(kind), f"option loss_reduction={kind!r}{given}: the loss is computed outside the compiled model"
+            ScaleKind(kind),
+            f"option loss_reduction={kind!r}{given}: the loss is computed outside the compiled model",
+            from_option=True,
         )
     scale = _scale_of(joint, losses[0])
     if scale is None:

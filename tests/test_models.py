@@ -221,8 +221,8 @@ def test_bert_loss_inside_is_a_per_sample_mean() -> None:
 
 def test_gpt2_loss_inside_token_mean_over_the_batch_is_refused() -> None:
     gpt2 = tiny_gpt2()
-    # GPT2LMHeadModel has no loss_type, so its loss_function logs a warning_once that dynamo breaks the graph on
-    # (GraphBreakError); name the loss it falls back to, ForCausalLMLoss, to trace the loss into the graph.
+    # GPT2LMHeadModel has no loss_type, so its loss_function logs a warning_once that dynamo breaks the graph on;
+    # name the loss it falls back to, ForCausalLMLoss, to trace the loss into the graph of the model.
     gpt2.loss_type = "ForCausalLM"
     model = Loss(gpt2, "input_ids", "labels").double()
     ids = token_ids()

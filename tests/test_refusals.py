@@ -120,24 +120,6 @@ def test_instance_norm_with_running_stats_is_refused() -> None:
         _train_step(model, torch.randn(4, 2, 4))
 
 
-class WithBreak(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = self.a(x)
-        torch._dynamo.graph_break()
-        return self.b(h)
-
-
-def test_graph_break_is_refused_not_clipped_per_graph() -> None:
-    model = WithBreak()
-    with raises_bk(bkcompile.GraphBreakError, "graph break", "fullgraph=True"):
-        _train_step(model, torch.randn(5, 4))
-    assert model.a.weight.grad is None and model.b.weight.grad is None
-
-
 class TokenMeanLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -99,9 +99,11 @@ def test_the_fix_for_two_calls_is_exact() -> None:
         torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_inductor_and_dynamic_batch_go_through_the_ledger() -> None:
+@pytest.mark.parametrize("broken", [False, True], ids=["whole", "graph_break"])
+def test_inductor_and_dynamic_batch_go_through_the_ledger(broken: bool) -> None:
     model = _mlp(torch.float32)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": R}, dynamic=True)
+    target = _Broken(model) if broken else model
+    compiled = torch.compile(target, backend="bk_dp", options={"max_grad_norm": R}, dynamic=True)
     optimizer = _optimizer(model)
     for size in (5, 9):
         x, y = _batch(size, torch.float32, seed=size)
@@ -173,6 +175,24 @@ class _Block(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.fc(x))
+
+
+class _WithTemperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+        self.temperature = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_module_parameter_used_only_outside_the_call_is_refused_on_the_plain_path() -> None:
+    model = _WithTemperature()
+    x, y = _batch(4)
+    cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+    with pytest.raises(bkcompile.UnclippedGradientError, match="'temperature' received a gradient that no bk_dp"):
+        F.cross_entropy(cm(x) * model.temperature, y).backward()
 
 
 def test_eager_stem_before_a_compiled_block_is_refused() -> None:
@@ -323,8 +343,51 @@ def _eager_penalty(cm, x, y):
 ROADS = [_plain, _micro_batches, _two_calls, _two_backwards, _eager_penalty]
 
 
+class _Broken(nn.Module):
+    """The MLP with a graph break: two bk_dp graphs, clipped together at the end of the backward."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        h = self.mlp[1](self.mlp[0](x))
+        torch._dynamo.graph_break()
+        return self.mlp[2](h)
+
+
+class _Part(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _whole(model: nn.Module, **options) -> nn.Module:
+    return torch.compile(model, backend="bk_dp", options={**OPTIONS, **options})
+
+
+def _graph_break(model: nn.Module, **options) -> nn.Module:
+    return torch.compile(_Broken(model), backend="bk_dp", options={**OPTIONS, **options})
+
+
+def _regional(model: nn.Module) -> nn.Module:
+    """Each layer compiled on its own, with options graphs='several' (modules of this file: dynamo runs a
+    torch.nn module's own compiled call eagerly)."""
+    parts = nn.Sequential(_Part(model[0]), model[1], _Part(model[2]))
+    for part in (parts[0], parts[2]):
+        part.compile(backend="bk_dp", options={**OPTIONS, "graphs": "several"})
+    return parts
+
+
+BUILDS = [_whole, _graph_break, _regional]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=[b.__name__ for b in BUILDS])
 @pytest.mark.parametrize("road", ROADS, ids=[r.__name__ for r in ROADS])
-def test_no_road_trains_with_sensitivity_above_r(road) -> None:
+def test_no_road_trains_with_sensitivity_above_r(road, build) -> None:
     """Replace sample 0 by an outlier: a road that trains must move the summed gradient by at most 2R."""
     x, y = _batch(6)
     outlier = x.clone()
@@ -333,7 +396,7 @@ def test_no_road_trains_with_sensitivity_above_r(road) -> None:
     for inputs in (x, outlier):
         model = _mlp()
         optimizer = _optimizer(model)
-        cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+        cm = build(model)
         optimizer.zero_grad()
         try:
             road(cm, inputs, y)
@@ -347,7 +410,8 @@ def test_no_road_trains_with_sensitivity_above_r(road) -> None:
 # --- no host round-trip in a warmed-up step ---------------------------------------------------------------------
 
 
-def test_a_warm_step_never_copies_to_the_host(monkeypatch) -> None:
+@pytest.mark.parametrize("build", [_whole, _graph_break], ids=["whole", "graph_break"])
+def test_a_warm_step_never_copies_to_the_host(monkeypatch, build) -> None:
     model = _mlp(torch.float32)
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -356,7 +420,7 @@ def test_a_warm_step_never_copies_to_the_host(monkeypatch) -> None:
         expected_batch_size=8,
         adaptive_clipping=bkcompile.AdaptiveClipping(count_noise=8.0),
     )
-    cm = torch.compile(model, backend="bk_dp", options={**OPTIONS, "clipping": "layer-wise"})
+    cm = build(model, clipping="layer-wise")
     x, y = _batch(8, torch.float32)
 
     def step():

@@ -1,0 +1,311 @@
+"""Several graphs, one clip: the clipping of a model compiled in pieces, at the end of its backward.
+
+A *piece* is a bk_dp graph that is one of several graphs of the model: a graph dynamo cut at a graph
+break, or a graph compiled with ``options={"graphs": "several"}`` (regional compilation). A piece's
+backward does not clip. Through ``bkcompile::defer_grads`` it hands over its trainable parameters (the
+tensors themselves: parameters are keyed by identity), the per-sample gradients (B, n) of each one's
+share of the loss, and the loss scale s; it returns zero gradients. When the autograd backward ends
+(``bkcompile.backwards``), :func:`finalize`, once for all its pieces:
+
+1. adds a parameter's per-sample gradients over the pieces (a tied embedding used by the first and the
+   last piece gets its cross terms exactly: sample i's gradient is the sum of its parts);
+2. groups the parameters by the clipping option across the pieces (a group may span pieces);
+3. forms each group's per-sample norms ``n_ig = s ||G_ig||``, records them in the group's clip state
+   (adaptive thresholds, ``last_per_sample_norms``), and the clip factors ``C_ig`` once;
+4. adds ``sum_i s C_ig G_i`` to each parameter's ``.grad``.
+
+The rows of every piece are the same samples: row i of each piece's batch is sample i (the pieces of one
+forward pass activations on; a piece that runs twice over the same parameters in one backward is a
+second call, refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from bkcompile.backwards import Backward, join_piece
+from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError
+from bkcompile.ledger import Clip, ledger_for, parameter_of
+from bkcompile.options import BKOptions
+
+if TYPE_CHECKING:
+    from bkcompile.passes.groups import Grouping
+
+EPS = 1e-6
+
+
+@dataclasses.dataclass
+class PieceGraph:
+    """What the pass knows of one piece, read again when its backward hands over its gradients."""
+
+    label: str  # e.g. "bk_dp graph #2, resumed after a graph break, ending at model.py:14 (...)"
+    options: BKOptions
+    names: tuple[str, ...]  # the trainable parameters in the order defer_grads receives them
+    grouping: Grouping  # the clipping groups of this piece's parameters (names as above)
+    loss: str  # "sum" | "mean" | "weight"
+    from_loss: bool  # the scale comes from a loss computed in this graph (not from the loss_reduction option)
+
+
+_GRAPHS: dict[int, PieceGraph] = {}  # by the id the pass wrote into the graph's defer_grads call
+_IDS = itertools.count()
+
+
+def register_piece(piece: PieceGraph) -> int:
+    """The id the piece's graph passes to ``defer_grads``."""
+    graph = next(_IDS)
+    _GRAPHS[graph] = piece
+    return graph
+
+
+@dataclasses.dataclass
+class Piece:
+    """One backward run of a piece: its parameters and their per-sample gradients."""
+
+    graph: PieceGraph
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]  # (B, numel) per parameter, unscaled share of the loss
+    factor: torch.Tensor  # the loss scale s (0-dim)
+
+
+@torch.library.custom_op("bkcompile::defer_grads", mutates_args=())
+def defer_grads(
+    params: list[torch.Tensor], grads: list[torch.Tensor], factor: torch.Tensor, graph: int
+) -> list[torch.Tensor]:
+    handed = Piece(_GRAPHS[graph], [parameter_of(p) for p in params], [g.detach() for g in grads], factor.detach())
+    join_piece(handed, finalize)
+    return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
+
+
+@defer_grads.register_fake
+def _defer_grads_fake(params, grads, factor, graph):
+    return [torch.empty_like(p) for p in params]
+
+
+def _agree(pieces: list[Piece]) -> BKOptions:
+    """The pieces of one backward must clip alike."""
+    first = pieces[0].graph
+    for piece in pieces[1:]:
+        for key in ("max_grad_norm", "clipping", "clip_fn", "clip_gamma"):
+            if getattr(piece.graph.options, key) != getattr(first.options, key):
+                raise PrivacyError(
+                    f"{piece.graph.label} and {first.label} run in one backward but clip differently "
+                    f"({key}={getattr(piece.graph.options, key)!r} against {getattr(first.options, key)!r})\n"
+                    "  why: one sample's gradient spans both graphs and is clipped once\n"
+                    "  fix: compile every bk_dp module of the model with the same options"
+                )
+    sizes = {int(p.grads[0].shape[0]) for p in pieces if p.grads}
+    if len(sizes) > 1:
+        raise PrivacyError(
+            f"the bk_dp graphs of one backward have different batch sizes {sorted(sizes)}: their rows cannot be "
+            "the same samples\n  fix: pass the same batch through every compiled module"
+        )
+    return first.options
+
+
+def _scale(pieces: list[Piece]) -> torch.Tensor:
+    """s: from the loss computed in a graph when there is one (every piece's share is of that loss), else
+    from the loss_reduction option."""
+    losses = [p for p in pieces if p.graph.from_loss]
+    chosen = losses or pieces
+    kinds = {p.graph.loss for p in chosen}
+    if len(kinds) > 1 or (kinds == {"weight"} and len(chosen) > 1):
+        raise LossReductionError(
+            f"the graphs of one backward reduce their loss over the batch differently ({sorted(kinds)}: "
+            f"{', '.join(p.graph.label for p in chosen)}), so no per-sample loss is defined\n"
+            "  fix: reduce every loss term the same way (all .mean() or all .sum() over the batch)"
+        )
+    return chosen[0].factor
+
+
+class _Union:
+    """Union-find over hashable keys (the parameter groups that share a member are one group)."""
+
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, key):
+        self.parent.setdefault(key, key)
+        while self.parent[key] != key:
+            key = self.parent[key]
+        return key
+
+    def join(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+@dataclasses.dataclass
+class _Param:
+    tensor: torch.Tensor
+    name: str
+    grad: torch.Tensor  # (B, numel): the sum of its pieces' per-sample gradients
+    pieces: list[str]  # labels of the graphs it has sites in
+    key: object = None  # its global group
+
+
+def _combine(pieces: list[Piece]) -> dict[int, _Param]:
+    """Per parameter identity, the sum over pieces of its per-sample gradients."""
+    params: dict[int, _Param] = {}
+    seen: set[tuple[int, int]] = set()
+    for piece in pieces:
+        for tensor, grad, name in zip(piece.params, piece.grads, piece.graph.names):
+            if (id(piece.graph), id(tensor)) in seen:
+                raise ClipOnceError(
+                    f"{piece.graph.label} ran twice over parameter {name!r} before one backward: the two calls' "
+                    "rows are not known to be the same samples, so neither clipping each call nor adding them "
+                    "per row is private\n"
+                    "  fix: one call of the compiled model per backward (put both inputs in one batch)"
+                )
+            seen.add((id(piece.graph), id(tensor)))
+            entry = params.get(id(tensor))
+            if entry is None:
+                params[id(tensor)] = _Param(tensor, name, grad, [piece.graph.label])
+            else:
+                entry.grad = entry.grad + grad  # the cross terms of its norm come with the sum
+                if piece.graph.label not in entry.pieces:
+                    entry.pieces.append(piece.graph.label)
+    return params
+
+
+def _group_keys(pieces: list[Piece], params: dict[int, _Param], options: BKOptions) -> None:
+    """Each parameter's global group key: by style, and by the local groups joined through shared parameters
+    (a tied parameter joins the groups of its modules). Layer-wise: the pieces dynamo cut from one compiled
+    module name parameters from its root, so one module path is one group across them; a module compiled
+    on its own (``graphs="several"``) names them from itself, so its groups are its own."""
+    style = options.clipping
+    union = _Union()
+    for index, piece in enumerate(pieces):
+        grouping = piece.graph.grouping
+        for tensor, name in zip(piece.params, piece.graph.names):
+            group = grouping.group_of(name)
+            if style == "all-layer":
+                local = "all"
+            elif style == "param-wise":
+                local = ("param", id(tensor))
+            elif style == "per-device":
+                local = ("device", str(tensor.device))
+            elif style == "layer-wise":  # names are the model's when dynamo cut it, a block's when compiled apart
+                scope = None if piece.graph.options.graphs == "auto" else index
+                local = ("layer", scope, grouping.names[group])
+            else:  # a list of groups: the same selector in every piece
+                local = ("custom", grouping.names[group], grouping.thresholds[group], grouping.shared[group])
+            union.join(("param", id(tensor)), local)
+    for key, param in params.items():
+        param.key = union.find(("param", key))
+
+
+def _groups(pieces: list[Piece], params: dict[int, _Param], options: BKOptions):
+    """(group names, members, thresholds, the parameters of each group) across the pieces."""
+    order: list = []
+    for param in params.values():
+        if param.key not in order:
+            order.append(param.key)
+    members = [[p for p in params.values() if p.key == key] for key in order]
+    explicit: dict[int, float] = {}  # parameter id -> the threshold of its group in the option's list
+    for piece in pieces:
+        grouping = piece.graph.grouping
+        for tensor, name in zip(piece.params, piece.graph.names):
+            g = grouping.group_of(name)
+            if not grouping.shared[g]:
+                explicit[id(tensor)] = grouping.thresholds[g]
+    own = [next((explicit[id(p.tensor)] for p in group if id(p.tensor) in explicit), None) for group in members]
+    shared = sum(1 for threshold in own if threshold is None)
+    share = options.max_grad_norm / math.sqrt(shared) if shared else options.max_grad_norm
+    thresholds = [share if threshold is None else threshold for threshold in own]
+    names = []
+    for key in order:
+        base = _group_name(key, params)
+        names.append(base if base not in names else f"{base}#{len(names)}")
+    return names, members, thresholds
+
+
+def _group_name(key, params: dict[int, _Param]) -> str:
+    if key == "all":
+        return "all"
+    kind, *rest = key
+    if kind == "param":
+        return params[rest[0]].name
+    return str(rest[-1] if kind == "layer" else rest[0])  # a module path, a device, a group of the option's list
+
+
+def _unique_names(params: dict[int, _Param]) -> None:
+    """Parameter names of different pieces may clash (blocks compiled one by one): add the graph."""
+    counts: dict[str, int] = {}
+    for param in params.values():
+        counts[param.name] = counts.get(param.name, 0) + 1
+    for param in params.values():
+        if counts[param.name] > 1:
+            param.name = f"{param.name} ({param.pieces[0]})"
+
+
+@dataclasses.dataclass
+class ClipSpan:
+    """One clipping group of a backward clipped over several graphs: the graphs its norm spans."""
+
+    group: str
+    params: list[str]
+    graphs: list[str]
+    threshold: torch.Tensor  # R_g at the clip (0-dim, on the model's device: read only when printed)
+
+    def __str__(self) -> str:
+        return (
+            f"clipping group {self.group!r} (R = {float(self.threshold):.4g}, {len(self.params)} parameters) spans "
+            f"{len(self.graphs)} graph(s): " + "; ".join(self.graphs)
+        )
+
+
+_SPANS: list[list[ClipSpan]] = []
+
+
+def record_spans(spans: list[ClipSpan]) -> None:
+    _SPANS[:] = [spans]
+
+
+def last_clip_spans() -> list[ClipSpan] | None:
+    """For the last backward clipped over several graphs: each clipping group and the graphs it spans."""
+    return _SPANS[0] if _SPANS else None
+
+
+def finalize(backward: Backward) -> None:
+    """Clip every sample's gradient over all the pieces of ``backward`` once, and write the clipped sums."""
+    pieces = [p for p in reversed(backward.pieces) if p.grads]  # forward order: the backward runs them last first
+    if not pieces:
+        return
+    options = _agree(pieces)
+    scale = _scale(pieces)
+    params = _combine(pieces)
+    _group_keys(pieces, params, options)
+    _unique_names(params)
+    names, members, thresholds = _groups(pieces, params, options)
+    tensors = [p.tensor for p in params.values()]
+    ledger = ledger_for(tensors)  # pieces compiled one by one join one ledger, as an optimizer's would
+    state = ledger.clip_state(
+        tuple(names),
+        tuple(tuple(p.tensor for p in g) for g in members),
+        tuple(tuple(p.name for p in g) for g in members),
+        tuple(thresholds),
+        tensors[0].device,
+    )
+    clip_record = Clip(state, tuple(map(id, tensors)))
+    dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params.values()) else torch.float32
+    scale = scale.to(dtype)
+    spans = []
+    for group, group_params in enumerate(members):
+        grads = [p.grad.to(dtype) for p in group_params]
+        norms = torch.stack([(g * g).sum(1) for g in grads]).sum(0).sqrt() * scale
+        threshold = state.record(norms, group)
+        if options.clip_fn == "automatic":
+            clip = threshold / (norms + options.clip_gamma)
+        else:
+            clip = (threshold / (norms + EPS)).clamp(max=1.0)
+        weights = clip * scale
+        for param, grad in zip(group_params, grads):
+            total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
+            ledger.accumulate(param.tensor, total, clip_record)
+        graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
+        spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
+    record_spans(spans)
