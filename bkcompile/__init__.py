@@ -10,7 +10,8 @@ from torch._dynamo.backends import registry as _registry
 from bkcompile import rules
 from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
 from bkcompile.backend import bk_dp
-from bkcompile.batch import mark_batch_dynamic
+from bkcompile.batch import mark_batch_dynamic, micro_batches
+from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
 from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
@@ -25,7 +26,7 @@ from bkcompile.errors import (
     UnsupportedOpError,
 )
 from bkcompile.norms import last_per_sample_norms
-from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
+from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
 from bkcompile.options import BKOptions
 from bkcompile.passes.rules import register_batch_rule
 from bkcompile.private import make_private
@@ -48,6 +49,7 @@ __all__ = [
     "DPOptimizer",
     "PoissonLoader",
     "PrivacyAccountant",
+    "StepRelease",
     "get_noise_multiplier",
     "make_private",
     "BKError",
@@ -67,6 +69,9 @@ __all__ = [
     "last_per_sample_norms",
     "last_clip_spans",
     "mark_batch_dynamic",
+    "micro_batches",
+    "load_checkpoint",
+    "save_checkpoint",
     "register_batch_rule",
     "rules",
 ]

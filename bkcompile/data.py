@@ -1,54 +1,221 @@
-"""Poisson sampling: each example joins a batch independently with probability q (what accountants assume)."""
+"""Poisson sampling over any map-style Dataset: each example joins a batch independently with probability q.
+
+``PoissonLoader`` is a ``torch.utils.data.DataLoader`` whose batch sampler draws Poisson batches (what the
+accountant assumes) from a secret generator; everything else is the DataLoader's own machinery, so a
+``collate_fn`` (tokenisation, padding), ``num_workers``, ``pin_memory`` and the other DataLoader options
+work as usual. Batches vary in size and may be empty: an empty batch still goes through ``collate_fn``
+(it collates two copies of example 0 and keeps zero rows of each per-sample leaf, so shapes past dim 0
+and dtypes are right). Coupled to a ``DPOptimizer`` (``make_private`` does it), the loader refuses to hand
+out a batch before ``step()`` consumed the previous one: each step is one Poisson sample at rate q.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from bkcompile.accountant import steps_per_epoch
-from bkcompile.batch import mark_batch_dynamic
-from bkcompile.errors import BKError
+from bkcompile.batch import map_rows, mark_rows_dynamic
+from bkcompile.errors import BKError, PrivacyError
+from bkcompile.randomness import secret_generator
+
+# DataLoader arguments that choose the samples: Poisson sampling replaces them.
+_SAMPLING_ARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
+
+
+class OneBatchPerStep:
+    """The link between a Poisson loader and the DP optimizer that steps its batches.
+
+    The accountant records one Poisson-subsampled step at rate q per ``step()``; two loader batches
+    before one step would be a sample of rate about 2q, recorded as q. So a batch may only be drawn
+    once the previous one has been stepped.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False  # a batch was handed out and no step() has consumed it yet
+
+    def draw(self) -> None:
+        if self.pending:
+            raise PrivacyError(
+                "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first; "
+                "the accountant records one step at the loader's sample rate q per step(), and two batches per "
+                "step are a sample of rate about 2q. Fix: call optimizer.step() once per loader batch (an empty "
+                "batch too: it adds noise); to accumulate gradients, split ONE batch with "
+                "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step (to "
+                "evaluate on the training data, iterate your original DataLoader)"
+            )
+        self.pending = True
+
+    def stepped(self) -> None:
+        self.pending = False
+
+
+class PoissonBatchSampler:
+    """Index lists, each index in independently with probability ``sample_rate``; ``steps`` lists per epoch.
+
+    An epoch may start ``skip`` lists in (a resumed run). After each draw the generator's state is queued
+    in ``states_after``: data-loader workers prefetch, so the generator runs ahead of the batches handed
+    out, and a checkpoint needs the state right after the last batch handed out.
+    """
+
+    def __init__(self, size: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        self.size, self.sample_rate, self.steps, self.generator = size, sample_rate, steps, generator
+        self.skip = 0
+        self.states_after: collections.deque[torch.Tensor] = collections.deque()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.states_after.clear()
+        count, self.skip = self.steps - self.skip, 0
+        for _ in range(count):
+            mask = torch.rand(self.size, generator=self.generator) < self.sample_rate
+            self.states_after.append(self.generator.get_state())
+            yield mask.nonzero().squeeze(1).tolist()
+
+
+class _CollateWithEmpty:
+    """``collate_fn`` that also collates an empty batch (zero rows of the collated [example 0, example 0]);
+    returns (rows, batch) so that the loader knows each batch's size whatever its structure."""
+
+    def __init__(self, collate_fn: Callable[[list], Any], dataset: Dataset) -> None:
+        self.collate_fn, self.dataset = collate_fn, dataset
+
+    def __call__(self, samples: list) -> tuple[int, Any]:
+        if samples:
+            return len(samples), self.collate_fn(samples)
+        example = self.dataset[0]
+        return 0, map_rows(self.collate_fn([example, example]), 2, lambda leaf: leaf[:0])
 
 
 class PoissonLoader:
-    """Batches of tensors ``(x[idx], y[idx], ...)`` where each row is in with probability ``sample_rate``.
+    """Poisson batches over ``dataset`` (any map-style Dataset), or over tensors given directly.
 
-    Batch sizes vary and may be 0; by default ``len(loader)`` = ``steps_per_epoch(q)`` = ceil(1/q) steps.
-    Every batch is marked dynamic on dim 0, so the compiled model is traced once for all sizes.
+    ``PoissonLoader(dataset, sample_rate=q)`` or ``PoissonLoader(x, y, sample_rate=q)`` (a
+    ``TensorDataset``). Each example is in each batch with probability ``sample_rate``; by default
+    ``len(loader)`` = ``steps_per_epoch(q)`` = ceil(1/q) batches per epoch. The indices come from
+    ``generator``, or, when none is given, from a generator seeded with OS entropy: the batches are
+    secret, as privacy amplification by subsampling assumes, and ``torch.manual_seed`` does not touch
+    them. Pass a seeded generator only to reproduce a run (then the seed reveals every batch).
+    ``collate_fn`` and ``loader_options`` (``num_workers``, ``pin_memory``, ``worker_init_fn``,
+    ``prefetch_factor``, ``persistent_workers``, ``timeout``, ...) go to the underlying DataLoader;
+    ``worker_generator`` seeds its workers (not the sampling). Every per-sample tensor of a batch is marked
+    dynamic on dim 0, so the compiled model is traced once for all batch sizes.
     """
 
     def __init__(
         self,
-        *tensors: torch.Tensor,
+        *data: Dataset | torch.Tensor,
         sample_rate: float,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
+        worker_generator: torch.Generator | None = None,
+        **loader_options: Any,
     ) -> None:
-        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
-            raise BKError("PoissonLoader needs tensors with the same number of rows")
+        self.dataset = _as_dataset(data)
         if not 0 < sample_rate <= 1:
             raise BKError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.tensors = tensors
+        refused = sorted(set(loader_options) & set(_SAMPLING_ARGS))
+        if refused:
+            raise BKError(
+                f"PoissonLoader draws its own batches; it cannot take {refused}. Fix: leave them out (the "
+                "sampling generator is `generator`, the workers' one `worker_generator`; to train on a subset, "
+                "pass torch.utils.data.Subset(dataset, indices))"
+            )
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else steps_per_epoch(sample_rate)
-        self.generator = generator
+        self.generator = generator if generator is not None else secret_generator()
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.batch_sampler = PoissonBatchSampler(self.dataset_size, sample_rate, self.steps, self.generator)
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=_CollateWithEmpty(self.collate_fn, self.dataset),
+            generator=worker_generator if worker_generator is not None else secret_generator(),
+            **loader_options,
+        )
+        self.step_gate: OneBatchPerStep | None = None
+        self._position = 0  # batches handed out in the current epoch
+        self._resume_state: torch.Tensor | None = None  # the generator's state after the last batch handed out
 
     @property
     def dataset_size(self) -> int:
-        return self.tensors[0].shape[0]
+        return len(self.dataset)
 
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.dataset_size
 
+    @property
+    def num_workers(self) -> int:
+        return self._loader.num_workers
+
+    @property
+    def pin_memory(self) -> bool:
+        return self._loader.pin_memory
+
+    def couple(self) -> OneBatchPerStep:
+        """The gate a DP optimizer shares with this loader (one batch per step); a loader couples once."""
+        if self.step_gate is not None:
+            raise BKError("this PoissonLoader already feeds a DP optimizer; make one loader per optimizer")
+        self.step_gate = OneBatchPerStep()
+        return self.step_gate
+
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for _ in range(self.steps):
-            mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
-            index = mask.nonzero().squeeze(1)
-            batch = tuple(t[index] for t in self.tensors)
-            mark_batch_dynamic(*batch)
-            yield batch
+    def __iter__(self) -> Iterator[Any]:
+        self._position = self.batch_sampler.skip  # the sampler skips them when the DataLoader starts it
+        self._resume_state = self.generator.get_state()
+        for rows, batch in self._loader:
+            if self.step_gate is not None:
+                self.step_gate.draw()
+            self._position += 1
+            self._resume_state = self.batch_sampler.states_after.popleft()
+            yield mark_rows_dynamic(batch, rows)
+        self._position = 0
+
+    def state_dict(self) -> dict:
+        """Where sampling stands: the batches handed out in this epoch and, under ``"secret"``, the sampling
+        generator's state right after the last of them (it reveals the coming batches: keep it private)."""
+        if self.step_gate is not None and self.step_gate.pending:
+            raise BKError(
+                "the loader's state was taken between drawing a batch and optimizer.step(); take it after the step "
+                "(a checkpoint then holds whole steps)"
+            )
+        state = self._resume_state if self._position else self.generator.get_state()
+        return {"position": self._position, "steps": self.steps, "secret": {"sampling_generator": state.clone()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume sampling: the next iteration yields the rest of the saved epoch, then whole epochs."""
+        if state["steps"] != self.steps:
+            raise BKError(f"the saved loader took {state['steps']} batches per epoch, this one {self.steps}")
+        self.generator.set_state(state["secret"]["sampling_generator"])
+        self.batch_sampler.skip = state["position"]
+        self._position, self._resume_state = 0, None
+
+
+def _as_dataset(data: Sequence[Dataset | torch.Tensor]) -> Dataset:
+    if len(data) == 1 and isinstance(data[0], Dataset):
+        dataset = data[0]
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise BKError(
+                f"Poisson sampling needs a map-style Dataset (__getitem__ and __len__), got {type(dataset).__name__}; "
+                "fix: load the data into a map-style Dataset (e.g. a Hugging Face Dataset, not an IterableDataset)"
+            )
+    elif data and all(isinstance(t, torch.Tensor) for t in data):
+        if any(t.dim() == 0 or t.shape[0] != data[0].shape[0] for t in data):
+            raise BKError("PoissonLoader needs tensors with the same number of rows")
+        dataset = TensorDataset(*data)
+    else:
+        raise BKError("PoissonLoader takes one map-style Dataset, or tensors with the same number of rows")
+    if len(dataset) == 0:
+        raise BKError("PoissonLoader needs a non-empty dataset")
+    return dataset

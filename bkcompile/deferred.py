@@ -34,6 +34,7 @@ from bkcompile.ledger import Clip, ledger_for, parameter_of
 from bkcompile.options import BKOptions
 
 if TYPE_CHECKING:
+    from bkcompile.passes.bookkeeping import KeptSite
     from bkcompile.passes.groups import Grouping
 
 EPS = 1e-6
@@ -49,6 +50,7 @@ class PieceGraph:
     grouping: Grouping  # the clipping groups of this piece's parameters (names as above)
     loss: str  # "sum" | "mean" | "weight"
     from_loss: bool  # the scale comes from a loss computed in this graph (not from the loss_reduction option)
+    kept: tuple[KeptSite, ...] = ()  # the last len(kept) parameters: ghost norms and site operands, not gradients
 
 
 _GRAPHS: dict[int, PieceGraph] = {}  # by the id the pass wrote into the graph's defer_grads call
@@ -63,26 +65,55 @@ def register_piece(piece: PieceGraph) -> int:
 
 
 @dataclasses.dataclass
+class Kept:
+    """A kept parameter's part in one backward run of a piece: its ghost norm and its site's operands."""
+
+    site: KeptSite
+    norms: torch.Tensor  # (B,) squared norms of the per-sample gradients (the share of the loss)
+    operands: list[torch.Tensor]
+
+    def per_sample(self) -> torch.Tensor:
+        return self.site.per_sample(*self.operands, self.norms)
+
+    def reduce(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.site.reduce(*self.operands, weights)
+
+
+@dataclasses.dataclass
 class Piece:
-    """One backward run of a piece: its parameters and their per-sample gradients."""
+    """One backward run of a piece: its parameters, their per-sample gradients or kept sites."""
 
     graph: PieceGraph
     params: list[torch.Tensor]
-    grads: list[torch.Tensor]  # (B, numel) per parameter, unscaled share of the loss
+    grads: list[torch.Tensor | Kept]  # per parameter: (B, numel), unscaled share of the loss, or its kept site
     factor: torch.Tensor  # the loss scale s (0-dim)
+
+    @property
+    def batch(self) -> int:
+        first = self.grads[0]
+        return int((first.norms if isinstance(first, Kept) else first).shape[0])
 
 
 @torch.library.custom_op("bkcompile::defer_grads", mutates_args=())
 def defer_grads(
-    params: list[torch.Tensor], grads: list[torch.Tensor], factor: torch.Tensor, graph: int
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    factor: torch.Tensor,
+    graph: int,
+    norms: list[torch.Tensor],
+    operands: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    handed = Piece(_GRAPHS[graph], [parameter_of(p) for p in params], [g.detach() for g in grads], factor.detach())
-    join_piece(handed, finalize)
+    piece = _GRAPHS[graph]
+    parts: list[torch.Tensor | Kept] = [g.detach() for g in grads]
+    values = iter(operands)
+    for site, norm in zip(piece.kept, norms):
+        parts.append(Kept(site, norm.detach(), [next(values).detach() for _ in site.operands]))
+    join_piece(Piece(piece, [parameter_of(p) for p in params], parts, factor.detach()), finalize)
     return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
 
 
 @defer_grads.register_fake
-def _defer_grads_fake(params, grads, factor, graph):
+def _defer_grads_fake(params, grads, factor, graph, norms, operands):
     return [torch.empty_like(p) for p in params]
 
 
@@ -98,7 +129,7 @@ def _agree(pieces: list[Piece]) -> BKOptions:
                     "  why: one sample's gradient spans both graphs and is clipped once\n"
                     "  fix: compile every bk_dp module of the model with the same options"
                 )
-    sizes = {int(p.grads[0].shape[0]) for p in pieces if p.grads}
+    sizes = {p.batch for p in pieces}
     if len(sizes) > 1:
         raise PrivacyError(
             f"the bk_dp graphs of one backward have different batch sizes {sorted(sizes)}: their rows cannot be "
@@ -142,7 +173,7 @@ class _Union:
 class _Param:
     tensor: torch.Tensor
     name: str
-    grad: torch.Tensor  # (B, numel): the sum of its pieces' per-sample gradients
+    grad: torch.Tensor | Kept  # (B, numel): the sum of its pieces' per-sample gradients, or its one kept site
     pieces: list[str]  # labels of the graphs it has sites in
     key: object = None  # its global group
 
@@ -165,10 +196,14 @@ def _combine(pieces: list[Piece]) -> dict[int, _Param]:
             if entry is None:
                 params[id(tensor)] = _Param(tensor, name, grad, [piece.graph.label])
             else:
-                entry.grad = entry.grad + grad  # the cross terms of its norm come with the sum
+                entry.grad = _dense(entry.grad) + _dense(grad)  # the cross terms of its norm come with the sum
                 if piece.graph.label not in entry.pieces:
                     entry.pieces.append(piece.graph.label)
     return params
+
+
+def _dense(grad: torch.Tensor | Kept) -> torch.Tensor:
+    return grad.per_sample() if isinstance(grad, Kept) else grad
 
 
 def _group_keys(pieces: list[Piece], params: dict[int, _Param], options: BKOptions) -> None:
@@ -270,6 +305,18 @@ def last_clip_spans() -> list[ClipSpan] | None:
     return _SPANS[0] if _SPANS else None
 
 
+def _norms(grad: torch.Tensor | Kept) -> torch.Tensor:
+    """Squared per-sample norms (B,)."""
+    return grad.norms if isinstance(grad, Kept) else (grad * grad).sum(1)
+
+
+def _clipped(param: _Param, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i G_i in the parameter's shape and dtype."""
+    grad = param.grad
+    total = grad.reduce(weights) if isinstance(grad, Kept) else weights.to(grad.dtype).unsqueeze(0) @ grad
+    return total.reshape(param.tensor.shape).to(param.tensor.dtype)
+
+
 def finalize(backward: Backward) -> None:
     """Clip every sample's gradient over all the pieces of ``backward`` once, and write the clipped sums."""
     pieces = [p for p in reversed(backward.pieces) if p.grads]  # forward order: the backward runs them last first
@@ -291,21 +338,19 @@ def finalize(backward: Backward) -> None:
         tensors[0].device,
     )
     clip_record = Clip(state, tuple(map(id, tensors)))
-    dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in params.values()) else torch.float32
+    dtype = torch.float64 if any(_norms(p.grad).dtype == torch.float64 for p in params.values()) else torch.float32
     scale = scale.to(dtype)
     spans = []
     for group, group_params in enumerate(members):
-        grads = [p.grad.to(dtype) for p in group_params]
-        norms = torch.stack([(g * g).sum(1) for g in grads]).sum(0).sqrt() * scale
+        norms = torch.stack([_norms(p.grad).to(dtype) for p in group_params]).sum(0).sqrt() * scale
         threshold = state.record(norms, group)
         if options.clip_fn == "automatic":
             clip = threshold / (norms + options.clip_gamma)
         else:
             clip = (threshold / (norms + EPS)).clamp(max=1.0)
         weights = clip * scale
-        for param, grad in zip(group_params, grads):
-            total = (weights.unsqueeze(0) @ grad).view(param.tensor.shape).to(param.tensor.dtype)
-            ledger.accumulate(param.tensor, total, clip_record)
+        for param in group_params:
+            ledger.accumulate(param.tensor, _clipped(param, weights), clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
     record_spans(spans)

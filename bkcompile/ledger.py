@@ -8,11 +8,13 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   autograd function. Its backward receives the graph's clipped gradients and the ledger accumulates
   them into ``p.grad`` itself, returning nothing to autograd. So every accumulation autograd makes
   into ``p.grad`` is, by construction, not a bk_dp clip: a post-accumulate-grad hook on each parameter
-  the ledger knows (those of the graphs, and all of the compiled module's) refuses it at once (an eager
-  use, dynamo's eager fallback). No host synchronisation.
+  the ledger knows (those of the graphs, and all of the compiled module's and of the user's module that
+  calls it) refuses it at once (an eager use, dynamo's eager fallback). No host synchronisation.
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
-  own. Both would let a sample contribute more than R, and are refused by :class:`_BackwardWatch`.
+  own, unless all are pieces of a model (clipped together at the end of the backward,
+  ``bkcompile.deferred``). Both would let a sample contribute more than R, and are refused by
+  :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
 - ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import orig_code_map
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
@@ -100,8 +103,10 @@ class GraphRecord:
             args = list(args)
             params = [args[i] for i in indices]
             _know(params, self.names)
-            _know_module(_compiled_module())
-            call = CallRecord(self, _call_site(), _eager_upstream(args, set(indices)), params)
+            where, modules = _caller()
+            for module in modules:
+                _know_module(module)
+            call = CallRecord(self, where, _eager_upstream(args, set(indices)), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
@@ -225,7 +230,8 @@ class StepLedger:
         state = ClipState(groups, members, names, tuple(initial), device)
         for key, thresholds in self._pending:
             if key == (groups, names, tuple(initial)):
-                state.thresholds.copy_(thresholds)
+                with unset_fake_temporarily():  # the pass runs under a fake mode; the state holds real tensors
+                    state.thresholds.copy_(thresholds)
         self.states.append(state)
         return state
 
@@ -317,22 +323,40 @@ def _label(p: torch.nn.Parameter) -> str:
     return f"a parameter of shape {tuple(p.shape)} that no bk_dp graph uses"
 
 
-def _call_site() -> str:
-    """The user's line that called the compiled model: the first frame outside torch and bkcompile after
-    dynamo's entry (``compile_wrapper``), else the first outside them."""
+def _caller() -> tuple[str, list[torch.nn.Module]]:
+    """The user's line that called the compiled model, and the modules whose parameters belong to the call.
+
+    The line is the first frame outside torch and bkcompile after dynamo's entry (``compile_wrapper``),
+    else the first outside them. The modules: the one whose compiled forward calls the graph (``self`` of
+    dynamo's frame), and the user's module whose forward called it, when it contains it (the model a
+    regionally compiled block belongs to: its stem and head, run eagerly, are then refused too).
+    """
     frame = sys._getframe(2)
-    first, entered = None, False
+    first, entered, modules = None, False, []
     while frame is not None:
         file = frame.f_code.co_filename
         ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
+        if frame.f_code in orig_code_map and not entered:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module):
+                modules.append(owner)
         if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not file.startswith("<"):
             if entered:
-                return f"{file}:{frame.f_lineno}"
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, torch.nn.Module) and modules and _contains(owner, modules[0]):
+                    modules.append(owner)
+                return f"{file}:{frame.f_lineno}", modules
             first = first or f"{file}:{frame.f_lineno}"
         frame = frame.f_back
-    return first or "<unknown location>"
+    return first or "<unknown location>", modules
+
+
+def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
+    if root in _MODULES:  # known already: no need to search it again
+        return False
+    return root is not module and any(m is module for m in root.modules())
 
 
 def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...]:
@@ -358,23 +382,11 @@ def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
         ledger_for(params).adopt(params, names)
 
 
-def _compiled_module() -> torch.nn.Module | None:
-    """The module whose compiled forward is calling the graph (``self`` of dynamo's frame), if any."""
-    frame = sys._getframe(2)
-    for _ in range(4):  # the graph is called from dynamo's frame through a wrapper or two
-        if frame is None:
-            return None
-        if frame.f_code in orig_code_map:
-            owner = frame.f_locals.get("self")
-            return owner if isinstance(owner, torch.nn.Module) else None
-        frame = frame.f_back
-    return None
-
-
-def _know_module(module: torch.nn.Module | None) -> None:
-    """Adopt every trainable parameter of the compiled module, also those its graphs do not use: one used
-    only outside them (``cm(x) * cm.temperature``) is then refused in the backward too."""
-    if module is None or module in _MODULES:
+def _know_module(module: torch.nn.Module) -> None:
+    """Adopt every trainable parameter of the module, also those its graphs do not use: one used only
+    outside them (``cm(x) * cm.temperature``, an eager head after compiled blocks) is then refused in the
+    backward too."""
+    if module in _MODULES:
         return
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if named:

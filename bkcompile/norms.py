@@ -41,6 +41,7 @@ class ClipState:
     key: int = dataclasses.field(init=False)
     thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64 on the device: the current R_g
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
+    rows: torch.Tensor = dataclasses.field(init=False)  # (G,) samples recorded since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     backwards: int = 0  # backwards that recorded norms
     _task: int = -1  # the autograd graph task of ``latest``
@@ -50,6 +51,7 @@ class ClipState:
         with unset_fake_temporarily():  # the pass may run under a fake mode: the state holds real tensors
             self.thresholds = torch.tensor(self.initial, dtype=torch.float64, device=self.device)
             self.below = torch.zeros_like(self.thresholds)
+            self.rows = torch.zeros_like(self.thresholds)
         self.key = next(_KEYS)
         _BY_KEY[self.key] = self
 
@@ -72,6 +74,7 @@ class ClipState:
 
     def reset_counts(self) -> None:
         self.below.zero_()
+        self.rows.zero_()
 
     def record(self, norms: torch.Tensor, group: int) -> torch.Tensor:
         """Keep a group's norms of this backward, count those under its threshold; return the threshold."""
@@ -86,6 +89,7 @@ class ClipState:
         self.latest[:, group] = values
         threshold = self.thresholds[group].to(values.device)
         self.below[group] += (values <= threshold).sum().to(self.below)
+        self.rows[group] += len(values)
         return threshold.to(dtype=norms.dtype, copy=True)  # not a view of the state
 
 

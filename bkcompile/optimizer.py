@@ -7,19 +7,27 @@ import math
 
 import torch
 
-from bkcompile.accountant import PrivacyAccountant
+from bkcompile.accountant import AccountingError, PrivacyAccountant
+from bkcompile.data import OneBatchPerStep, PoissonLoader
 from bkcompile.errors import BKError, PrivacyError
 from bkcompile.ledger import audit, ledger_for, refuse_step, start_step
 from bkcompile.norms import ClipState
+from bkcompile.randomness import secret_generator
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveClipping:
     """Quantile-tracking thresholds (Andrew et al.): after each step every group's threshold moves as
-    ``R_g <- R_g * exp(-learning_rate * (b_g - target_quantile))``, where ``b_g`` is the fraction of the
-    step's samples whose group norm was <= R_g, counted with Gaussian noise of standard deviation
-    ``count_noise`` (default: expected batch size / 20). The gradient noise is raised so that the step
-    stays one Gaussian mechanism with the optimizer's noise_multiplier (what the accountant records)."""
+    ``R_g <- R_g * exp(-learning_rate * (b_g - target_quantile))``, where ``b_g`` estimates the fraction of
+    the step's samples whose group norm was <= R_g.
+
+    What is released per group is the *centred* noisy count ``c_g = sum_i ([n_ig <= R_g] - 1/2) + N(0,
+    count_noise^2)`` (the sum over the step's samples, as TF Privacy's quantile estimator), and
+    ``b_g = c_g / expected_batch_size + 1/2``. Adding or removing one sample moves each c_g by exactly 1/2
+    (an uncentred count would move by 1), so the G counts have L2 sensitivity sqrt(G) / 2, and the
+    gradient noise is raised (:func:`gradient_noise_multiplier`) so that gradient and counts together are
+    one Gaussian mechanism with the optimizer's noise_multiplier, which the accountant records.
+    ``count_noise`` defaults to expected batch size / 20."""
 
     target_quantile: float = 0.5
     learning_rate: float = 0.2
@@ -33,9 +41,15 @@ class AdaptiveClipping:
 
 
 def gradient_noise_multiplier(noise_multiplier: float, count_noise: float, groups: int) -> float:
-    """sigma_grad with (sigma_grad^-2 + (2 count_noise / sqrt(G))^-2)^(-1/2) = noise_multiplier: the G noisy
-    counts (each sample moves each by at most 1, sensitivity sqrt(G) / 2 once centred) and the gradient
-    together cost what one Gaussian mechanism with noise_multiplier costs."""
+    """sigma_grad with (sigma_grad^-2 + (2 count_noise / sqrt(G))^-2)^(-1/2) = noise_multiplier.
+
+    One sample moves the clipped gradient sum by at most S = sqrt(sum_g R_g^2) (noise sigma_grad S) and
+    each of the G centred counts by exactly 1/2 (noise count_noise): in units of the noise the shift has
+    norm at most (sigma_grad^-2 + G / (4 count_noise^2))^(1/2) = 1 / noise_multiplier, the sensitivity of
+    one Gaussian mechanism with noise_multiplier. Without noise (noise_multiplier 0) the gradient has none.
+    """
+    if noise_multiplier == 0:
+        return 0.0
     budget = noise_multiplier**-2 - (2 * count_noise / math.sqrt(groups)) ** -2
     if budget <= 0:
         raise PrivacyError(
@@ -44,6 +58,21 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise: float, group
             f"{math.sqrt(groups) * noise_multiplier / 2:.3g}"
         )
     return budget**-0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRelease:
+    """What one ``step()`` published besides the update: the noise scales and the adaptive counts."""
+
+    gradient_noise_std: torch.Tensor  # 0-dim: std of the noise on the clipped gradient sum (sigma_grad * sensitivity)
+    counts: torch.Tensor | None = None  # (G,) the noisy centred counts of adaptive clipping
+    count_noise_std: float | None = None  # std of the noise on each count
+
+
+def _agree(name: str, given: float | None, loader_value: float) -> float:
+    if given is not None and abs(given - loader_value) > 1e-12 * max(1.0, loader_value):
+        raise BKError(f"{name}={given} disagrees with the data loader's {loader_value}; leave it out")
+    return loader_value
 
 
 class DPOptimizer:
@@ -57,11 +86,19 @@ class DPOptimizer:
     has run). A step with no gradient (an empty Poisson batch) adds noise alone. With
     ``adaptive_clipping`` the thresholds follow a target quantile of the norms (:class:`AdaptiveClipping`).
 
-    Noise comes from ``generator`` when given (reproducible), else from a generator seeded with OS
-    entropy. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
+    Noise comes from ``generator`` when given (reproducible: whoever knows its seed knows the noise),
+    else from a generator seeded with OS entropy. It is drawn in float32 (float64 for float64
+    parameters), added to the clipped sum and averaged in that precision, and rounded once to the
+    parameter's dtype. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
     gradient it steps is exactly the sum of what bk_dp clips wrote since ``zero_grad()``, and refuses
     the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
     noise scale stay on the model's device.
+
+    With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
+    batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see
+    :func:`bkcompile.micro_batches` for gradient accumulation), and its sample rate and expected batch
+    size are the defaults. ``noise_multiplier=0`` is allowed only without an accountant (a non-private run).
+    ``last_release`` describes what the last step published (:class:`StepRelease`).
     """
 
     def __init__(
@@ -70,30 +107,43 @@ class DPOptimizer:
         *,
         noise_multiplier: float,
         max_grad_norm: float,
-        expected_batch_size: float,
+        expected_batch_size: float | None = None,
         sample_rate: float | None = None,
         accountant: PrivacyAccountant | None = None,
         generator: torch.Generator | None = None,
         adaptive_clipping: AdaptiveClipping | None = None,
+        data_loader: PoissonLoader | None = None,
     ) -> None:
+        self._gate: OneBatchPerStep | None = None
+        if data_loader is not None:
+            sample_rate = _agree("sample_rate", sample_rate, data_loader.sample_rate)
+            expected_batch_size = _agree("expected_batch_size", expected_batch_size, data_loader.expected_batch_size)
+        if expected_batch_size is None:
+            raise BKError("DPOptimizer needs expected_batch_size (or a data_loader to take it from)")
         if noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
             raise BKError("noise_multiplier must be >= 0, max_grad_norm and expected_batch_size > 0")
         if accountant is not None and sample_rate is None:
             raise BKError("an accountant needs the sample_rate of each step")
+        if accountant is not None and noise_multiplier == 0:
+            raise AccountingError(
+                "noise_multiplier=0 with an accountant: the steps would release un-noised gradients (epsilon is "
+                "infinite). Fix: give a positive noise_multiplier (or target_epsilon), or drop the accountant for a "
+                "non-private run"
+            )
         self.optimizer = optimizer
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.sample_rate = sample_rate
         self.accountant = accountant
-        if generator is None:
-            generator = torch.Generator()
-            generator.seed()  # OS entropy
-        self.generator = generator
+        self.generator = generator if generator is not None else secret_generator()
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
+        self.last_release: StepRelease | None = None
         ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
         self._start_logical_batch()
+        if data_loader is not None:  # last: a refused construction leaves the loader uncoupled
+            self._gate = data_loader.couple()
 
     @property
     def param_groups(self) -> list[dict]:
@@ -116,9 +166,12 @@ class DPOptimizer:
         self._take_clip_state(params)
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
-            p.grad = (grad + noise * std.to(device=p.device, dtype=p.dtype)) / self.expected_batch_size
+            dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
+            noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
+            noise = noise * std.to(device=p.device, dtype=dtype)
+            total = noise if p.grad is None else p.grad.to(dtype) + noise
+            p.grad = (total / self.expected_batch_size).to(p.dtype)
+        self.last_release = StepRelease(gradient_noise_std=std)
 
     @property
     def sensitivity(self) -> float:
@@ -152,30 +205,41 @@ class DPOptimizer:
         return self.adaptive_clipping.count_noise or self.expected_batch_size / 20
 
     def _adapt_thresholds(self) -> None:
-        """Move each group's threshold toward the target quantile by its privatised count of samples under it."""
+        """Move each group's threshold toward the target quantile by its privatised, centred count."""
         state, rule = self._clip_state, self.adaptive_clipping
-        noise = torch.normal(
-            0.0, self._count_noise(), size=state.below.shape, generator=self.generator, dtype=torch.float64
-        )
-        fraction = (state.below + noise.to(state.below.device)) / self.expected_batch_size
+        count_noise = self._count_noise()
+        noise = torch.normal(0.0, count_noise, size=state.below.shape, generator=self.generator, dtype=torch.float64)
+        counts = state.below - state.rows / 2 + noise.to(state.below.device)  # a sample moves each by exactly 1/2
+        fraction = counts / self.expected_batch_size + 0.5
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
+        self.last_release = dataclasses.replace(self.last_release, counts=counts, count_noise_std=count_noise)
 
     def step(self) -> None:
+        """Noise the clipped sums, adapt the thresholds, record the step with the accountant, then step."""
         self.add_noise()
         if self.adaptive_clipping is not None and self._clip_state is not None:
             self._adapt_thresholds()
         if self._clip_state is not None:
             self._clip_state.reset_counts()
-        self.optimizer.step()
-        if self.accountant is not None:
+        if self.accountant is not None:  # recorded before the update is applied
             self.accountant.step(self.sample_rate, self.noise_multiplier)
+        self.optimizer.step()
+        if self._gate is not None:
+            self._gate.stepped()
         start_step(self._params())  # the noised gradients are released: what follows starts anew
 
-    def state_dict(self) -> dict:
-        return {
+    def state_dict(self, include_secret: bool = True) -> dict:
+        """Everything to resume: the wrapped optimizer, noise multiplier, accountant, adaptive thresholds and,
+        under ``"secret"``, the noise generator's state.
+
+        The secret part reveals the noise of every future step (and, with the seed, of past ones): keep a
+        checkpoint holding it as private as the training data, and share ``state_dict(include_secret=False)``
+        (or the model's own ``state_dict()``, which never holds it). Loading a state without it keeps this
+        optimizer's own generator.
+        """
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "noise_multiplier": self.noise_multiplier,
-            "generator": self.generator.get_state(),
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
             "clip_state": None
             if self._clip_state is None
@@ -186,11 +250,15 @@ class DPOptimizer:
                 "thresholds": self._clip_state.thresholds.clone(),
             },
         }
+        if include_secret:
+            state["secret"] = {"noise_generator": self.generator.get_state()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.noise_multiplier = state["noise_multiplier"]
-        self.generator.set_state(state["generator"])
+        if "secret" in state:
+            self.generator.set_state(state["secret"]["noise_generator"])
         if self.accountant is not None and state["accountant"] is not None:
             self.accountant.load_state_dict(state["accountant"])
         clip = state.get("clip_state")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.errors import BKError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
+from bkcompile.randomness import child_generators
 
 
 def make_private(
@@ -28,11 +30,19 @@ def make_private(
 ) -> tuple[torch.nn.Module, DPOptimizer, PoissonLoader]:
     """Compile ``model`` with bk_dp, wrap ``optimizer``, and replace ``data_loader`` by Poisson sampling.
 
-    ``data_loader`` is a DataLoader over a ``TensorDataset``; its ``batch_size`` becomes the expected
-    batch size (sample rate q = batch_size / len(dataset)). Give ``noise_multiplier``, or
-    ``target_epsilon`` with ``epochs`` to have sigma found by the accountant. The accountant is
-    ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp backend (``clipping``, ``clip_fn``,
-    ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
+    ``data_loader`` is a DataLoader over any map-style Dataset (``__getitem__`` and ``__len__``: a
+    ``TensorDataset``, a Hugging Face dataset, your own); its ``batch_size`` becomes the expected batch
+    size (sample rate q = batch_size / len(dataset)), and its ``collate_fn``, ``num_workers``,
+    ``pin_memory`` and worker options carry over. Its sampling is replaced: a ``sampler`` or
+    ``batch_sampler`` of your own is refused (subset the dataset instead), ``shuffle`` and ``drop_last`` do
+    not apply. Batches and noise are drawn from two generators seeded from ``generator`` or, by default,
+    from OS entropy (secret); a seeded ``generator`` reproduces a run, with or without workers, and reveals
+    its batches and noise to whoever knows the seed.
+    The returned loader and optimizer are coupled: one batch per ``optimizer.step()``.
+
+    Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
+    accountant. The accountant is ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp
+    backend (``clipping``, ``clip_fn``, ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
@@ -40,9 +50,8 @@ def make_private(
         raise BKError("give exactly one of noise_multiplier and target_epsilon")
     if target_epsilon is not None and epochs is None:
         raise BKError("target_epsilon needs epochs (how long you will train)")
+    _check_sampling(data_loader, generator)
     dataset = data_loader.dataset
-    if not isinstance(dataset, torch.utils.data.TensorDataset) or data_loader.batch_size is None:
-        raise BKError("make_private needs a DataLoader over a TensorDataset with a batch_size")
     size = len(dataset)
     sample_rate = data_loader.batch_size / size
     if not 0 < sample_rate <= 1:
@@ -57,16 +66,76 @@ def make_private(
         )
     if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
-    loader = PoissonLoader(*dataset.tensors, sample_rate=sample_rate, generator=generator)
+    sampling, noise = child_generators(generator, 2)
+    loader = PoissonLoader(
+        dataset,
+        sample_rate=sample_rate,
+        generator=sampling,
+        collate_fn=data_loader.collate_fn,
+        worker_generator=data_loader.generator,
+        **_worker_options(data_loader),
+    )
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=loader.expected_batch_size,
-        sample_rate=sample_rate,
         accountant=PrivacyAccountant(),
-        generator=generator,
+        generator=noise,
         adaptive_clipping=adaptive_clipping,
+        data_loader=loader,
     )
     return compiled, dp_optimizer, loader
+
+
+def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.Generator | None) -> None:
+    """Refuse the DataLoader sampling choices that Poisson sampling cannot honour (never drop them silently)."""
+    if isinstance(data_loader.dataset, torch.utils.data.IterableDataset):
+        raise BKError(
+            "make_private needs a DataLoader over a map-style Dataset (__getitem__ and __len__), got an "
+            f"IterableDataset ({type(data_loader.dataset).__name__}); Poisson sampling picks examples by index"
+        )
+    if data_loader.batch_size is None:
+        raise BKError(
+            "make_private needs a DataLoader with a batch_size (the expected batch size of Poisson sampling); "
+            "a batch_sampler cannot be honoured: build the DataLoader with batch_size=... instead"
+        )
+    sampler = data_loader.sampler
+    default = type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
+    )
+    if not default:
+        raise BKError(
+            f"the DataLoader's sampler {type(sampler).__name__} cannot be honoured: Poisson sampling draws every "
+            "example of the dataset with probability batch_size / len(dataset). Fix: to train on a subset, pass "
+            "torch.utils.data.Subset(dataset, indices) as the dataset and drop the sampler; weighted or repeated "
+            "sampling has no Poisson accounting here"
+        )
+    if type(data_loader.batch_sampler) is not BatchSampler or data_loader.batch_sampler.sampler is not sampler:
+        raise BKError(
+            f"the DataLoader's batch_sampler {type(data_loader.batch_sampler).__name__} cannot be honoured: Poisson "
+            "sampling forms the batches. Fix: build the DataLoader with batch_size=... and no batch_sampler"
+        )
+    if data_loader.generator is not None and generator is None:
+        raise BKError(
+            "the DataLoader has a generator, and make_private samples batches from a secret OS-entropy generator "
+            "unless given one. Fix: drop the DataLoader's generator (secret sampling, the private choice), or pass "
+            "generator=... to make_private to reproduce a run (whoever knows its seed knows every batch)"
+        )
+
+
+def _worker_options(data_loader: torch.utils.data.DataLoader) -> dict:
+    """The DataLoader's options that do not choose samples (workers, pinning), to carry over."""
+    options = {
+        "num_workers": data_loader.num_workers,
+        "pin_memory": data_loader.pin_memory,
+        "timeout": data_loader.timeout,
+        "worker_init_fn": data_loader.worker_init_fn,
+        "multiprocessing_context": data_loader.multiprocessing_context,
+        "persistent_workers": data_loader.persistent_workers,
+        "pin_memory_device": data_loader.pin_memory_device,
+        "in_order": data_loader.in_order,
+    }
+    if data_loader.num_workers > 0:
+        options["prefetch_factor"] = data_loader.prefetch_factor
+    return options

@@ -126,9 +126,12 @@ def _single_sample(state: PassState) -> PassState:
 
 
 def _defer(state: PassState) -> PassState:
-    for plan in state.cost.plans:  # per-sample gradients are what the deferred clip adds over the pieces
-        plan.strategy, plan.reason = Strategy.EXPLICIT, Reason.DEFERRED
-    defer_clipping(state)
+    kept = defer_clipping(state)
+    for plan in state.cost.plans:  # what the piece keeps until the clip at the end of the backward
+        if plan.param.name in kept:
+            plan.reason = Reason.DEFERRED_GHOST
+        else:
+            plan.strategy, plan.reason = Strategy.EXPLICIT, Reason.DEFERRED
     return _sorted(state)
 
 

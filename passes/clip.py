@@ -49,13 +49,15 @@ _IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
 def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
+    """float64 when a site's operands or a gradient are float64 (a convolution site's operands sit behind its
+    convolution_backward: the gradient's dtype says it), else float32."""
     dtypes = {
         a.meta["val"].dtype
         for p in params
         for s in p.sites
         for a in s.node.all_input_nodes
         if isinstance(a.meta.get("val"), torch.Tensor)
-    }
+    } | {p.grad.meta["val"].dtype for p in params}
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 

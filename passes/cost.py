@@ -151,7 +151,8 @@ class Reason(enum.Enum):
     LESS_MEMORY = "less memory"  # "auto"
     FASTER = "faster"  # "fastest"
     MEMORY_BUDGET = "memory_budget"  # "fastest", switched to fit options.memory_budget
-    DEFERRED = "deferred: kept until the end of the backward"  # a piece of the model: clipped with the others
+    DEFERRED = "deferred: per-sample gradients kept until the end of the backward"  # a piece of the model
+    DEFERRED_GHOST = "deferred: ghost norm, site operands kept until the end of the backward"  # a piece, ghost
 
 
 @dataclasses.dataclass

@@ -6,13 +6,15 @@ in its user stack); a graph compiled with ``options={"graphs": "several"}`` (reg
 by the user's word. Any other graph is the whole model and clips in the graph (the fast path); if at run
 time it meets other bk_dp graphs in its backward, ``bkcompile.backwards`` refuses it.
 
-A piece's backward does not clip: each trainable parameter's gradient becomes its per-sample gradients
-(B, n) (the explicit strategy of ``clip.py``), handed over with the loss scale s and the parameters to
-``bkcompile::defer_grads``, which returns zeros::
+A piece's backward does not clip: each trainable parameter hands over, with the loss scale s, to
+``bkcompile::defer_grads`` (which returns zeros) either its per-sample gradients (B, n) (explicit, as in
+``clip.py``) or, when the cost model chose ghost, its ghost norm and its site's operands
+(``bookkeeping.py``)::
 
     before:  grad_w = mm(t(grad_out), act)                                       -> output
-    after:   g = reshape(bmm(t(act_i), grad_out_i), [B, -1])
-             zeros = defer_grads([w, ...], [g, ...], s, graph)                  -> getitem(zeros, 0) -> output
+    after:   g = reshape(bmm(t(act_i), grad_out_i), [B, -1])                    (explicit)
+             n = ghost_norm(grad_out, act)                                      (ghost)
+             zeros = defer_grads([w, v], [g], s, graph, [n], [grad_out, act])   -> getitem(zeros, k) -> output
 
 ``bkcompile.deferred.finalize`` clips them with the other pieces' at the end of the backward.
 """
@@ -24,10 +26,13 @@ import operator
 
 import torch
 import torch.fx
+from bkcompile.passes.bookkeeping import keep_site
 from bkcompile.passes.clip import batch_size_value, erase_dead, loss_factor, per_sample_grad, trainable_grads
+from bkcompile.passes.cost import Strategy
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
 from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.site_kinds import SITE_KINDS
 
 from bkcompile.deferred import PieceGraph, register_piece
 from bkcompile.errors import SampleMixingError, node_error
@@ -66,33 +71,59 @@ def refuse_batch_outputs(joint: JointGraph, role: GraphRole) -> None:
             )
 
 
-def _piece(state, loss: str, from_loss: bool) -> int:
-    names = tuple(p.name for p in state.params)
-    return register_piece(PieceGraph(state.role.label, state.options, names, state.grouping, loss, from_loss))
-
-
-def defer_clipping(state) -> None:
-    """Replace each trainable parameter's gradient by its per-sample gradients, handed to ``defer_grads``."""
+def defer_clipping(state) -> set[str]:
+    """Hand each trainable parameter's part of the clip to ``defer_grads``: its ghost norm and kept site
+    operands (``bookkeeping.py``) when the cost model chose ghost, else its per-sample gradients. Returns
+    the names of the parameters kept by book-keeping."""
     joint, params = state.joint, state.params
     if not params:
-        return
+        return set()
     graph = joint.gm.graph
     emit = Emitter(graph, state.fake_mode)
     dtype = state.cost.norm_dtype
+    strategies = {plan.param: plan.strategy for plan in state.cost.plans}
+    kept = {}
+    for param in params:
+        if strategies[param] is Strategy.GHOST:
+            site = keep_site(joint, param, dtype, state.fake_mode)
+            if site is not None:
+                kept[param.name] = site
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         batch = batch_size_value(emit, joint)
+    norms = []
+    for param in params:
+        if param.name in kept:
+            site = param.sites[0]
+            with graph.inserting_before(site.node):
+                norms.append(SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype))
+    explicit = [p for p in params if p.name not in kept]
+    keeping = [p for p in params if p.name in kept]
     with graph.inserting_before(graph.output_node()):
         grads = []
-        for param in params:
+        for param in explicit:
             value = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             grads.append(emit(aten.reshape.default, value, [batch, -1]))
         factor = loss_factor(emit, state.scale, batch, dtype)
         if factor is None:
             factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)
-        graph_id = _piece(state, state.scale.kind.value, not state.scale.from_option)
-        _hand_over(emit, joint, [p.index for p in params], grads, factor, graph_id)
+        sites = tuple(kept[p.name] for p in keeping)
+        names = tuple(p.name for p in explicit + keeping)
+        piece = PieceGraph(
+            state.role.label,
+            state.options,
+            names,
+            state.grouping,
+            state.scale.kind.value,
+            not state.scale.from_option,
+            sites,
+        )
+        handed = Handover(
+            [p.index for p in explicit + keeping], grads, factor, norms, [v for s in sites for v in s.operands]
+        )
+        _hand_over(emit, joint, handed, register_piece(piece))
     for param in params:
         erase_dead(graph, param.grad)
+    return set(kept)
 
 
 def defer_single_sample(state) -> None:
@@ -109,14 +140,35 @@ def defer_single_sample(state) -> None:
         factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)
         names = tuple(name for _, name, _ in grads)
         graph_id = register_piece(PieceGraph(state.role.label, state.options, names, state.grouping, "sum", False))
-        _hand_over(emit, joint, [index for index, _, _ in grads], flat, factor, graph_id)
+        _hand_over(emit, joint, Handover([index for index, _, _ in grads], flat, factor), graph_id)
 
 
-def _hand_over(emit: Emitter, joint: JointGraph, indices: list[int], grads: list, factor, graph_id: int) -> None:
-    """Emit ``defer_grads`` and make its zeros the gradient outputs at ``indices``."""
-    primals = joint.primals
-    call = emit(torch.ops.bkcompile.defer_grads.default, [primals[i] for i in indices], grads, factor, graph_id)
+@dataclasses.dataclass
+class Handover:
+    """What a piece's backward hands to ``defer_grads``: the gradient outputs it replaces (the explicit
+    parameters' first, then the kept ones), the explicit per-sample gradients, the loss scale, and the kept
+    parameters' ghost norms and site operands."""
+
+    indices: list[int]
+    grads: list[torch.fx.Node]
+    factor: torch.fx.Node
+    norms: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+    operands: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+
+
+def _hand_over(emit: Emitter, joint: JointGraph, handed: Handover, graph_id: int) -> None:
+    """Emit ``defer_grads`` and make its zeros the gradient outputs at ``handed.indices``."""
+    primals = [joint.primals[i] for i in handed.indices]
+    call = emit(
+        torch.ops.bkcompile.defer_grads.default,
+        primals,
+        handed.grads,
+        handed.factor,
+        graph_id,
+        handed.norms,
+        handed.operands,
+    )
     outputs = joint.outputs
-    for k, index in enumerate(indices):
+    for k, index in enumerate(handed.indices):
         outputs[joint.num_fwd_outputs + index] = emit(operator.getitem, call, k)
     joint.gm.graph.output_node().args = (outputs,)

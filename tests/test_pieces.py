@@ -372,14 +372,39 @@ def test_one_graph_stays_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
         weight = weight.args[0]
     assert any(torch.ops.aten.mul.Tensor == a.target for a in weight.all_input_nodes)
     graphs.clear()
-    compiled_grads(Broken(), (x,), F.cross_entropy, (y,), options=_options())
+    compiled_grads(Broken(), (x,), F.cross_entropy, (y,), options=_options(strategy="ghost"))
     assert len(graphs) == 2
     for piece in graphs:
         targets = _targets(piece)
-        assert torch.ops.bkcompile.defer_grads.default in targets
         assert torch.ops.bkcompile.record_norms.default not in targets
-        deferred = [o for o in piece.graph.output_node().args[0] if isinstance(o, torch.fx.Node) and o.args]
-        assert any(o.args[0].target == torch.ops.bkcompile.defer_grads.default for o in deferred)
+        (call,) = piece.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.defer_grads.default)
+        params, grads, _, _, norms, operands = call.args
+        # ghost: each parameter hands over its norm (B,) and its site's operands, no per-sample gradients
+        assert len(params) == len(norms) == 2 and grads == []
+        assert all(tuple(n.meta["val"].shape) == (7,) for n in norms) and len(operands) == 3  # weight: 2, bias: 1
+        outputs = [o for o in piece.graph.output_node().args[0] if isinstance(o, torch.fx.Node) and o.args]
+        assert sum(o.args[0] is call for o in outputs) == 2
+
+
+class ConvBroken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        torch._dynamo.graph_break()
+        return self.out(h.flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "explicit"])
+def test_kept_sites_and_per_sample_gradients_across_graphs(strategy: str) -> None:
+    torch.manual_seed(12)
+    model = ConvBroken().double()
+    x, y = _data(torch.float64, 7, shape=(2, 5, 5))
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=R)
+    got, _ = compiled_grads(model, (x,), F.cross_entropy, (y,), options=_options(strategy=strategy))
+    assert_matches(got, want, torch.float64)
 
 
 def test_whole_graph_meeting_other_graphs_is_refused() -> None:

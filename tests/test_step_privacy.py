@@ -204,6 +204,26 @@ def test_eager_stem_before_a_compiled_block_is_refused() -> None:
         F.cross_entropy(model(x), y).backward()
 
 
+class _BlockThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("graphs", ["auto", "several"])
+def test_eager_head_after_a_compiled_block_is_refused_on_the_plain_path(graphs: str) -> None:
+    torch.manual_seed(0)
+    model = _BlockThenHead().double()
+    model.block.compile(backend="bk_dp", options={**OPTIONS, "graphs": graphs})
+    x, y = _batch(4)
+    with pytest.raises(bkcompile.UnclippedGradientError, match="'head.(weight|bias)' received a gradient that no"):
+        F.cross_entropy(model(x), y).backward()
+
+
 def test_blocks_compiled_one_by_one_are_refused_and_never_share_a_clip_state() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(_Block(6, 6), _Block(6, 3)).double()

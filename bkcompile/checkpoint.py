@@ -1,0 +1,74 @@
+"""Checkpoint and resume a private training run: model, DP optimizer, Poisson loader, in one atomic file.
+
+A checkpoint holds the model's parameters and buffers, the wrapped optimizer's state, the accountant's
+history, the adaptive clipping thresholds, where the loader stands in its epoch, and the states of the
+sampling and noise generators. Resuming from it gives the same epsilon and, the generators being part
+of it, the same continuation bit for bit as the run that was not interrupted. Take it after
+``optimizer.step()`` (between steps), so that it holds whole steps: none lost, none counted twice.
+
+The generator states are secret (whoever has them knows the coming batches and noise): a checkpoint is as
+private as the training data. Publish ``model.state_dict()`` instead.
+
+Writes are atomic: the checkpoint goes to a temporary file in the same directory, is flushed to disk,
+and then renamed over ``path``; a crash during the save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bkcompile.data import PoissonLoader
+from bkcompile.errors import BKError
+from bkcompile.optimizer import DPOptimizer
+
+FORMAT = "bkcompile-checkpoint-1"
+
+
+def _module(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # the module inside torch.compile's wrapper
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: DPOptimizer, loader: PoissonLoader, **extra
+) -> None:
+    """Write model, optimizer and loader state (and ``extra`` picklable values, e.g. the epoch) atomically."""
+    state = {
+        "format": FORMAT,
+        "model": _module(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "loader": loader.state_dict(),
+        "extra": extra,
+    }
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: DPOptimizer, loader: PoissonLoader
+) -> dict:
+    """Restore model, optimizer and loader from ``path`` (made as for the saved run); returns the ``extra`` values."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise BKError(f"{path} is not a bkcompile checkpoint (written by bkcompile.save_checkpoint)")
+    _module(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    return state["extra"]
