@@ -55,7 +55,7 @@ def test_batch_axis_keeps_a_merged_batch_as_the_major_factor() -> None:
 
 def test_sites_of_a_linear_layer_and_of_a_weight_used_twice() -> None:
     state = run_until("sites", _linear_mean, _linear_params(), torch.randn(5, 4, dtype=torch.float64))
-    assert [(p.name, [s.kind for s in p.sites]) for p in state.params] == [
+    assert [(p.name, [s.kind.name for s in p.sites]) for p in state.params] == [
         ("fc.weight", ["matmul"]),
         ("fc.bias", ["sum"]),
     ]
@@ -66,7 +66,7 @@ def test_sites_of_a_linear_layer_and_of_a_weight_used_twice() -> None:
 
     state = run_until("sites", twice, {"w": torch.randn(4, 4, requires_grad=True)}, torch.randn(5, 4))
     (param,) = state.params
-    assert (param.name, [s.kind for s in param.sites]) == ("w", ["matmul", "matmul"])
+    assert (param.name, [s.kind.name for s in param.sites]) == ("w", ["matmul", "matmul"])
 
 
 # --- loss_scale ------------------------------------------------------------------------------------------
