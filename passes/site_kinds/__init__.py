@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.site_kinds import conv, embedding, matmul
+from bkcompile.passes.site_kinds import conv, embedding, matmul, mv
 from bkcompile.passes.site_kinds import sum as sums
 from bkcompile.passes.site_kinds.common import SiteKind, reduces_samples
 
@@ -22,6 +22,7 @@ SITE_KINDS: tuple[SiteKind, ...] = (
     sums.KIND,  # sum over the sample axis: biases, norm affine weights, elementwise scales
     embedding.KIND,  # embedding_dense_backward: embedding tables
     conv.KIND,  # convolution_backward weight and bias outputs
+    mv.KIND,  # mv contracting over the samples: vector parameters used as h @ w
 )
 
 
