@@ -23,6 +23,7 @@ from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
 from bkcompile.passes.pieces import GraphRole
+from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -33,14 +34,13 @@ _DECOMPOSE = [
     aten.native_batch_norm_backward.default,
     aten.native_group_norm_backward.default,
 ]
-# Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites, and
-# GroupNorm (its decomposition views the batch through as_strided).
+# Ops the pass reads whole: the loss normaliser of nll_loss, GroupNorm (its decomposition views the batch
+# through as_strided), and the sites some site kinds read whole.
 _KEEP = [
     aten.nll_loss_forward.default,
     aten.nll_loss_backward.default,
-    aten.embedding_dense_backward.default,
-    aten.convolution_backward.default,
     aten.native_group_norm.default,
+    *kept_ops(),
 ]
 # Ops the pass emits that Inductor lowers through their decomposition.
 _EMITTED = [aten.im2col.default, aten.zeros.default]

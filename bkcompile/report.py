@@ -161,7 +161,7 @@ def build_report(state: PassState) -> CostReport:
             rows.append(
                 SiteRow(
                     param=plan.param.name,
-                    kind=site.site.kind,
+                    kind=site.site.kind.name,
                     module=module_of(node) or "-",
                     source=source_line(node) or "-",
                     sizes={str(k): str(v) for k, v in site.sizes.items()},

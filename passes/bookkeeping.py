@@ -25,7 +25,6 @@ import torch.fx
 from bkcompile.passes.clip import erase_dead, per_sample_grad
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.site_kinds import SITE_KINDS
 from bkcompile.passes.sites import ParamGrad, preserved_operand
 
 aten = torch.ops.aten
@@ -92,7 +91,7 @@ def keep_site(joint: JointGraph, param: ParamGrad, dtype: torch.dtype, fake_mode
     source, dim = joint.batch_source
     batch_val = source.meta["val"].shape[dim]
     site = param.sites[0]
-    kind = SITE_KINDS[site.kind]
+    kind = site.kind
 
     graph, emit, env, weights = _copy(joint, nodes, external, fake_mode, batch_val)
     graph.output(env[param.grad])

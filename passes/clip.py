@@ -27,7 +27,8 @@ from bkcompile.passes.emit import Emitter
 from bkcompile.passes.groups import Grouping
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.loss import LossScale, ScaleKind
-from bkcompile.passes.site_kinds import SITE_KINDS, Size, mask_padding, per_sample_tables, static_shape
+from bkcompile.passes.site_kinds.common import Size, static_shape
+from bkcompile.passes.site_kinds.embedding import mask_padding, per_sample_tables
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
@@ -118,7 +119,7 @@ def _lift_linear(
 def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
-        return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
+        return sites[node].kind.per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
         left, right = (per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
         return emit(aten.add.Tensor, left, right)
@@ -221,7 +222,7 @@ def insert_clipping(
         if plan.strategy is Strategy.GHOST:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                squares[param.name] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
+                squares[param.name] = site.kind.sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
@@ -240,7 +241,7 @@ def insert_clipping(
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
                 continue
             site = param.sites[0]
-            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.name], batch)
+            weighted = site.kind.reweight(emit, joint, site.node, weights[param.name], batch)
             site.node.replace_all_uses_with(weighted)
             erase_dead(graph, site.node)
     outputs = joint.outputs

@@ -1,9 +1,10 @@
 """The cost model: for each site, the extra time (FLOPs) and memory (bytes) of each strategy, in sympy.
 
-Symbols: ``B`` the batch size, ``T`` the rows each sample has at the site (tokens, output positions),
-``p`` and ``d`` the two dims of the gradient (out and in features; for a convolution, per group of ``G``,
-out channels and in channels x kernel positions), ``V`` an embedding's table size. Costs count what privacy adds to the
-ordinary backward:
+Each site kind gives the sizes of the symbols at its site and the cost of each strategy (its ``cost``, in its
+module of ``site_kinds``). Symbols (``site_kinds.common``): ``B`` the batch size, ``T`` the rows each sample
+has at the site (tokens, output positions), ``p`` and ``d`` the two dims of the gradient (out and in
+features; for a convolution, per group of ``G``, out channels and in channels x kernel positions), ``V`` an
+embedding's table size. Costs count what privacy adds to the ordinary backward:
 
 - ghost (matmul): the two per-sample Gram matrices and their product, 2BT^2(p+d) + BT^2 FLOPs and
   2BT^2 values; the weighted reduction replaces the original one.
@@ -24,89 +25,31 @@ import dataclasses
 import enum
 import operator
 import warnings
-from collections.abc import Callable
 
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.facts import exact_quotient, product, shape_exprs
+from bkcompile.passes.facts import product, shape_exprs
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.site_kinds import SITE_KINDS
+from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
 
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
-B, T, p, d, V, G = sympy.symbols("B T p d V G", positive=True, integer=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cost:
-    time: sympy.Expr  # FLOPs
-    memory: sympy.Expr  # values held (times the norm dtype's size: bytes)
 
 
 @dataclasses.dataclass
 class SiteCost:
     site: Site
-    sizes: dict[sympy.Symbol, sympy.Expr]  # what the symbols stand for at this site
+    sizes: Sizes  # what the symbols stand for at this site
     ghost: Cost | None
     explicit: Cost
 
 
-# --- one cost function per site kind: (sizes, ghost cost or None, explicit cost) --------------------------
-
-
-def _rows(total: sympy.Expr, batch: sympy.Expr, *others: sympy.Expr) -> sympy.Expr:
-    return exact_quotient(total, batch * product(list(others))) or sympy.Integer(1)
-
-
-def _matmul_cost(joint: JointGraph, node: torch.fx.Node):
-    a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
-    lead = a[0] if len(a) == 3 else sympy.Integer(1)
-    sizes = {B: joint.batch, T: _rows(a[-1], joint.batch), p: a[-2], d: b[-1]}
-    ghost = Cost(lead * B * (2 * T**2 * (p + d) + T**2), lead * 2 * B * T**2)
-    return sizes, ghost, Cost(lead * 3 * B * p * d, lead * B * p * d)
-
-
-def _sum_cost(joint: JointGraph, node: torch.fx.Node):
-    out = product(shape_exprs(node.meta["val"]))
-    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[0].meta["val"])), joint.batch, out), p: out}
-    direct = Cost(B * T * p + 2 * B * p, B * p)  # ghost and explicit are the same per-sample sum
-    return sizes, direct, direct
-
-
-def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
-    vocab, width = shape_exprs(node.meta["val"])
-    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
-    return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
-
-
-def _conv_cost(joint: JointGraph, node: torch.fx.Node):
-    conv = node.args[0]
-    grad_out = shape_exprs(conv.args[0].meta["val"])
-    positions = _rows(product(grad_out), joint.batch, grad_out[1])
-    if node.args[1] == 2:  # bias: a per-sample sum over positions
-        direct = Cost(B * T * p + 2 * B * p, B * p)
-        return {B: joint.batch, T: positions, p: grad_out[1]}, direct, direct
-    weight = shape_exprs(conv.args[2].meta["val"])
-    groups = sympy.Integer(conv.args[9])
-    sizes = {B: joint.batch, T: positions, G: groups, p: weight[0] / groups, d: product(weight[1:])}
-    ghost = Cost(G * B * (2 * T**2 * (p + d) + T**2), 2 * G * B * T**2)  # Gram matrices of each group
-    return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
-
-
-COSTS: dict[str, Callable] = {
-    "matmul": _matmul_cost,
-    "sum": _sum_cost,
-    "embedding": _embedding_cost,
-    "conv": _conv_cost,
-}
-
-
 def site_cost(joint: JointGraph, site: Site) -> SiteCost:
-    sizes, ghost, explicit = COSTS[site.kind](joint, site.node)
-    return SiteCost(site, sizes, ghost if SITE_KINDS[site.kind].ghost_ok(site.node) else None, explicit)
+    sizes, ghost, explicit = site.kind.cost(joint, site.node)
+    return SiteCost(site, sizes, ghost if site.kind.ghost_ok(site.node) else None, explicit)
 
 
 # --- evaluating at the compiled sizes ----------------------------------------------------------------
@@ -169,7 +112,7 @@ class ParamPlan:
         if self.reason is Reason.SCALED:
             return "its gradient is scaled after the site: the per-sample values are formed"
         if self.reason is Reason.NO_GHOST:
-            return f"no ghost norm for this {self.param.sites[0].kind} site"
+            return f"no ghost norm for this {self.param.sites[0].kind.name} site"
         if self.reason is Reason.FORCED:
             return f"strategy={self.strategy.value!r}"
         return self.reason.value
@@ -192,7 +135,7 @@ def _ghost_blocked(param: ParamGrad) -> Reason | None:
     if param.scaled:
         return Reason.SCALED
     site = param.sites[0]
-    if not SITE_KINDS[site.kind].ghost_ok(site.node):
+    if not site.kind.ghost_ok(site.node):
         return Reason.NO_GHOST
     return None
 

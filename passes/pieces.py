@@ -32,7 +32,6 @@ from bkcompile.passes.cost import Strategy
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.site_kinds import SITE_KINDS
 
 from bkcompile.deferred import PieceGraph, register_piece
 from bkcompile.errors import SampleMixingError, node_error
@@ -95,7 +94,7 @@ def defer_clipping(state) -> set[str]:
         if param.name in kept:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                norms.append(SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype))
+                norms.append(site.kind.sq_norm(emit, joint, site.node, batch, dtype))
     explicit = [p for p in params if p.name not in kept]
     keeping = [p for p in params if p.name in kept]
     with graph.inserting_before(graph.output_node()):

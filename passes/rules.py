@@ -575,6 +575,11 @@ def bmm(r: RuleInput) -> Fact:
     return _matmul(r, r.arg(0, "self"), r.arg(1, "mat2"), lead=1)
 
 
+@register_batch_rule(aten.mv.default)
+def mv(r: RuleInput) -> Fact:  # a matrix product with one column
+    return _matmul(r, r.arg(0, "self"), r.arg(1, "vec"), lead=0)
+
+
 @register_batch_rule(aten.addmm.default)
 def addmm(r: RuleInput) -> Fact:
     product_fact = _matmul(r, r.arg(1, "mat1"), r.arg(2, "mat2"), lead=0)

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.joint import GraphInput, JointGraph
-from bkcompile.passes.site_kinds import kind_of, reduces_samples
+from bkcompile.passes.site_kinds import SiteKind, kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 
@@ -71,7 +71,7 @@ LINEAR_MAPS = SCALINGS | {aten.embedding_dense_backward.default, aten.sum.dim_In
 @dataclasses.dataclass(frozen=True)
 class Site:
     node: torch.fx.Node  # the op that reduces over the samples
-    kind: str  # a key of site_kinds.SITE_KINDS
+    kind: SiteKind  # a row of site_kinds.SITE_KINDS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

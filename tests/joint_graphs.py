@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._inductor.pattern_matcher  # noqa: F401  (the clipping pass imports it: ~2 s once, not per test)
 from bkcompile.passes import PIPELINE, PassState
 from bkcompile.passes.driver import run_passes
 from bkcompile.passes.facts import REPLICATED, Batched

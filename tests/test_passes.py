@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from bkcompile.passes.cost import Reason, Strategy
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched
 from bkcompile.passes.loss import ScaleKind
+from bkcompile.passes.site_kinds import SITE_KINDS, kept_ops, mv
 from joint_graphs import node, run_until
 from torch.func import grad, vmap
 
@@ -55,7 +56,7 @@ def test_batch_axis_keeps_a_merged_batch_as_the_major_factor() -> None:
 
 def test_sites_of_a_linear_layer_and_of_a_weight_used_twice() -> None:
     state = run_until("sites", _linear_mean, _linear_params(), torch.randn(5, 4, dtype=torch.float64))
-    assert [(p.name, [s.kind for s in p.sites]) for p in state.params] == [
+    assert [(p.name, [s.kind.name for s in p.sites]) for p in state.params] == [
         ("fc.weight", ["matmul"]),
         ("fc.bias", ["sum"]),
     ]
@@ -66,7 +67,18 @@ def test_sites_of_a_linear_layer_and_of_a_weight_used_twice() -> None:
 
     state = run_until("sites", twice, {"w": torch.randn(4, 4, requires_grad=True)}, torch.randn(5, 4))
     (param,) = state.params
-    assert (param.name, [s.kind for s in param.sites]) == ("w", ["matmul", "matmul"])
+    assert (param.name, [s.kind.name for s in param.sites]) == ("w", ["matmul", "matmul"])
+
+
+def test_sites_of_a_vector_parameter_are_an_mv_and_the_kinds_are_one_table() -> None:
+    def score(v, x):  # (B, T, d) @ (d,): mv on the (B*T, d) view
+        return torch.tanh(x @ v).sum()
+
+    state = run_until("sites", score, {"v": torch.randn(4, requires_grad=True)}, torch.randn(5, 3, 4))
+    (param,) = state.params
+    assert [s.kind for s in param.sites] == [mv.KIND] and param.sites[0].node.target == aten.mv.default
+    assert len({kind.name for kind in SITE_KINDS}) == len(SITE_KINDS)
+    assert set(kept_ops()) == {aten.embedding_dense_backward.default, aten.convolution_backward.default}
 
 
 # --- loss_scale ------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""``embedding_dense_backward(grad (..., d), indices (...), V, padding_idx, by_freq)``: an embedding table's
+gradient. Ghost norm by index equality: rows that hit the same entry add up."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from bkcompile.passes.emit import Emitter
+from bkcompile.passes.facts import Replicated, product, shape_exprs
+from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.site_kinds.common import (
+    B,
+    Cost,
+    SiteKind,
+    Size,
+    T,
+    V,
+    d,
+    on_dim0,
+    reweight_operand,
+    rows,
+    static_shape,
+)
+
+aten = torch.ops.aten
+
+
+def _embeddingrows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
+    """Per-sample rows (B, T, d) with padding rows zeroed, and their indices (B, T)."""
+    grad, indices, _, padding_idx = node.args[:4]
+    rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, -1, grad.meta["val"].shape[-1]])
+    # a dense copy: the gradient of a pooled embedding is often an expand (stride 0), slow for the Gram bmm
+    rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
+    index = emit(aten.reshape.default, indices, [batch, -1])
+    return mask_padding(emit, rows, index, padding_idx), index
+
+
+def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, padding_idx: int | None) -> torch.fx.Node:
+    """``rows`` (B, n, d) with the rows whose ``index`` (B or 1, n) is ``padding_idx`` zeroed."""
+    if padding_idx is None or padding_idx < 0:
+        return rows
+    keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), rows.meta["val"].dtype)
+    return emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, keep, 2))
+
+
+def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, vocab: int, batch: Size):
+    """(B, V, d): rows (B, n, d) added at ``index`` (B or 1, n) into a zero table of each sample."""
+    width = rows.meta["val"].shape[-1]
+    table = emit(
+        aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype, device=rows.meta["val"].device
+    )
+    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [batch, -1, width])
+    return emit(aten.scatter_add.default, table, 1, where, rows)
+
+
+def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """``||G_i||^2 = sum_{t,s} [idx_t = idx_s] <g_t, g_s>``: rows that hit the same entry add up."""
+    rows, index = _embeddingrows(emit, node, batch, dtype)
+    gram = emit(aten.bmm.default, rows, emit(aten.permute.default, rows, [0, 2, 1]))  # (B, T, T)
+    equal = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, index, 2), emit(aten.unsqueeze.default, index, 1))
+    return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, gram, emit.to_dtype(equal, dtype)), [1, 2])
+
+
+def embedding_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """(B, V, d): each sample's rows scattered (added) into its own copy of the table."""
+    rows, index = _embeddingrows(emit, node, batch, dtype)
+    return per_sample_tables(emit, rows, index, static_shape(node)[0], batch)
+
+
+def _embedding_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    """Per-sample rows with per-sample indices, or with indices the samples share (an expanded buffer)."""
+    if node.target != aten.embedding_dense_backward.default or not on_dim0(joint, node.args[0]):
+        return False
+    grad, indices = (v.meta["val"] for v in node.args[:2])
+    shared = isinstance(joint.facts.get(node.args[1]), Replicated) and tuple(indices.shape) == tuple(grad.shape[:-1])
+    return shared or on_dim0(joint, node.args[1])
+
+
+def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
+    vocab, width = shape_exprs(node.meta["val"])
+    sizes = {B: joint.batch, T: rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
+    return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
+
+
+KIND = SiteKind(
+    "embedding",
+    _embedding_matches,
+    embedding_per_sample,
+    _embedding_cost,
+    sq_norm=embedding_sq_norm,
+    reweight=reweight_operand,
+    keep=(aten.embedding_dense_backward.default,),
+)
