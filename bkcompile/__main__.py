@@ -1,9 +1,13 @@
-"""Command line: ``python -m bkcompile explain path/to/file.py:factory --input-shape 8,3,32,32 [options]``.
+"""Command line of bkcompile.
 
-Builds the model with ``factory()`` (a function or class in a Python file, or in an importable module:
-``package.module:factory``), privatizes it for
-a random input of the given shape (floats, or token ids below ``--int-input``) and prints the
-cost-model report.
+``python -m bkcompile explain path/to/file.py:factory --input-shape 8,3,32,32 [options]`` builds the model
+with ``factory()`` (a function or class in a Python file, or in an importable module:
+``package.module:factory``), privatizes it for a random input of the given shape (floats, or token ids
+below ``--int-input``) and prints the cost-model report.
+
+``python -m bkcompile audit --noise-multiplier S --steps T --canaries M --seed K [--sample-rate Q]`` plays
+the canary game of :mod:`bkcompile.audit` (a progress bar on stderr) and prints, last,
+``empirical epsilon lower bound X <= epsilon Y``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ import importlib
 import importlib.util
 import pathlib
 import sys
+from collections.abc import Callable
 
 import torch
 
+from bkcompile.audit import AuditResult, CanaryGame, run_canary_game
+from bkcompile.errors import BKError
 from bkcompile.report import explain
+
+BAR_WIDTH = 30
 
 
 def _factory(spec: str):
@@ -42,9 +51,7 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bkcompile", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _explain_parser(commands) -> None:
     cmd = commands.add_parser("explain", help="print the cost-model report of a model")
     cmd.add_argument(
         "factory", help="file.py:factory or module:factory returning the model, e.g. examples/models.py:small_cnn"
@@ -59,12 +66,89 @@ def main(argv: list[str] | None = None) -> None:
         help="a bk_dp option, e.g. strategy=explicit (repeatable)",
     )
     cmd.add_argument("--markdown", action="store_true", help="print the report as markdown")
-    args = parser.parse_args(argv)
+
+
+def _explain(args: argparse.Namespace) -> None:
     shape = [int(s) for s in args.input_shape.split(",")]
     example = torch.randint(0, args.int_input, shape) if args.int_input else torch.randn(shape)
     report = explain(_factory(args.factory)(), example, **dict(_option(o) for o in args.option))
     print(report.to_markdown() if args.markdown else report)
 
 
+def _audit_parser(commands) -> None:
+    cmd = commands.add_parser("audit", help="an empirical lower bound on epsilon from a canary game")
+    cmd.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="sigma (0: no noise)")
+    cmd.add_argument("--steps", type=int, required=True, metavar="T", help="DP-SGD steps")
+    cmd.add_argument("--canaries", type=int, required=True, metavar="M", help="Dirac canaries, each in w.p. 1/2")
+    cmd.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the whole game (default 0)")
+    cmd.add_argument("--sample-rate", type=float, default=1.0, metavar="Q", help="Poisson sample rate (default 1)")
+    cmd.add_argument("--delta", type=float, default=1e-5, help="delta of both epsilons (default 1e-5)")
+    cmd.add_argument("--significance", type=float, default=0.05, help="of the lower bounds (default 0.05)")
+    cmd.add_argument("--max-grad-norm", type=float, default=1.0, metavar="R", help="clipping threshold (default 1)")
+    cmd.add_argument("--compiler", choices=("aot_eager", "inductor"), default="aot_eager", help="inner compiler")
+
+
+def _progress_bar(total: int) -> Callable[[int], None]:
+    def show(step: int) -> None:
+        done = BAR_WIDTH * step // total
+        end = "\n" if step == total else ""
+        print(f"\raudit [{'#' * done}{'.' * (BAR_WIDTH - done)}] {step}/{total} steps", end=end, file=sys.stderr)
+        sys.stderr.flush()
+
+    return show
+
+
+def audit_summary(game: CanaryGame, result: AuditResult) -> str:
+    """The audit's printed lines; the last one compares the lower bound with the accountant's epsilon."""
+    holds = result.epsilon_lower_bound <= result.epsilon
+    verdict = "<=" if holds else ">"
+    last = f"empirical epsilon lower bound {result.epsilon_lower_bound:.2f} {verdict} epsilon {result.epsilon:.2f}"
+    return "\n".join(
+        [
+            f"canaries {game.canaries} ({int(result.included.sum())} in), steps {game.steps}, noise multiplier "
+            f"{game.noise_multiplier:g}, sample rate {game.sample_rate:g}, delta {game.delta:g}, "
+            f"significance {game.significance:g}",
+            f"guesses {result.guesses}, correct {result.correct}; Gaussian-DP fit: epsilon >= "
+            f"{result.gdp_lower_bound:.2f}",
+            last if holds else f"{last} (the claimed epsilon is falsified)",
+        ]
+    )
+
+
+def _audit(args: argparse.Namespace) -> int:
+    game = CanaryGame(
+        noise_multiplier=args.noise_multiplier,
+        steps=args.steps,
+        canaries=args.canaries,
+        seed=args.seed,
+        sample_rate=args.sample_rate,
+        max_grad_norm=args.max_grad_norm,
+        delta=args.delta,
+        significance=args.significance,
+        compiler=args.compiler,
+    )
+    progress = _progress_bar(game.steps)
+    progress(0)
+    result = run_canary_game(game, progress)
+    print(audit_summary(game, result))
+    return 0 if result.epsilon_lower_bound <= result.epsilon else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; the exit status is 1 when an audit falsifies the claimed epsilon."""
+    parser = argparse.ArgumentParser(prog="python -m bkcompile", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _explain_parser(commands)
+    _audit_parser(commands)
+    args = parser.parse_args(argv)
+    if args.command == "explain":
+        _explain(args)
+        return 0
+    try:
+        return _audit(args)
+    except BKError as error:
+        parser.error(str(error))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,8 @@ share of the loss, and the loss scale s; it returns zero gradients. When the aut
 1. adds a parameter's per-sample gradients over the pieces (a tied embedding used by the first and the
    last piece gets its cross terms exactly: sample i's gradient is the sum of its parts);
 2. groups the parameters by the clipping option across the pieces (a group may span pieces);
-3. forms each group's per-sample norms ``n_ig = s ||G_ig||``, records them in the group's clip state
+3. forms each group's per-sample norms ``n_ig = s ||G_ig|| / S`` (S: a GradScaler's scale, 1 without one),
+   records them in the group's clip state
    (adaptive thresholds, ``last_per_sample_norms``), and the clip factors ``C_ig`` once;
 4. adds ``sum_i s C_ig G_i`` to each parameter's ``.grad``.
 
@@ -340,9 +341,10 @@ def finalize(backward: Backward) -> None:
     clip_record = Clip(state, tuple(map(id, tensors)))
     dtype = torch.float64 if any(_norms(p.grad).dtype == torch.float64 for p in params.values()) else torch.float32
     scale = scale.to(dtype)
+    amp = state.loss_scale(scale)  # a GradScaler's scale S in the gradients (1 without one): norms unscaled
     spans = []
     for group, group_params in enumerate(members):
-        norms = torch.stack([_norms(p.grad).to(dtype) for p in group_params]).sum(0).sqrt() * scale
+        norms = torch.stack([_norms(p.grad).to(dtype) for p in group_params]).sum(0).sqrt() * scale / amp
         threshold = state.record(norms, group)
         if options.clip_fn == "automatic":
             clip = threshold / (norms + options.clip_gamma)

@@ -28,6 +28,7 @@ graphs of one model (recompiles, blocks compiled one by one) share it once an op
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import weakref
@@ -92,6 +93,11 @@ class GraphRecord:
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    known: list[weakref.ref] = dataclasses.field(default_factory=list)  # the parameters of the last call
+
+    @functools.cached_property
+    def trainable(self) -> frozenset[int]:
+        return frozenset(self.indices)
 
     def wrap(self, compiled: Callable) -> Callable:
         """The compiled graph, with its trainable parameters passed through the ledger's tap."""
@@ -102,11 +108,14 @@ class GraphRecord:
                 return compiled(*args)
             args = list(args)
             params = [args[i] for i in indices]
-            _know(params, self.names)
+            if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
+                _know(params, self.names)
+                self.known = [weakref.ref(p) for p in params]
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
-            call = CallRecord(self, where, _eager_upstream(args, set(indices)), params)
+            others = [args[i] for i in range(len(args)) if i not in self.trainable]
+            call = CallRecord(self, where, _eager_upstream(others), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
@@ -134,8 +143,9 @@ class _Tap(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.call = call
         call.aliases = tuple(p.detach() for p in call.params)
-        for alias, p in zip(call.aliases, call.params):
-            _ORIGINS[alias] = p
+        if call.graph.piece:  # the deferred clip meets the aliases in the backward and asks for the parameters
+            for alias, p in zip(call.aliases, call.params):
+                alias._bk_parameter = p
         return call.aliases
 
     @staticmethod
@@ -149,12 +159,9 @@ class _Tap(torch.autograd.Function):
         return None, None
 
 
-_ORIGINS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the tensor a graph receives -> its parameter
-
-
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a tensor a compiled graph received for it (itself when it is no tap's alias)."""
-    return _ORIGINS.get(tensor, tensor)
+    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias)."""
+    return getattr(tensor, "_bk_parameter", tensor)
 
 
 class _BackwardWatch:
@@ -211,6 +218,13 @@ class StepLedger:
         self.states: list[ClipState] = []
         self.refusal: str | None = None  # the backend's refusal, when dynamo may run the model eagerly instead
         self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
+        self.grad_scaler: Any = None  # the GradScaler of the model's DPOptimizer (its scale is in the gradients)
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Every graph of the model divides its per-sample norms by this scaler's scale (now and later)."""
+        self.grad_scaler = scaler
+        for state in self.states:
+            state.grad_scaler = scaler
 
     def adopt(self, params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
         """Know these parameters: every eager accumulation into their ``.grad`` is refused from now on."""
@@ -228,6 +242,7 @@ class StepLedger:
             if state.same_groups(groups, members, initial):
                 return state
         state = ClipState(groups, members, names, tuple(initial), device)
+        state.grad_scaler = self.grad_scaler
         for key, thresholds in self._pending:
             if key == (groups, names, tuple(initial)):
                 with unset_fake_temporarily():  # the pass runs under a fake mode; the state holds real tensors
@@ -359,9 +374,9 @@ def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
     return root is not module and any(m is module for m in root.modules())
 
 
-def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...]:
-    """Parameters that computed the call's tensor inputs in eager autograd (stopping at other bk_dp taps)."""
-    roots = [a.grad_fn for i, a in enumerate(args) if i not in skip and isinstance(a, torch.Tensor) and a.grad_fn]
+def _eager_upstream(inputs: list) -> tuple[torch.nn.Parameter, ...]:
+    """Parameters that computed these inputs in eager autograd (stopping at other bk_dp taps)."""
+    roots = [a.grad_fn for a in inputs if isinstance(a, torch.Tensor) and a.grad_fn is not None]
     found: dict[int, torch.nn.Parameter] = {}
     seen: set = set()
     while roots:
@@ -374,6 +389,10 @@ def _eager_upstream(args: list, skip: set[int]) -> tuple[torch.nn.Parameter, ...
             found[id(variable)] = variable
         roots.extend(next_node for next_node, _ in node.next_functions)
     return tuple(found.values())
+
+
+def _alive(refs: list[weakref.ref], params: Sequence[torch.Tensor]) -> bool:
+    return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params))
 
 
 def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
@@ -417,6 +436,7 @@ def _merge(into: StepLedger, other: StepLedger) -> None:
     into.states.extend(s for s in other.states if s not in into.states)
     into.refusal = into.refusal or other.refusal
     into._pending.extend(other._pending)
+    into.use_grad_scaler(into.grad_scaler or other.grad_scaler)
 
 
 def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedger | None:

@@ -7,6 +7,13 @@ graph's clip factors use: thresholds are runtime values, so the DP optimizer can
 recompile, and the op's result feeds the gradients, so no compiler removes it. One call per group
 keeps the groups independent: a group's weighted reductions need only its own norms.
 
+Mixed precision: under ``torch.amp.GradScaler`` the loss scale S multiplies every per-sample gradient in
+the backward. Each graph divides its per-sample norms by ``bkcompile::loss_scale(like, key)`` before
+clipping: S read from the scaler's scale tensor on the device when ``DPOptimizer(grad_scaler=...)`` gave
+one (no host synchronisation), else 1. The clip factors are then those of the unscaled gradients (for
+automatic clipping too), the weighted sums stay scaled by S, and ``scaler.step(dp_optimizer)`` unscales
+them before the noise.
+
 Everything stays on the model's device: the op reads and writes device tensors only (no ``.cpu()``,
 no ``.item()``, no host synchronisation); the optimizer and :func:`last_per_sample_norms` copy when
 asked. A :class:`ClipState` belongs to the step ledger of its model (``bkcompile.ledger``), keyed by
@@ -19,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -43,6 +51,7 @@ class ClipState:
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
     rows: torch.Tensor = dataclasses.field(init=False)  # (G,) samples recorded since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
+    grad_scaler: Any = None  # the torch.amp.GradScaler whose scale multiplies the gradients, if any
     backwards: int = 0  # backwards that recorded norms
     _task: int = -1  # the autograd graph task of ``latest``
     _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded
@@ -76,6 +85,14 @@ class ClipState:
         self.below.zero_()
         self.rows.zero_()
 
+    def loss_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """The GradScaler's current scale S as a 0-dim tensor like ``like`` (1 without an enabled scaler)."""
+        scaler = self.grad_scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if scale is None:  # no scaler, or it has not scaled a loss yet: the gradients are not scaled
+            return torch.ones((), dtype=like.dtype, device=like.device)
+        return scale.detach().reshape(()).to(dtype=like.dtype, device=like.device, copy=True)
+
     def record(self, norms: torch.Tensor, group: int) -> torch.Tensor:
         """Keep a group's norms of this backward, count those under its threshold; return the threshold."""
         values = norms.detach() if norms.dtype == torch.float64 else norms.detach().float()
@@ -104,6 +121,16 @@ def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
 @record_norms.register_fake
 def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
     return norms.new_empty(())
+
+
+@torch.library.custom_op("bkcompile::loss_scale", mutates_args=())
+def loss_scale(like: torch.Tensor, key: int) -> torch.Tensor:
+    return _BY_KEY[key].loss_scale(like)
+
+
+@loss_scale.register_fake
+def _loss_scale_fake(like: torch.Tensor, key: int) -> torch.Tensor:
+    return like.new_empty(())
 
 
 def latest_norms(state: ClipState | None) -> torch.Tensor | None:

@@ -86,6 +86,13 @@ class DPOptimizer:
     has run). A step with no gradient (an empty Poisson batch) adds noise alone. With
     ``adaptive_clipping`` the thresholds follow a target quantile of the norms (:class:`AdaptiveClipping`).
 
+    Mixed precision: give the ``torch.amp.GradScaler`` as ``grad_scaler`` and step through it
+    (``scaler.scale(loss).backward(); scaler.step(dp_optimizer); scaler.update()``). The graphs clip the
+    unscaled per-sample norms (they read the scaler's scale on the device), ``step()`` unscales the clipped
+    sums before the noise, and a step the scaler finds non-finite (inf/nan) updates nothing but is still
+    counted by the accountant: the batch was looked at. Whether a step is skipped depends on the data (an
+    overflow) and is not itself noised; GradScaler's own check reads one flag on the host per step.
+
     Noise comes from ``generator`` when given (reproducible: whoever knows its seed knows the noise),
     else from a generator seeded with OS entropy. It is drawn in float32 (float64 for float64
     parameters), added to the clipped sum and averaged in that precision, and rounded once to the
@@ -112,6 +119,7 @@ class DPOptimizer:
         accountant: PrivacyAccountant | None = None,
         generator: torch.Generator | None = None,
         adaptive_clipping: AdaptiveClipping | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         data_loader: PoissonLoader | None = None,
     ) -> None:
         self._gate: OneBatchPerStep | None = None
@@ -140,7 +148,10 @@ class DPOptimizer:
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
         self.last_release: StepRelease | None = None
-        ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
+        self.grad_scaler = grad_scaler
+        ledger = ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
+        if grad_scaler is not None:
+            ledger.use_grad_scaler(grad_scaler)
         self._start_logical_batch()
         if data_loader is not None:  # last: a refused construction leaves the loader uncoupled
             self._gate = data_loader.couple()
@@ -160,8 +171,9 @@ class DPOptimizer:
         """Gradients and clip counts before this point do not count toward the next step."""
         start_step(self._params())
 
-    def add_noise(self) -> None:
-        """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping)."""
+    def add_noise(self, grad_scale: torch.Tensor | None = None) -> None:
+        """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping); with
+        ``grad_scale``, the sums are divided by it first (a GradScaler's scale)."""
         params = self._params()
         self._take_clip_state(params)
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
@@ -169,7 +181,13 @@ class DPOptimizer:
             dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
             noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
             noise = noise * std.to(device=p.device, dtype=dtype)
-            total = noise if p.grad is None else p.grad.to(dtype) + noise
+            if p.grad is None:
+                total = noise
+            else:
+                grad = p.grad.to(dtype)
+                if grad_scale is not None:
+                    grad = grad / grad_scale.to(device=p.device, dtype=dtype)
+                total = grad + noise
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         self.last_release = StepRelease(gradient_noise_std=std)
 
@@ -214,9 +232,48 @@ class DPOptimizer:
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
         self.last_release = dataclasses.replace(self.last_release, counts=counts, count_noise_std=count_noise)
 
+    # GradScaler.step(dp_optimizer) then calls step() itself, with the attributes grad_scale (None when the
+    # gradients are unscaled already) and found_inf set, instead of skipping it on an overflow.
+    _step_supports_amp_scaling = True
+
+    def _scaler_step(self) -> tuple[torch.Tensor | None, bool]:
+        """(the scale to divide the clipped sums by, whether the scaler found them non-finite)."""
+        given = hasattr(self, "grad_scale")
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            if given and self.grad_scale is not None:
+                raise BKError(
+                    "a GradScaler stepped this DPOptimizer, which was not given it: its graphs clipped the scaled "
+                    "per-sample norms against R. Pass it once: DPOptimizer(..., grad_scaler=scaler)"
+                )
+            return None, False
+        if not given:
+            raise BKError(
+                "this DPOptimizer has a grad_scaler: step it through the scaler, scaler.step(dp_optimizer) then "
+                "scaler.update(), so the clipped sums are unscaled and checked for inf/nan"
+            )
+        found_inf = self.found_inf
+        skipped = bool(found_inf.item()) if isinstance(found_inf, torch.Tensor) else bool(found_inf)
+        return self.grad_scale, skipped
+
+    def _skip_step(self) -> None:
+        """A step the GradScaler found non-finite: nothing is released, but the batch was looked at (counted)."""
+        self._take_clip_state(self._params())
+        if self._clip_state is not None:
+            self._clip_state.reset_counts()
+        if self.accountant is not None:
+            self.accountant.step(self.sample_rate, self.noise_multiplier)
+        if self._gate is not None:
+            self._gate.stepped()
+        self.last_release = None  # nothing was published
+        start_step(self._params())
+
     def step(self) -> None:
         """Noise the clipped sums, adapt the thresholds, record the step with the accountant, then step."""
-        self.add_noise()
+        grad_scale, skipped = self._scaler_step()
+        if skipped:
+            self._skip_step()
+            return
+        self.add_noise(grad_scale)
         if self.adaptive_clipping is not None and self._clip_state is not None:
             self._adapt_thresholds()
         if self._clip_state is not None:

@@ -13,9 +13,10 @@ one of two strategies:
   parameter used at several places, with the views between them replayed per sample); the norm is
   taken from them and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
 
-Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2)`` (s: the loss
-scale), ``C_ig = min(1, R_g / (n_ig + 1e-6))`` (or automatic clipping), ``w_i = s * C_ig`` for the group's
-parameters. Norms are accumulated in float32 (float64 when the model is float64).
+Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2) / S`` (s: the
+loss scale of the reduction, S: a GradScaler's loss scale, read at run time), ``C_ig = min(1, R_g / (n_ig +
+1e-6))`` (or automatic clipping), ``w_i = s * C_ig`` for the group's parameters (the sum stays scaled by S).
+Norms are accumulated in float32 (float64 when the model is float64).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bkcompile.passes.site_kinds.common import Size, static_shape
 from bkcompile.passes.site_kinds.embedding import mask_padding, per_sample_tables
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
 
-import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms)
+import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
 from bkcompile.errors import NotSupportedYetError, node_error
 from bkcompile.options import BKOptions
 
@@ -158,16 +159,17 @@ def clip_weights(
 ) -> dict[str, torch.fx.Node]:
     """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients.
 
-    Group norms ``n_ig = s * sqrt(sum over the group's parameters)`` go through ``record_norms``, which
-    returns the group's current threshold R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or
-    ``R_g / (n_ig + gamma)`` ("automatic").
+    Group norms ``n_ig = s * sqrt(sum over the group's parameters) / S`` (S: ``loss_scale``, the
+    GradScaler's scale or 1) go through ``record_norms``, which returns the group's current threshold
+    R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or ``R_g / (n_ig + gamma)`` ("automatic").
     """
     columns = []
+    scaled = emit(torch.ops.bkcompile.loss_scale.default, next(iter(squares.values())), key)
     for group, members in enumerate(grouping.members):  # each group on its own: no group waits for another
         total = squares[members[0]]
         for member in members[1:]:
             total = emit(aten.add.Tensor, total, squares[member])
-        norms = emit(aten.sqrt.default, total)
+        norms = emit(aten.div.Tensor, emit(aten.sqrt.default, total), scaled)
         if factor is not None:
             norms = emit(aten.mul.Tensor, norms, factor)
         threshold = emit(torch.ops.bkcompile.record_norms.default, norms, key, group)

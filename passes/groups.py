@@ -42,7 +42,7 @@ def _by_key(params: list[str], key) -> tuple[list[str], list[list[str]]]:
 def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) -> Grouping:
     """Group the clipped parameters (in graph order) by ``options.clipping``; thresholds R_g."""
     style, radius = options.clipping, options.max_grad_norm
-    if style == "all-layer":
+    if style == "all-layer" or not params:  # a graph without trainable parameters has one empty group
         return Grouping(("all",), (tuple(params),), (radius,), (True,))
     if isinstance(style, str):
         key = {

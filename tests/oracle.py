@@ -50,3 +50,20 @@ def compiled_grads(model, inputs, loss_fn, targets=(), options=None, **compile_k
     compiled = torch.compile(twin, backend="bk_dp", options=options, **compile_kwargs)
     loss_fn(compiled(*inputs), *targets).backward()
     return {k: v.grad for k, v in twin.named_parameters() if v.requires_grad}, compiled
+
+
+def looped_clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0):
+    """The oracle's result by a Python loop over samples (batches of one) instead of vmap, for models whose
+    forward has data-dependent control flow that vmap refuses (transformers' SDPA mask: ``torch.all(mask == 1)``)."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    per_sample = []
+    for i in range(len(inputs[0])):
+        loss = sample_loss(model(*(x[i : i + 1] for x in inputs)), *(y[i : i + 1] for y in targets))
+        per_sample.append(dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True))))
+    grads = {
+        k: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_sample])
+        for k, p in params.items()
+    }
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
+    return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms

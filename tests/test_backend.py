@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 import bkcompile
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_backend_name_works_without_importing_bkcompile() -> None:
     script = textwrap.dedent(
         """
@@ -51,6 +52,7 @@ def test_changed_batch_size_does_not_recompile() -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
 def test_inductor_loss_inside_with_dynamic_batch_and_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
     model = zoo.MLPWithLoss("mean").double()

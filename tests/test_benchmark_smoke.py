@@ -11,6 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import throughput as bench  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the benchmark harness, its memory probe in subprocesses
+
 METHODS = ["compile-aot_eager", "bk_dp-aot_eager"]
 
 

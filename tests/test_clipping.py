@@ -4,13 +4,12 @@ the noise each needs, against the oracle (per-group clipping of torch.func per-s
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import zoo
-from helpers import assert_matches, raises_bk
+from helpers import assert_matches, expected_groups, raises_bk
 from oracle import clipped_sum, compiled_grads
 from torch import nn
 
@@ -20,19 +19,10 @@ from bkcompile.optimizer import gradient_noise_multiplier
 MODELS = {"transformer-block": (zoo.PreNormBlock, (4, 8)), "conv": (zoo.ConvNet, (3, 8, 8))}
 
 
-def _layer(name: str) -> str:
-    return name.rpartition(".")[0] or "<root>"
-
-
 def _expected_groups(names: list[str], style: str, prefix: str, radius: float) -> list[tuple[list[str], float]]:
     """The groups the options describe, built here independently of the pass."""
-    if style == "all-layer":
-        return [(names, radius)]
-    if style == "param-wise":
-        return [([n], radius / math.sqrt(len(names))) for n in names]
-    if style == "layer-wise":
-        layers = list(dict.fromkeys(_layer(n) for n in names))
-        return [([n for n in names if _layer(n) == layer], radius / math.sqrt(len(layers))) for layer in layers]
+    if style != "groups":
+        return expected_groups(names, style, radius)
     first = [n for n in names if n.startswith(prefix + ".")]  # its own threshold; the rest shares R alone
     return [(first, 0.05), ([n for n in names if n not in first], radius)]
 

@@ -49,6 +49,7 @@ def test_every_strategy_matches_the_oracle(name: str, strategy: str) -> None:
         assert strategy in chosen and chosen <= {strategy, "direct", "explicit"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "strategy"),
     [
@@ -166,6 +167,7 @@ def test_bad_cost_options_are_refused(options: dict, fragment: str) -> None:
         bkcompile.explain(zoo.MLP(), torch.randn(8, 6), **options)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_command_line_prints_the_table() -> None:
     done = subprocess.run(
         [

@@ -14,30 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from helpers import TOL, assert_matches, raises_bk
-from oracle import EPS, clipped_sum, compiled_grads
+from oracle import clipped_sum, compiled_grads, looped_clipped_sum
 
 import bkcompile
 from bkcompile.ledger import ledger_of
 
+pytestmark = pytest.mark.slow  # real transformers models: seconds each
+
 BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
-
-
-def looped_clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0):
-    """The oracle's result by a Python loop over samples (batches of one) instead of vmap, for models whose
-    forward has data-dependent control flow that vmap refuses (transformers' SDPA mask: ``torch.all(mask == 1)``)."""
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    per_sample = []
-    for i in range(len(inputs[0])):
-        loss = sample_loss(model(*(x[i : i + 1] for x in inputs)), *(y[i : i + 1] for y in targets))
-        per_sample.append(dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True))))
-    grads = {
-        k: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_sample])
-        for k, p in params.items()
-    }
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-    factors = (max_grad_norm / (norms + EPS)).clamp(max=1.0)
-    return {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}, norms
 
 
 def assert_matches_model(got: dict, want: dict, dtype: torch.dtype) -> None:

@@ -107,6 +107,7 @@ def test_frozen_parameters_get_no_gradient_and_no_norm_work() -> None:
     assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp-loss-inside-ce-mean", "prenorm-block"])
 def test_matches_oracle_with_inductor(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI

@@ -91,6 +91,7 @@ def test_graph_breaks_clip_once_per_sample(make, dtype: torch.dtype, batch: int)
     assert len(spans) == 1 and len(spans[0].graphs) == (3 if make is Logged else 2), spans
 
 
+@pytest.mark.slow
 def test_graph_break_with_inductor() -> None:
     torch.manual_seed(1)
     model = Broken()

@@ -39,6 +39,7 @@ def test_epsilon_agrees_with_dp_accounting(q: float, sigma: float, steps: int, d
     assert estimate <= rdp.get_epsilon(delta)
 
 
+@pytest.mark.slow  # two dozen accountant evaluations
 def test_noise_multiplier_search_round_trips() -> None:
     sigma = bkcompile.get_noise_multiplier(3.0, 1e-5, 0.02, steps=500, tolerance=0.005)
     accountant = bkcompile.PrivacyAccountant()

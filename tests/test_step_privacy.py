@@ -99,6 +99,7 @@ def test_the_fix_for_two_calls_is_exact() -> None:
         torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", [False, True], ids=["whole", "graph_break"])
 def test_inductor_and_dynamic_batch_go_through_the_ledger(broken: bool) -> None:
     model = _mlp(torch.float32)

@@ -3,10 +3,13 @@ gradient. Ghost norm by index equality: rows that hit the same entry add up."""
 
 from __future__ import annotations
 
+import math
+
+import sympy
 import torch
 import torch.fx
 from bkcompile.passes.emit import Emitter
-from bkcompile.passes.facts import Replicated, product, shape_exprs
+from bkcompile.passes.facts import Replicated, product, shape_exprs, to_expr
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.site_kinds.common import (
     B,
@@ -25,14 +28,25 @@ from bkcompile.passes.site_kinds.common import (
 aten = torch.ops.aten
 
 
-def _embeddingrows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
+def rows_per_sample(value: torch.fx.Node, batch: Size) -> int:
+    """n where ``value`` (..., d) holds B * n rows, when the sizes make it a constant; else -1.
+
+    A reshape to [B, -1, d] would guard on B * d != 0, which an unbacked batch size cannot decide.
+    """
+    total = math.prod(to_expr(s) for s in value.meta["val"].shape[:-1])
+    count = sympy.simplify(total / to_expr(batch.meta["val"] if isinstance(batch, torch.fx.Node) else batch))
+    return int(count) if count.is_Integer else -1
+
+
+def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     """Per-sample rows (B, T, d) with padding rows zeroed, and their indices (B, T)."""
     grad, indices, _, padding_idx = node.args[:4]
-    rows = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, -1, grad.meta["val"].shape[-1]])
+    count = rows_per_sample(grad, batch)
+    values = emit(aten.reshape.default, emit.to_dtype(grad, dtype), [batch, count, grad.meta["val"].shape[-1]])
     # a dense copy: the gradient of a pooled embedding is often an expand (stride 0), slow for the Gram bmm
-    rows = emit(aten.clone.default, rows, memory_format=torch.contiguous_format)
-    index = emit(aten.reshape.default, indices, [batch, -1])
-    return mask_padding(emit, rows, index, padding_idx), index
+    values = emit(aten.clone.default, values, memory_format=torch.contiguous_format)
+    index = emit(aten.reshape.default, indices, [batch, count])
+    return mask_padding(emit, values, index, padding_idx), index
 
 
 def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, padding_idx: int | None) -> torch.fx.Node:
@@ -55,7 +69,7 @@ def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, 
 
 def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
     """``||G_i||^2 = sum_{t,s} [idx_t = idx_s] <g_t, g_s>``: rows that hit the same entry add up."""
-    rows, index = _embeddingrows(emit, node, batch, dtype)
+    rows, index = _embedding_rows(emit, node, batch, dtype)
     gram = emit(aten.bmm.default, rows, emit(aten.permute.default, rows, [0, 2, 1]))  # (B, T, T)
     equal = emit(aten.eq.Tensor, emit(aten.unsqueeze.default, index, 2), emit(aten.unsqueeze.default, index, 1))
     return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, gram, emit.to_dtype(equal, dtype)), [1, 2])
@@ -63,7 +77,7 @@ def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, bat
 
 def embedding_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
     """(B, V, d): each sample's rows scattered (added) into its own copy of the table."""
-    rows, index = _embeddingrows(emit, node, batch, dtype)
+    rows, index = _embedding_rows(emit, node, batch, dtype)
     return per_sample_tables(emit, rows, index, static_shape(node)[0], batch)
 
 
