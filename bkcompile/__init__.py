@@ -14,6 +14,7 @@ from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
 from bkcompile.deferred import last_clip_spans
+from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
@@ -28,7 +29,7 @@ from bkcompile.errors import (
 from bkcompile.norms import last_per_sample_norms
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
 from bkcompile.options import BKOptions
-from bkcompile.passes.rules import register_batch_rule
+from bkcompile.passes.ops import register_batch_rule
 from bkcompile.private import make_private
 from bkcompile.report import CostReport, explain, last_report
 
@@ -37,6 +38,10 @@ from bkcompile.report import CostReport, explain, last_report
 torch._dynamo.config.allow_rnn = True
 # Past its recompile limit dynamo would also run a frame eagerly (unclipped): make it an error instead.
 torch._dynamo.config.fail_on_recompile_limit_hit = True
+# Under DDP dynamo would split the graph at DDP's bucket boundaries (to overlap the all-reduce with the
+# backward); all-layer clipping needs every norm before any clipped sum, so a split gains no overlap and
+# each piece would clip alone (refused). One graph, with DDP's reducer all-reducing its gradients.
+torch._dynamo.config.optimize_ddp = False
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
 # here only when that has not happened (a plain ``import bkcompile`` before any lookup).
@@ -47,6 +52,7 @@ __all__ = [
     "AccountingError",
     "AdaptiveClipping",
     "DPOptimizer",
+    "DistributedPoissonLoader",
     "PoissonLoader",
     "PrivacyAccountant",
     "StepRelease",

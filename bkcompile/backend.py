@@ -22,6 +22,7 @@ from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
+from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.report import build_report, record
@@ -169,7 +170,8 @@ def _full_inductor_decompositions() -> dict:
 
 @functools.cache
 def _inductor_decompositions() -> dict:
-    return {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
+    kept = {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
+    return {**kept, **DECOMPOSITIONS}
 
 
 def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], device: torch.device):
@@ -232,7 +234,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOp
             fw_compiler=boxed,
             bw_compiler=boxed,
             partition_fn=functools.partial(_partition, context=context),
-            decompositions=get_decompositions(_DECOMPOSE),
+            decompositions={**get_decompositions(_DECOMPOSE), **DECOMPOSITIONS},
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx

@@ -65,6 +65,7 @@ class PoissonBatchSampler:
 
     def __init__(self, size: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
         self.size, self.sample_rate, self.steps, self.generator = size, sample_rate, steps, generator
+        self.part = slice(None)  # which of the drawn indices this loader yields (a rank's share under DDP)
         self.skip = 0
         self.states_after: collections.deque[torch.Tensor] = collections.deque()
 
@@ -77,7 +78,7 @@ class PoissonBatchSampler:
         for _ in range(count):
             mask = torch.rand(self.size, generator=self.generator) < self.sample_rate
             self.states_after.append(self.generator.get_state())
-            yield mask.nonzero().squeeze(1).tolist()
+            yield mask.nonzero().squeeze(1)[self.part].tolist()
 
 
 class _CollateWithEmpty:

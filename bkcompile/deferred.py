@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bkcompile.backwards import Backward, join_piece
+from bkcompile.distributed import average_over_ranks
 from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError
 from bkcompile.ledger import Clip, ledger_for, parameter_of
 from bkcompile.options import BKOptions
@@ -355,4 +356,5 @@ def finalize(backward: Backward) -> None:
             ledger.accumulate(param.tensor, _clipped(param, weights), clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
+    average_over_ranks([p.tensor for p in params.values()])  # under DDP: as DDP's all-reduce would leave them
     record_spans(spans)

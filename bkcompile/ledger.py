@@ -40,6 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile.distributed import average_over_ranks, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -114,6 +115,7 @@ class GraphRecord:
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
+            sync_under_ddp(params)  # DDP's reducer sees no gradient of a bk_dp graph: bkcompile all-reduces them
             others = [args[i] for i in range(len(args)) if i not in self.trainable]
             call = CallRecord(self, where, _eager_upstream(others), params)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
@@ -277,6 +279,7 @@ class StepLedger:
         for p, grad in zip(call.params, grads):
             if grad is not None:
                 self.accumulate(p, grad, clip)
+        average_over_ranks(call.params)  # under DDP: the ranks' average, as DDP's all-reduce would leave it
 
     def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
         """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""

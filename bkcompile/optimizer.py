@@ -9,10 +9,15 @@ import torch
 
 from bkcompile.accountant import AccountingError, PrivacyAccountant
 from bkcompile.data import OneBatchPerStep, PoissonLoader
+from bkcompile.distributed import (
+    refuse_sharded,
+    shared_generator,
+    sum_of_clipped_sums,
+    sum_over_ranks,
+)
 from bkcompile.errors import BKError, PrivacyError
 from bkcompile.ledger import audit, ledger_for, refuse_step, start_step
 from bkcompile.norms import ClipState
-from bkcompile.randomness import secret_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,10 @@ class DPOptimizer:
     the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
     noise scale stay on the model's device.
 
+    In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
+    the ranks' average of their clipped sums is multiplied back by the world size: the update is the
+    single-process one on the union batch, noised once (``bkcompile.distributed``).
+
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
     batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see
     :func:`bkcompile.micro_batches` for gradient accumulation), and its sample rate and expected batch
@@ -144,7 +153,7 @@ class DPOptimizer:
         self.expected_batch_size = expected_batch_size
         self.sample_rate = sample_rate
         self.accountant = accountant
-        self.generator = generator if generator is not None else secret_generator()
+        self.generator = shared_generator(generator)  # OS entropy by default; in a process group rank 0's state
         self.adaptive_clipping = adaptive_clipping
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
         self.last_release: StepRelease | None = None
@@ -175,7 +184,9 @@ class DPOptimizer:
         """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping); with
         ``grad_scale``, the sums are divided by it first (a GradScaler's scale)."""
         params = self._params()
+        refuse_sharded(params)
         self._take_clip_state(params)
+        sum_of_clipped_sums(params)  # in a process group: the ranks' average of their sums, times W
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
             dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
@@ -225,6 +236,8 @@ class DPOptimizer:
     def _adapt_thresholds(self) -> None:
         """Move each group's threshold toward the target quantile by its privatised, centred count."""
         state, rule = self._clip_state, self.adaptive_clipping
+        sum_over_ranks(state.below)  # the counts of the union batch
+        sum_over_ranks(state.rows)
         count_noise = self._count_noise()
         noise = torch.normal(0.0, count_noise, size=state.below.shape, generator=self.generator, dtype=torch.float64)
         counts = state.below - state.rows / 2 + noise.to(state.below.device)  # a sample moves each by exactly 1/2

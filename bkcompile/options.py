@@ -46,6 +46,11 @@ class BKOptions:
         ``meta["val"]``, no new aliasing); default: the environment variable ``BKCOMPILE_CHECK=1``.
     dump: a directory; the graph is written there after each pass (``<n>-<graph>/<i>-<pass>.txt``); default:
         the environment variable ``BKCOMPILE_DUMP``.
+    expected_batch_size: the expected batch size the DP optimizer divides the noisy sum by. Needed only when
+        the loss has a data-independent term (``+ wd * sum(p.pow(2))``): that term's gradient has no
+        sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
+        optimizer's division it acts exactly as in non-private training (``make_private`` and the
+        Trainer integration set it).
     graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
         model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
         "several": always a piece (regional compilation: every compiled block, stem and head), clipped
@@ -64,6 +69,7 @@ class BKOptions:
     clip_gamma: float = 0.01
     check_passes: bool = False
     dump: str | None = None
+    expected_batch_size: float | None = None
     graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
@@ -115,6 +121,10 @@ def _clipping(raw: Any) -> str | tuple:
     return tuple(groups)
 
 
+def _expected_batch_size(value: Any) -> float | None:
+    return None if value is None else _positive(value, "expected_batch_size")
+
+
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     """Validate the user's options dict; raise :class:`OptionError` naming the offending key."""
     raw = dict(raw or {})
@@ -161,6 +171,7 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         report=raw.get("report", False),
         check_passes=raw.get("check_passes", os.environ.get("BKCOMPILE_CHECK", "") == "1"),
         dump=None if dump is None else os.fspath(dump),
+        expected_batch_size=_expected_batch_size(raw.get("expected_batch_size")),
         graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
+from bkcompile.distributed import DistributedPoissonLoader, world_size
 from bkcompile.errors import BKError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.randomness import child_generators
@@ -43,6 +45,11 @@ def make_private(
     Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
     accountant. The accountant is ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp
     backend (``clipping``, ``clip_fn``, ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
+
+    Under torchrun (an initialised process group) every rank passes the whole dataset: ``batch_size`` is
+    the global expected batch, the loader is a :class:`DistributedPoissonLoader` (each rank's part of
+    one global Poisson batch: the same q and epsilon as one process), and the model comes back as
+    ``DDP(torch.compile(model))`` (a model already wrapped in DDP is compiled as it is).
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
@@ -67,7 +74,8 @@ def make_private(
     if noise_multiplier is None:  # epochs count the loader's steps, so the target holds for them
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=epochs)
     sampling, noise = child_generators(generator, 2)
-    loader = PoissonLoader(
+    loader_type = DistributedPoissonLoader if world_size() > 1 else PoissonLoader
+    loader = loader_type(
         dataset,
         sample_rate=sample_rate,
         generator=sampling,
@@ -76,6 +84,8 @@ def make_private(
         **_worker_options(data_loader),
     )
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
+    if world_size() > 1 and not isinstance(model, DistributedDataParallel):
+        compiled = DistributedDataParallel(compiled)  # starts from rank 0's parameters on every rank
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,

@@ -3,7 +3,7 @@
 Named passes run in order (``driver.run_passes``); each takes the :class:`PassState` and returns it with
 what it produces:
 
-1. ``batch_axis``  ``joint.facts``: every value batched on dim k / replicated / reduced (batch_axis.py, rules.py)
+1. ``batch_axis``  ``joint.facts``: every value batched on dim k / replicated / reduced (batch_axis.py, ops/)
 2. ``sites``       ``params``: each parameter's gradient and the ops reducing samples into it (sites.py)
 3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s (loss.py)
 4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger

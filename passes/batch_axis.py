@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.rules import FactOut, Rule, RuleInput, rule_for
+from bkcompile.passes.ops import FactOut, Rule, RuleInput, rule_for
 
 from bkcompile.errors import PrivacyError, SampleMixingError, UnsupportedOpError, node_error
 
@@ -38,7 +38,9 @@ def backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
     return seen
 
 
-def _fact_of(joint: JointGraph, facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node) -> FactOut:
+def _fact_of(
+    joint: JointGraph, facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, backward: bool = False
+) -> FactOut:
     if node.op != "call_function":
         raise node_error(
             PrivacyError,
@@ -64,7 +66,7 @@ def _fact_of(joint: JointGraph, facts: dict[torch.fx.Node, FactOut], node: torch
             "express it with supported ops, or register a rule: "
             "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
         )
-    out = rule(RuleInput(node=node, batch=joint.batch, facts=facts))
+    out = rule(RuleInput(node=node, batch=joint.batch, facts=facts, backward=backward))
     _deny_batch_sums(facts, node, rule, out)
     return out
 
@@ -90,7 +92,7 @@ def _deny_batch_sums(facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, r
         )
 
 
-def _differentiable_outputs(joint: JointGraph) -> list:
+def differentiable_outputs(joint: JointGraph) -> list:
     out = []
     for value in joint.forward_outputs:
         val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
@@ -100,7 +102,7 @@ def _differentiable_outputs(joint: JointGraph) -> list:
 
 
 def _tangent_facts(joint: JointGraph, facts: dict[torch.fx.Node, FactOut]) -> None:
-    outputs = _differentiable_outputs(joint)
+    outputs = differentiable_outputs(joint)
     tangents = joint.tangents
     if len(outputs) != len(tangents):
         raise node_error(
@@ -143,5 +145,5 @@ def analyze(joint: JointGraph) -> dict[torch.fx.Node, FactOut]:
     _tangent_facts(joint, facts)
     for node in nodes:
         if node in backward:
-            facts[node] = _fact_of(joint, facts, node)
+            facts[node] = _fact_of(joint, facts, node, backward=True)
     return facts

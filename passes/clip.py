@@ -24,30 +24,21 @@ from __future__ import annotations
 import torch
 import torch.fx
 from bkcompile.passes.cost import ParamPlan, Strategy
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
+from bkcompile.passes.facts import Reduced
 from bkcompile.passes.groups import Grouping
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.loss import LossScale, ScaleKind
-from bkcompile.passes.site_kinds.common import Size, static_shape
-from bkcompile.passes.site_kinds.embedding import mask_padding, per_sample_tables
-from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand
+from bkcompile.passes.ops import law_for
+from bkcompile.passes.site_kinds.common import Size
+from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
-from bkcompile.errors import NotSupportedYetError, node_error
+from bkcompile.errors import NotSupportedYetError, OptionError, node_error
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 EPS = 1e-6
-_SHAPE_ONLY = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.unsqueeze.default,
-}
-_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
 
 
 def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
@@ -64,57 +55,16 @@ def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
 
 
 def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
-    """Apply the norm-preserving op ``node`` to per-sample values (B, *shape of its input)."""
-    if node.target in _SHAPE_ONLY:
-        return emit(aten.reshape.default, value, [-1, *static_shape(node)])
-    if node.target in _IDENTITY:
-        return value
-    if node.target in (aten._to_copy.default, torch.ops.prims.convert_element_type.default):
-        return emit.to_dtype(value, node.meta["val"].dtype)
-    if node.target in (aten.slice_backward.default, aten.select_backward.default):
-        _, sizes, dim, *rest = node.args
-        return emit(node.target, value, [emit.size(value, 0), *sizes], dim % len(sizes) + 1, *rest)
-    if node.target in (aten.slice_scatter.default, aten.select_scatter.default):  # into zeros
-        _, _, dim, *rest = node.args
-        out = node.meta["val"]
-        zeros = emit(
-            aten.zeros.default, [emit.size(value, 0), *out.shape], dtype=value.meta["val"].dtype, device=out.device
-        )
-        return emit(node.target, zeros, value, dim % out.dim() + 1, *rest)
-    ndim = node.meta["val"].dim()
-    order = list(range(ndim))
-    if node.target == aten.permute.default:
-        order = [d % ndim for d in node.args[1]]
-    elif node.target == aten.t.default:
-        order = order[::-1]
-    elif node.target == aten.transpose.int:
-        a, b = (d % ndim for d in node.args[1:3])
-        order[a], order[b] = order[b], order[a]
-    else:
-        raise node_error(  # sites.NORM_PRESERVING lets through an op that has no per-sample form here
+    """Apply the norm-preserving op ``node`` (its op law's ``lift``) to per-sample values (B, *shape of its input)."""
+    lift = law_for(node.target).lift
+    if lift is None:
+        raise node_error(
             NotSupportedYetError,
             node,
             "the parameter's gradient passes through this op, which has no per-sample form for explicit norms yet",
             "use strategy='ghost' if the parameter has a single site, or freeze the parameter",
         )
-    return emit(aten.permute.default, value, [0] + [d + 1 for d in order])
-
-
-def _lift_linear(
-    emit: Emitter, node: torch.fx.Node, term: torch.fx.Node, value: torch.fx.Node, batch: Size
-) -> torch.fx.Node:
-    """Apply the linear map ``node`` (``sites.LINEAR_MAPS``) of ``term`` to its per-sample values ``value``
-    (B, *shape of ``term``)."""
-    if node.target == aten.sum.dim_IntList:
-        ndim = node.args[0].meta["val"].dim()
-        dims = [d % ndim + 1 for d in node.args[1]]
-        return emit(aten.sum.dim_IntList, value, dims, *node.args[2:])
-    if node.target == aten.embedding_dense_backward.default:
-        _, indices, vocab, padding_idx = node.args[:4]
-        rows = emit(aten.reshape.default, value, [batch, -1, value.meta["val"].shape[-1]])  # (B, n, d)
-        index = emit(aten.reshape.default, indices, [1, -1])  # the n indices every sample shares
-        return per_sample_tables(emit, mask_padding(emit, rows, index, padding_idx), index, vocab, batch)
-    return emit(node.target, *[value if a is term else a for a in node.args])  # a scaling
+    return lift(emit, node, value)
 
 
 def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
@@ -122,11 +72,15 @@ def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites
     if node in sites:
         return sites[node].kind.per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
-        left, right = (per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args)
-        return emit(aten.add.Tensor, left, right)
+        terms = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]  # not the free terms
+        grads = [per_sample_grad(emit, joint, a, sites, batch, dtype) for a in terms]
+        return grads[0] if len(grads) == 1 else emit(aten.add.Tensor, *grads)
+    if node.target is aten.sub.Tensor:
+        return emit(aten.sub.Tensor, *[per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
-        return _lift_linear(emit, node, term, per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
+        grads = per_sample_grad(emit, joint, term, sites, batch, dtype)
+        return law_for(node.target).lift_linear(emit, node, term, grads, batch)
     return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
@@ -192,10 +146,40 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
 
 def loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
     if scale.kind is ScaleKind.MEAN:
-        return emit(aten.scalar_tensor.default, batch, dtype=dtype)
+        factor = emit(aten.scalar_tensor.default, batch, dtype=dtype)
+        for count in scale.checks:  # counts that must be B for the per-sample loss to be defined
+            factor = emit(torch.ops.bkcompile.same_count.default, emit.to_dtype(count, dtype), factor)
+        return factor
     if scale.kind is ScaleKind.WEIGHT:
         return emit.to_dtype(scale.node, dtype)
     return None
+
+
+def free_scale(options: BKOptions, name: str) -> float:
+    """The factor of a data-independent gradient term: the expected batch size."""
+    if options.expected_batch_size is None:
+        raise OptionError(
+            f"the loss adds a data-independent term to the gradient of {name!r} (a term of the "
+            "parameters alone, such as weight decay written in the loss): give "
+            "options={'expected_batch_size': E}, the expected batch size the DP optimizer divides by, "
+            "so that the term acts as in non-private training (make_private and the Trainer "
+            "integration set it)"
+        )
+    return options.expected_batch_size
+
+
+def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions) -> dict[str, list[torch.fx.Node]]:
+    """Multiply each data-independent gradient term by the expected batch size E, in place: it has no
+    sensitivity (no sample reaches it), so it is neither clipped nor noised, and after the DP optimizer's
+    division by E it acts exactly as in non-private training. Returns each parameter's scaled terms."""
+    scaled_terms: dict[str, list[torch.fx.Node]] = {}
+    for param in params:
+        for add, term in param.free:
+            with emit.graph.inserting_before(add):
+                scaled = emit(aten.mul.Tensor, term, free_scale(options, param.name))
+            add.replace_input_with(term, scaled)
+            scaled_terms.setdefault(param.name, []).append(scaled)
+    return scaled_terms
 
 
 def insert_clipping(
@@ -218,6 +202,7 @@ def insert_clipping(
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
+    free = scale_free_terms(emit, params, options)
     squares, explicit = {}, {}
     for plan in plans:
         param = plan.param
@@ -241,6 +226,8 @@ def insert_clipping(
                     aten.view.default, emit(aten.mm.default, row, explicit[param.name]), static_shape(param.grad)
                 )
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
+                for term in free.get(param.name, []):  # an explicit sum leaves the graph's adds: add them here
+                    reduced[param.index] = emit(aten.add.Tensor, reduced[param.index], term)
                 continue
             site = param.sites[0]
             weighted = site.kind.reweight(emit, joint, site.node, weights[param.name], batch)
@@ -268,15 +255,24 @@ def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options:
         return
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
     with graph.inserting_before(graph.output_node()):
-        squares = {}
+        squares, parts = {}, {}
         for _, name, grad in grads:
-            g = emit.to_dtype(grad, dtype)
+            rest, free = split_free_terms(joint, grad)
+            total = rest[0]
+            for term in rest[1:]:
+                total = emit(aten.add.Tensor, total, term)
+            parts[name] = (total, [emit(aten.mul.Tensor, term, free_scale(options, name)) for term in free])
+            g = emit.to_dtype(total, dtype)
             squares[name] = emit(aten.view.default, emit(aten.sum.default, emit(aten.mul.Tensor, g, g)), [1])
         weights = clip_weights(emit, squares, grouping, key, None, options)
         outputs = joint.outputs
         for index, name, grad in grads:
+            total, free = parts[name]
             factor = emit(aten.view.default, emit.to_dtype(weights[name], grad.meta["val"].dtype), [])
-            outputs[joint.num_fwd_outputs + index] = emit(aten.mul.Tensor, grad, factor)
+            clipped = emit(aten.mul.Tensor, total, factor)
+            for term in free:
+                clipped = emit(aten.add.Tensor, clipped, term)
+            outputs[joint.num_fwd_outputs + index] = clipped
     graph.output_node().args = (outputs,)
 
 

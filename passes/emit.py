@@ -11,6 +11,11 @@ import torch.fx
 aten = torch.ops.aten
 
 
+def static_shape(value: torch.fx.Node) -> list[int]:
+    """The static shape of ``value``'s ``meta["val"]``."""
+    return [int(s) for s in value.meta["val"].shape]
+
+
 class Emitter:
     """Creates call_function nodes at the graph's current insertion point and propagates fake values."""
 

@@ -15,7 +15,7 @@ import sympy
 import torch
 import torch.fx
 from bkcompile.passes.facts import Batched, Fact, same, to_expr
-from bkcompile.passes.rules import FactOut
+from bkcompile.passes.ops import FactOut
 
 from bkcompile.errors import PrivacyError, node_error
 

@@ -4,6 +4,12 @@ graph's gradient).
 With ``loss = mean_i l_i`` the graph's gradient carries 1/B, so s = B; with ``sum_i l_i``, s = 1. A
 loss returned by the compiled function is recognised from the op that reduces it over the batch; a
 loss computed outside uses the ``loss_reduction`` option.
+
+A mean whose normaliser is a count of labels (cross entropy's non-ignored targets; the smoothing term of
+``label_smoothing`` divides by the same count) has s = that count, a graph value: every division by a count
+in the graph must be by the loss's own count, which s cancels. Terms reduced differently add up when they
+are the same per-sample loss: a count-normalised mean and a batch mean (a multitask loss) agree when the
+count is B, which the graph checks when it runs (``bkcompile::same_count``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch
 import torch.fx
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.ops import law_for
+from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
 from bkcompile.errors import LossReductionError, node_error, user_location
 from bkcompile.options import BKOptions
@@ -36,6 +44,7 @@ class LossScale:
     kind: ScaleKind
     source: str  # how the pass found it, for the report: the option, or the loss's reducing op and line
     node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
+    checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (ScaleKind.MEAN)
     from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
 
     @property
@@ -51,23 +60,67 @@ def _found(node: torch.fx.Node, what: str) -> str:
     return f"{what} at {user_location(node)}"
 
 
-_SUMS = {aten.sum.default, aten.sum.dim_IntList}
-_MEANS = {aten.mean.default, aten.mean.dim}
-_PASS_THROUGH = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.clone.default,
-    aten.alias.default,
-    aten._to_copy.default,
-    aten.neg.default,
-    torch.ops.prims.convert_element_type.default,
-    aten.squeeze.dims,
-}
-_SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
-_ADDS = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar}
+@torch.library.custom_op("bkcompile::same_count", mutates_args=())
+def same_count(count: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """``batch``, once checked equal to ``count`` (a loss normaliser that must be the batch size)."""
+    if int(count.item()) != int(batch.item()):
+        raise LossReductionError(
+            f"the loss adds a batch mean to a mean over the {int(count.item())} non-ignored labels of a batch of "
+            f"{int(batch.item())}: with ignored labels no per-sample loss is defined. Give every sample a label, "
+            "or reduce every term of the loss per sample (reduction='none'), then .mean() over the batch"
+        )
+    return batch.clone()
+
+
+@same_count.register_fake
+def _same_count_fake(count: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(batch)
+
+
+def normaliser_key(node: object) -> object:
+    """One key for nodes that are the same count of labels: cross entropy's total weight without class
+    weights, and ``sum(target != ignore_index)``; any other node is its own key."""
+    node = uncast(node)
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node.target is operator.getitem and node.args[0].target == aten.nll_loss_forward.default:
+        loss = node.args[0]
+        if node.args[1] == 1 and schema_arg(loss, "weight") is None:
+            return ("count", schema_arg(loss, "target"), schema_arg(loss, "ignore_index"))
+        return node
+    if node.target is aten.sum.default:
+        kept = uncast(node.args[0])
+        if getattr(kept, "target", None) is aten.ne.Scalar:
+            return ("count", kept.args[0], kept.args[1])
+        if getattr(kept, "target", None) in (aten.bitwise_not.default, aten.logical_not.default):
+            equal = kept.args[0]
+            if getattr(equal, "target", None) is aten.eq.Scalar:
+                return ("count", equal.args[0], equal.args[1])
+    return node
+
+
+def _key(scale: LossScale) -> tuple:
+    return (scale.kind, normaliser_key(scale.node))
+
+
+def _combine(node: torch.fx.Node, scales: set[LossScale]) -> LossScale | None:
+    """The scale of a sum of loss terms."""
+    keys = {_key(s) for s in scales}
+    if len(keys) <= 1:
+        return next(iter(scales), None)
+    kinds = {k for k, _ in keys}
+    counts = [s for s in scales if s.kind is ScaleKind.WEIGHT and isinstance(normaliser_key(s.node), tuple)]
+    if kinds == {ScaleKind.WEIGHT, ScaleKind.MEAN} and len({_key(s) for s in counts}) == len(keys) - 1:
+        checks = tuple(s.node for s in counts)
+        what = _found(node, "a batch mean plus count-normalised means (checked equal to B)")
+        return LossScale(ScaleKind.MEAN, what, checks=checks)
+    raise node_error(
+        LossReductionError,
+        node,
+        "it adds losses that reduce over the batch differently (a mean and a sum, or two means "
+        "with different normalisers), so no per-sample loss is defined",
+        "reduce every term the same way (all .mean() or all .sum() over the batch)",
+    )
 
 
 def _unknown(node: torch.fx.Node) -> LossReductionError:
@@ -87,34 +140,52 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
     target = node.target
     if target is operator.getitem and node.args[0].target == aten.nll_loss_forward.default:
         loss = node.args[0]
-        reduction = loss.args[3] if len(loss.args) > 3 else loss.kwargs.get("reduction", 1)
-        if reduction == 2:
+        if schema_arg(loss, "reduction") == 2:
             return LossScale(ScaleKind.SUM, _found(loss, "cross-entropy/nll loss, reduction='sum'"))
         weight = next((u for u in loss.users if u.target is operator.getitem and u.args[1] == 1), None)
         what = _found(loss, "cross-entropy/nll loss, reduction='mean' (divided by its total weight)")
         return LossScale(ScaleKind.WEIGHT, what, weight or loss)
     source = node.args[0] if node.args else None
-    if target in _SUMS | _MEANS | {aten.mse_loss.default}:
+    passes = law_for(target).loss
+    if passes in ("sum", "mean") or target == aten.mse_loss.default:
         if not isinstance(joint.facts.get(source), Batched):
             return _scale_of(joint, source)
-        mean = target in _MEANS or (target == aten.mse_loss.default and (node.args[2:3] or [1])[0] == 1)
+        mean = passes == "mean" or (target == aten.mse_loss.default and schema_arg(node, "reduction") == 1)
         return LossScale(ScaleKind.MEAN if mean else ScaleKind.SUM, _found(node, f"{target} over the batch"))
-    if target in _PASS_THROUGH:
+    if passes == "pass":
         return _scale_of(joint, source)
-    if target in _SCALES:
-        return _scale_of(joint, source if isinstance(joint.facts.get(source), Reduced) else node.args[1])
-    if target in _ADDS:
-        scales = {s for s in (_scale_of(joint, a) for a in node.args if isinstance(a, torch.fx.Node)) if s is not None}
-        if len({(s.kind, s.node) for s in scales}) > 1:
+    if target is aten.div.Tensor and is_count(node.args[1], joint.facts):
+        inner = _scale_of(joint, source)
+        if inner is not None and inner.kind is not ScaleKind.SUM:
             raise node_error(
                 LossReductionError,
                 node,
-                "it adds losses that reduce over the batch differently (a mean and a sum, or two means "
-                "with different normalisers), so no per-sample loss is defined",
-                "reduce every term the same way (all .mean() or all .sum() over the batch)",
+                "it divides a mean over the batch by a count over the batch again",
+                "divide the summed loss by the count once",
             )
-        return next(iter(scales), None)
+        what = _found(node, "a sum over the batch divided by a count of labels")
+        return inner and LossScale(ScaleKind.WEIGHT, what, node.args[1])
+    if passes == "scale":
+        return _scale_of(joint, source if isinstance(joint.facts.get(source), Reduced) else node.args[1])
+    if passes == "add":
+        scales = {s for s in (_scale_of(joint, a) for a in node.args if isinstance(a, torch.fx.Node)) if s is not None}
+        return _combine(node, scales)
     raise _unknown(node)
+
+
+def _check_counts(joint: JointGraph, scale: LossScale) -> None:
+    """Every division by a count over the batch divides by the loss's own normaliser (which s cancels)."""
+    weighted = scale.kind is ScaleKind.WEIGHT
+    allowed = {normaliser_key(n) for n in (scale.node, *scale.checks) if weighted or n in scale.checks}
+    for node in joint.gm.graph.find_nodes(op="call_function", target=aten.div.Tensor):
+        if is_count(node.args[1], joint.facts) and normaliser_key(node.args[1]) not in allowed:
+            raise node_error(
+                LossReductionError,
+                node,
+                "it divides by a count over the whole batch that is not the loss's normaliser, so a sample's "
+                "gradient depends on the other samples",
+                "divide only the summed loss by its count of labels (or use a per-sample loss)",
+            )
 
 
 def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
@@ -148,6 +219,7 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
     scale = _scale_of(joint, losses[0])
     if scale is None:
         raise _unknown(losses[0])
+    _check_counts(joint, scale)
     if options.loss_reduction_given and options.loss_reduction != scale.reduction:
         raise node_error(
             LossReductionError,

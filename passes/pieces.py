@@ -34,7 +34,7 @@ from bkcompile.passes.facts import Reduced
 from bkcompile.passes.joint import JointGraph
 
 from bkcompile.deferred import PieceGraph, register_piece
-from bkcompile.errors import SampleMixingError, node_error
+from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
 
 aten = torch.ops.aten
 
@@ -77,6 +77,15 @@ def defer_clipping(state) -> set[str]:
     joint, params = state.joint, state.params
     if not params:
         return set()
+    for param in params:
+        if param.free:
+            raise node_error(
+                NotSupportedYetError,
+                param.free[0][0],
+                f"the loss adds a data-independent term to the gradient of {param.name!r} in a model compiled in "
+                "several graphs (a graph break, or graphs='several'), which cannot keep it apart from clipping yet",
+                "compile the model as one graph, or add the term (e.g. weight decay) through the optimizer",
+            )
     graph = joint.gm.graph
     emit = Emitter(graph, state.fake_mode)
     dtype = state.cost.norm_dtype

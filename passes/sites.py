@@ -1,6 +1,7 @@
 """Site discovery: the ops that reduce per-sample values into each trainable parameter's gradient.
 
-From each gradient output we look back through norm-preserving ops (views, transposes, copies) and
+From each gradient output we look back through norm-preserving ops (views, transposes, copies: their op
+law's ``keeps_norm``), linear maps by sample-independent operands (``lift_linear``) and
 ``add`` (a parameter used at several places: tied or reused weights) to the sites: ops of a kind in
 ``site_kinds.SITE_KINDS`` that sum over the sample axis. Every sum over samples in the backward must be
 such a site; anything else is refused.
@@ -12,60 +13,22 @@ import dataclasses
 
 import torch
 import torch.fx
+from bkcompile.passes.batch_axis import differentiable_outputs
 from bkcompile.passes.facts import Batched, Reduced
 from bkcompile.passes.joint import GraphInput, JointGraph
+from bkcompile.passes.ops import law_for
+from bkcompile.passes.ops.table import is_count
 from bkcompile.passes.site_kinds import SiteKind, kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 
 aten = torch.ops.aten
 
-# Ops on the way from a site to the gradient output that keep the per-sample norm.
-NORM_PRESERVING = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.unsqueeze.default,
-    aten._to_copy.default,
-    torch.ops.prims.convert_element_type.default,
-    aten.slice_backward.default,  # a sliced parameter: the gradient rows go back in place, zeros elsewhere
-    aten.select_backward.default,
-    aten.slice_scatter.default,  # the same, decomposed (into a zero tensor: see preserved_operand)
-    aten.select_scatter.default,
-}
-_SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default}
-_ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
-_FILLS = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}  # op -> fill value arg
-
-
-def _is_zeros(value: object) -> bool:
-    target = getattr(value, "target", None)
-    return target in _ZEROS or (target in _FILLS and value.args[_FILLS[target]] == 0)
-
 
 def preserved_operand(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The operand whose norm a NORM_PRESERVING ``node`` keeps (a scatter's source, when it scatters into
-    zeros), or None."""
-    if node.target not in NORM_PRESERVING:
-        return None
-    if node.target in _SCATTERS:
-        return node.args[1] if _is_zeros(node.args[0]) else None
-    return node.args[0]
-
-
-# Ops linear in one reduced operand, with sample-independent other operands (a frozen BatchNorm's 1/std,
-# a constant, the indices of a broadcast position embedding): not norm-preserving, applied per sample.
-SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default}
-LINEAR_MAPS = SCALINGS | {aten.embedding_dense_backward.default, aten.sum.dim_IntList}
+    """The operand whose per-sample norm ``node`` keeps (its op law's ``keeps_norm``), or None."""
+    keeps = law_for(node.target).keeps_norm if node.op == "call_function" else None
+    return keeps(node) if keeps is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +46,9 @@ class ParamGrad:
     grad: torch.fx.Node
     sites: tuple[Site, ...]
     scaled: bool = False  # the tree maps a site linearly by sample-independent operands (not norm-preserving)
+    # data-independent terms added to the gradient (a loss term of the parameters alone, e.g. weight decay
+    # written in the loss): each (the add node, the term); no sensitivity, so neither clipped nor noised
+    free: tuple[tuple[torch.fx.Node, torch.fx.Node], ...] = ()
 
     @property
     def name(self) -> str:
@@ -92,26 +58,69 @@ class ParamGrad:
 def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
     """The reduced operand of ``node`` when ``node`` is a linear map of it by sample-independent operands
     (the same map for every sample's part of the sum), else None."""
-    if node.target not in LINEAR_MAPS:
+    law = law_for(node.target) if node.op == "call_function" else None
+    if law is None or law.lift_linear is None:
         return None
-    term, *rest = node.args
-    if node.target == aten.mul.Tensor and not isinstance(joint.facts.get(term), Reduced):
-        term, rest = rest[0], [term]
-    if not isinstance(joint.facts.get(term), Reduced) or any(
-        isinstance(joint.facts.get(a), (Reduced, Batched)) for a in rest if isinstance(a, torch.fx.Node)
-    ):
+    operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    terms = [a for a in operands if isinstance(joint.facts.get(a), Reduced)]
+    if len(terms) != 1 or any(isinstance(joint.facts.get(a), Batched) for a in operands):
         return None
-    factor = rest[0] if rest else None
-    if (
-        node.target in SCALINGS
-        and isinstance(factor, torch.fx.Node)
-        and factor.meta["val"].dim() > term.meta["val"].dim()
-    ):
-        return None
+    (term,) = terms
+    if law.linear_in is not None and law.linear_in(node) is not term:
+        return None  # not linear in that operand (a divisor, or a select whose other branch is not zero)
+    if any(a.meta["val"].dim() > term.meta["val"].dim() for a in operands if a is not term):
+        return None  # another operand broadcasts the sum up: not the same map of each sample's part
     return term
 
 
-def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site]) -> bool:
+def _search(start: torch.fx.Node, hit, neighbours) -> bool:
+    """Whether a node for which ``hit`` holds is reachable from ``start`` (itself included) by ``neighbours``."""
+    stack, seen = [start], {start}
+    while stack:
+        current = stack.pop()
+        if hit(current):
+            return True
+        for value in neighbours(current):
+            if value not in seen:
+                seen.add(value)
+                stack.append(value)
+    return False
+
+
+def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return node.all_input_nodes
+
+
+def data_independent(joint: JointGraph, node: object) -> bool:
+    """``node`` is computed from parameters, constants and the loss's output gradient alone: no sample data
+    (batched or summed over the batch) reaches it."""
+    if not isinstance(node, torch.fx.Node):
+        return True
+    return not _search(node, lambda n: isinstance(joint.facts.get(n), (Batched, Reduced)), _inputs)
+
+
+def split_free_terms(joint: JointGraph, grad: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """For a graph of one sample (no facts): the terms of the sum ``grad`` that carry the sample's data,
+    and the data-independent ones (computed without the per-sample inputs or the gradients of per-sample
+    outputs; a 0-dim output is the loss, whose gradient is a constant)."""
+    data = {p for p, i in zip(joint.primals, joint.inputs, strict=True) if isinstance(i.fact, Batched)}
+    data |= {t for o, t in zip(differentiable_outputs(joint), joint.tangents) if o.meta["val"].dim() > 0}
+
+    def free(node: object) -> bool:
+        return not isinstance(node, torch.fx.Node) or not _search(node, data.__contains__, _inputs)
+
+    rest, free_terms, stack = [], [], [grad]
+    while stack:
+        node = stack.pop()
+        if node.target is aten.add.Tensor and not node.kwargs and any(free(a) for a in node.args):
+            free_terms += [a for a in node.args if free(a)]
+            stack += [a for a in node.args if not free(a)]
+        else:
+            rest.append(node)
+    return rest, free_terms
+
+
+def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site], free_terms: list[tuple]) -> bool:
     """Append the sites under ``node`` (a value of the gradient of parameter ``name``); True when the
     way from them to ``node`` scales them."""
     while preserved_operand(node) is not None and kind_of(joint, node) is None:
@@ -120,16 +129,31 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
     if kind is not None:
         sites.append(Site(node=node, kind=kind))
         return False
+    if node.target is aten.add.Tensor and not node.kwargs and isinstance(joint.facts.get(node), Reduced):
+        reduced = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]
+        free = [a for a in node.args if a not in reduced]
+        if all(data_independent(joint, a) for a in free):
+            # a parameter used at several places adds the uses' gradients; a term of the parameters alone
+            # (weight decay written in the loss) is data-independent: kept apart from clipping
+            free_terms.extend((node, a) for a in free)
+            return any([_collect(joint, term, name, sites, free_terms) for term in reduced])
     if (
-        node.target is aten.add.Tensor
+        node.target is aten.sub.Tensor
         and not node.kwargs
         and all(isinstance(joint.facts.get(a), Reduced) for a in node.args)
     ):
-        # a parameter used at several places: its gradient adds the uses' gradients
-        return any([_collect(joint, term, name, sites) for term in node.args])
+        return any([_collect(joint, term, name, sites, free_terms) for term in node.args])
     term = linear_term(joint, node)
     if term is not None:
-        _collect(joint, term, name, sites)
+        inner: list[tuple] = []
+        _collect(joint, term, name, sites, inner)
+        if inner:
+            raise node_error(
+                NotSupportedYetError,
+                node,
+                f"the gradient of parameter {name!r} maps a data-independent term together with per-sample terms",
+                "add the data-independent term (e.g. weight decay) to the loss last, unscaled by other terms",
+            )
         return True
     if not isinstance(joint.facts.get(node), Reduced):
         raise node_error(
@@ -164,10 +188,15 @@ def find_sites(joint: JointGraph) -> list[ParamGrad]:
                 )
             continue
         sites: list[Site] = []
-        scaled = _collect(joint, grad, name, sites)
-        params.append(ParamGrad(input=graph_input, index=index, grad=grad, sites=tuple(sites), scaled=scaled))
+        free: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+        scaled = _collect(joint, grad, name, sites, free)
+        params.append(
+            ParamGrad(input=graph_input, index=index, grad=grad, sites=tuple(sites), scaled=scaled, free=tuple(free))
+        )
     found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
+        if is_count(node, joint.facts):
+            continue  # a loss normaliser: it reaches gradients only as a divisor, which the loss pass checks
         if node not in found and reduces_samples(joint, node) and _feeds_gradient(joint, node):
             raise node_error(
                 NotSupportedYetError,
@@ -180,13 +209,4 @@ def find_sites(joint: JointGraph) -> list[ParamGrad]:
 
 def _feeds_gradient(joint: JointGraph, node: torch.fx.Node) -> bool:
     grads = {g for g in joint.gradient_outputs if g is not None}
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in grads:
-            return True
-        for user in current.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return False
+    return _search(node, grads.__contains__, lambda n: n.users)

@@ -11,12 +11,13 @@ import torch
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def assert_matches(got: dict, want: dict, dtype: torch.dtype) -> None:
+def assert_matches(got: dict, want: dict, dtype: torch.dtype, tol: float | None = None) -> None:
     assert set(got) == set(want), (set(got), set(want))
     for name, ref in want.items():
         scale = ref.abs().max().clamp(min=1e-30)
         err = ((got[name] - ref).abs().max() / scale).item()
-        assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]}"
+        tol = tol or TOL[dtype]
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
 
 
 @contextlib.contextmanager

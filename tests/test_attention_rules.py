@@ -10,7 +10,7 @@ import sympy
 import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched
-from bkcompile.passes.rules import RuleInput, rule_for
+from bkcompile.passes.ops import RuleInput, rule_for
 
 from bkcompile import NotSupportedYetError, SampleMixingError
 

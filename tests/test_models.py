@@ -25,37 +25,41 @@ BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
 
 
-def assert_matches_model(got: dict, want: dict, dtype: torch.dtype) -> None:
+def assert_matches_model(got: dict, want: dict, dtype: torch.dtype, tol: float | None = None) -> None:
     """assert_matches, except for an attention key's bias, whose gradient is zero in exact arithmetic (softmax is
     invariant to shifting a row of scores): its oracle value is rounding noise, so its error is measured against
     the largest gradient of the model instead of against itself."""
     assert set(got) == set(want), (set(got), set(want))
     top = max(ref.abs().max().item() for ref in want.values())
-    zero = {k for k in want if k.endswith("key.bias")}
+    tol = tol or TOL[dtype]
+    zero = {k for k in want if k.endswith(("key.bias", "k_proj.bias"))}  # transformers 4.x and 5.x names
     for name in zero:
         err = (got[name] - want[name]).abs().max().item() / top
-        assert err <= TOL[dtype], f"{name} (zero in exact arithmetic): error {err:.3g} of the largest gradient"
-    assert_matches({k: got[k] for k in got if k not in zero}, {k: want[k] for k in want if k not in zero}, dtype)
+        assert err <= tol, f"{name} (zero in exact arithmetic): error {err:.3g} of the largest gradient"
+    assert_matches({k: got[k] for k in got if k not in zero}, {k: want[k] for k in want if k not in zero}, dtype, tol)
 
 
 def check_matches_oracle(
-    model: nn.Module, inputs: tuple, targets: tuple, loss, dtype=F64, options=None, oracle=clipped_sum
+    model: nn.Module, inputs: tuple, targets: tuple, loss, dtype=F64, options=None, oracle=clipped_sum, tol=None
 ):
-    """Compile ``model`` with bk_dp (aot_eager), R = the median per-sample norm; compare with the oracle."""
+    """Compile ``model`` with bk_dp (aot_eager), R = the median per-sample norm; compare with the oracle (to
+    ``tol``, by default the dtype's: a model that computes part of its maths in float32 even when float64,
+    as RoPE does, needs a looser one)."""
     model = model.to(dtype)
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     _, norms = oracle(model, loss, inputs, targets, max_grad_norm=float("inf"))
-    radius = norms.quantile(0.5).item()
+    radius = norms.quantile(0.5).item() if len(norms) > 1 else norms[0].item() / 2  # one sample: clipped
     want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
-    assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
+    if len(norms) > 1:
+        assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
     options = {"max_grad_norm": radius, "compiler": "aot_eager", **(options or {})}
     got, compiled = compiled_grads(model, inputs, loss, targets, options)
     # one bk_dp backward ran (not an eager fallback of dynamo's) and recorded the oracle's per-sample norms
     ledger = ledger_of(compiled)
     assert ledger is not None and ledger.last_state().backwards == 1, "no bk_dp backward ran: dynamo ran it eagerly"
     recorded = bkcompile.last_per_sample_norms(compiled)
-    torch.testing.assert_close(recorded.to(dtype), norms, rtol=TOL[dtype], atol=0)
-    assert_matches_model(got, want, dtype)
+    torch.testing.assert_close(recorded.to(dtype), norms, rtol=tol or TOL[dtype], atol=0)
+    assert_matches_model(got, want, dtype, tol)
     return compiled
 
 
@@ -186,13 +190,12 @@ def test_vit_image_classification(attn: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_bert_sequence_classification_with_padding(attn: str) -> None:
     inputs = (token_ids(), padding_mask())
-    oracle = looped_clipped_sum if attn == "sdpa" else clipped_sum  # vmap refuses the SDPA mask's torch.all
     check_matches_oracle(
         Logits(tiny_bert(attn), "input_ids", "attention_mask"),
         inputs,
         (torch.randint(0, 3, (BATCH,)),),
         F.cross_entropy,
-        oracle=oracle,
+        oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks (torch.all, .item())
     )
 
 
@@ -201,7 +204,9 @@ def test_bert_sequence_classification_with_padding(attn: str) -> None:
 
 def test_bert_loss_inside_is_a_per_sample_mean() -> None:
     inputs = (token_ids(), padding_mask(), torch.randint(0, 3, (BATCH,)))
-    check_matches_oracle(Loss(tiny_bert(), "input_ids", "attention_mask", "labels"), inputs, (), returned_loss)
+    check_matches_oracle(
+        Loss(tiny_bert(), "input_ids", "attention_mask", "labels"), inputs, (), returned_loss, oracle=looped_clipped_sum
+    )
 
 
 def test_gpt2_loss_inside_token_mean_over_the_batch_is_refused() -> None:
@@ -248,7 +253,11 @@ def test_lora_bert_adapters_only() -> None:
     assert trainable and all("lora_" in k for k in trainable)
     inputs = (token_ids(), padding_mask())
     compiled = check_matches_oracle(
-        Logits(model, "input_ids", "attention_mask"), inputs, (torch.randint(0, 3, (BATCH,)),), F.cross_entropy
+        Logits(model, "input_ids", "attention_mask"),
+        inputs,
+        (torch.randint(0, 3, (BATCH,)),),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,
     )
     assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
 

@@ -90,9 +90,9 @@ def test_registered_rule_makes_a_custom_op_work() -> None:
     try:
         _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager"})
     finally:
-        from bkcompile.passes.rules import RULES
+        from bkcompile.passes.ops import LAWS
 
-        RULES.pop(torch.ops.bktest.mystery.default)
+        LAWS.pop(torch.ops.bktest.mystery.default)
     reference = UsesSin().double()
     reference.load_state_dict(model.state_dict())
     want, _ = clipped_sum(reference, loss, (x,), max_grad_norm=0.3)

@@ -105,10 +105,6 @@ def split_batch(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, ba
     return emit(aten.reshape.default, moved, sizes[:dim] + [batch, -1] + sizes[dim + 1 :])
 
 
-def static_shape(value: torch.fx.Node) -> list[int]:
-    return [int(s) for s in value.meta["val"].shape]
-
-
 def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, batch: Size):
     """``weights`` (B,) broadcast over the batch dim (size outer*B*inner) of ``value``."""
     fact: Batched = joint.facts[value]

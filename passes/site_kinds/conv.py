@@ -11,7 +11,7 @@ import operator
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import product, shape_exprs
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.site_kinds.common import (
@@ -26,7 +26,6 @@ from bkcompile.passes.site_kinds.common import (
     p,
     row_weights,
     rows,
-    static_shape,
 )
 
 aten = torch.ops.aten

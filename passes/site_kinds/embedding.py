@@ -8,9 +8,10 @@ import math
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Replicated, product, shape_exprs, to_expr
 from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.ops.embedding import mask_padding, per_sample_tables
 from bkcompile.passes.site_kinds.common import (
     B,
     Cost,
@@ -22,7 +23,6 @@ from bkcompile.passes.site_kinds.common import (
     on_dim0,
     reweight_operand,
     rows,
-    static_shape,
 )
 
 aten = torch.ops.aten
@@ -47,24 +47,6 @@ def _embedding_rows(emit: Emitter, node: torch.fx.Node, batch: Size, dtype):
     values = emit(aten.clone.default, values, memory_format=torch.contiguous_format)
     index = emit(aten.reshape.default, indices, [batch, count])
     return mask_padding(emit, values, index, padding_idx), index
-
-
-def mask_padding(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, padding_idx: int | None) -> torch.fx.Node:
-    """``rows`` (B, n, d) with the rows whose ``index`` (B or 1, n) is ``padding_idx`` zeroed."""
-    if padding_idx is None or padding_idx < 0:
-        return rows
-    keep = emit.to_dtype(emit(aten.ne.Scalar, index, padding_idx), rows.meta["val"].dtype)
-    return emit(aten.mul.Tensor, rows, emit(aten.unsqueeze.default, keep, 2))
-
-
-def per_sample_tables(emit: Emitter, rows: torch.fx.Node, index: torch.fx.Node, vocab: int, batch: Size):
-    """(B, V, d): rows (B, n, d) added at ``index`` (B or 1, n) into a zero table of each sample."""
-    width = rows.meta["val"].shape[-1]
-    table = emit(
-        aten.zeros.default, [batch, vocab, width], dtype=rows.meta["val"].dtype, device=rows.meta["val"].device
-    )
-    where = emit(aten.expand.default, emit(aten.unsqueeze.default, index, 2), [batch, -1, width])
-    return emit(aten.scatter_add.default, table, 1, where, rows)
 
 
 def embedding_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:

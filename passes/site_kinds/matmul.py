@@ -6,7 +6,7 @@ from __future__ import annotations
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Batched, shape_exprs
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.site_kinds.common import (
@@ -21,7 +21,6 @@ from bkcompile.passes.site_kinds.common import (
     reweight_operand,
     rows,
     split_batch,
-    static_shape,
 )
 
 aten = torch.ops.aten

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Batched, shape_exprs
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.site_kinds.common import SiteKind, Size, reduces_samples, reweight_operand, static_shape
+from bkcompile.passes.site_kinds.common import SiteKind, Size, reduces_samples, reweight_operand
 from bkcompile.passes.site_kinds.matmul import gram_sq_norm, per_sample_products, product_cost, product_operands
 
 aten = torch.ops.aten

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from bkcompile.passes.emit import Emitter
+from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Batched, product, shape_exprs
 from bkcompile.passes.joint import JointGraph
-from bkcompile.passes.rules import _dims
+from bkcompile.passes.ops.table import norm_dims
 from bkcompile.passes.site_kinds.common import (
     B,
     Cost,
@@ -20,7 +20,6 @@ from bkcompile.passes.site_kinds.common import (
     reweight_operand,
     rows,
     split_batch,
-    static_shape,
 )
 
 aten = torch.ops.aten
@@ -30,7 +29,7 @@ def _sum_per_sample_keepdim(emit: Emitter, joint: JointGraph, node: torch.fx.Nod
     x = node.args[0]
     fact: Batched = joint.facts[x]
     ndim = x.meta["val"].dim()
-    dims = _dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
+    dims = norm_dims(node.args[1] if node.target == aten.sum.dim_IntList else None, ndim)
     split = split_batch(emit, emit.to_dtype(x, dtype), fact, fact.dim, batch)
     reduce_dims = [d + (d > fact.dim) for d in dims if d != fact.dim] + [fact.dim + 1]
     return emit(aten.sum.dim_IntList, split, reduce_dims, True), fact.dim  # batch on fact.dim, ones elsewhere
