@@ -20,9 +20,11 @@ from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
-from bkcompile.passes.facts import REPLICATED, Batched, Fact
+from bkcompile.passes.facts import REPLICATED, Batched
+from bkcompile.passes.joint import GraphInput, InputKind
 from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.pieces import GraphRole
+from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -33,14 +35,13 @@ _DECOMPOSE = [
     aten.native_batch_norm_backward.default,
     aten.native_group_norm_backward.default,
 ]
-# Ops the pass reads whole: the loss normaliser of nll_loss, the embedding and convolution sites, and
-# GroupNorm (its decomposition views the batch through as_strided).
+# Ops the pass reads whole: the loss normaliser of nll_loss, GroupNorm (its decomposition views the batch
+# through as_strided), and the sites some site kinds read whole.
 _KEEP = [
     aten.nll_loss_forward.default,
     aten.nll_loss_backward.default,
-    aten.embedding_dense_backward.default,
-    aten.convolution_backward.default,
     aten.native_group_norm.default,
+    *kept_ops(),
 ]
 # Ops the pass emits that Inductor lowers through their decomposition.
 _EMITTED = [aten.im2col.default, aten.zeros.default]
@@ -72,27 +73,23 @@ def _is_module_state(source: str) -> bool:
     )
 
 
+def _classify(node: torch.fx.Node, example: Any, options: BKOptions) -> GraphInput:
+    """A graph input's record: parameters and module state are replicated, other tensors hold samples on
+    ``options.batch_dim``."""
+    source = _source_name(node)
+    is_state = _is_module_state(source)
+    if isinstance(example, torch.nn.Parameter):
+        return GraphInput(_param_name(source), source, InputKind.PARAMETER, REPLICATED, example.requires_grad)
+    if is_state:
+        return GraphInput(_param_name(source), source, InputKind.STATE, REPLICATED, False)
+    if isinstance(example, torch.Tensor) and example.dim() > options.batch_dim:
+        return GraphInput(node.name, source, InputKind.SAMPLES, Batched(options.batch_dim), False)
+    return GraphInput(node.name, source, InputKind.OTHER, REPLICATED, False)
+
+
 def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: BKOptions):
-    """Fact, trainability and name of every graph input: parameters and buffers are replicated,
-    other tensors hold samples on ``options.batch_dim``."""
-    facts: list[Fact] = []
-    trainable: list[bool] = []
-    names: list[str] = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, example_inputs):
-        source = _source_name(node)
-        is_state = _is_module_state(source)
-        names.append(_param_name(source) if is_state or isinstance(example, torch.nn.Parameter) else node.name)
-        if isinstance(example, torch.nn.Parameter):
-            facts.append(REPLICATED)
-            trainable.append(example.requires_grad)
-        elif isinstance(example, torch.Tensor) and not is_state and example.dim() > options.batch_dim:
-            facts.append(Batched(options.batch_dim))
-            trainable.append(False)
-        else:
-            facts.append(REPLICATED)
-            trainable.append(False)
-    return facts, trainable, names
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return tuple(_classify(n, e, options) for n, e in zip(placeholders, example_inputs, strict=True))
 
 
 def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
@@ -122,21 +119,18 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 
 def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
     """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
-    has_tangents = any(n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes)
-    if not has_tangents or context.get("done"):
+    if context.get("done"):
         return
     state = privatize(
         gm,
         num_fwd_outputs,
-        context["facts"],
-        context["trainable"],
-        context["names"],
+        context["inputs"],
         context["options"],
         _fake_mode(gm),
         context["clip_states"],
         context["role"],
     )
-    if state.plans:
+    if state.cost is not None and state.cost.plans:
         record(build_report(state), show=context["options"].report)
     context["state"] = state
     context["done"] = True
@@ -155,9 +149,11 @@ class _InductorJointPass:
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
-        outputs = list(graph.output_node().args[0])
-        primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-        _joint_pass(gm, len(outputs) - len(primals), self.context)
+        primals = len(self.context["inputs"])
+        # Inductor runs this hook on inference graphs too (no tangents: nothing to clip); a joint graph
+        # returns the forward outputs, then one gradient per primal
+        if len(graph.find_nodes(op="placeholder")) > primals:
+            _joint_pass(gm, len(graph.output_node().args[0]) - primals, self.context)
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
 
@@ -205,11 +201,9 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         device = params[0].device if params else torch.device("cpu")
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
         record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
-        facts, trainable, input_names = _classify_inputs(gm, example_inputs, opts)
+        inputs = _classify_inputs(gm, example_inputs, opts)
         context = {
-            "facts": facts,
-            "trainable": trainable,
-            "names": input_names,
+            "inputs": inputs,
             "options": opts,
             "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
             "role": role,
@@ -224,7 +218,7 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     record.state = state.clip if state is not None else None
     ledger.adopt(params, names)
     if role.piece:
-        compiled = rows.guard(compiled, [i for i, f in enumerate(facts) if isinstance(f, Batched)], role.label)
+        compiled = rows.guard(compiled, [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)], role.label)
     return record.wrap(compiled)
 
 

@@ -16,7 +16,19 @@ class OptionError(BKError, ValueError):
 
 
 class PrivacyError(BKError):
-    """The graph cannot be privatized exactly; training it would not be differentially private."""
+    """The graph cannot be privatized exactly; training it would not be differentially private.
+
+    Raised by the passes through :func:`node_error` (the op, the user's source line, why, the fix); the
+    pass driver adds the name of the pass (:meth:`in_pass`).
+    """
+
+    pass_name: str | None = None
+
+    def in_pass(self, name: str) -> None:
+        """Name the pass the error comes from (once: the innermost pass wins)."""
+        if self.pass_name is None:
+            self.pass_name = name
+            self.args = (f"{self.args[0] if self.args else ''}\n  pass: {name}", *self.args[1:])
 
 
 class UnsupportedOpError(PrivacyError):
@@ -28,7 +40,8 @@ class SampleMixingError(PrivacyError):
 
 
 class NotSupportedYetError(PrivacyError):
-    """A construct that is per-sample but that the pass cannot clip yet (conv, embedding, shared weights)."""
+    """A construct that keeps samples apart but that the pass cannot clip yet (a parameter reaching its
+    gradient through an op with no per-sample form, a sample axis of symbolic sizes on both sides)."""
 
 
 class LossReductionError(PrivacyError):
@@ -41,6 +54,10 @@ class UnclippedGradientError(PrivacyError):
 
 class ClipOnceError(PrivacyError):
     """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
+
+
+class PassInvariantError(BKError):
+    """A pass left the graph in a state the next one cannot trust (a bug of bkcompile: please report it)."""
 
 
 def module_of(node: torch.fx.Node) -> str | None:
@@ -84,6 +101,8 @@ def op_name(node: torch.fx.Node) -> str:
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
 
 
-def node_error(cls: type[PrivacyError], node: torch.fx.Node, why: str, fix: str) -> PrivacyError:
-    """Build an error naming the op, the user's source line, the reason and the fix."""
-    return cls(f"{op_name(node)} at {user_location(node)}\n  why: {why}\n  fix: {fix}")
+def node_error(cls: type[PrivacyError], node: torch.fx.Node | None, why: str, fix: str) -> PrivacyError:
+    """The one builder of pass errors: the op, the user's source line, the reason and the fix (the pass
+    driver adds the pass). ``node`` None: the error is about the whole compiled function."""
+    what = "the compiled function" if node is None else f"{op_name(node)} at {user_location(node)}"
+    return cls(f"{what}\n  why: {why}\n  fix: {fix}")

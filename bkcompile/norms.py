@@ -97,7 +97,7 @@ class ClipState:
         """Keep a group's norms of this backward, count those under its threshold; return the threshold."""
         values = norms.detach() if norms.dtype == torch.float64 else norms.detach().float()
         task = torch._C._current_graph_task_id()
-        if task != self._task or group in self._recorded:  # a new backward (or a new call in this one)
+        if self.latest is None or task != self._task or group in self._recorded:  # a new backward (or call)
             self._task, self._recorded = task, set()
             self.backwards += 1
             self.latest = values.new_zeros(len(values), len(self.groups))

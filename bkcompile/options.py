@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Literal
 
 from bkcompile.errors import OptionError
@@ -41,6 +42,10 @@ class BKOptions:
         without a threshold share max_grad_norm: R / sqrt(G) each, so the sensitivity stays R.
     clip_fn: "abadi" (C = min(1, R / (n + 1e-6))) or "automatic" (C = R / (n + clip_gamma)).
     clip_gamma: the stabiliser of automatic clipping.
+    check_passes: after each pass of the pipeline, check its invariants (the graph lints, every node has a
+        ``meta["val"]``, no new aliasing); default: the environment variable ``BKCOMPILE_CHECK=1``.
+    dump: a directory; the graph is written there after each pass (``<n>-<graph>/<i>-<pass>.txt``); default:
+        the environment variable ``BKCOMPILE_DUMP``.
     expected_batch_size: the expected batch size the DP optimizer divides the noisy sum by. Needed only when
         the loss has a data-independent term (``+ wd * sum(p.pow(2))``): that term's gradient has no
         sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
@@ -62,6 +67,8 @@ class BKOptions:
     clipping: str | tuple = "all-layer"
     clip_fn: ClipFn = "abadi"
     clip_gamma: float = 0.01
+    check_passes: bool = False
+    dump: str | None = None
     expected_batch_size: float | None = None
     graphs: Graphs = "auto"
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
@@ -73,6 +80,7 @@ _CHOICES = {
     "compiler": ("inductor", "aot_eager"),
     "strategy": ("auto", "fastest", "ghost", "explicit"),
     "report": (True, False),
+    "check_passes": (True, False),
     "clip_fn": ("abadi", "automatic"),
     "graphs": ("auto", "several"),
 }
@@ -142,6 +150,9 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     budget = raw.get("memory_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
+    dump = raw.get("dump", os.environ.get("BKCOMPILE_DUMP") or None)
+    if dump is not None and not isinstance(dump, (str, os.PathLike)):
+        raise OptionError(f"option 'dump' must be a directory path or None, got {dump!r}")
     if budget is not None and raw.get("strategy", "auto") != "fastest":
         raise OptionError(
             "option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
@@ -158,6 +169,8 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         strategy=raw.get("strategy", "auto"),
         memory_budget=budget,
         report=raw.get("report", False),
+        check_passes=raw.get("check_passes", os.environ.get("BKCOMPILE_CHECK", "") == "1"),
+        dump=None if dump is None else os.fspath(dump),
         expected_batch_size=_expected_batch_size(raw.get("expected_batch_size")),
         graphs=raw.get("graphs", "auto"),
         loss_reduction_given="loss_reduction" in raw,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import types
 from typing import Any
 
 import sympy
@@ -19,6 +21,7 @@ from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
 _LAST: list[CostReport] = []
+_EXPLAINED = itertools.count()  # names the code object of each explain() call
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class CostReport:
     batch: str  # the batch size: a number, or a symbol when dynamic
     batch_dynamic: bool
     norm_dtype: str
+    loss_scale: str  # the per-sample loss scale s and how the pass found it
     options: dict[str, Any]
     backward_flops: float  # matrix products and convolutions of the ordinary backward
     total_flops: float  # what the chosen strategies add
@@ -66,6 +70,7 @@ class CostReport:
         )
         return [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
+            f"loss scale: {self.loss_scale}",
             f"graph: {self.graph}; clipped {self.clipped}",
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
             "clipping groups: "
@@ -137,35 +142,37 @@ def _si(value: float, unit: str) -> str:
 
 def build_report(state: PassState) -> CostReport:
     """The report of one privatized graph (``state``: what the passes found)."""
-    itemsize = state.norm_dtype.itemsize
+    cost = state.cost
+    itemsize = cost.norm_dtype.itemsize
     rows, total_flops, total_bytes = [], 0.0, 0.0
-    for plan in state.plans:
-        flops, values = plan_cost(plan, plan.strategy, state.hints)
+    for plan in cost.plans:
+        flops, values = plan_cost(plan, plan.strategy, cost.compiled_sizes)
         total_flops, total_bytes = total_flops + flops, total_bytes + values * itemsize
-        for cost in plan.costs:
-            node = cost.site.node
+        for site in plan.costs:
+            node = site.site.node
 
-            def at(c, cost=cost):
+            def at(c, site=site):
                 return (
-                    evaluate(c.time, cost.sizes, state.hints),
-                    evaluate(c.memory, cost.sizes, state.hints) * itemsize,
+                    evaluate(c.time, site.sizes, cost.compiled_sizes),
+                    evaluate(c.memory, site.sizes, cost.compiled_sizes) * itemsize,
                 )
 
+            direct = site.ghost == site.explicit
             rows.append(
                 SiteRow(
-                    param=plan.param.param,
-                    kind=cost.site.kind,
+                    param=plan.param.name,
+                    kind=site.site.kind.name,
                     module=module_of(node) or "-",
                     source=source_line(node) or "-",
-                    sizes={str(k): str(v) for k, v in cost.sizes.items()},
-                    strategy="direct" if cost.ghost == cost.explicit else plan.strategy,
-                    reason="per-sample sums" if cost.ghost == cost.explicit else plan.reason,
-                    ghost_time=str(cost.ghost.time) if cost.ghost else None,
-                    ghost_memory=str(cost.ghost.memory * itemsize) if cost.ghost else None,
-                    explicit_time=str(cost.explicit.time),
-                    explicit_memory=str(cost.explicit.memory * itemsize),
-                    ghost_values=at(cost.ghost) if cost.ghost else None,
-                    explicit_values=at(cost.explicit),
+                    sizes={str(k): str(v) for k, v in site.sizes.items()},
+                    strategy="direct" if direct else plan.strategy.value,
+                    reason="per-sample sums" if direct else plan.describe(),
+                    ghost_time=str(site.ghost.time) if site.ghost else None,
+                    ghost_memory=str(site.ghost.memory * itemsize) if site.ghost else None,
+                    explicit_time=str(site.explicit.time),
+                    explicit_memory=str(site.explicit.memory * itemsize),
+                    ghost_values=at(site.ghost) if site.ghost else None,
+                    explicit_values=at(site.explicit),
                 )
             )
     batch = state.joint.batch
@@ -182,9 +189,10 @@ def build_report(state: PassState) -> CostReport:
         rows=rows,
         batch=str(batch),
         batch_dynamic=not isinstance(batch, sympy.Integer),
-        norm_dtype=str(state.norm_dtype).removeprefix("torch."),
+        norm_dtype=str(cost.norm_dtype).removeprefix("torch."),
+        loss_scale=state.scale.describe(),
         options=options,
-        backward_flops=state.backward_flops,
+        backward_flops=cost.backward_flops,
         total_flops=total_flops,
         total_bytes=total_bytes,
         groups=groups,
@@ -206,18 +214,26 @@ def last_report() -> CostReport | None:
     return _LAST[0] if _LAST else None
 
 
+def _call(model: torch.nn.Module, *inputs: Any) -> Any:
+    return model(*inputs)
+
+
 def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> CostReport:
     """Privatize a copy of ``model`` for ``example_inputs`` and return the cost-model report, without training.
 
-    ``options`` are the backend's (``max_grad_norm`` defaults to 1.0, ``compiler`` to "aot_eager").
+    ``options`` are the backend's (``max_grad_norm`` defaults to 1.0, ``compiler`` to "aot_eager"). Dynamo
+    keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
+    through a function with a code object and a name of its own, so it neither reuses nor evicts the graphs
+    of the user's compiled models (no ``torch._dynamo.reset``), and each call starts from static sizes.
     """
     options = {"max_grad_norm": 1.0, "compiler": "aot_eager", **options}
     twin = copy.deepcopy(model)
+    name = f"bkcompile_explain_{next(_EXPLAINED)}"
+    entry = types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
     _LAST.clear()
-    torch._dynamo.reset()
-    compiled = torch.compile(twin, backend="bk_dp", options=options, fullgraph=True)
+    compiled = torch.compile(entry, backend="bk_dp", options=options, fullgraph=True)
     with torch.enable_grad():
-        compiled(*example_inputs)
+        compiled(twin, *example_inputs)
     report = last_report()
     if report is None:
         raise BKError(

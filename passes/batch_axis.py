@@ -12,53 +12,15 @@ embedding table built from the batch, ``F.embedding(y, onehot(y).T @ x)``). Only
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 
-import sympy
 import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, Replicated
+from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import FactOut, Rule, RuleInput, rule_for
 
 from bkcompile.errors import PrivacyError, SampleMixingError, UnsupportedOpError, node_error
-
-
-@dataclasses.dataclass
-class JointGraph:
-    """The joint graph with what the passes know about it."""
-
-    gm: torch.fx.GraphModule
-    num_fwd_outputs: int
-    primal_facts: list[Fact]  # one per primal placeholder, in order
-    trainable: list[bool]  # one per primal: a parameter whose gradient is clipped
-    batch: sympy.Expr  # the batch size B (symbolic when dynamic)
-    batch_source: tuple[torch.fx.Node, int] | None = None  # an input holding B on one of its dims
-    facts: dict[torch.fx.Node, FactOut] = dataclasses.field(default_factory=dict)
-
-    @property
-    def placeholders(self) -> list[torch.fx.Node]:
-        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-
-    @property
-    def primals(self) -> list[torch.fx.Node]:
-        return [n for n in self.placeholders if not n.name.startswith("tangents")]
-
-    @property
-    def tangents(self) -> list[torch.fx.Node]:
-        return [n for n in self.placeholders if n.name.startswith("tangents")]
-
-    @property
-    def outputs(self) -> list:
-        return list(self.gm.graph.output_node().args[0])
-
-    @property
-    def forward_outputs(self) -> list:
-        return self.outputs[: self.num_fwd_outputs]
-
-    @property
-    def gradient_outputs(self) -> list:
-        return self.outputs[self.num_fwd_outputs :]
 
 
 def _is_tensor_valued(node: torch.fx.Node) -> bool:
@@ -76,18 +38,25 @@ def backward_nodes(joint: JointGraph) -> set[torch.fx.Node]:
     return seen
 
 
-def _fact_of(joint: JointGraph, node: torch.fx.Node, backward: bool = False) -> FactOut:
+def _fact_of(
+    joint: JointGraph, facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, backward: bool = False
+) -> FactOut:
     if node.op != "call_function":
-        raise PrivacyError(f"unexpected {node.op} node {node.name} in the joint graph")
+        raise node_error(
+            PrivacyError,
+            node,
+            f"the joint graph holds a {node.op} node, which the batch-axis analysis does not know",
+            "compile the model with torch.compile(model, backend='bk_dp') so that the graph comes from aot_autograd",
+        )
     if node.target is operator.getitem:
         source, index = node.args
-        fact = joint.facts[source]
+        fact = facts[source]
         return fact[index] if isinstance(fact, tuple) else fact
     if not _is_tensor_valued(node):
         return REPLICATED  # sizes and other scalars are not sample data
     inputs = node.all_input_nodes
     rule = rule_for(node.target)
-    if all(isinstance(joint.facts[a], Replicated) for a in inputs) and rule is None:
+    if all(isinstance(facts[a], Replicated) for a in inputs) and rule is None:
         return REPLICATED  # a function of sample-independent values is sample-independent
     if rule is None:
         raise node_error(
@@ -97,8 +66,8 @@ def _fact_of(joint: JointGraph, node: torch.fx.Node, backward: bool = False) -> 
             "express it with supported ops, or register a rule: "
             "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
         )
-    out = rule(RuleInput(node=node, batch=joint.batch, facts=joint.facts, backward=backward))
-    _deny_batch_sums(joint, node, rule, out)
+    out = rule(RuleInput(node=node, batch=joint.batch, facts=facts, backward=backward))
+    _deny_batch_sums(facts, node, rule, out)
     return out
 
 
@@ -106,11 +75,11 @@ def _flat(fact: FactOut) -> list[Fact]:
     return [f for item in fact for f in _flat(item)] if isinstance(fact, tuple) else [fact]
 
 
-def _deny_batch_sums(joint: JointGraph, node: torch.fx.Node, rule: Rule, out: FactOut) -> None:
+def _deny_batch_sums(facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, rule: Rule, out: FactOut) -> None:
     """Refuse a sum over samples reaching a per-sample output, unless the rule proves it harmless."""
     if getattr(rule, "reads_batch_sums", False) or not any(isinstance(f, Batched) for f in _flat(out)):
         return
-    sums = [a for a in node.all_input_nodes if any(isinstance(f, Reduced) for f in _flat(joint.facts[a]))]
+    sums = [a for a in node.all_input_nodes if any(isinstance(f, Reduced) for f in _flat(facts[a]))]
     if sums:
         raise node_error(
             SampleMixingError,
@@ -132,20 +101,23 @@ def differentiable_outputs(joint: JointGraph) -> list:
     return out
 
 
-def _tangent_facts(joint: JointGraph) -> None:
+def _tangent_facts(joint: JointGraph, facts: dict[torch.fx.Node, FactOut]) -> None:
     outputs = differentiable_outputs(joint)
     tangents = joint.tangents
     if len(outputs) != len(tangents):
-        raise PrivacyError(
+        raise node_error(
+            PrivacyError,
+            joint.gm.graph.output_node(),
             f"cannot pair the {len(tangents)} output gradients of the graph with its {len(outputs)} floating "
-            "outputs (outputs that alias inputs or mutate them are not supported); return fresh tensors"
+            "outputs (outputs that alias inputs or mutate them are not supported)",
+            "return fresh tensors from the compiled function",
         )
     for output, tangent in zip(outputs, tangents):
-        fact = joint.facts[output]
+        fact = facts[output]
         if isinstance(fact, Reduced):
-            joint.facts[tangent] = REPLICATED  # d(loss): one scalar for the whole batch
+            facts[tangent] = REPLICATED  # d(loss): one scalar for the whole batch
         elif isinstance(fact, Batched):
-            joint.facts[tangent] = fact
+            facts[tangent] = fact
         elif tangent.users:
             raise node_error(
                 PrivacyError,
@@ -155,21 +127,23 @@ def _tangent_facts(joint: JointGraph) -> None:
                 "return only per-sample outputs (or the loss) from the compiled model, or detach this output",
             )
         else:
-            joint.facts[tangent] = REPLICATED
+            facts[tangent] = REPLICATED
 
 
-def analyze(joint: JointGraph) -> None:
-    """Fill ``joint.facts`` for every node (pass 1 of the pipeline)."""
-    for node, fact in zip(joint.primals, joint.primal_facts):
-        joint.facts[node] = fact
+def analyze(joint: JointGraph) -> dict[torch.fx.Node, FactOut]:
+    """The fact of every node (pass 1 of the pipeline): the primals' from their inputs, the rest by the rules."""
+    facts: dict[torch.fx.Node, FactOut] = {}
+    for node, graph_input in zip(joint.primals, joint.inputs, strict=True):
+        facts[node] = graph_input.fact
     for node in joint.gm.graph.find_nodes(op="get_attr"):
-        joint.facts[node] = REPLICATED  # constants the trace lifted (e.g. torch.tensor(0.0) in the model)
+        facts[node] = REPLICATED  # constants the trace lifted (e.g. torch.tensor(0.0) in the model)
     backward = backward_nodes(joint)
     nodes = [n for n in joint.gm.graph.nodes if n.op == "call_function"]
     for node in nodes:
         if node not in backward:
-            joint.facts[node] = _fact_of(joint, node)
-    _tangent_facts(joint)
+            facts[node] = _fact_of(joint, facts, node)
+    _tangent_facts(joint, facts)
     for node in nodes:
         if node in backward:
-            joint.facts[node] = _fact_of(joint, node, backward=True)
+            facts[node] = _fact_of(joint, facts, node, backward=True)
+    return facts

@@ -22,10 +22,9 @@ import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.clip import erase_dead, per_sample_grad
 from bkcompile.passes.emit import Emitter
-from bkcompile.passes.site_kinds import SITE_KINDS
+from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.sites import ParamGrad, preserved_operand
 
 aten = torch.ops.aten
@@ -92,7 +91,7 @@ def keep_site(joint: JointGraph, param: ParamGrad, dtype: torch.dtype, fake_mode
     source, dim = joint.batch_source
     batch_val = source.meta["val"].shape[dim]
     site = param.sites[0]
-    kind = SITE_KINDS[site.kind]
+    kind = site.kind
 
     graph, emit, env, weights = _copy(joint, nodes, external, fake_mode, batch_val)
     graph.output(env[param.grad])
@@ -105,7 +104,7 @@ def keep_site(joint: JointGraph, param: ParamGrad, dtype: torch.dtype, fake_mode
 
     graph, emit, env, weights = _copy(joint, nodes, external, fake_mode, batch_val)
     batch = emit.size(weights, 0)
-    copied = ParamGrad(param.param, param.index, env[param.grad], [dataclasses.replace(site, node=env[site.node])])
+    copied = dataclasses.replace(param, grad=env[param.grad], sites=(dataclasses.replace(site, node=env[site.node]),))
     values = per_sample_grad(emit, joint, copied.grad, {env[site.node]: copied.sites[0]}, batch, dtype)
     graph.output(emit(aten.reshape.default, values, [batch, -1]))
     graph.eliminate_dead_code()

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
+from bkcompile.passes.cost import ParamPlan, Strategy
 from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Reduced
 from bkcompile.passes.groups import Grouping
-from bkcompile.passes.loss import LossScale
+from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.loss import LossScale, ScaleKind
 from bkcompile.passes.ops import law_for
-from bkcompile.passes.site_kinds import SITE_KINDS, Size
+from bkcompile.passes.site_kinds.common import Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
 
 import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
-from bkcompile.errors import OptionError
+from bkcompile.errors import NotSupportedYetError, OptionError, node_error
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -53,21 +54,34 @@ def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _lift(emit: Emitter, node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
+    """Apply the norm-preserving op ``node`` (its op law's ``lift``) to per-sample values (B, *shape of its input)."""
+    lift = law_for(node.target).lift
+    if lift is None:
+        raise node_error(
+            NotSupportedYetError,
+            node,
+            "the parameter's gradient passes through this op, which has no per-sample form for explicit norms yet",
+            "use strategy='ghost' if the parameter has a single site, or freeze the parameter",
+        )
+    return lift(emit, node, value)
+
+
 def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites: dict, batch: Size, dtype):
     """The per-sample gradient (B, *shape of ``node``) of the gradient tree under ``node``."""
     if node in sites:
-        return SITE_KINDS[sites[node].kind].per_sample(emit, joint, node, batch, dtype)
+        return sites[node].kind.per_sample(emit, joint, node, batch, dtype)
     if node.target is aten.add.Tensor:
         terms = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]  # not the free terms
         grads = [per_sample_grad(emit, joint, a, sites, batch, dtype) for a in terms]
         return grads[0] if len(grads) == 1 else emit(aten.add.Tensor, *grads)
     if node.target is aten.sub.Tensor:
         return emit(aten.sub.Tensor, *[per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
-    law = law_for(node.target)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
-        return law.lift_linear(emit, node, term, per_sample_grad(emit, joint, term, sites, batch, dtype), batch)
-    return law.lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+        grads = per_sample_grad(emit, joint, term, sites, batch, dtype)
+        return law_for(node.target).lift_linear(emit, node, term, grads, batch)
+    return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
 
 
 def erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -131,12 +145,12 @@ def batch_size_value(emit: Emitter, joint: JointGraph) -> Size:
 
 
 def loss_factor(emit: Emitter, scale: LossScale, batch: Size, dtype: torch.dtype) -> torch.fx.Node | None:
-    if scale.kind == "mean":
+    if scale.kind is ScaleKind.MEAN:
         factor = emit(aten.scalar_tensor.default, batch, dtype=dtype)
         for count in scale.checks:  # counts that must be B for the per-sample loss to be defined
             factor = emit(torch.ops.bkcompile.same_count.default, emit.to_dtype(count, dtype), factor)
         return factor
-    if scale.kind == "weight":
+    if scale.kind is ScaleKind.WEIGHT:
         return emit.to_dtype(scale.node, dtype)
     return None
 
@@ -162,16 +176,15 @@ def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions)
     for param in params:
         for add, term in param.free:
             with emit.graph.inserting_before(add):
-                scaled = emit(aten.mul.Tensor, term, free_scale(options, param.param))
+                scaled = emit(aten.mul.Tensor, term, free_scale(options, param.name))
             add.replace_input_with(term, scaled)
-            scaled_terms.setdefault(param.param, []).append(scaled)
+            scaled_terms.setdefault(param.name, []).append(scaled)
     return scaled_terms
 
 
 def insert_clipping(
     joint: JointGraph,
-    params: list[ParamGrad],
-    strategies: dict[str, str],
+    plans: list[ParamPlan],
     dtype: torch.dtype,
     scale: LossScale,
     grouping: Grouping,
@@ -179,43 +192,45 @@ def insert_clipping(
     options: BKOptions,
     fake_mode,
 ) -> None:
-    """Insert norms, clip factors and the weighted reductions, each parameter by its strategy; norms in
+    """Insert norms, clip factors and the weighted reductions, each parameter by its plan's strategy; norms in
     ``dtype`` (``acc_dtype``)."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    if not params:
+    if not plans:
         return
+    params = [plan.param for plan in plans]
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first_op):
         batch = batch_size_value(emit, joint)
     free = scale_free_terms(emit, params, options)
     squares, explicit = {}, {}
-    for param in params:
-        if strategies[param.param] == "ghost":
+    for plan in plans:
+        param = plan.param
+        if plan.strategy is Strategy.GHOST:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                squares[param.param] = SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype)
+                squares[param.name] = site.kind.sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(graph.output_node()):
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, -1])
-            squares[param.param] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
-            explicit[param.param] = flat
+            squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
+            explicit[param.name] = flat
     with graph.inserting_before(graph.output_node()):
         weights = clip_weights(emit, squares, grouping, key, loss_factor(emit, scale, batch, dtype), options)
         reduced = {}
         for param in params:
-            if param.param in explicit:
-                row = emit(aten.unsqueeze.default, weights[param.param], 0)
+            if param.name in explicit:
+                row = emit(aten.unsqueeze.default, weights[param.name], 0)
                 total = emit(
-                    aten.view.default, emit(aten.mm.default, row, explicit[param.param]), static_shape(param.grad)
+                    aten.view.default, emit(aten.mm.default, row, explicit[param.name]), static_shape(param.grad)
                 )
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
-                for term in free.get(param.param, []):  # an explicit sum leaves the graph's adds: add them here
+                for term in free.get(param.name, []):  # an explicit sum leaves the graph's adds: add them here
                     reduced[param.index] = emit(aten.add.Tensor, reduced[param.index], term)
                 continue
             site = param.sites[0]
-            weighted = SITE_KINDS[site.kind].reweight(emit, joint, site.node, weights[param.param], batch)
+            weighted = site.kind.reweight(emit, joint, site.node, weights[param.name], batch)
             site.node.replace_all_uses_with(weighted)
             erase_dead(graph, site.node)
     outputs = joint.outputs
@@ -223,13 +238,11 @@ def insert_clipping(
         outputs[joint.num_fwd_outputs + index] = value
     graph.output_node().args = (outputs,)
     for param in params:
-        if param.param in explicit:
+        if param.name in explicit:
             erase_dead(graph, param.grad)
 
 
-def clip_single_sample(
-    joint: JointGraph, names: list[str], grouping: Grouping, key: int, options: BKOptions, fake_mode
-) -> None:
+def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options: BKOptions, fake_mode) -> None:
     """A graph compiled for a batch of exactly one sample: its gradient is that sample's gradient.
 
     Nothing can mix samples, so no sites are needed: each group's norm is that of its gradient outputs,
@@ -237,7 +250,7 @@ def clip_single_sample(
     """
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
-    grads = trainable_grads(joint, names)
+    grads = trainable_grads(joint)
     if not grads:
         return
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
@@ -263,10 +276,10 @@ def clip_single_sample(
     graph.output_node().args = (outputs,)
 
 
-def trainable_grads(joint: JointGraph, names: list[str]) -> list[tuple[int, str, torch.fx.Node]]:
+def trainable_grads(joint: JointGraph) -> list[tuple[int, str, torch.fx.Node]]:
     """(output index, parameter name, gradient node) of every trainable parameter with a gradient."""
     return [
-        (i, name, g)
-        for i, (g, t, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names))
-        if g is not None and t
+        (i, graph_input.name, g)
+        for i, (g, graph_input) in enumerate(zip(joint.gradient_outputs, joint.inputs, strict=True))
+        if g is not None and graph_input.trainable
     ]

@@ -1,9 +1,10 @@
 """The cost model: for each site, the extra time (FLOPs) and memory (bytes) of each strategy, in sympy.
 
-Symbols: ``B`` the batch size, ``T`` the rows each sample has at the site (tokens, output positions),
-``p`` and ``d`` the two dims of the gradient (out and in features; for a convolution, per group of ``G``,
-out channels and in channels x kernel positions), ``V`` an embedding's table size. Costs count what privacy adds to the
-ordinary backward:
+Each site kind gives the sizes of the symbols at its site and the cost of each strategy (its ``cost``, in its
+module of ``site_kinds``). Symbols (``site_kinds.common``): ``B`` the batch size, ``T`` the rows each sample
+has at the site (tokens, output positions), ``p`` and ``d`` the two dims of the gradient (out and in
+features; for a convolution, per group of ``G``, out channels and in channels x kernel positions), ``V`` an
+embedding's table size. Costs count what privacy adds to the ordinary backward:
 
 - ghost (matmul): the two per-sample Gram matrices and their product, 2BT^2(p+d) + BT^2 FLOPs and
   2BT^2 values; the weighted reduction replaces the original one.
@@ -21,97 +22,40 @@ fast as "fastest" with 1.3-1.9x less peak memory, so it is the default.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 import warnings
-from collections.abc import Callable
 
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
-from bkcompile.passes.facts import exact_quotient, product, shape_exprs
-from bkcompile.passes.site_kinds import SITE_KINDS
+from bkcompile.passes.facts import product, shape_exprs
+from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
 
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
-B, T, p, d, V, G = sympy.symbols("B T p d V G", positive=True, integer=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cost:
-    time: sympy.Expr  # FLOPs
-    memory: sympy.Expr  # values held (times the norm dtype's size: bytes)
 
 
 @dataclasses.dataclass
 class SiteCost:
     site: Site
-    sizes: dict[sympy.Symbol, sympy.Expr]  # what the symbols stand for at this site
+    sizes: Sizes  # what the symbols stand for at this site
     ghost: Cost | None
     explicit: Cost
 
 
-# --- one cost function per site kind: (sizes, ghost cost or None, explicit cost) --------------------------
-
-
-def _rows(total: sympy.Expr, batch: sympy.Expr, *others: sympy.Expr) -> sympy.Expr:
-    return exact_quotient(total, batch * product(list(others))) or sympy.Integer(1)
-
-
-def _matmul_cost(joint: JointGraph, node: torch.fx.Node):
-    a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
-    lead = a[0] if len(a) == 3 else sympy.Integer(1)
-    sizes = {B: joint.batch, T: _rows(a[-1], joint.batch), p: a[-2], d: b[-1]}
-    ghost = Cost(lead * B * (2 * T**2 * (p + d) + T**2), lead * 2 * B * T**2)
-    return sizes, ghost, Cost(lead * 3 * B * p * d, lead * B * p * d)
-
-
-def _sum_cost(joint: JointGraph, node: torch.fx.Node):
-    out = product(shape_exprs(node.meta["val"]))
-    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[0].meta["val"])), joint.batch, out), p: out}
-    direct = Cost(B * T * p + 2 * B * p, B * p)  # ghost and explicit are the same per-sample sum
-    return sizes, direct, direct
-
-
-def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
-    vocab, width = shape_exprs(node.meta["val"])
-    sizes = {B: joint.batch, T: _rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
-    return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
-
-
-def _conv_cost(joint: JointGraph, node: torch.fx.Node):
-    conv = node.args[0]
-    grad_out = shape_exprs(conv.args[0].meta["val"])
-    positions = _rows(product(grad_out), joint.batch, grad_out[1])
-    if node.args[1] == 2:  # bias: a per-sample sum over positions
-        direct = Cost(B * T * p + 2 * B * p, B * p)
-        return {B: joint.batch, T: positions, p: grad_out[1]}, direct, direct
-    weight = shape_exprs(conv.args[2].meta["val"])
-    groups = sympy.Integer(conv.args[9])
-    sizes = {B: joint.batch, T: positions, G: groups, p: weight[0] / groups, d: product(weight[1:])}
-    ghost = Cost(G * B * (2 * T**2 * (p + d) + T**2), 2 * G * B * T**2)  # Gram matrices of each group
-    return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
-
-
-COSTS: dict[str, Callable] = {
-    "matmul": _matmul_cost,
-    "sum": _sum_cost,
-    "embedding": _embedding_cost,
-    "conv": _conv_cost,
-}
-
-
 def site_cost(joint: JointGraph, site: Site) -> SiteCost:
-    sizes, ghost, explicit = COSTS[site.kind](joint, site.node)
-    return SiteCost(site, sizes, ghost if SITE_KINDS[site.kind].ghost_ok(site.node) else None, explicit)
+    sizes, ghost, explicit = site.kind.cost(joint, site.node)
+    return SiteCost(site, sizes, ghost if site.kind.ghost_ok(site.node) else None, explicit)
 
 
 # --- evaluating at the compiled sizes ----------------------------------------------------------------
 
 
-def hints(fake_mode) -> dict[sympy.Symbol, int]:
+def compiled_sizes(fake_mode) -> dict[sympy.Symbol, int]:
     """Values of the shape symbols at the sizes the graph was compiled for (backed symbols only)."""
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
@@ -120,9 +64,10 @@ def hints(fake_mode) -> dict[sympy.Symbol, int]:
     return dict(values)
 
 
-def evaluate(expr: sympy.Expr, sizes: dict, known: dict) -> float:
-    """``expr`` at the site's sizes; a symbolic size without a hint (an unbacked batch) counts as 1."""
-    value = sympy.sympify(expr).subs(sizes).subs(known)
+def evaluate(expr: sympy.Expr, sizes: dict, compiled: dict) -> float:
+    """``expr`` at the site's ``sizes`` and the ``compiled_sizes``; a symbolic size without a value (an
+    unbacked batch) counts as 1."""
+    value = sympy.sympify(expr).subs(sizes).subs(compiled)
     value = value.subs({s: 1 for s in value.free_symbols})
     return float(value)
 
@@ -130,77 +75,123 @@ def evaluate(expr: sympy.Expr, sizes: dict, known: dict) -> float:
 # --- choosing the strategy per parameter ---------------------------------------------------------------
 
 
+class Strategy(enum.Enum):
+    GHOST = "ghost"  # norms without per-sample gradients; the site re-emitted with weighted operands
+    EXPLICIT = "explicit"  # per-sample gradients, reused for the clipped sum
+
+    @property
+    def other(self) -> Strategy:
+        return Strategy.EXPLICIT if self is Strategy.GHOST else Strategy.GHOST
+
+
+class Reason(enum.Enum):
+    """Why a parameter has its strategy."""
+
+    SHARED = "shared"  # several sites: explicit
+    SCALED = "scaled"  # a linear map after the site: explicit
+    NO_GHOST = "no ghost"  # the site's kind has no ghost norm for it: explicit
+    FORCED = "forced"  # options.strategy is "ghost" or "explicit"
+    LESS_MEMORY = "less memory"  # "auto"
+    FASTER = "faster"  # "fastest"
+    MEMORY_BUDGET = "memory_budget"  # "fastest", switched to fit options.memory_budget
+    DEFERRED = "deferred: per-sample gradients kept until the end of the backward"  # a piece of the model
+    DEFERRED_GHOST = "deferred: ghost norm, site operands kept until the end of the backward"  # a piece, ghost
+
+
 @dataclasses.dataclass
 class ParamPlan:
     param: ParamGrad
     costs: list[SiteCost]
-    strategy: str  # "ghost" | "explicit"
-    reason: str
+    strategy: Strategy
+    reason: Reason
+
+    def describe(self) -> str:
+        """The reason in words, as the report shows it."""
+        if self.reason is Reason.SHARED:
+            return f"used at {len(self.param.sites)} places: the norm needs the per-sample sum of its gradients"
+        if self.reason is Reason.SCALED:
+            return "its gradient is scaled after the site: the per-sample values are formed"
+        if self.reason is Reason.NO_GHOST:
+            return f"no ghost norm for this {self.param.sites[0].kind.name} site"
+        if self.reason is Reason.FORCED:
+            return f"strategy={self.strategy.value!r}"
+        return self.reason.value
 
 
-def _ghost_possible(param: ParamGrad) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class CostPlan:
+    """What the ``cost`` pass produces."""
+
+    plans: tuple[ParamPlan, ...]  # one per clipped parameter
+    compiled_sizes: dict[sympy.Symbol, int]  # the shape symbols' values at the compiled sizes
+    backward_flops: float  # of the ordinary backward's matrix products and convolutions
+    norm_dtype: torch.dtype  # what the per-sample norms accumulate in
+
+
+def _ghost_blocked(param: ParamGrad) -> Reason | None:
     """Why the parameter cannot use ghost norms, or None when it can."""
     if len(param.sites) > 1:
-        return f"used at {len(param.sites)} places: the norm needs the per-sample sum of its gradients"
+        return Reason.SHARED
     if param.scaled:
-        return "its gradient is scaled after the site: the per-sample values are formed"
+        return Reason.SCALED
     site = param.sites[0]
-    if not SITE_KINDS[site.kind].ghost_ok(site.node):
-        return f"no ghost norm for this {site.kind} site"
+    if not site.kind.ghost_ok(site.node):
+        return Reason.NO_GHOST
     return None
 
 
-def plan_cost(plan: ParamPlan, strategy: str, sizes_known: dict) -> tuple[float, float]:
+def plan_cost(plan: ParamPlan, strategy: Strategy, compiled: dict) -> tuple[float, float]:
     """(FLOPs, values) of ``plan``'s parameter under ``strategy``."""
-    costs = [c.ghost if strategy == "ghost" else c.explicit for c in plan.costs]
+    costs = [c.ghost if strategy is Strategy.GHOST else c.explicit for c in plan.costs]
     return (
-        sum(evaluate(c.time, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
-        sum(evaluate(c.memory, sc.sizes, sizes_known) for c, sc in zip(costs, plan.costs)),
+        sum(evaluate(c.time, sc.sizes, compiled) for c, sc in zip(costs, plan.costs, strict=True)),
+        sum(evaluate(c.memory, sc.sizes, compiled) for c, sc in zip(costs, plan.costs, strict=True)),
     )
 
 
-def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, known: dict, itemsize: int):
-    """One plan per parameter: its site costs and the strategy the options and the cost model pick (``known``:
-    the compiled sizes, from ``hints``)."""
+def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, compiled: dict, itemsize: int):
+    """One plan per parameter: its site costs and the strategy the options and the cost model pick
+    (``compiled``: the ``compiled_sizes``)."""
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
-        blocked = _ghost_possible(param)
+        blocked = _ghost_blocked(param)
         if blocked is not None:
-            plans.append(ParamPlan(param, costs, "explicit", blocked))
+            plans.append(ParamPlan(param, costs, Strategy.EXPLICIT, blocked))
         elif options.strategy in ("ghost", "explicit"):
-            plans.append(ParamPlan(param, costs, options.strategy, f"strategy={options.strategy!r}"))
+            plans.append(ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED))
         else:
-            plan = ParamPlan(param, costs, "ghost", "")
-            ghost, explicit = plan_cost(plan, "ghost", known), plan_cost(plan, "explicit", known)
+            plan = ParamPlan(param, costs, Strategy.GHOST, Reason.LESS_MEMORY)
+            ghost, explicit = plan_cost(plan, Strategy.GHOST, compiled), plan_cost(plan, Strategy.EXPLICIT, compiled)
             if options.strategy == "fastest":
-                plan.strategy, plan.reason = ("ghost" if ghost[0] <= explicit[0] else "explicit"), "faster"
+                plan.reason = Reason.FASTER
+                plan.strategy = Strategy.GHOST if ghost[0] <= explicit[0] else Strategy.EXPLICIT
             else:  # fewer values held, then fewer FLOPs
                 lean = (ghost[1], ghost[0]) <= (explicit[1], explicit[0])
-                plan.strategy, plan.reason = ("ghost" if lean else "explicit"), "less memory"
+                plan.strategy = Strategy.GHOST if lean else Strategy.EXPLICIT
             plans.append(plan)
     if options.memory_budget is not None:
-        _fit_budget(plans, options.memory_budget, known, itemsize)
+        _fit_budget(plans, options.memory_budget, compiled, itemsize)
     return plans
 
 
-def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int) -> None:
+def _fit_budget(plans: list[ParamPlan], budget: int, compiled: dict, itemsize: int) -> None:
     """Switch parameters to their other strategy, least time lost per byte saved first, until it fits."""
-    used = sum(plan_cost(plan, plan.strategy, known)[1] for plan in plans) * itemsize
+    used = sum(plan_cost(plan, plan.strategy, compiled)[1] for plan in plans) * itemsize
     options = []
     for plan in plans:
-        if plan.reason != "faster":
+        if plan.reason is not Reason.FASTER:
             continue
-        other = "explicit" if plan.strategy == "ghost" else "ghost"
-        time_now, mem_now = plan_cost(plan, plan.strategy, known)
-        time_other, mem_other = plan_cost(plan, other, known)
+        other = plan.strategy.other
+        time_now, mem_now = plan_cost(plan, plan.strategy, compiled)
+        time_other, mem_other = plan_cost(plan, other, compiled)
         if mem_other < mem_now:
             saved = (mem_now - mem_other) * itemsize
             options.append(((time_other - time_now) / saved, saved, plan, other))
     for _, saved, plan, other in sorted(options, key=operator.itemgetter(0)):
         if used <= budget:
             return
-        plan.strategy, plan.reason = other, "memory_budget"
+        plan.strategy, plan.reason = other, Reason.MEMORY_BUDGET
         used -= saved
     if used > budget:
         warnings.warn(
@@ -213,15 +204,15 @@ def _fit_budget(plans: list[ParamPlan], budget: int, known: dict, itemsize: int)
 # --- the ordinary backward, for the overhead estimate ------------------------------------------------------
 
 
-def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], known: dict) -> float:
+def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], compiled: dict) -> float:
     """FLOPs of the matrix products and convolutions of the backward (what privacy is measured against)."""
     total = 0.0
     for node in backward:
         if node.target in (aten.mm.default, aten.bmm.default):
             a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
-            total += evaluate(2 * product(a) * b[-1], {}, known)
+            total += evaluate(2 * product(a) * b[-1], {}, compiled)
         elif node.target == aten.convolution_backward.default:
             grad_out, weight = shape_exprs(node.args[0].meta["val"]), shape_exprs(node.args[2].meta["val"])
             per_output = 2 * product(grad_out) * product(weight[1:])
-            total += evaluate(per_output * sum(node.args[10][:2]), {}, known)
+            total += evaluate(per_output * sum(node.args[10][:2]), {}, compiled)
     return total

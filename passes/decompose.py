@@ -10,6 +10,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from bkcompile.errors import NotSupportedYetError, node_error
+
 
 def inline_decompositions(
     gm: torch.fx.GraphModule, ops: Collection[Any], table: dict[Any, Callable], fake_mode: Any
@@ -42,7 +44,13 @@ def inline_decompositions(
         if isinstance(result, (tuple, list)):
             for user in list(node.users):
                 if user.target is not operator.getitem:
-                    raise AssertionError(f"{node.target} output used without getitem by {user}")
+                    raise node_error(
+                        NotSupportedYetError,
+                        user,
+                        f"this op reads the whole output tuple of {node.target}, which is replaced by its "
+                        "decomposition after the analysis",
+                        "read the op's outputs by index, or compile with compiler='aot_eager'",
+                    )
                 user.replace_all_uses_with(result[user.args[1]])
                 graph.erase_node(user)
         else:

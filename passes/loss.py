@@ -15,34 +15,49 @@ count is B, which the graph checks when it runs (``bkcompile::same_count``).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
-from bkcompile.errors import LossReductionError, node_error
+from bkcompile.errors import LossReductionError, node_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 
 
+class ScaleKind(enum.Enum):
+    SUM = "sum"  # s = 1
+    MEAN = "mean"  # s = B
+    WEIGHT = "weight"  # s = the loss's total weight, a graph value (a weighted or ignore_index mean)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossScale:
-    """``kind`` is "sum" (s = 1), "mean" (s = B) or "weight" (s = the loss's total weight, a graph value)."""
+    """What the ``loss_scale`` pass produces: the per-sample scale s and how it was found."""
 
-    kind: str
-    source: str  # what the report says: "option loss_reduction='mean'" or the op
-    node: torch.fx.Node | None = None
-    checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (kind "mean")
+    kind: ScaleKind
+    source: str  # how the pass found it, for the report: the option, or the loss's reducing op and line
+    node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
+    checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (ScaleKind.MEAN)
     from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
 
     @property
     def reduction(self) -> str:
-        return "sum" if self.kind == "sum" else "mean"
+        return "sum" if self.kind is ScaleKind.SUM else "mean"
+
+    def describe(self) -> str:
+        s = {ScaleKind.SUM: "1", ScaleKind.MEAN: "B", ScaleKind.WEIGHT: "the loss's total weight"}[self.kind]
+        return f"s = {s}, from {self.source}"
+
+
+def _found(node: torch.fx.Node, what: str) -> str:
+    return f"{what} at {user_location(node)}"
 
 
 @torch.library.custom_op("bkcompile::same_count", mutates_args=())
@@ -94,10 +109,11 @@ def _combine(node: torch.fx.Node, scales: set[LossScale]) -> LossScale | None:
     if len(keys) <= 1:
         return next(iter(scales), None)
     kinds = {k for k, _ in keys}
-    counts = [s for s in scales if s.kind == "weight" and isinstance(normaliser_key(s.node), tuple)]
-    if kinds == {"weight", "mean"} and len({_key(s) for s in counts}) == len(keys) - 1:
+    counts = [s for s in scales if s.kind is ScaleKind.WEIGHT and isinstance(normaliser_key(s.node), tuple)]
+    if kinds == {ScaleKind.WEIGHT, ScaleKind.MEAN} and len({_key(s) for s in counts}) == len(keys) - 1:
         checks = tuple(s.node for s in counts)
-        return LossScale("mean", "a batch mean plus count-normalised means (checked equal to B)", checks=checks)
+        what = _found(node, "a batch mean plus count-normalised means (checked equal to B)")
+        return LossScale(ScaleKind.MEAN, what, checks=checks)
     raise node_error(
         LossReductionError,
         node,
@@ -125,28 +141,30 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
     if target is operator.getitem and node.args[0].target == aten.nll_loss_forward.default:
         loss = node.args[0]
         if schema_arg(loss, "reduction") == 2:
-            return LossScale("sum", "cross-entropy/nll loss, reduction='sum'")
+            return LossScale(ScaleKind.SUM, _found(loss, "cross-entropy/nll loss, reduction='sum'"))
         weight = next((u for u in loss.users if u.target is operator.getitem and u.args[1] == 1), None)
-        return LossScale("weight", "cross-entropy/nll loss, reduction='mean' (its total weight)", weight or loss)
+        what = _found(loss, "cross-entropy/nll loss, reduction='mean' (divided by its total weight)")
+        return LossScale(ScaleKind.WEIGHT, what, weight or loss)
     source = node.args[0] if node.args else None
     passes = law_for(target).loss
     if passes in ("sum", "mean") or target == aten.mse_loss.default:
         if not isinstance(joint.facts.get(source), Batched):
             return _scale_of(joint, source)
         mean = passes == "mean" or (target == aten.mse_loss.default and schema_arg(node, "reduction") == 1)
-        return LossScale("mean", f"{target} over the batch") if mean else LossScale("sum", f"{target} over the batch")
+        return LossScale(ScaleKind.MEAN if mean else ScaleKind.SUM, _found(node, f"{target} over the batch"))
     if passes == "pass":
         return _scale_of(joint, source)
     if target is aten.div.Tensor and is_count(node.args[1], joint.facts):
         inner = _scale_of(joint, source)
-        if inner is not None and inner.kind != "sum":
+        if inner is not None and inner.kind is not ScaleKind.SUM:
             raise node_error(
                 LossReductionError,
                 node,
                 "it divides a mean over the batch by a count over the batch again",
                 "divide the summed loss by the count once",
             )
-        return inner and LossScale("weight", "a sum over the batch divided by a count of labels", node.args[1])
+        what = _found(node, "a sum over the batch divided by a count of labels")
+        return inner and LossScale(ScaleKind.WEIGHT, what, node.args[1])
     if passes == "scale":
         return _scale_of(joint, source if isinstance(joint.facts.get(source), Reduced) else node.args[1])
     if passes == "add":
@@ -157,7 +175,8 @@ def _scale_of(joint: JointGraph, node: torch.fx.Node) -> LossScale | None:
 
 def _check_counts(joint: JointGraph, scale: LossScale) -> None:
     """Every division by a count over the batch divides by the loss's own normaliser (which s cancels)."""
-    allowed = {normaliser_key(n) for n in (scale.node, *scale.checks) if scale.kind == "weight" or n in scale.checks}
+    weighted = scale.kind is ScaleKind.WEIGHT
+    allowed = {normaliser_key(n) for n in (scale.node, *scale.checks) if weighted or n in scale.checks}
     for node in joint.gm.graph.find_nodes(op="call_function", target=aten.div.Tensor):
         if is_count(node.args[1], joint.facts) and normaliser_key(node.args[1]) not in allowed:
             raise node_error(
@@ -191,8 +210,11 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         )
     if not losses:
         kind = options.loss_reduction
+        given = "" if options.loss_reduction_given else " (the default)"
         return LossScale(
-            kind, f"option loss_reduction={kind!r} (loss computed outside the compiled model)", from_option=True
+            ScaleKind(kind),
+            f"option loss_reduction={kind!r}{given}: the loss is computed outside the compiled model",
+            from_option=True,
         )
     scale = _scale_of(joint, losses[0])
     if scale is None:

@@ -26,12 +26,12 @@ import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph
 from bkcompile.passes.bookkeeping import keep_site
 from bkcompile.passes.clip import batch_size_value, erase_dead, loss_factor, per_sample_grad, trainable_grads
+from bkcompile.passes.cost import Strategy
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
-from bkcompile.passes.site_kinds import SITE_KINDS
+from bkcompile.passes.joint import JointGraph
 
 from bkcompile.deferred import PieceGraph, register_piece
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
@@ -82,30 +82,30 @@ def defer_clipping(state) -> set[str]:
             raise node_error(
                 NotSupportedYetError,
                 param.free[0][0],
-                f"the loss adds a data-independent term to the gradient of {param.param!r} in a model compiled in "
+                f"the loss adds a data-independent term to the gradient of {param.name!r} in a model compiled in "
                 "several graphs (a graph break, or graphs='several'), which cannot keep it apart from clipping yet",
                 "compile the model as one graph, or add the term (e.g. weight decay) through the optimizer",
             )
     graph = joint.gm.graph
     emit = Emitter(graph, state.fake_mode)
-    dtype = state.norm_dtype
-    strategies = {plan.param.param: plan.strategy for plan in state.plans}
+    dtype = state.cost.norm_dtype
+    strategies = {plan.param: plan.strategy for plan in state.cost.plans}
     kept = {}
     for param in params:
-        if strategies[param.param] == "ghost":
+        if strategies[param] is Strategy.GHOST:
             site = keep_site(joint, param, dtype, state.fake_mode)
             if site is not None:
-                kept[param.param] = site
+                kept[param.name] = site
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         batch = batch_size_value(emit, joint)
     norms = []
     for param in params:
-        if param.param in kept:
+        if param.name in kept:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                norms.append(SITE_KINDS[site.kind].sq_norm(emit, joint, site.node, batch, dtype))
-    explicit = [p for p in params if p.param not in kept]
-    keeping = [p for p in params if p.param in kept]
+                norms.append(site.kind.sq_norm(emit, joint, site.node, batch, dtype))
+    explicit = [p for p in params if p.name not in kept]
+    keeping = [p for p in params if p.name in kept]
     with graph.inserting_before(graph.output_node()):
         grads = []
         for param in explicit:
@@ -114,14 +114,14 @@ def defer_clipping(state) -> set[str]:
         factor = loss_factor(emit, state.scale, batch, dtype)
         if factor is None:
             factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)
-        sites = tuple(kept[p.param] for p in keeping)
-        names = tuple(p.param for p in explicit + keeping)
+        sites = tuple(kept[p.name] for p in keeping)
+        names = tuple(p.name for p in explicit + keeping)
         piece = PieceGraph(
             state.role.label,
             state.options,
             names,
             state.grouping,
-            state.scale.kind,
+            state.scale.kind.value,
             not state.scale.from_option,
             sites,
         )
@@ -137,13 +137,12 @@ def defer_clipping(state) -> set[str]:
 def defer_single_sample(state) -> None:
     """A piece compiled for a batch of one sample: its gradients are that sample's, handed over whole."""
     joint = state.joint
-    grads = trainable_grads(joint, state.names)
+    grads = trainable_grads(joint)
     if not grads:
         return
     graph = joint.gm.graph
     emit = Emitter(graph, state.fake_mode)
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
-    state.params = []  # no sites: the names of the handed-over parameters are read from ``grads``
     with graph.inserting_before(graph.output_node()):
         flat = [emit(aten.reshape.default, emit.to_dtype(g, dtype), [1, -1]) for _, _, g in grads]
         factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)

@@ -13,11 +13,12 @@ import dataclasses
 
 import torch
 import torch.fx
-from bkcompile.passes.batch_axis import JointGraph, differentiable_outputs
+from bkcompile.passes.batch_axis import differentiable_outputs
 from bkcompile.passes.facts import Batched, Reduced
+from bkcompile.passes.joint import GraphInput, JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count
-from bkcompile.passes.site_kinds import kind_of, reduces_samples
+from bkcompile.passes.site_kinds import SiteKind, kind_of, reduces_samples
 
 from bkcompile.errors import NotSupportedYetError, PrivacyError, node_error
 
@@ -30,25 +31,28 @@ def preserved_operand(node: torch.fx.Node) -> torch.fx.Node | None:
     return keeps(node) if keeps is not None else None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Site:
-    param: str  # the parameter's name, e.g. "layers.0.fc.weight"
     node: torch.fx.Node  # the op that reduces over the samples
-    kind: str  # a key of site_kinds.SITE_KINDS
+    kind: SiteKind  # a row of site_kinds.SITE_KINDS
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class ParamGrad:
-    """A trainable parameter's gradient output and the sites it adds up."""
+    """A trainable parameter's gradient output and the sites it adds up (what the ``sites`` pass produces)."""
 
-    param: str
+    input: GraphInput  # the parameter
     index: int  # position among the graph's gradient outputs
     grad: torch.fx.Node
-    sites: list[Site]
+    sites: tuple[Site, ...]
     scaled: bool = False  # the tree maps a site linearly by sample-independent operands (not norm-preserving)
     # data-independent terms added to the gradient (a loss term of the parameters alone, e.g. weight decay
     # written in the loss): each (the add node, the term); no sensitivity, so neither clipped nor noised
-    free: list[tuple[torch.fx.Node, torch.fx.Node]] = dataclasses.field(default_factory=list)
+    free: tuple[tuple[torch.fx.Node, torch.fx.Node], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.input.name
 
 
 def linear_term(joint: JointGraph, node: torch.fx.Node) -> torch.fx.Node | None:
@@ -99,7 +103,7 @@ def split_free_terms(joint: JointGraph, grad: torch.fx.Node) -> tuple[list[torch
     """For a graph of one sample (no facts): the terms of the sum ``grad`` that carry the sample's data,
     and the data-independent ones (computed without the per-sample inputs or the gradients of per-sample
     outputs; a 0-dim output is the loss, whose gradient is a constant)."""
-    data = {p for p, f in zip(joint.primals, joint.primal_facts) if isinstance(f, Batched)}
+    data = {p for p, i in zip(joint.primals, joint.inputs, strict=True) if isinstance(i.fact, Batched)}
     data |= {t for o, t in zip(differentiable_outputs(joint), joint.tangents) if o.meta["val"].dim() > 0}
 
     def free(node: object) -> bool:
@@ -123,7 +127,7 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
         node = preserved_operand(node)
     kind = kind_of(joint, node)
     if kind is not None:
-        sites.append(Site(param=name, node=node, kind=kind))
+        sites.append(Site(node=node, kind=kind))
         return False
     if node.target is aten.add.Tensor and not node.kwargs and isinstance(joint.facts.get(node), Reduced):
         reduced = [a for a in node.args if isinstance(joint.facts.get(a), Reduced)]
@@ -167,13 +171,14 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
     )
 
 
-def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
+def find_sites(joint: JointGraph) -> list[ParamGrad]:
     """The sites of every trainable parameter that receives a gradient (pass 2 of the pipeline)."""
     params: list[ParamGrad] = []
-    for index, (grad, trainable, name) in enumerate(zip(joint.gradient_outputs, joint.trainable, names)):
+    for index, (grad, graph_input) in enumerate(zip(joint.gradient_outputs, joint.inputs, strict=True)):
+        name = graph_input.name
         if grad is None:
             continue
-        if not trainable:
+        if not graph_input.trainable:
             if isinstance(joint.facts.get(grad), Reduced):
                 raise node_error(
                     PrivacyError,
@@ -183,9 +188,11 @@ def find_sites(joint: JointGraph, names: list[str]) -> list[ParamGrad]:
                 )
             continue
         sites: list[Site] = []
-        free: list[tuple] = []
+        free: list[tuple[torch.fx.Node, torch.fx.Node]] = []
         scaled = _collect(joint, grad, name, sites, free)
-        params.append(ParamGrad(param=name, index=index, grad=grad, sites=sites, scaled=scaled, free=free))
+        params.append(
+            ParamGrad(input=graph_input, index=index, grad=grad, sites=tuple(sites), scaled=scaled, free=tuple(free))
+        )
     found = {site.node for p in params for site in p.sites}
     for node in joint.gm.graph.nodes:
         if is_count(node, joint.facts):

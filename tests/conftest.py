@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# every compile in the tests checks the pass invariants after each pass (see bkcompile.passes.driver)
+os.environ.setdefault("BKCOMPILE_CHECK", "1")
 
 
 @pytest.fixture(autouse=True)

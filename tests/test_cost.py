@@ -19,10 +19,12 @@ from torch import nn
 import bkcompile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# site kinds: matmul + sum (mlp), bmm (einsum), embedding (text), conv (convnet, 1-d and 3-d), several sites (tied)
+# site kinds: matmul + sum (mlp), bmm (einsum), embedding (text), conv (convnet, 1-d and 3-d), mv (a vector
+# parameter), several sites (tied)
 KIND_CASES = [
     "mlp",
     "raw-params-einsum",
+    "vector-parameter-mv",
     "embedding-padding-mha-masks",
     "convnet-depthwise-transposed",
     "conv1d-instancenorm-conv3d",

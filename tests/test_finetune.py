@@ -252,6 +252,13 @@ def test_data_independent_loss_term_needs_the_expected_batch_size() -> None:
         compiled(torch.randn(4, 4), torch.randint(0, 3, (4,))).backward()
 
 
+def test_data_independent_loss_term_in_several_graphs_is_refused() -> None:
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "expected_batch_size": 4.0, "graphs": "several"}
+    compiled = torch.compile(Regularised(), backend="bk_dp", options=options)
+    with raises_bk(bkcompile.NotSupportedYetError, "data-independent term", "'fc.weight'", "several graphs"):
+        compiled(torch.randn(4, 4), torch.randint(0, 3, (4,))).backward()
+
+
 # --- layers -------------------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,7 @@ CASES: dict[Any, Case] = {
     # matrix products
     aten.mm.default: C(S(5), R(5, 3)),  # (B, 5) @ (5, 3): rows are samples
     aten.bmm.default: C(X, S(5, 2)),
+    aten.mv.default: C(S(5), R(5)),  # (B, 5) @ (5,): rows are samples
     aten.addmm.default: C(R(3), S(5), R(5, 3)),
     # normalisation
     aten.native_layer_norm.default: C(X, [5], R(5), R(5), 1e-5),

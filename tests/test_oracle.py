@@ -57,6 +57,7 @@ CASES = {
     "prenorm-block": Case(zoo.PreNormBlock, (4, 8), F.cross_entropy),
     "raw-params-einsum": Case(zoo.RawParams, (3, 5), F.cross_entropy),
     "rmsnorm": Case(zoo.RMSNormNet, (4, 5), F.cross_entropy),
+    "vector-parameter-mv": Case(zoo.VectorScore, (4, 5), F.cross_entropy),
     "frozen": Case(zoo.PartlyFrozen, (6,), F.cross_entropy),
     "convnet-depthwise-transposed": Case(zoo.ConvNet, (3, 8, 8), F.cross_entropy),
     "resnet-groupnorm": Case(zoo.ResBlockGN, (3, 8, 8), F.cross_entropy),

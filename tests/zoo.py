@@ -70,6 +70,19 @@ class RawParams(nn.Module):
         return (h @ self.w2).sum(dim=1)
 
 
+class VectorScore(nn.Module):
+    """A vector parameter used as ``h @ v``: one score per position (aten.mv in the graph)."""
+
+    def __init__(self, d: int = 5, length: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.v = nn.Parameter(torch.randn(d) / math.sqrt(d))
+        self.head = nn.Linear(length, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) @ self.v)
+
+
 class PartlyFrozen(MLP):
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Matrix products: ``mm``, ``bmm``, ``addmm``.
+"""Matrix products: ``mm``, ``bmm``, ``mv``, ``addmm``.
 
 Samples stay apart when they sit on a leading (batch) dim, on the rows of the left operand or the columns
 of the right one. A contraction over the sample axis is a sum over samples: a linear layer's weight
@@ -56,6 +56,11 @@ def mm(r: RuleInput) -> Fact:
 @law(aten.bmm.default)
 def bmm(r: RuleInput) -> Fact:
     return _matmul(r, r.arg("self"), r.arg("mat2"), lead=1)
+
+
+@law(aten.mv.default)
+def mv(r: RuleInput) -> Fact:  # a matrix product with one column
+    return _matmul(r, r.arg("self"), r.arg("vec"), lead=0)
 
 
 @law(aten.addmm.default)

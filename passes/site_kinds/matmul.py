@@ -1,0 +1,96 @@
+"""Matrix products contracting over the samples: ``G = a (L, n, K) @ b (L, K, p)`` with K = B*m rows
+(``mm``: L = 1); linear and einsum weights. Ghost norm by Gram matrices of each sample's m rows."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.fx
+from bkcompile.passes.emit import Emitter, static_shape
+from bkcompile.passes.facts import Batched, shape_exprs
+from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.site_kinds.common import (
+    B,
+    Cost,
+    SiteKind,
+    Size,
+    T,
+    d,
+    p,
+    reduces_samples,
+    reweight_operand,
+    rows,
+    split_batch,
+)
+
+aten = torch.ops.aten
+
+
+def product_operands(emit: Emitter, a, b, fact: Batched, batch: Size, dtype: torch.dtype, batched: bool):
+    """(B, L, m, n) and (B, L, m, p) views of a (L, n, K) and b (L, K, p) (without L unless ``batched``),
+    whose K = outer*B*inner rows are laid out as ``fact``, and m = outer*inner."""
+    a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
+    if not batched:
+        a, b = emit(aten.unsqueeze.default, a, 0), emit(aten.unsqueeze.default, b, 0)
+    a4 = emit(aten.permute.default, split_batch(emit, a, fact, 2, batch), [2, 0, 3, 1])
+    b4 = emit(aten.permute.default, split_batch(emit, b, fact, 1, batch), [1, 0, 2, 3])
+    return a4, b4, emit.size(a4, 2)
+
+
+def gram_sq_norm(emit: Emitter, a4: torch.fx.Node, b4: torch.fx.Node, inner: Size) -> torch.fx.Node:
+    """``||a_i^T b_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (b_i b_i^T)_{ts}``; ``||a_i||^2 ||b_i||^2`` when m = 1."""
+    if isinstance(inner, int) and inner == 1:
+        na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a4, a4), [2, 3])  # (B, L)
+        nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b4, b4), [2, 3])
+        return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, na, nb), [1])
+    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])  # (B*L, m, n)
+    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])  # (B*L, m, p)
+    gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
+    gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
+    products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
+    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [emit.size(a4, 0), -1]), [1])
+
+
+def per_sample_products(emit: Emitter, a4, b4, inner: Size, shape: list[int]) -> torch.fx.Node:
+    """G_i = a_i^T b_i for every sample, (B, *shape): ``shape`` (n, p), or (L, n, p) for bmm."""
+    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])
+    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])
+    grads = emit(aten.bmm.default, emit(aten.permute.default, a3, [0, 2, 1]), b3)  # (B*L, n, p)
+    return emit(aten.reshape.default, grads, [-1, *shape])
+
+
+def product_cost(joint: JointGraph, a: list[sympy.Expr], columns: sympy.Expr):
+    """Costs of a (L, n, K) @ b (L, K, ``columns``) (a without L for mm): ghost, the two Gram matrices and
+    their product; explicit, the per-sample gradients, their norms and sum."""
+    lead = a[0] if len(a) == 3 else sympy.Integer(1)
+    sizes = {B: joint.batch, T: rows(a[-1], joint.batch), p: a[-2], d: columns}
+    ghost = Cost(lead * B * (2 * T**2 * (p + d) + T**2), lead * 2 * B * T**2)
+    return sizes, ghost, Cost(lead * 3 * B * p * d, lead * B * p * d)
+
+
+def _operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype: torch.dtype):
+    a, b = node.args[0], node.args[1]
+    fact = joint.facts[a] if isinstance(joint.facts[a], Batched) else joint.facts[b]
+    return product_operands(emit, a, b, fact, batch, dtype, batched=node.target == aten.bmm.default)
+
+
+def matmul_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    return gram_sq_norm(emit, *_operands(emit, joint, node, batch, dtype))
+
+
+def matmul_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    return per_sample_products(emit, *_operands(emit, joint, node, batch, dtype), static_shape(node))
+
+
+def _matmul_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
+    return node.target in (aten.mm.default, aten.bmm.default) and reduces_samples(joint, node)
+
+
+def _matmul_cost(joint: JointGraph, node: torch.fx.Node):
+    a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
+    return product_cost(joint, a, b[-1])
+
+
+KIND = SiteKind(
+    "matmul", _matmul_matches, matmul_per_sample, _matmul_cost, sq_norm=matmul_sq_norm, reweight=reweight_operand
+)

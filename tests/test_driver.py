@@ -1,0 +1,130 @@
+"""The pass driver (named passes, invariants, dumps), the error builder, and errors a user must never see as
+an AssertionError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bkcompile.passes.clip import _lift
+from bkcompile.passes.decompose import inline_decompositions
+from bkcompile.passes.driver import Pass, run_passes
+from bkcompile.passes.emit import Emitter
+from joint_graphs import capture
+from torch._decomp import get_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bkcompile.errors import NotSupportedYetError, PassInvariantError, PrivacyError, node_error
+
+aten = torch.ops.aten
+
+
+def _mlp_joint():
+    def fn(w, x):
+        return F.linear(x, w).tanh().sum()
+
+    return capture(fn, {"fc.weight": torch.randn(3, 4, requires_grad=True)}, torch.randn(5, 4))
+
+
+def test_a_pass_that_drops_meta_val_is_named_by_the_invariant_check() -> None:
+    joint, _ = _mlp_joint()
+    graph = joint.gm.graph
+
+    def careless(state):
+        with graph.inserting_before(graph.output_node()):
+            graph.call_function(aten.neg.default, (joint.primals[0],))  # no meta["val"]
+        return state
+
+    with pytest.raises(
+        PassInvariantError, match=r"after pass 'careless': node neg\w* \(aten.neg.default\) has no valid meta\['val'\]"
+    ):
+        run_passes([Pass("careless", careless)], None, joint.gm, check=True)
+
+
+def test_a_pass_that_makes_an_output_alias_an_input_is_refused() -> None:
+    joint, fake_mode = _mlp_joint()
+    graph = joint.gm.graph
+
+    def aliasing(state):
+        with graph.inserting_before(graph.output_node()):
+            alias = Emitter(graph, fake_mode)(aten.alias.default, joint.primals[0])
+        outputs = list(graph.output_node().args[0])
+        outputs[0] = alias
+        graph.output_node().args = (outputs,)
+        return state
+
+    run_passes([Pass("harmless", lambda state: state)], None, joint.gm, check=True)
+    with pytest.raises(PassInvariantError, match=r"after pass 'aliasing': new aliasing .*\('output 0', 'input 0'\)"):
+        run_passes([Pass("aliasing", aliasing)], None, joint.gm, check=True)
+
+
+def test_a_privacy_error_names_its_pass_and_a_dump_has_the_graph_after_each_pass(tmp_path) -> None:
+    joint, _ = _mlp_joint()
+    mm = joint.gm.graph.find_nodes(op="call_function", target=aten.mm.default)[0]
+
+    def refuses(state):
+        raise node_error(PrivacyError, mm, "a reason", "a fix")
+
+    passes = [Pass("first", lambda state: state), Pass("refuses", refuses)]
+    with pytest.raises(PrivacyError) as info:
+        run_passes(passes, None, joint.gm, dump=str(tmp_path), label="joint")
+    assert str(info.value).startswith("aten.mm.default at ")
+    assert str(info.value).endswith("\n  why: a reason\n  fix: a fix\n  pass: refuses")
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == "000-joint"
+    assert sorted(p.name for p in folder.iterdir()) == ["00-input.txt", "01-first.txt"]
+    assert "torch.ops.aten.mm.default" in (folder / "01-first.txt").read_text()
+
+
+def test_the_pipeline_names_the_pass_of_a_user_facing_error() -> None:
+    from helpers import raises_bk
+
+    from bkcompile.errors import SampleMixingError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with raises_bk(SampleMixingError, "aten._native_batch_norm_legit_functional.default at ", "\n  pass: batch_axis"):
+        compiled(torch.randn(5, 4)).sum().backward()
+
+
+def test_the_dump_option_writes_every_pass_of_the_pipeline(tmp_path) -> None:
+    model = torch.nn.Linear(4, 3)
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "dump": str(tmp_path)}
+    torch.compile(model, backend="bk_dp", options=options)(torch.randn(5, 4)).sum().backward()
+    (folder,) = tmp_path.iterdir()
+    names = ["input", "batch_axis", "sites", "loss_scale", "groups", "cost", "clipping"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:02d}-{n}.txt" for i, n in enumerate(names)]
+    assert "bkcompile.record_norms" in (folder / "06-clipping.txt").read_text()
+
+
+def _one_op(target, *args):
+    """A graph ``x -> target(x, *args)`` on a fake (5, 4) ``x``: the graph, the op's node, the fake mode."""
+    with FakeTensorMode() as fake_mode:
+        value = torch.empty(5, 4)
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        x.meta["val"] = value
+        node = graph.call_function(target, (x, *args))
+        node.meta["val"] = target(value, *args)
+    return graph, node, fake_mode
+
+
+def test_an_op_reading_a_decomposed_tuple_whole_is_an_error_not_an_assertion() -> None:
+    graph, var_mean, fake_mode = _one_op(aten.var_mean.correction, [0])
+    graph.output([var_mean])
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    with pytest.raises(NotSupportedYetError, match="reads the whole output tuple of aten.var_mean.correction"):
+        inline_decompositions(gm, [aten.var_mean.correction], get_decompositions([aten.var_mean.correction]), fake_mode)
+
+
+def test_an_op_without_a_per_sample_form_is_an_error_not_an_assertion() -> None:
+    graph, neg, fake_mode = _one_op(aten.neg.default)
+    with pytest.raises(NotSupportedYetError, match="(?s)aten.neg.default at .*no per-sample form"):
+        _lift(Emitter(graph, fake_mode), neg, neg.args[0])
+
+
+def test_node_error_without_a_node_speaks_of_the_compiled_function() -> None:
+    error = node_error(PrivacyError, None, "why", "fix")
+    error.in_pass("inputs")
+    error.in_pass("outer")  # the innermost pass wins
+    assert str(error) == "the compiled function\n  why: why\n  fix: fix\n  pass: inputs"

@@ -1,0 +1,167 @@
+"""Per-pass tests: one pass at a time on the joint graphs of small functions (each well under a second)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bkcompile.passes.cost import Reason, Strategy
+from bkcompile.passes.facts import REDUCED, REPLICATED, Batched
+from bkcompile.passes.loss import ScaleKind
+from bkcompile.passes.site_kinds import SITE_KINDS, kept_ops, mv
+from joint_graphs import node, run_until
+from torch.func import grad, vmap
+
+aten = torch.ops.aten
+
+
+def _linear_mean(w, b, x):
+    return F.linear(x, w, b).tanh().sum(1).mean()
+
+
+def _linear_params(p: int = 3, d: int = 4) -> dict[str, torch.Tensor]:
+    return {
+        "fc.weight": torch.randn(p, d, dtype=torch.float64, requires_grad=True),
+        "fc.bias": torch.randn(p, dtype=torch.float64, requires_grad=True),
+    }
+
+
+# --- batch_axis ------------------------------------------------------------------------------------------
+
+
+def test_batch_axis_facts_of_a_linear_layer() -> None:
+    state = run_until("batch_axis", _linear_mean, _linear_params(), torch.randn(5, 4, dtype=torch.float64))
+    facts, joint = state.joint.facts, state.joint
+    assert [facts[p] for p in joint.primals] == [REPLICATED, REPLICATED, Batched(0)]
+    assert [facts[t] for t in joint.tangents] == [REPLICATED]  # d(loss): one value for the batch
+    assert facts[node(state, aten.addmm.default)] == Batched(0)
+    assert facts[node(state, aten.mean.default)] == REDUCED
+    assert facts[node(state, aten.mm.default)] == REDUCED  # the weight gradient sums over samples
+    assert [facts[g] for g in joint.gradient_outputs[:2]] == [REDUCED, REDUCED]
+
+
+def test_batch_axis_keeps_a_merged_batch_as_the_major_factor() -> None:
+    def fn(w, x):  # (B, T, d) -> (B*T, d): B is the major factor of the merged dim
+        return (x.reshape(-1, 4) @ w.t()).sum()
+
+    params = {"w": torch.randn(3, 4, requires_grad=True)}
+    state = run_until("batch_axis", fn, params, torch.randn(5, 2, 4))
+    products = state.joint.gm.graph.find_nodes(op="call_function", target=aten.mm.default)
+    # the forward product (B*T, 3) keeps the layout; the weight gradient sums over the samples
+    assert {state.joint.facts[n] for n in products} == {Batched(0, inner=2), REDUCED}
+
+
+# --- sites -----------------------------------------------------------------------------------------------
+
+
+def test_sites_of_a_linear_layer_and_of_a_weight_used_twice() -> None:
+    state = run_until("sites", _linear_mean, _linear_params(), torch.randn(5, 4, dtype=torch.float64))
+    assert [(p.name, [s.kind.name for s in p.sites]) for p in state.params] == [
+        ("fc.weight", ["matmul"]),
+        ("fc.bias", ["sum"]),
+    ]
+    assert state.params[0].sites[0].node.target == aten.mm.default
+
+    def twice(w, x):
+        return (x @ w @ w).sum()
+
+    state = run_until("sites", twice, {"w": torch.randn(4, 4, requires_grad=True)}, torch.randn(5, 4))
+    (param,) = state.params
+    assert (param.name, [s.kind.name for s in param.sites]) == ("w", ["matmul", "matmul"])
+
+
+def test_sites_of_a_vector_parameter_are_an_mv_and_the_kinds_are_one_table() -> None:
+    def score(v, x):  # (B, T, d) @ (d,): mv on the (B*T, d) view
+        return torch.tanh(x @ v).sum()
+
+    state = run_until("sites", score, {"v": torch.randn(4, requires_grad=True)}, torch.randn(5, 3, 4))
+    (param,) = state.params
+    assert [s.kind for s in param.sites] == [mv.KIND] and param.sites[0].node.target == aten.mv.default
+    assert len({kind.name for kind in SITE_KINDS}) == len(SITE_KINDS)
+    assert set(kept_ops()) == {aten.embedding_dense_backward.default, aten.convolution_backward.default}
+
+
+# --- loss_scale ------------------------------------------------------------------------------------------
+
+
+def test_loss_scale_of_a_mean_a_sum_a_cross_entropy_and_an_outside_loss() -> None:
+    x = torch.randn(5, 4, dtype=torch.float64)
+    mean = run_until("loss_scale", _linear_mean, _linear_params(), x).scale
+    assert mean.kind is ScaleKind.MEAN and mean.source.startswith("aten.mean.default over the batch at ")
+    assert mean.describe().startswith("s = B, from aten.mean.default over the batch")
+
+    def summed(w, b, x):
+        return F.linear(x, w, b).tanh().sum()
+
+    assert run_until("loss_scale", summed, _linear_params(), x).scale.kind is ScaleKind.SUM
+
+    def cross_entropy(w, b, x, y):
+        return F.cross_entropy(F.linear(x, w, b), y)
+
+    scale = run_until("loss_scale", cross_entropy, _linear_params(), x, torch.tensor([0, 1, 2, 0, 1])).scale
+    assert scale.kind is ScaleKind.WEIGHT and scale.node is not None
+    assert "cross-entropy/nll loss, reduction='mean'" in scale.source
+
+    def outputs(w, b, x):
+        return F.linear(x, w, b)
+
+    outside = run_until("loss_scale", outputs, _linear_params(), x, loss_reduction="sum").scale
+    assert outside.kind is ScaleKind.SUM
+    assert outside.source == "option loss_reduction='sum': the loss is computed outside the compiled model"
+
+
+# --- cost ------------------------------------------------------------------------------------------------
+
+
+def _tokens(w, x):
+    return (x @ w.t()).sum()
+
+
+def test_cost_chooses_ghost_for_few_rows_and_explicit_for_many() -> None:
+    params = {"w": torch.randn(64, 64, requires_grad=True)}
+    few = run_until("cost", _tokens, params, torch.randn(4, 2, 64)).cost.plans[0]  # 2T^2 = 8 < pd = 4096
+    assert (few.strategy, few.reason) == (Strategy.GHOST, Reason.LESS_MEMORY)
+    params = {"w": torch.randn(4, 4, requires_grad=True)}
+    many = run_until("cost", _tokens, params, torch.randn(4, 16, 4)).cost.plans[0]  # 2T^2 = 512 > pd = 16
+    assert (many.strategy, many.reason) == (Strategy.EXPLICIT, Reason.LESS_MEMORY)
+    forced = run_until("cost", _tokens, params, torch.randn(4, 16, 4), strategy="ghost").cost.plans[0]
+    assert (forced.strategy, forced.reason, forced.describe()) == (Strategy.GHOST, Reason.FORCED, "strategy='ghost'")
+
+
+def test_cost_makes_a_weight_used_twice_explicit() -> None:
+    def twice(w, x):
+        return (x @ w @ w).sum()
+
+    plan = run_until("cost", twice, {"w": torch.randn(4, 4, requires_grad=True)}, torch.randn(5, 4)).cost.plans[0]
+    assert (plan.strategy, plan.reason) == (Strategy.EXPLICIT, Reason.SHARED)
+    assert plan.describe().startswith("used at 2 places")
+
+
+# --- clipping --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clipping, groups", [("all-layer", 1), ("param-wise", 2)])
+def test_clipping_inserts_one_norm_record_per_group_and_clips_the_gradients(clipping: str, groups: int) -> None:
+    params = _linear_params()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    state = run_until("clipping", _linear_mean, params, x, clipping=clipping, max_grad_norm=0.5)
+    records = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.record_norms.default)
+    assert len(records) == groups
+    state.joint.gm.recompile()
+    w, b = (p.detach() for p in params.values())
+    _, (grad_w, grad_b, _) = state.joint.gm([w, b, x], [torch.ones((), dtype=torch.float64)])
+
+    def sample_loss(w, b, xi):
+        return F.linear(xi, w, b).tanh().sum()
+
+    gw, gb = vmap(grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    radius = 0.5 if groups == 1 else 0.5 / 2**0.5
+    if groups == 1:
+        norms = (gw.flatten(1).pow(2).sum(1) + gb.pow(2).sum(1)).sqrt()
+        factors_w = factors_b = (radius / (norms + 1e-6)).clamp(max=1)
+    else:
+        factors_w = (radius / (gw.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1)
+        factors_b = (radius / (gb.norm(dim=1) + 1e-6)).clamp(max=1)
+    assert factors_w.min() < 1  # some samples are clipped
+    torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors_w, gw), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, torch.einsum("b,bi->i", factors_b, gb), rtol=1e-10, atol=1e-12)
