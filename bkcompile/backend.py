@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,21 +95,50 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
 
 
 def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
-    """A piece when dynamo cut the graph at a graph break or resumed a frame after one, or when the options
-    say the model is compiled in several graphs; else the whole model (the fast path)."""
+    """A piece when dynamo cut the graph at a graph break, resumed a frame after one, or compiled a function
+    that code it did not trace calls, or when the options say the model is compiled in several graphs; else
+    the whole model (the fast path)."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     frames = list(reason.user_stack or []) if reason is not None else []
     broken = bool(reason is not None and reason.graph_break)
     resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
+    nested = _called_from_untraced_code()
     where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "an unknown location"
     number = next(_GRAPH_NUMBERS)
     if broken:
         label = f"bk_dp graph #{number}, cut at the graph break at {where}"
     elif resumed:
         label = f"bk_dp graph #{number}, resumed after a graph break, ending at {where}"
+    elif nested:
+        label = f"bk_dp graph #{number}, called from code outside the graphs (after a graph break), ending at {where}"
     else:
         label = f"bk_dp graph #{number}, ending at {where}"
-    return GraphRole(piece=broken or resumed or options.graphs == "several", label=label, ends_at_break=broken)
+    piece = broken or resumed or nested or options.graphs == "several"
+    return GraphRole(piece=piece, label=label, ends_at_break=broken)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
+_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
+
+
+def _called_from_untraced_code() -> bool:
+    """Whether the function dynamo compiles now was called by user code that runs outside any graph inside the
+    compiled model: a caller dynamo cut at a graph break or skipped (it runs eagerly and calls this function,
+    whose frame dynamo compiles on its own). Such a graph is one of several of the model, never the whole.
+
+    The frames between dynamo's entry into the compiled model (``compile_wrapper``) and this compilation are
+    then not all torch's (a model dynamo traces whole is entered from torch's module call alone)."""
+    frame = sys._getframe(1)
+    nested = False
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if file.startswith(_TORCH_DIR) and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+            return nested
+        if not file.startswith((_TORCH_DIR, _PACKAGE_DIR, "<")):
+            nested = True
+        frame = frame.f_back
+    return False
 
 
 _GRAPH_NUMBERS = itertools.count(1)
@@ -218,7 +249,8 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     record.state = state.clip if state is not None else None
     ledger.adopt(params, names)
     if role.piece:
-        compiled = rows.guard(compiled, [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)], role.label)
+        batched = [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)]
+        compiled = rows.guard(compiled, batched, list(indices), role.label)
     return record.wrap(compiled)
 
 

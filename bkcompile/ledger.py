@@ -40,6 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile.backwards import current_task
 from bkcompile.distributed import average_over_ranks, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
@@ -148,6 +149,7 @@ class _Tap(torch.autograd.Function):
         if call.graph.piece:  # the deferred clip meets the aliases in the backward and asks for the parameters
             for alias, p in zip(call.aliases, call.params):
                 alias._bk_parameter = p
+                _BY_STORAGE[_storage_key(p)] = p
         return call.aliases
 
     @staticmethod
@@ -162,8 +164,19 @@ class _Tap(torch.autograd.Function):
 
 
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias)."""
-    return getattr(tensor, "_bk_parameter", tensor)
+    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias). Activation
+    checkpointing saves an alias detached (a new tensor over the parameter's storage): found by its storage."""
+    found = getattr(tensor, "_bk_parameter", None)
+    if found is None:
+        found = _BY_STORAGE.get(_storage_key(tensor))
+    return tensor if found is None else found
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tensor.device, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+
+_BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
 
 
 class _BackwardWatch:
@@ -182,7 +195,7 @@ class _BackwardWatch:
                 "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
             )
         call.backwards += 1
-        task = torch._C._current_graph_task_id()
+        task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
         if task != self.task:
             self.task, self.calls = task, []
         if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):

@@ -6,8 +6,10 @@ therefore marks its outputs' autograd nodes, and checks, before it runs, the aut
 its batched inputs back to a piece's output or a leaf: any other op (an index or a permutation of the
 batch, a mean over it, a concatenation, an eager layer) is refused, naming the op.
 
-A piece whose forward runs again inside a backward (activation checkpointing) is refused too: a reentrant
-recomputation's backward is an autograd backward of its own, whose end would clip that piece alone.
+A piece whose forward runs again inside a backward must be the recomputation of a call seen before
+(activation checkpointing, ``bkcompile.recompute``). The output of a reentrant checkpoint
+(``CheckpointFunctionBackward``) was computed under ``no_grad``, so its history is checked when the
+checkpoint recomputes it in the backward, before that recomputation's backward runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 
+from bkcompile import recompute
 from bkcompile.errors import PrivacyError
+from bkcompile.ledger import parameter_of
 
 _MARK = "bkcompile_piece"
 # Autograd nodes of eager ops that keep row i of their result a function of row i of their operands.
@@ -47,6 +51,7 @@ _ROW_WISE = frozenset(
     for k in (0, 1)
 )
 _LEAF = "torch::autograd::AccumulateGrad"
+_CHECKPOINT = "CheckpointFunctionBackward"
 
 
 def mark_outputs(outputs: Any, label: str) -> None:
@@ -64,7 +69,9 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         if node is None or id(node) in seen or _MARK in node.metadata or node.name() == _LEAF:
             continue
         seen.add(id(node))
-        if node.name() not in _ROW_WISE:
+        if node.name() == _CHECKPOINT:
+            _check_when_recomputed(node, label)
+        elif node.name() not in _ROW_WISE:
             raise PrivacyError(
                 f"{label} takes a batch computed outside the bk_dp graphs by {node.name()}\n"
                 "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "
@@ -75,20 +82,36 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def guard(compiled: Callable, batched: list[int], label: str) -> Callable:
+def _check_when_recomputed(node: Any, label: str) -> None:
+    """A reentrant checkpoint's output: check the rows of what its function computes when the checkpoint's
+    backward recomputes it (its inputs are then detached leaves, so the walk ends at them or at pieces)."""
+    run_function = node.run_function
+    if getattr(run_function, "_bk_checked", False):
+        return
+
+    def checked(*args: Any) -> Any:
+        outputs = run_function(*args)
+        values = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        check_inputs(values, list(range(len(values))), f"{label} (through a checkpoint)")
+        return outputs
+
+    checked._bk_checked = True
+    node.run_function = checked
+
+
+def guard(compiled: Callable, batched: list[int], params: list[int], label: str) -> Callable:
     """``compiled`` (a piece's forward, as dynamo calls a backend's result) with its inputs checked and its
-    outputs marked."""
+    outputs marked; run inside a backward, it must recompute a call seen (``bkcompile.recompute``)."""
 
     def run(*args: Any) -> Any:
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
-            raise PrivacyError(
-                f"{label} runs its forward again inside a backward (activation checkpointing)\n"
-                "  why: a recomputed piece's backward may run in an autograd backward of its own (reentrant "
-                "checkpointing), whose end would clip that piece alone\n"
-                "  fix: do not checkpoint a module compiled in pieces, or compile the model as one graph"
-            )
+        inputs = [args[i] for i in batched if isinstance(args[i], torch.Tensor)]
+        weights = [parameter_of(args[i]) for i in params]  # the parameters behind the ledger's taps
         check_inputs(args, batched, label)
-        outputs = compiled(*args)
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
+            outputs = recompute.recomputed(compiled, args, weights, inputs, label)
+        else:
+            recompute.CALLS.seen(weights, inputs)
+            outputs = compiled(*args)
         mark_outputs(outputs, label)
         return outputs
 

@@ -498,12 +498,63 @@ class Checkpointed(Regional):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointed_pieces_are_refused(reentrant: bool) -> None:
-    model = Checkpointed(reentrant)
+def test_checkpointed_pieces_are_exact(reentrant: bool) -> None:
+    """torch.utils.checkpoint around blocks compiled one by one: each block's forward runs again in the
+    backward (a recomputation of its call, not a second call) and is clipped with the others, once."""
+    torch.manual_seed(11)
+    model = Checkpointed(reentrant).double()
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
-    # reentrant: the checkpoint's own autograd node feeds the block; non-reentrant: the block runs again
-    refusal = "by CheckpointFunctionBackward" if reentrant else "activation checkpointing"
-    with pytest.raises(bkcompile.PrivacyError, match=refusal):
+    got = _regional_grads(model, ids, y, **_options(graphs="several"))
+    plain = Regional(depth=2).double()
+    plain.load_state_dict(model.state_dict())
+    want, norms = clipped_sum(plain, F.cross_entropy, (ids,), (y,), max_grad_norm=R)
+    assert_matches(got, want, torch.float64)
+    spans = bkcompile.last_clip_spans()
+    assert (norms > R).any() and len(spans) == 1 and len(spans[0].params) == len(want)
+
+
+class Replayed(torch.autograd.Function):
+    """Identity on the logits whose backward runs a compiled block (with gradients) on other rows: a forward
+    inside the backward that recomputes no call."""
+
+    @staticmethod
+    def forward(ctx, logits, block, hidden):
+        ctx.block, ctx.hidden = block, hidden
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            ctx.block(torch.randn_like(ctx.hidden))
+        return grad, None, None
+
+
+class ReplaysOtherRows(Regional):
+    def forward(self, ids):
+        h = self.blocks[0](self.stem(ids))
+        return Replayed.apply(self.head(h), self.blocks[0], h.detach())
+
+
+def test_forward_inside_backward_that_recomputes_no_call_is_refused() -> None:
+    model = ReplaysOtherRows(depth=1)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.ClipOnceError, match="runs its forward inside a backward on inputs that no earlier"):
+        _regional_grads(model, ids, y, **_options(graphs="several"))
+
+
+class CheckpointThenFlip(Regional):
+    """A reentrant checkpoint whose function moves rows after the block (seen only when it is recomputed)."""
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        h = torch.utils.checkpoint.checkpoint(lambda x: self.blocks[0](x).flip(0), h, use_reentrant=True)
+        return self.head(h)
+
+
+def test_rows_moved_inside_a_reentrant_checkpoint_are_refused() -> None:
+    model = CheckpointThenFlip(depth=1)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.PrivacyError, match="through a checkpoint.* by FlipBackward0"):
         _regional_grads(model, ids, y, **_options(graphs="several"))
 
 
