@@ -15,7 +15,7 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile import rows
+from bkcompile import rows, shared
 from bkcompile.errors import BKError
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
@@ -80,6 +80,8 @@ def _classify(node: torch.fx.Node, example: Any, options: BKOptions) -> GraphInp
     ``options.batch_dim``."""
     source = _source_name(node)
     is_state = _is_module_state(source)
+    if shared.is_shared(example):  # an earlier piece computed it without sample data (bkcompile.shared)
+        return GraphInput(node.name, source, InputKind.STATE, REPLICATED, False)
     if isinstance(example, torch.nn.Parameter):
         return GraphInput(_param_name(source), source, InputKind.PARAMETER, REPLICATED, example.requires_grad)
     if is_state:
@@ -233,6 +235,9 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
         record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
         inputs = _classify_inputs(gm, example_inputs, opts)
+        data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
+                for x, e in zip(inputs, example_inputs)]  # fmt: skip
+        tagged = shared.shared_outputs(gm, data) if role.piece else ()
         context = {
             "inputs": inputs,
             "options": opts,
@@ -250,7 +255,9 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     ledger.adopt(params, names)
     if role.piece:
         batched = [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)]
-        compiled = rows.guard(compiled, batched, list(indices), role.label)
+        compiled = shared.tagging(rows.guard(compiled, batched, list(indices), role.label), tagged)
+    known = [i for i, e in enumerate(example_inputs) if shared.is_shared(e)]
+    compiled = shared.checking(compiled, known, [inputs[i].source for i in known], role.label)
     return record.wrap(compiled)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bkcompile import recompute
+from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import PrivacyError
 from bkcompile.ledger import parameter_of
 
@@ -54,10 +55,15 @@ _LEAF = "torch::autograd::AccumulateGrad"
 _CHECKPOINT = "CheckpointFunctionBackward"
 
 
-def mark_outputs(outputs: Any, label: str) -> None:
+def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
+    """Mark the outputs' autograd nodes as a piece's; with ``unbacked`` (the batch size of inputs marked by
+    :func:`bkcompile.batch.mark_batch_dynamic`), mark the outputs with that many rows too, so that the next
+    piece sees the same batch symbol on them as on the data it receives directly."""
     for value in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             value.grad_fn.metadata[_MARK] = label
+        if unbacked is not None and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == unbacked:
+            mark_batch_dynamic(value)
 
 
 def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
@@ -112,7 +118,9 @@ def guard(compiled: Callable, batched: list[int], params: list[int], label: str)
         else:
             recompute.CALLS.seen(weights, inputs)
             outputs = compiled(*args)
-        mark_outputs(outputs, label)
+        first = inputs[0] if inputs else None
+        unbacked = first.shape[0] if first is not None and 0 in getattr(first, "_dynamo_unbacked_indices", ()) else None
+        mark_outputs(outputs, label, unbacked)
         return outputs
 
     return run
