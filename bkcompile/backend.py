@@ -25,6 +25,7 @@ from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
 from bkcompile.passes.ops import DECOMPOSITIONS
+from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.report import build_report, record
@@ -244,7 +245,7 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
             "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
             "role": role,
         }
-        compiled = _compile(gm, example_inputs, opts, context)
+        compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, opts, context))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
