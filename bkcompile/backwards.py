@@ -15,11 +15,55 @@ outer backward (:func:`current_task`), so its pieces join that backward's clip.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 
 from bkcompile.errors import PrivacyError
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    params: tuple[int, ...]  # the piece's parameters, by identity
+    inputs: list[weakref.ref]  # its batched inputs
+    signatures: tuple[tuple, ...]
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.inputs)
+
+
+class Calls:
+    """The forward calls of the pieces that a recomputation (activation checkpointing, ``bkcompile.recompute``)
+    may repeat, each once."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+
+    def seen(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
+        self.calls = [c for c in self.calls if c.alive()]
+        self.calls.append(
+            _Call(tuple(map(id, params)), [weakref.ref(x) for x in inputs], tuple(map(_signature, inputs)))
+        )
+
+    def forget(self) -> None:
+        self.calls = []
+
+    def take(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether this call repeats one seen (which then cannot be repeated again)."""
+        key = (tuple(map(id, params)), tuple(map(_signature, inputs)))
+        for call in self.calls:
+            if (call.params, call.signatures) == key and call.alive():
+                self.calls.remove(call)
+                return True
+        return False
+
+
+CALLS = Calls()  # the calls of pieces since the last backward of pieces ended
 
 
 @dataclasses.dataclass
@@ -56,6 +100,7 @@ def open_backward(finalize: Callable[[Backward], None]) -> Backward:
 def _end(task: int, finalize: Callable[[Backward], None]) -> None:
     for nested in [k for k, outer in _NESTED.items() if outer == task]:
         del _NESTED[nested]
+    CALLS.forget()  # what the pieces' calls so far could recompute, they had this backward to do
     finalize(_RUNNING.pop(task))
 
 

@@ -113,6 +113,8 @@ class GraphRecord:
             if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
                 _know(params, self.names)
                 self.known = [weakref.ref(p) for p in params]
+                if self.piece:
+                    _BY_STORAGE.update((_storage_key(p), p) for p in params)
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
@@ -149,7 +151,6 @@ class _Tap(torch.autograd.Function):
         if call.graph.piece:  # the deferred clip meets the aliases in the backward and asks for the parameters
             for alias, p in zip(call.aliases, call.params):
                 alias._bk_parameter = p
-                _BY_STORAGE[_storage_key(p)] = p
         return call.aliases
 
     @staticmethod

@@ -11,10 +11,12 @@ autograd backward, to recompute what the first call did not keep:
 
 Either way it is the same call again, not a second call: the same piece (its parameters, by identity)
 over the same rows (its batched inputs are the first call's tensors, or detached views of their storage:
-the same data pointer, shape and strides). :class:`Calls` keeps the batched inputs of the calls seen since
-they were made (weakly: a call whose inputs are gone can no longer be recomputed) and lets each be
-recomputed once. A forward inside a backward that matches no such call is a second call on rows not
-known to be the same samples, and is refused.
+the same data pointer, shape and strides). ``bkcompile.backwards.CALLS`` keeps the batched inputs of the
+calls made since the last backward of pieces ended (weakly: a call whose inputs are gone can no longer be
+recomputed) and lets each be recomputed once. A forward inside a backward that matches no such call (another
+call, or a call of an earlier step) is a second call on rows not known to be the same samples, and is
+refused. (Two forwards before their two backwards, ``a = cm(x); b = cm(y); a.backward(); b.backward()``:
+the first backward's end forgets the second call, whose recomputation is then refused.)
 
 An accepted recomputation's backward, when it runs in a nested graph task, belongs to the backward that
 recomputed it: ``bkcompile.backwards`` maps the nested task to it, so its pieces are clipped with the
@@ -23,8 +25,6 @@ others, once, at the end of the outer backward.
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,50 +35,11 @@ from bkcompile.deferred import finalize
 from bkcompile.errors import ClipOnceError
 
 
-def _signature(tensor: torch.Tensor) -> tuple:
-    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
-
-
-@dataclasses.dataclass(eq=False)
-class _Call:
-    params: tuple[int, ...]  # the piece's parameters, by identity
-    inputs: list[weakref.ref]  # its batched inputs
-    signatures: tuple[tuple, ...]
-
-    def alive(self) -> bool:
-        return all(ref() is not None for ref in self.inputs)
-
-
-class Calls:
-    """The forward calls of the pieces that a recomputation may repeat (each once)."""
-
-    def __init__(self) -> None:
-        self.calls: list[_Call] = []
-
-    def seen(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
-        self.calls = [c for c in self.calls if c.alive()]
-        self.calls.append(
-            _Call(tuple(map(id, params)), [weakref.ref(x) for x in inputs], tuple(map(_signature, inputs)))
-        )
-
-    def take(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
-        """Whether this call repeats one seen (which then cannot be repeated again)."""
-        key = (tuple(map(id, params)), tuple(map(_signature, inputs)))
-        for call in self.calls:
-            if (call.params, call.signatures) == key and call.alive():
-                self.calls.remove(call)
-                return True
-        return False
-
-
-CALLS = Calls()
-
-
 def recomputed(
     compiled: Callable, args: Sequence[Any], params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], label: str
 ) -> Any:
     """Run a piece's forward called inside a backward: a recomputation of a call seen, else refused."""
-    if not CALLS.take(params, inputs):
+    if not backwards.CALLS.take(params, inputs):
         raise ClipOnceError(
             f"{label} runs its forward inside a backward on inputs that no earlier call of it had\n"
             "  why: only a recomputation of a call of this step (activation checkpointing) may run there; another "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bkcompile import recompute
+from bkcompile import backwards, recompute
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import PrivacyError
 from bkcompile.ledger import parameter_of
@@ -116,7 +116,7 @@ def guard(compiled: Callable, batched: list[int], params: list[int], label: str)
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
             outputs = recompute.recomputed(compiled, args, weights, inputs, label)
         else:
-            recompute.CALLS.seen(weights, inputs)
+            backwards.CALLS.seen(weights, inputs)
             outputs = compiled(*args)
         first = inputs[0] if inputs else None
         unbacked = first.shape[0] if first is not None and 0 in getattr(first, "_dynamo_unbacked_indices", ()) else None

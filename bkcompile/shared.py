@@ -8,9 +8,11 @@ per-sample input whose batch size is wrong, and the graph is refused.
 Provenance decides instead, never the shape: when a piece is compiled, :func:`shared_outputs` finds the
 outputs of its dynamo graph into which no per-sample data flows (a dependency walk from its inputs: the
 batch and every other non-parameter tensor input are data; a size query of a tensor is not, since every
-sample has the batch's shape). At run time the piece tags those outputs (:func:`tagging`). A graph compiled
-with a tagged tensor input classifies it as shared (:func:`is_shared`), and checks on every call that the
-tensor there is still tagged (:func:`checking`): dynamo's guards check shapes, not where a tensor came from.
+sample has the batch's shape) and that need no gradient (a function of the parameters passed on would carry
+a gradient summed over the samples back into them). At run time the piece tags those outputs
+(:func:`tagging`). A graph compiled with a tagged tensor input classifies it as shared (:func:`is_shared`),
+and checks on every call that the tensor there is still tagged (:func:`checking`): dynamo's guards check
+shapes, not where a tensor came from.
 A (1, T) tensor cut from the batch (``ids[:1]``) is never tagged and stays a per-sample input (refused when
 its batch size disagrees).
 """
@@ -56,12 +58,13 @@ def shared_outputs(gm: torch.fx.GraphModule, data: Sequence[bool]) -> tuple[int,
         if isinstance(value, torch.fx.Node)
         and value not in tainted
         and isinstance(value.meta.get("example_value"), torch.Tensor)
+        and not value.meta["example_value"].requires_grad  # a parameter's function carries a gradient back
         and value.op != "placeholder"  # an input passed through keeps its own provenance
     )
 
 
 def is_shared(example: Any) -> bool:
-    return isinstance(example, torch.Tensor) and getattr(example, _TAG, False)
+    return isinstance(example, torch.Tensor) and getattr(example, _TAG, False) and not example.requires_grad
 
 
 def tagging(compiled: Callable, indices: tuple[int, ...]) -> Callable:
