@@ -19,11 +19,16 @@ import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from bkcompile.errors import PrivacyError
 
 
-def _signature(tensor: torch.Tensor) -> tuple:
+def storage_key(tensor: torch.Tensor) -> tuple | None:
+    """Where a tensor's values lie (a detached view of it has the same key); None for a fake tensor (DDP's
+    compiler runs the graphs on fake inputs), which has no storage."""
+    if is_fake(tensor):
+        return None
     return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
 
 
@@ -47,7 +52,7 @@ class Calls:
     def seen(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
         self.calls = [c for c in self.calls if c.alive()]
         self.calls.append(
-            _Call(tuple(map(id, params)), [weakref.ref(x) for x in inputs], tuple(map(_signature, inputs)))
+            _Call(tuple(map(id, params)), [weakref.ref(x) for x in inputs], tuple(map(storage_key, inputs)))
         )
 
     def forget(self) -> None:
@@ -55,7 +60,7 @@ class Calls:
 
     def take(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
         """Whether this call repeats one seen (which then cannot be repeated again)."""
-        key = (tuple(map(id, params)), tuple(map(_signature, inputs)))
+        key = (tuple(map(id, params)), tuple(map(storage_key, inputs)))
         for call in self.calls:
             if (call.params, call.signatures) == key and call.alive():
                 self.calls.remove(call)

@@ -40,7 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.backwards import current_task
+from bkcompile.backwards import current_task, storage_key
 from bkcompile.distributed import average_over_ranks, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
@@ -114,7 +114,7 @@ class GraphRecord:
                 _know(params, self.names)
                 self.known = [weakref.ref(p) for p in params]
                 if self.piece:
-                    _BY_STORAGE.update((_storage_key(p), p) for p in params)
+                    _BY_STORAGE.update((key, p) for p in params if (key := storage_key(p)) is not None)
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
@@ -169,12 +169,8 @@ def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
     checkpointing saves an alias detached (a new tensor over the parameter's storage): found by its storage."""
     found = getattr(tensor, "_bk_parameter", None)
     if found is None:
-        found = _BY_STORAGE.get(_storage_key(tensor))
+        found = _BY_STORAGE.get(storage_key(tensor))
     return tensor if found is None else found
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple:
-    return (tensor.data_ptr(), tensor.device, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
 
 
 _BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
