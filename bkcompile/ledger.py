@@ -40,7 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.distributed import average_over_ranks, sync_under_ddp
+from bkcompile.distributed import average_over_ranks, from_fsdp_reduce, fsdp_shards, is_dtensor, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -81,6 +81,7 @@ class _Entry:
     road: str | None = None  # how a gradient no clip wrote got in (None: only clips wrote)
     clips: set[Clip] = dataclasses.field(default_factory=set)  # the clips that wrote this step
     hooked: bool = False
+    source: weakref.ref | None = None  # FSDP2's shard: the unsharded parameter reduce-scattered into it
 
 
 @dataclasses.dataclass(eq=False)
@@ -302,6 +303,10 @@ class StepLedger:
             if entry is not None:
                 entry.grad, entry.road = p.grad, None
                 entry.clips.clear()
+                source = self.entries.get(entry.source()) if entry.source is not None else None
+                if source is not None:  # gradients its unsharded parameter held before zero_grad() are gone too
+                    source.grad, source.road = None, None
+                    source.clips.clear()
         for state in self.states:
             state.reset_counts()
 
@@ -331,6 +336,29 @@ def _eager_accumulation(p: torch.nn.Parameter) -> None:
         "  fix: run every use of the parameter inside the bk_dp-compiled model (or detach it outside), with "
         "dynamo's default stance and suppress_errors off"
     )
+
+
+def _reduced_into_shard(p: torch.nn.Parameter) -> None:
+    """Post-accumulate-grad hook of an FSDP2 sharded parameter. FSDP2 calls it once its reduce-scatter has
+    set or accumulated ``p.grad``: the shard takes over what the clips wrote into its unsharded parameter
+    since the last reduce-scatter (their ranks' average). Called by autograd instead, the shard itself was
+    used eagerly: refused."""
+    if not from_fsdp_reduce(sys._getframe(1)):
+        _eager_accumulation(p)
+        return
+    ledger = _LEDGERS[p]
+    entry = ledger.entries[p]
+    source = ledger.entries.get(entry.source())
+    if entry.grad is not None and p.grad is not entry.grad:
+        entry.road = entry.road or _FOREIGN
+    if source is None or source.grad is None:
+        entry.road = entry.road or "FSDP2 reduce-scattered into it a gradient no bk_dp clip wrote"
+    else:
+        entry.road = entry.road or source.road
+        entry.clips |= source.clips
+        source.grad, source.road = None, None
+        source.clips.clear()
+    entry.grad = p.grad
 
 
 def _label(p: torch.nn.Parameter) -> str:
@@ -410,11 +438,23 @@ def _know_module(module: torch.nn.Module) -> None:
     backward too."""
     if module in _MODULES:
         return
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    # FSDP2's shards (of blocks not running now) are adopted with their unsharded parameters
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if named:
         names, params = zip(*named)
         _know(params, names)
+    for fsdp_param in fsdp_shards(module):
+        _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
     _MODULES.add(module)
+
+
+def _know_shard(unsharded: torch.nn.Parameter, sharded: torch.nn.Parameter, name: str | None) -> None:
+    """Adopt FSDP2's sharded parameter, whose gradient FSDP2 reduce-scatters from the unsharded one's."""
+    ledger = ledger_for([unsharded, sharded])
+    if sharded not in ledger.entries:
+        ledger.entries[sharded] = _Entry(name or "a sharded parameter", source=weakref.ref(unsharded))
+        sharded.register_post_accumulate_grad_hook(_reduced_into_shard)
+        ledger.entries[sharded].hooked = True
 
 
 def _distinct_ledgers(params: Sequence[torch.nn.Parameter]) -> list[StepLedger]:
