@@ -28,7 +28,7 @@ FSDP2 (``fully_shard``): the bk_dp graphs run on the unsharded parameters FSDP2 
 step ledger writes their clipped sums into those; FSDP2 reduce-scatters them into the sharded (DTensor)
 gradients, the ranks' average, which the optimizer holds. The ledger follows that move by identity: the
 post-accumulate-grad hook FSDP2 itself calls from ``foreach_reduce`` on each sharded parameter hands the
-unsharded parameter's clips to the shard (:func:`fsdp_shards` finds the pairs), and a hook called by
+unsharded parameter's clips to the shard (:func:`fsdp_params_of` finds the pairs), and a hook called by
 autograd instead (a shard used eagerly) is refused. A model in pieces (``fully_shard`` per block, clipped
 at the end of the backward) gets its clipped sums after FSDP2's post-backward has run, so the deferred clip
 reduce-scatters them itself through FSDP2 (:func:`reduce_to_shards`). ``DPOptimizer`` multiplies each
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed._composable_state import _module_state_mapping
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import foreach_reduce
 from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
@@ -159,18 +160,22 @@ def is_fully_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def fsdp_shards(module: torch.nn.Module) -> list[FSDPParam]:
-    """FSDP2's parameters in ``module`` and its submodules: each pairs the unsharded parameter the graphs
-    receive with the sharded one the optimizer holds."""
+def fsdp_params_of(params: list[torch.Tensor]) -> list[FSDPParam]:
+    """FSDP2's parameters whose unsharded parameter is one of ``params`` (a graph's inputs): each pairs it
+    with the sharded parameter the optimizer holds. Found from FSDP2's states (every module ``fully_shard``
+    was applied to), so also where the compiled module is a torch module (``nn.Sequential``)."""
+    wanted = {id(p) for p in params}
     found = []
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            for group in m._get_fsdp_state()._fsdp_param_groups:
-                for fsdp_param in group.fsdp_params:
-                    if hasattr(fsdp_param, "_unsharded_param"):  # all-gathered once (in the forward)
-                        _SHARDS[fsdp_param.sharded_param] = group
-                        _UNSHARDED[fsdp_param.unsharded_param] = fsdp_param
-                        found.append(fsdp_param)
+    for module in list(_module_state_mapping):
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                # all-gathered once (in the forward) and one of the graph's parameters
+                if hasattr(fsdp_param, "_unsharded_param") and id(fsdp_param.unsharded_param) in wanted:
+                    _SHARDS[fsdp_param.sharded_param] = group
+                    _UNSHARDED[fsdp_param.unsharded_param] = fsdp_param
+                    found.append(fsdp_param)
     return found
 
 

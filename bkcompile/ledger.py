@@ -40,7 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.distributed import average_over_ranks, from_fsdp_reduce, fsdp_shards, is_dtensor, sync_under_ddp
+from bkcompile.distributed import average_over_ranks, from_fsdp_reduce, fsdp_params_of, is_dtensor, sync_under_ddp
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -112,6 +112,8 @@ class GraphRecord:
             params = [args[i] for i in indices]
             if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
                 _know(params, self.names)
+                for fsdp_param in fsdp_params_of(params):  # FSDP2: the graph receives the unsharded parameters
+                    _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
                 self.known = [weakref.ref(p) for p in params]
             where, modules = _caller()
             for module in modules:
@@ -443,8 +445,6 @@ def _know_module(module: torch.nn.Module) -> None:
     if named:
         names, params = zip(*named)
         _know(params, names)
-    for fsdp_param in fsdp_shards(module):
-        _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
     _MODULES.add(module)
 
 

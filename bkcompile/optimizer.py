@@ -110,7 +110,8 @@ class DPOptimizer:
 
     In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
     the ranks' average of their clipped sums is multiplied back by the world size: the update is the
-    single-process one on the union batch, noised once (``bkcompile.distributed``).
+    single-process one on the union batch, noised once (``bkcompile.distributed``). Under FSDP2 the
+    optimizer holds the sharded parameters: each rank draws the same whole noise and adds its shard's part.
 
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
     batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see

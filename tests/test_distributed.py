@@ -307,11 +307,17 @@ def test_make_private_under_a_process_group(ranks) -> None:
     assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
 
 
-def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume: bool) -> tuple:
-    """``steps`` steps of make_private's DDP training from seed ``seed`` (or from ``checkpoint``); when not
-    resuming, rank 0 saves the model, optimizer and loader after the first two steps."""
+def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume: bool, sharded: bool) -> tuple:
+    """``steps`` steps of make_private's training from seed ``seed`` (or from ``checkpoint``), under DDP or, when
+    ``sharded``, FSDP2 at the root; when not resuming, the model, optimizer and loader are saved after the first
+    two steps (by rank 0 under DDP, by every rank under FSDP2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(seed)
     model = Net().double()
+    if sharded:
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
     x, y = _union_batch(torch.float64)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=8)
     private, optimizer, loader = bkcompile.make_private(
@@ -331,26 +337,32 @@ def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume:
         optimizer.zero_grad()
         F.cross_entropy(private(xb), yb).backward()
         optimizer.step()
-        if step == 1 and not resume and rank == 0:
+        if step == 1 and not resume and (sharded or rank == 0):
             bkcompile.save_checkpoint(checkpoint, model, optimizer, loader)
     torch.distributed.barrier()  # the checkpoint is written before any rank reads it
-    return [p.detach().clone() for p in model.parameters()], optimizer.accountant.history
+    params = [p.detach().full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
+    return params, optimizer.accountant.history, optimizer.accountant.get_epsilon(1e-3)
 
 
-def _checkpoint_and_resume(rank: int, checkpoint: str) -> dict:
-    whole = _private_training(rank, 0, checkpoint, steps=4, resume=False)
+def _checkpoint_and_resume(rank: int, checkpoint: str, sharded: bool) -> dict:
+    whole = _private_training(rank, 0, checkpoint, steps=4, resume=False, sharded=sharded)
     torch._dynamo.reset()
-    resumed = _private_training(rank, 1 + rank, checkpoint, steps=2, resume=True)  # other seeds, fresh generators
+    resumed = _private_training(rank, 1 + rank, checkpoint, 2, resume=True, sharded=sharded)  # other seeds
     return {"whole": whole, "resumed": resumed}
 
 
-def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
-    results = ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"))
+def check_resumed(results: list[dict]) -> None:
+    """The resumed run's last two steps are the whole run's, and so is its epsilon; the replicas agree."""
     for result in results:
-        (whole, whole_history), (resumed, resumed_history) = result["whole"], result["resumed"]
+        (whole, whole_history, whole_epsilon), (resumed, resumed_history, resumed_epsilon) = result.values()
         assert all(torch.equal(a, b) for a, b in zip(whole, resumed))  # the same batches, noise and momentum
-        assert whole_history == resumed_history == [[0.25, 1.0, 4]]  # so the same epsilon
+        assert whole_history == resumed_history == [[0.25, 1.0, 4]]
+        assert whole_epsilon == resumed_epsilon
     assert all(torch.equal(a, b) for a, b in zip(results[0]["whole"][0], results[1]["whole"][0]))
+
+
+def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
+    check_resumed(ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"), False))
 
 
 def _adaptive_steps(rank: int) -> dict:

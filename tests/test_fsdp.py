@@ -21,10 +21,12 @@ from test_distributed import (
     WORLD,
     Block,
     Net,
+    _checkpoint_and_resume,
     _expected_update,
     _local,
     _max_relative_error,
     _union_batch,
+    check_resumed,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -129,25 +131,32 @@ def test_sharded_gradients_match_the_union_batch_oracle(ranks, wrapping, dtype, 
         assert result["sharded"] and result["error"] <= TOL[dtype], result
 
 
+def _dp_sgd(model: nn.Module, sigma: float, radius: float, batch: float, seed: int) -> bkcompile.DPOptimizer:
+    return bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        noise_multiplier=sigma,
+        max_grad_norm=radius,
+        expected_batch_size=batch,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().full_tensor() for p in model.parameters()]
 
 
-def _fsdp_steps(rank: int, wrapping: str, steps: int) -> dict:
-    """Noised steps of the sharded model against the single-process update of a copy kept in step."""
+def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: int) -> dict:
+    """Noised steps of the sharded model against the single-process update of a copy kept in step; with
+    ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging."""
     sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
     model = Tower().double()
     reference_model = Tower().double()
     reference_model.load_state_dict(model.state_dict())
     x, y = _union_batch(torch.float64)
     sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": "aot_eager"})
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        noise_multiplier=sigma,
-        max_grad_norm=radius,
-        expected_batch_size=batch,
-        generator=torch.Generator().manual_seed(5 if rank == 0 else 99),  # rank 0's state is the one used
-    )
+    if divide_factor is not None:
+        model.set_gradient_divide_factor(divide_factor)
+    optimizer = _dp_sgd(model, sigma, radius, batch, 5 if rank == 0 else 99)  # rank 0's state is the one used
     reference = torch.Generator().manual_seed(5)
     errors, snapshots = [], []
     for _ in range(steps):
@@ -164,9 +173,9 @@ def _fsdp_steps(rank: int, wrapping: str, steps: int) -> dict:
     return {"errors": errors, "params": snapshots}
 
 
-@pytest.mark.parametrize("wrapping", WRAPPINGS)
-def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(ranks, wrapping) -> None:
-    first, second = ranks.run(_fsdp_steps, wrapping, 2)
+@pytest.mark.parametrize("wrapping, divide_factor", [*((w, None) for w in WRAPPINGS), ("root", 1.0)])
+def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(ranks, wrapping, divide_factor) -> None:
+    first, second = ranks.run(_fsdp_steps, wrapping, divide_factor, 2)
     for result in (first, second):
         assert max(result["errors"]) <= 1e-8
     for mine, theirs in zip(first["params"], second["params"]):
@@ -179,13 +188,7 @@ def _noise_only(rank: int) -> dict:
     fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
     options = {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "sum"}
     compiled = torch.compile(model, backend="bk_dp", options=options)
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        noise_multiplier=sigma,
-        max_grad_norm=radius,
-        expected_batch_size=batch,
-        generator=torch.Generator().manual_seed(3),
-    )
+    optimizer = _dp_sgd(model, sigma, radius, batch, 3)
     x = torch.zeros(0, 512)  # an empty local batch on every rank: the update is the noise alone
     bkcompile.mark_batch_dynamic(x)
     optimizer.zero_grad()
@@ -254,6 +257,25 @@ def test_unclipped_gradients_into_the_shards_are_refused(ranks, road, message) -
         assert message in text, text
 
 
+def _sharded_on_each_rank_alone(rank: int) -> str:
+    """fully_shard over a mesh of one rank: nothing combines the ranks' gradients."""
+    model = Tower().double()
+    own = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("ranks", "shard"))["shard"]
+    fully_shard(model, mesh=own)
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    optimizer = _dp_sgd(model, 1.0, 1.0, 8, 0)
+    x, y = _local(rank, *_union_batch(torch.float64))
+    F.cross_entropy(compiled(x), y).backward()
+    with pytest.raises(bkcompile.NotSupportedYetError) as info:
+        optimizer.step()
+    return str(info.value)
+
+
+def test_a_mesh_of_some_ranks_is_refused(ranks) -> None:
+    for message in ranks.run(_sharded_on_each_rank_alone):
+        assert "on a device mesh of 1 of the 2 ranks" in message and "init_device_mesh" in message
+
+
 def _mixed_precision_step(rank: int) -> dict:
     sigma, batch = 1.0, WORLD * PER_RANK
     model = Net()
@@ -265,13 +287,7 @@ def _mixed_precision_step(rank: int) -> dict:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)), mp_policy=policy)
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager"})
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        noise_multiplier=sigma,
-        max_grad_norm=radius,
-        expected_batch_size=batch,
-        generator=torch.Generator().manual_seed(5),
-    )
+    optimizer = _dp_sgd(model, sigma, radius, batch, 5)
     want = _expected_update(reference_model, x, y, radius, sigma, torch.Generator().manual_seed(5), batch)
     before = _full(model)
     optimizer.zero_grad()
@@ -297,51 +313,5 @@ def test_bf16_mixed_precision_steps_through_the_dp_optimizer(ranks) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"]))
 
 
-def _private_training(rank: int, checkpoint: str, steps: int, resume: bool) -> tuple:
-    """``steps`` steps of make_private on a sharded model (or from ``checkpoint``); when not resuming, every
-    rank takes part in saving after the first two steps."""
-    torch.manual_seed(0 if not resume else 1 + rank)  # resumed: other initial values, replaced by the checkpoint
-    model = Net().double()
-    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-    x, y = _union_batch(torch.float64)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=8)
-    private, optimizer, loader = bkcompile.make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
-        data,
-        max_grad_norm=1.0,
-        noise_multiplier=1.0,
-        target_delta=1e-3,
-        compiler="aot_eager",
-    )
-    if resume:
-        bkcompile.load_checkpoint(checkpoint, private, optimizer, loader)
-    batches = iter(loader)
-    for step in range(steps):
-        xb, yb = next(batches)
-        optimizer.zero_grad()
-        F.cross_entropy(private(xb), yb).backward()
-        optimizer.step()
-        if step == 1 and not resume:
-            bkcompile.save_checkpoint(checkpoint, private, optimizer, loader)  # on every rank
-    return _full(model), optimizer.accountant.history, optimizer.accountant.get_epsilon(1e-3)
-
-
-def _checkpoint_and_resume(rank: int, checkpoint: str) -> dict:
-    whole = _private_training(rank, checkpoint, steps=4, resume=False)
-    torch._dynamo.reset()
-    resumed = _private_training(rank, checkpoint, steps=2, resume=True)
-    return {"whole": whole, "resumed": resumed}
-
-
 def test_checkpoint_of_a_sharded_run_resumes_it(ranks, tmp_path) -> None:
-    results = ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"))
-    for result in results:
-        (whole, whole_history, whole_epsilon), (resumed, resumed_history, resumed_epsilon) = (
-            result["whole"],
-            result["resumed"],
-        )
-        assert all(torch.equal(a, b) for a, b in zip(whole, resumed))  # the same batches, noise and momentum
-        assert whole_history == resumed_history == [[0.25, 1.0, 4]]
-        assert whole_epsilon == resumed_epsilon
-    assert all(torch.equal(a, b) for a, b in zip(results[0]["whole"][0], results[1]["whole"][0]))
+    check_resumed(ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"), True))
