@@ -98,6 +98,25 @@ def _layer_groups(model: nn.Module, radius: float) -> list:
     return [([n for n in names if n.startswith(layer)], radius / math.sqrt(len(layers))) for layer in layers]
 
 
+def _blocks_as_whole_graphs(rank: int) -> str:
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = Tower().double()
+    for module in (*model.blocks, model.head):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    x, y = _local(rank, *_union_batch(torch.float64))
+    with pytest.raises(bkcompile.ClipOnceError) as info:
+        F.cross_entropy(compiled(x), y).backward()
+    return str(info.value)
+
+
+def test_blocks_sharded_one_by_one_need_several_graphs(ranks) -> None:
+    # dynamo compiles a graph per sharded block; with graphs="auto" each would clip on its own
+    for message in ranks.run(_blocks_as_whole_graphs):
+        assert message.startswith("two bk_dp graphs ran in one backward") and "'graphs': 'several'" in message
+
+
 def _fsdp_grads(rank: int, wrapping: str, dtype: torch.dtype, clipping: str) -> dict:
     model = Tower().to(dtype)
     x, y = _union_batch(dtype)
@@ -145,7 +164,7 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().full_tensor() for p in model.parameters()]
 
 
-def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: int) -> dict:
+def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: int, compiler: str = "aot_eager") -> dict:
     """Noised steps of the sharded model against the single-process update of a copy kept in step; with
     ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging."""
     sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
@@ -153,7 +172,7 @@ def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: in
     reference_model = Tower().double()
     reference_model.load_state_dict(model.state_dict())
     x, y = _union_batch(torch.float64)
-    sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": "aot_eager"})
+    sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": compiler})
     if divide_factor is not None:
         model.set_gradient_divide_factor(divide_factor)
     optimizer = _dp_sgd(model, sigma, radius, batch, 5 if rank == 0 else 99)  # rank 0's state is the one used
@@ -180,6 +199,13 @@ def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(
         assert max(result["errors"]) <= 1e-8
     for mine, theirs in zip(first["params"], second["params"]):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))  # the full parameters, bit-identical
+
+
+@pytest.mark.slow
+def test_inductor_steps_per_block_sharded_model(ranks) -> None:
+    first, second = ranks.run(_fsdp_steps, "blocks, compiled whole", None, 1, "inductor")
+    assert max(first["errors"] + second["errors"]) <= 1e-8
+    assert all(torch.equal(a, b) for a, b in zip(first["params"][0], second["params"][0]))
 
 
 def _noise_only(rank: int) -> dict:
