@@ -185,9 +185,16 @@ def from_fsdp_reduce(frame) -> bool:
     return frame is not None and frame.f_code is _FOREACH_REDUCE
 
 
+def fsdp_accumulated(frame) -> bool:
+    """In FSDP2's reduce-scatter (``frame``): whether it added to the gradient the shard held (else it set a
+    new one). Unknown counts as added: the ledger then requires the gradient to be the one it knows."""
+    return bool(frame.f_locals.get("to_accumulate_grad", True))
+
+
 def reduce_to_shards(params: list[torch.Tensor]) -> None:
     """Reduce-scatter the unsharded parameters' gradients written after FSDP2's post-backward ran (the
-    deferred clip at the end of the backward) into their shards, as FSDP2's post-backward does."""
+    deferred clip at the end of the backward) into their shards: FSDP2's own post-backward of their
+    parameter groups, run again as its end-of-backward callback runs it."""
     groups = []
     for p in params:
         fsdp_param = _UNSHARDED.get(p)

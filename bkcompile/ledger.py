@@ -40,7 +40,14 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.distributed import average_over_ranks, from_fsdp_reduce, fsdp_params_of, is_dtensor, sync_under_ddp
+from bkcompile.distributed import (
+    average_over_ranks,
+    from_fsdp_reduce,
+    fsdp_accumulated,
+    fsdp_params_of,
+    is_dtensor,
+    sync_under_ddp,
+)
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -305,12 +312,17 @@ class StepLedger:
             if entry is not None:
                 entry.grad, entry.road = p.grad, None
                 entry.clips.clear()
-                source = self.entries.get(entry.source()) if entry.source is not None else None
+                source = self.source_entry(entry)
                 if source is not None:  # gradients its unsharded parameter held before zero_grad() are gone too
                     source.grad, source.road = None, None
                     source.clips.clear()
         for state in self.states:
             state.reset_counts()
+
+    def source_entry(self, entry: _Entry) -> _Entry | None:
+        """For FSDP2's shard: the entry of the unsharded parameter reduce-scattered into it."""
+        unsharded = entry.source() if entry.source is not None else None
+        return self.entries.get(unsharded) if unsharded is not None else None
 
     def road_of(self, p: torch.nn.Parameter) -> str:
         """Why an eager accumulation into ``p.grad`` happened, as far as the ledger can tell."""
@@ -345,13 +357,14 @@ def _reduced_into_shard(p: torch.nn.Parameter) -> None:
     set or accumulated ``p.grad``: the shard takes over what the clips wrote into its unsharded parameter
     since the last reduce-scatter (their ranks' average). Called by autograd instead, the shard itself was
     used eagerly: refused."""
-    if not from_fsdp_reduce(sys._getframe(1)):
+    frame = sys._getframe(1)
+    if not from_fsdp_reduce(frame):
         _eager_accumulation(p)
         return
     ledger = _LEDGERS[p]
     entry = ledger.entries[p]
-    source = ledger.entries.get(entry.source())
-    if entry.grad is not None and p.grad is not entry.grad:
+    source = ledger.source_entry(entry)
+    if fsdp_accumulated(frame) and p.grad is not entry.grad:  # added to a gradient the shard held before
         entry.road = entry.road or _FOREIGN
     if source is None or source.grad is None:
         entry.road = entry.road or "FSDP2 reduce-scattered into it a gradient no bk_dp clip wrote"

@@ -260,6 +260,10 @@ def _unclipped(rank: int, road: str) -> str:
         if road == "force_eager":
             with torch.compiler.set_stance("force_eager"):
                 F.cross_entropy(sharded(x), y).backward()
+        elif road == "shard's gradient set by hand":
+            model.head.linear.weight.grad = model.head.linear.weight.detach() * 0 + 1  # sharded as the weight
+            F.cross_entropy(sharded(x), y).backward()  # FSDP2 adds the clipped sums to it
+            optimizer.step()
         elif road == "shard used eagerly":
             penalty = model.head.linear.weight.full_tensor().pow(2).sum()  # the shard, outside the model
             (F.cross_entropy(sharded(x), y) + penalty).backward()
@@ -275,6 +279,7 @@ def _unclipped(rank: int, road: str) -> str:
     [
         ("force_eager", "set_stance('force_eager') ran the compiled model eagerly"),
         ("shard used eagerly", "'head.linear.weight' received a gradient that no bk_dp clip wrote"),
+        ("shard's gradient set by hand", "'head.linear.weight': p.grad already held a gradient no bk_dp graph wrote"),
         ("never compiled", "not produced by a bk_dp backward"),
     ],
 )
