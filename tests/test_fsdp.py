@@ -164,9 +164,12 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().full_tensor() for p in model.parameters()]
 
 
-def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: int, compiler: str = "aot_eager") -> dict:
+def _fsdp_steps(
+    rank: int, wrapping: str, divide_factor: float | None, micro: int, steps: int, compiler: str = "aot_eager"
+) -> dict:
     """Noised steps of the sharded model against the single-process update of a copy kept in step; with
-    ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging."""
+    ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging; each rank's
+    batch in ``micro`` micro-batches (a backward each, one step)."""
     sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
     model = Tower().double()
     reference_model = Tower().double()
@@ -181,7 +184,8 @@ def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: in
     for _ in range(steps):
         want = _expected_update(reference_model, x, y, radius, sigma, reference, batch)
         optimizer.zero_grad()
-        F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
+        for xb, yb in zip(*(t.chunk(micro) for t in _local(rank, x, y))):
+            F.cross_entropy(sharded(xb), yb).backward()
         optimizer.add_noise()
         errors.append(_max_relative_error({n: p.grad.full_tensor() for n, p in model.named_parameters()}, want))
         optimizer.optimizer.step()
@@ -192,9 +196,14 @@ def _fsdp_steps(rank: int, wrapping: str, divide_factor: float | None, steps: in
     return {"errors": errors, "params": snapshots}
 
 
-@pytest.mark.parametrize("wrapping, divide_factor", [*((w, None) for w in WRAPPINGS), ("root", 1.0)])
-def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(ranks, wrapping, divide_factor) -> None:
-    first, second = ranks.run(_fsdp_steps, wrapping, divide_factor, 2)
+STEP_CASES = [*((w, None, 1) for w in WRAPPINGS), ("root", 1.0, 1), ("blocks, compiled each", None, 2)]
+
+
+@pytest.mark.parametrize("wrapping, divide_factor, micro", STEP_CASES)
+def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(
+    ranks, wrapping, divide_factor, micro
+) -> None:
+    first, second = ranks.run(_fsdp_steps, wrapping, divide_factor, micro, 2)
     for result in (first, second):
         assert max(result["errors"]) <= 1e-8
     for mine, theirs in zip(first["params"], second["params"]):
@@ -203,7 +212,7 @@ def test_noise_is_drawn_once_per_shard_and_the_update_is_the_single_process_one(
 
 @pytest.mark.slow
 def test_inductor_steps_per_block_sharded_model(ranks) -> None:
-    first, second = ranks.run(_fsdp_steps, "blocks, compiled whole", None, 1, "inductor")
+    first, second = ranks.run(_fsdp_steps, "blocks, compiled whole", None, 1, 1, "inductor")
     assert max(first["errors"] + second["errors"]) <= 1e-8
     assert all(torch.equal(a, b) for a, b in zip(first["params"][0], second["params"][0]))
 
