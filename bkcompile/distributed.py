@@ -29,9 +29,10 @@ step ledger writes their clipped sums into those; FSDP2 reduce-scatters them int
 gradients, the ranks' average, which the optimizer holds. The ledger follows that move by identity: the
 post-accumulate-grad hook FSDP2 itself calls from ``foreach_reduce`` on each sharded parameter hands the
 unsharded parameter's clips to the shard (:func:`fsdp_params_of` finds the pairs), and a hook called by
-autograd instead (a shard used eagerly) is refused. A model in pieces (``fully_shard`` per block, clipped
-at the end of the backward) gets its clipped sums after FSDP2's post-backward has run, so the deferred clip
-reduce-scatters them itself through FSDP2 (:func:`reduce_to_shards`). ``DPOptimizer`` multiplies each
+autograd instead (a shard used eagerly) is refused. A model sharded per block is compiled in pieces (a
+graph per sharded module, :func:`sharded_per_module`), clipped together at the end of the backward, after
+FSDP2's post-backward has run: the deferred clip reduce-scatters them itself through FSDP2
+(:func:`reduce_to_shards`). ``DPOptimizer`` multiplies each
 shard by FSDP2's divisor (:func:`sum_of_clipped_sums`) and adds this rank's part of one noise draw: every
 rank draws the whole parameter's noise from the shared generator and keeps its shard
 (:func:`local_part`), so each coordinate gets one draw and the update is the single-process one.
@@ -160,23 +161,41 @@ def is_fully_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def _gathered_fsdp_params():
+    """(FSDP2 state, parameter group, FSDPParam) of every module ``fully_shard`` was applied to, for the
+    parameters all-gathered once (their unsharded parameter exists from the first forward on)."""
+    for module in list(_module_state_mapping):
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            for group in state._fsdp_param_groups:
+                for fsdp_param in group.fsdp_params:
+                    if hasattr(fsdp_param, "_unsharded_param"):
+                        yield state, group, fsdp_param
+
+
 def fsdp_params_of(params: list[torch.Tensor]) -> list[FSDPParam]:
     """FSDP2's parameters whose unsharded parameter is one of ``params`` (a graph's inputs): each pairs it
     with the sharded parameter the optimizer holds. Found from FSDP2's states (every module ``fully_shard``
     was applied to), so also where the compiled module is a torch module (``nn.Sequential``)."""
     wanted = {id(p) for p in params}
     found = []
-    for module in list(_module_state_mapping):
-        if not isinstance(module, FSDPModule):
-            continue
-        for group in module._get_fsdp_state()._fsdp_param_groups:
-            for fsdp_param in group.fsdp_params:
-                # all-gathered once (in the forward) and one of the graph's parameters
-                if hasattr(fsdp_param, "_unsharded_param") and id(fsdp_param.unsharded_param) in wanted:
-                    _SHARDS[fsdp_param.sharded_param] = group
-                    _UNSHARDED[fsdp_param.unsharded_param] = fsdp_param
-                    found.append(fsdp_param)
+    for _, group, fsdp_param in _gathered_fsdp_params():
+        if id(fsdp_param.unsharded_param) in wanted:
+            _SHARDS[fsdp_param.sharded_param] = group
+            _UNSHARDED[fsdp_param.unsharded_param] = fsdp_param
+            found.append(fsdp_param)
     return found
+
+
+def sharded_per_module(params: list[torch.Tensor]) -> bool:
+    """Whether some of ``params`` are FSDP2's unsharded parameters of a model sharded in several modules
+    (``fully_shard`` per block): dynamo then compiles a graph per sharded module (it does not trace
+    FSDP2's hooks), and those graphs are pieces of one clip."""
+    wanted = {id(p) for p in params}
+    return any(
+        len(state._state_ctx.all_states) > 1 and id(fsdp_param.unsharded_param) in wanted
+        for state, _, fsdp_param in _gathered_fsdp_params()
+    )
 
 
 def from_fsdp_reduce(frame) -> bool:

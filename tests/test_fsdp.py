@@ -77,11 +77,10 @@ class Tower(nn.Module):
 
 def _shard(model: Tower, wrapping: str, options: dict, policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """``fully_shard`` at the root only, or per block and head too, compiled whole or block by block (the
-    blocks are then pieces of one clip: ``graphs="several"``)."""
+    graphs of a model sharded per block are pieces of one clip, with the default ``graphs="auto"``)."""
     mesh = init_device_mesh("cpu", (WORLD,))
     policy = policy or MixedPrecisionPolicy()
     if wrapping != "root":
-        options = {**options, "graphs": "several"}
         for module in (*model.blocks, model.head):
             fully_shard(module, mesh=mesh, mp_policy=policy)
             if wrapping == "blocks, compiled each":
@@ -98,23 +97,22 @@ def _layer_groups(model: nn.Module, radius: float) -> list:
     return [([n for n in names if n.startswith(layer)], radius / math.sqrt(len(layers))) for layer in layers]
 
 
-def _blocks_as_whole_graphs(rank: int) -> str:
-    mesh = init_device_mesh("cpu", (WORLD,))
+def _blocks_compiled_as_several(rank: int) -> dict:
+    """``graphs="several"`` given explicitly: the same clip as the default finds."""
     model = Tower().double()
-    for module in (*model.blocks, model.head):
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
-    x, y = _local(rank, *_union_batch(torch.float64))
-    with pytest.raises(bkcompile.ClipOnceError) as info:
-        F.cross_entropy(compiled(x), y).backward()
-    return str(info.value)
+    x, y = _union_batch(torch.float64)
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.5)
+    sharded = _shard(
+        model, "blocks, compiled whole", {"max_grad_norm": 0.5, "compiler": "aot_eager", "graphs": "several"}
+    )
+    F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
+    got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
+    return {"error": _max_relative_error(got, want), "graphs": len(bkcompile.last_clip_spans()[0].graphs)}
 
 
-def test_blocks_sharded_one_by_one_need_several_graphs(ranks) -> None:
-    # dynamo compiles a graph per sharded block; with graphs="auto" each would clip on its own
-    for message in ranks.run(_blocks_as_whole_graphs):
-        assert message.startswith("two bk_dp graphs ran in one backward") and "'graphs': 'several'" in message
+def test_blocks_sharded_one_by_one_are_pieces_of_one_clip(ranks) -> None:
+    for result in ranks.run(_blocks_compiled_as_several):
+        assert result["error"] <= 1e-8 and result["graphs"] == 3  # two blocks and the head, clipped together
 
 
 def _fsdp_grads(rank: int, wrapping: str, dtype: torch.dtype, clipping: str) -> dict:
