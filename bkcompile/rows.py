@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 
 from bkcompile import backwards, recompute
 from bkcompile.batch import mark_batch_dynamic
@@ -53,6 +54,9 @@ _ROW_WISE = frozenset(
 )
 _LEAF = "torch::autograd::AccumulateGrad"
 _CHECKPOINT = "CheckpointFunctionBackward"
+# Autograd functions that are the identity on their tensors (by class): FSDP2's hook on a sharded block's
+# inputs, whose backward runs the block's post-backward (the reduce-scatter) and passes the gradients on.
+_IDENTITIES = (RegisterPostBackwardFunction._backward_cls,)
 
 
 def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
@@ -77,7 +81,7 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         seen.add(id(node))
         if node.name() == _CHECKPOINT:
             _check_when_recomputed(node, label)
-        elif node.name() not in _ROW_WISE:
+        elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES):
             raise PrivacyError(
                 f"{label} takes a batch computed outside the bk_dp graphs by {node.name()}\n"
                 "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "
