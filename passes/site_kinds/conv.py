@@ -1,6 +1,7 @@
 """``getitem(convolution_backward(grad_out, input, weight, ...), 1 = weight | 2 = bias)``: convolution
 weights and biases. Linear after unfolding (T = output positions, d = C_in/groups * kernel, p = C_out/groups):
-ghost norms by im2col Gram matrices (1-d and 2-d forward convolutions); per-sample gradients by one grouped
+ghost norms by Gram matrices (1-d and 2-d forward convolutions: the input's read off the padded input's own
+Gram matrices for stride-1 and 1x1 convolutions, else from im2col); per-sample gradients by one grouped
 convolution_backward with the samples as groups."""
 
 from __future__ import annotations
