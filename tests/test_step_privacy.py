@@ -205,6 +205,31 @@ def test_eager_stem_before_a_compiled_block_is_refused() -> None:
         F.cross_entropy(model(x), y).backward()
 
 
+class _Scale(nn.Module):
+    """An eager elementwise layer with a parameter (row-wise: allowed between compiled blocks)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_an_eager_parameter_before_or_between_blocks_compiled_one_by_one_is_refused(where: int) -> None:
+    """A call's walk over its inputs stops at the bk_dp call before it; an eager parameter anywhere upstream
+    is still refused, by the first call after it."""
+    torch.manual_seed(0)
+    blocks = [_Block(6, 6), _Block(6, 6), _Block(6, 3)]
+    model = nn.Sequential(*blocks[:where], _Scale(6), *blocks[where:]).double()
+    for block in blocks:
+        block.compile(backend="bk_dp", options={**OPTIONS, "graphs": "several"})
+    x, y = _batch(4)
+    with pytest.raises(bkcompile.UnclippedGradientError, match=r"shape \(6,\).*computed the inputs of the compiled"):
+        F.cross_entropy(model(x), y).backward()
+
+
 class _BlockThenHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
