@@ -84,10 +84,19 @@ class _Entry:
     """One parameter in the ledger: the gradient tensor the clips accumulate into this step."""
 
     name: str
-    grad: torch.Tensor | None = None
     road: str | None = None  # how a gradient no clip wrote got in (None: only clips wrote)
     clips: set[Clip] = dataclasses.field(default_factory=set)  # the clips that wrote this step
     hooked: bool = False
+    _grad: weakref.ref | None = None  # weak: a gradient zero_grad() dropped is freed, not kept by the ledger
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The gradient tensor the clips wrote (None when there is none, or it is gone)."""
+        return self._grad() if self._grad is not None else None
+
+    @grad.setter
+    def grad(self, tensor: torch.Tensor | None) -> None:
+        self._grad = weakref.ref(tensor) if tensor is not None else None
 
 
 @dataclasses.dataclass(eq=False)

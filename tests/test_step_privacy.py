@@ -3,6 +3,8 @@ against the oracle) or refused with an error naming the road and the fix (bkcomp
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn as nn
@@ -485,3 +487,21 @@ def test_a_warm_step_never_copies_to_the_host(monkeypatch, build) -> None:
     step()
     monkeypatch.undo()
     assert not torch.equal(thresholds, ledger_of(model).states[0].thresholds)  # adaptive clipping ran
+
+
+def test_the_ledger_keeps_no_gradient_that_zero_grad_dropped() -> None:
+    """The ledger notes which tensor the clips wrote without keeping it: after a plain optimizer's zero_grad()
+    the step's gradients are freed (peak memory), and the next step is still audited."""
+    model = _mlp()
+    cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch(4)
+    F.cross_entropy(cm(x), y).backward()
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    sgd.zero_grad()
+    assert all(ref() is None for ref in grads)
+    F.cross_entropy(cm(x), y).backward()
+    assert all(p.grad is ledger_of(model).entries[p].grad for p in model.parameters())
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=R)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-10)
