@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from bkcompile import rows, shared
 from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError
+from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
@@ -122,11 +122,6 @@ def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
     return GraphRole(piece=piece, label=label, ends_at_break=broken)
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
-_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
-
-
 def _called_from_untraced_code() -> bool:
     """Whether the function dynamo compiles now was called by user code that runs outside any graph inside the
     compiled model: a caller dynamo cut at a graph break or skipped (it runs eagerly and calls this function,
@@ -137,10 +132,10 @@ def _called_from_untraced_code() -> bool:
     frame = sys._getframe(1)
     nested = False
     while frame is not None:
-        file = frame.f_code.co_filename
-        if file.startswith(_TORCH_DIR) and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+        if is_dynamo_entry(frame):
             return nested
-        if not file.startswith((_TORCH_DIR, _PACKAGE_DIR, "<")):
+        file = frame.f_code.co_filename
+        if not is_library(file) and not is_generated(file):
             nested = True
         frame = frame.f_back
     return False

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -50,11 +49,9 @@ from bkcompile.distributed import (
     sync_under_ddp,
 )
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
+from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.norms import ClipState
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
-_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
@@ -465,14 +462,14 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
     first, entered, modules = None, False, []
     while frame is not None:
         file = frame.f_code.co_filename
-        ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
+        ours = is_library(file)
         if frame.f_code in orig_code_map and not entered:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
-        if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+        if is_dynamo_entry(frame):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
-        elif not ours and not file.startswith("<"):
+        elif not ours and not is_generated(file):
             if entered:
                 owner = frame.f_locals.get("self")
                 if isinstance(owner, torch.nn.Module) and modules and _contains(owner, modules[0]):
