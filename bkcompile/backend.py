@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import re
@@ -14,6 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from bkcompile import rows
+from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
@@ -197,6 +199,8 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     names = tuple(_param_name(_source_name(placeholders[i])) for i in indices)
     try:
         opts = parse_options(options)
+        if opts.graphs == "auto" and sharded_per_module(params):  # FSDP2 per block: a graph per sharded module
+            opts = dataclasses.replace(opts, graphs="several")
         role = _graph_role(gm, opts)
         device = params[0].device if params else torch.device("cpu")
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device

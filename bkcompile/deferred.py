@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bkcompile.backwards import Backward, join_piece
-from bkcompile.distributed import average_over_ranks
+from bkcompile.distributed import average_over_ranks, reduce_to_shards
 from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError
 from bkcompile.ledger import Clip, ledger_for, parameter_of
 from bkcompile.options import BKOptions
@@ -357,4 +357,5 @@ def finalize(backward: Backward) -> None:
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
     average_over_ranks([p.tensor for p in params.values()])  # under DDP: as DDP's all-reduce would leave them
+    reduce_to_shards([p.tensor for p in params.values()])  # under FSDP2: its post-backward ran before the clip
     record_spans(spans)

@@ -24,21 +24,33 @@ single-process one and the local batches differ in size by at most one (they may
 axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
 still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
 
-FSDP2 (``fully_shard``): a model sharded at its root and compiled whole is one bk_dp graph on the
-unsharded parameters, and FSDP2 reduce-scatters its clipped sums into sharded (DTensor) gradients, the
-ranks' average, exactly (bf16 mixed precision too). ``DPOptimizer`` refuses those gradients
-(:func:`refuse_sharded`): the step ledger proves the unsharded parameters' gradients, not the shards.
-``fully_shard`` on blocks as well makes one graph per block, refused by the step ledger (two graphs
-compiled as the whole model in one backward) or, as pieces, by the several-graphs clip (FSDP2's own
-autograd functions between the graphs).
+FSDP2 (``fully_shard``): the bk_dp graphs run on the unsharded parameters FSDP2 all-gathers, and the
+step ledger writes their clipped sums into those; FSDP2 reduce-scatters them into the sharded (DTensor)
+gradients, the ranks' average, which the optimizer holds. The ledger follows that move by identity: the
+post-accumulate-grad hook FSDP2 itself calls from ``foreach_reduce`` on each sharded parameter hands the
+unsharded parameter's clips to the shard (:func:`fsdp_params_of` finds the pairs), and a hook called by
+autograd instead (a shard used eagerly) is refused. A model sharded per block is compiled in pieces (a
+graph per sharded module, :func:`sharded_per_module`), clipped together at the end of the backward, after
+FSDP2's post-backward has run: the deferred clip reduce-scatters them itself through FSDP2
+(:func:`reduce_to_shards`). ``DPOptimizer`` multiplies each
+shard by FSDP2's divisor (:func:`sum_of_clipped_sums`) and adds this rank's part of one noise draw: every
+rank draws the whole parameter's noise from the shared generator and keeps its shard
+(:func:`local_part`), so each coordinate gets one draw and the update is the single-process one.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed._composable_state import _module_state_mapping
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import foreach_reduce
+from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -68,34 +80,24 @@ def shared_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def refuse_sharded(params: list[torch.Tensor]) -> None:
-    """FSDP2's sharded (DTensor) gradients: refused by the DP optimizer (not supported yet)."""
-    sharded = [p for p in params if _is_dtensor(p) or _is_dtensor(p.grad)]
-    if sharded:
-        raise NotSupportedYetError(
-            f"{len(sharded)} parameters are sharded DTensors (FSDP2's fully_shard) at DPOptimizer.step()\n"
-            "  why: the step ledger proves that each gradient is a clipped sum for the parameters a bk_dp graph "
-            "receives, which under FSDP2 are the unsharded parameters; the sharded gradients FSDP2 reduce-scatters "
-            "for the optimizer are not proven yet, so they cannot be released\n"
-            "  fix: train with DistributedDataParallel (DDP(torch.compile(model, backend='bk_dp')), or "
-            "torch.compile(DDP(model), ...)); FSDP2 is not supported by DPOptimizer yet"
-        )
-
-
-def _is_dtensor(value: object) -> bool:
-    return isinstance(value, torch.distributed.tensor.DTensor)
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor (FSDP2's sharded parameters and gradients are)."""
+    return isinstance(value, DTensor)
 
 
 def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
-    """Turn the all-reduced average of the ranks' clipped sums into their sum (times W), in place.
+    """Turn the ranks' average of their clipped sums into their sum, in place: DDP's all-reduced gradients
+    times W, FSDP2's sharded gradients times the divisor of their reduce-scatter.
 
-    Refuses gradients that differ between ranks: only gradients an all-reduce combined are the union
-    batch's; noising per-rank gradients would release each rank's own clipped sum.
+    Refuses replicated gradients that differ between ranks: only gradients an all-reduce combined are the
+    union batch's; noising per-rank gradients would release each rank's own clipped sum.
     """
     world = world_size()
     if world == 1:
         return
-    mine = _fingerprint(params)
+    sharded = [p for p in params if is_dtensor(p.grad)]
+    replicated = [p for p in params if not is_dtensor(p.grad)]
+    mine = _fingerprint(replicated)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if any(not torch.equal(other, mine) for other in every):
@@ -104,12 +106,124 @@ def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
             "  why: in a process group every rank must hold the all-reduced clipped sums of the union batch; "
             "noising each rank's own gradients would not be one private step of the whole batch\n"
             "  fix: wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
-            "DDP(torch.compile(model, backend='bk_dp'))) and run forward and backward on every rank at every "
-            "step, with an empty batch where a rank has no sample"
+            "DDP(torch.compile(model, backend='bk_dp'))) or shard it with fully_shard, and run forward and "
+            "backward on every rank at every step, with an empty batch where a rank has no sample"
         )
-    for p in params:
+    for p in replicated:
         if p.grad is not None:
             p.grad.mul_(world)
+    for p in sharded:
+        p.grad.mul_(_divisor(p))
+
+
+def _divisor(p: torch.Tensor) -> float:
+    """What FSDP2's reduce-scatter divided the sum of the ranks' gradients of ``p`` by."""
+    group = _SHARDS.get(p)
+    mesh = p.device_mesh
+    if group is None or mesh.size() != world_size():
+        raise NotSupportedYetError(
+            f"a sharded parameter of shape {tuple(p.shape)} on a device mesh of {mesh.size()} of the "
+            f"{world_size()} ranks at DPOptimizer.step()\n"
+            "  why: bkcompile proves FSDP2 gradients reduce-scattered over the whole process group (fully_shard on "
+            "a one-dimensional mesh of every rank); other meshes (tensor parallel, a sub-mesh) hold other sums\n"
+            "  fix: fully_shard(module, mesh=init_device_mesh(device_type, (world_size,))), or DDP"
+        )
+    return float(group.gradient_divide_factor or mesh.size())
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (a whole parameter's values, the same on every rank) where ``like`` is
+    sharded (a DTensor), split as FSDP2 splits the parameter, with no communication; else ``full``."""
+    if not is_dtensor(like):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself when it is not one)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def like_parameter(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``values`` (this rank's part) as the gradient of ``p``: a DTensor sharded as ``p`` when ``p`` is one."""
+    if not is_dtensor(p):
+        return values
+    return DTensor.from_local(values, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+
+
+_FOREACH_REDUCE = inspect.unwrap(foreach_reduce).__code__  # under its torch.no_grad() decorator
+_SHARDS = WeakIdKeyDictionary()  # FSDP2's sharded parameter -> its parameter group (which reduce-scatters it)
+_UNSHARDED = WeakIdKeyDictionary()  # FSDP2's unsharded parameter -> its FSDPParam
+
+
+def is_fully_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` or one of its submodules."""
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _gathered_fsdp_params():
+    """(FSDP2 state, parameter group, FSDPParam) of every module ``fully_shard`` was applied to, for the
+    parameters all-gathered once (their unsharded parameter exists from the first forward on)."""
+    for module in list(_module_state_mapping):
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            for group in state._fsdp_param_groups:
+                for fsdp_param in group.fsdp_params:
+                    if hasattr(fsdp_param, "_unsharded_param"):
+                        yield state, group, fsdp_param
+
+
+def fsdp_params_of(params: list[torch.Tensor]) -> list[FSDPParam]:
+    """FSDP2's parameters whose unsharded parameter is one of ``params`` (a graph's inputs): each pairs it
+    with the sharded parameter the optimizer holds. Found from FSDP2's states (every module ``fully_shard``
+    was applied to), so also where the compiled module is a torch module (``nn.Sequential``)."""
+    wanted = {id(p) for p in params}
+    found = []
+    for _, group, fsdp_param in _gathered_fsdp_params():
+        if id(fsdp_param.unsharded_param) in wanted:
+            _SHARDS[fsdp_param.sharded_param] = group
+            _UNSHARDED[fsdp_param.unsharded_param] = fsdp_param
+            found.append(fsdp_param)
+    return found
+
+
+def sharded_per_module(params: list[torch.Tensor]) -> bool:
+    """Whether some of ``params`` are FSDP2's unsharded parameters of a model sharded in several modules
+    (``fully_shard`` per block): dynamo then compiles a graph per sharded module (it does not trace
+    FSDP2's hooks), and those graphs are pieces of one clip."""
+    wanted = {id(p) for p in params}
+    return any(
+        len(state._state_ctx.all_states) > 1 and id(fsdp_param.unsharded_param) in wanted
+        for state, _, fsdp_param in _gathered_fsdp_params()
+    )
+
+
+def from_fsdp_reduce(frame) -> bool:
+    """Whether a post-accumulate-grad hook was called by FSDP2's reduce-scatter (its caller's frame), not
+    by autograd."""
+    return frame is not None and frame.f_code is _FOREACH_REDUCE
+
+
+def fsdp_accumulated(frame) -> bool:
+    """In FSDP2's reduce-scatter (``frame``): whether it added to the gradient the shard held (else it set a
+    new one). Unknown counts as added: the ledger then requires the gradient to be the one it knows."""
+    return bool(frame.f_locals.get("to_accumulate_grad", True))
+
+
+def reduce_to_shards(params: list[torch.Tensor]) -> None:
+    """Reduce-scatter the unsharded parameters' gradients written after FSDP2's post-backward ran (the
+    deferred clip at the end of the backward) into their shards: FSDP2's own post-backward of their
+    parameter groups, run again as its end-of-backward callback runs it."""
+    groups = []
+    for p in params:
+        fsdp_param = _UNSHARDED.get(p)
+        group = _SHARDS.get(fsdp_param.sharded_param) if fsdp_param is not None else None
+        if group is not None and group._training_state == TrainingState.IDLE and group not in groups:
+            groups.append(group)
+    for group in groups:
+        group.post_backward()
+        group._training_state = TrainingState.IDLE
+        group.finalize_backward()
 
 
 def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:

@@ -40,7 +40,14 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.distributed import average_over_ranks, sync_under_ddp
+from bkcompile.distributed import (
+    average_over_ranks,
+    from_fsdp_reduce,
+    fsdp_accumulated,
+    fsdp_params_of,
+    is_dtensor,
+    sync_under_ddp,
+)
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
 from bkcompile.norms import ClipState
 
@@ -81,6 +88,7 @@ class _Entry:
     road: str | None = None  # how a gradient no clip wrote got in (None: only clips wrote)
     clips: set[Clip] = dataclasses.field(default_factory=set)  # the clips that wrote this step
     hooked: bool = False
+    source: weakref.ref | None = None  # FSDP2's shard: the unsharded parameter reduce-scattered into it
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,6 +119,8 @@ class GraphRecord:
             params = [args[i] for i in indices]
             if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
                 _know(params, self.names)
+                for fsdp_param in fsdp_params_of(params):  # FSDP2: the graph receives the unsharded parameters
+                    _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
                 self.known = [weakref.ref(p) for p in params]
             where, modules = _caller()
             for module in modules:
@@ -302,8 +312,17 @@ class StepLedger:
             if entry is not None:
                 entry.grad, entry.road = p.grad, None
                 entry.clips.clear()
+                source = self.source_entry(entry)
+                if source is not None:  # gradients its unsharded parameter held before zero_grad() are gone too
+                    source.grad, source.road = None, None
+                    source.clips.clear()
         for state in self.states:
             state.reset_counts()
+
+    def source_entry(self, entry: _Entry) -> _Entry | None:
+        """For FSDP2's shard: the entry of the unsharded parameter reduce-scattered into it."""
+        unsharded = entry.source() if entry.source is not None else None
+        return self.entries.get(unsharded) if unsharded is not None else None
 
     def road_of(self, p: torch.nn.Parameter) -> str:
         """Why an eager accumulation into ``p.grad`` happened, as far as the ledger can tell."""
@@ -331,6 +350,30 @@ def _eager_accumulation(p: torch.nn.Parameter) -> None:
         "  fix: run every use of the parameter inside the bk_dp-compiled model (or detach it outside), with "
         "dynamo's default stance and suppress_errors off"
     )
+
+
+def _reduced_into_shard(p: torch.nn.Parameter) -> None:
+    """Post-accumulate-grad hook of an FSDP2 sharded parameter. FSDP2 calls it once its reduce-scatter has
+    set or accumulated ``p.grad``: the shard takes over what the clips wrote into its unsharded parameter
+    since the last reduce-scatter (their ranks' average). Called by autograd instead, the shard itself was
+    used eagerly: refused."""
+    frame = sys._getframe(1)
+    if not from_fsdp_reduce(frame):
+        _eager_accumulation(p)
+        return
+    ledger = _LEDGERS[p]
+    entry = ledger.entries[p]
+    source = ledger.source_entry(entry)
+    if fsdp_accumulated(frame) and p.grad is not entry.grad:  # added to a gradient the shard held before
+        entry.road = entry.road or _FOREIGN
+    if source is None or source.grad is None:
+        entry.road = entry.road or "FSDP2 reduce-scattered into it a gradient no bk_dp clip wrote"
+    else:
+        entry.road = entry.road or source.road
+        entry.clips |= source.clips
+        source.grad, source.road = None, None
+        source.clips.clear()
+    entry.grad = p.grad
 
 
 def _label(p: torch.nn.Parameter) -> str:
@@ -410,11 +453,21 @@ def _know_module(module: torch.nn.Module) -> None:
     backward too."""
     if module in _MODULES:
         return
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    # FSDP2's shards (of blocks not running now) are adopted with their unsharded parameters
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if named:
         names, params = zip(*named)
         _know(params, names)
     _MODULES.add(module)
+
+
+def _know_shard(unsharded: torch.nn.Parameter, sharded: torch.nn.Parameter, name: str | None) -> None:
+    """Adopt FSDP2's sharded parameter, whose gradient FSDP2 reduce-scatters from the unsharded one's."""
+    ledger = ledger_for([unsharded, sharded])
+    if sharded not in ledger.entries:
+        ledger.entries[sharded] = _Entry(name or "a sharded parameter", source=weakref.ref(unsharded))
+        sharded.register_post_accumulate_grad_hook(_reduced_into_shard)
+        ledger.entries[sharded].hooked = True
 
 
 def _distinct_ledgers(params: Sequence[torch.nn.Parameter]) -> list[StepLedger]:

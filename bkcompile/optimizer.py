@@ -10,7 +10,9 @@ import torch
 from bkcompile.accountant import AccountingError, PrivacyAccountant
 from bkcompile.data import OneBatchPerStep, PoissonLoader
 from bkcompile.distributed import (
-    refuse_sharded,
+    like_parameter,
+    local,
+    local_part,
     shared_generator,
     sum_of_clipped_sums,
     sum_over_ranks,
@@ -108,7 +110,8 @@ class DPOptimizer:
 
     In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
     the ranks' average of their clipped sums is multiplied back by the world size: the update is the
-    single-process one on the union batch, noised once (``bkcompile.distributed``).
+    single-process one on the union batch, noised once (``bkcompile.distributed``). Under FSDP2 the
+    optimizer holds the sharded parameters: each rank draws the same whole noise and adds its shard's part.
 
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
     batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see
@@ -184,22 +187,21 @@ class DPOptimizer:
         """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping); with
         ``grad_scale``, the sums are divided by it first (a GradScaler's scale)."""
         params = self._params()
-        refuse_sharded(params)
         self._take_clip_state(params)
         sum_of_clipped_sums(params)  # in a process group: the ranks' average of their sums, times W
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
         for p in params:
             dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
             noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
-            noise = noise * std.to(device=p.device, dtype=dtype)
+            noise = local_part(noise * std.to(device=p.device, dtype=dtype), p)  # FSDP2: this rank's shard
             if p.grad is None:
                 total = noise
             else:
-                grad = p.grad.to(dtype)
+                grad = local(p.grad).to(dtype)
                 if grad_scale is not None:
                     grad = grad / grad_scale.to(device=p.device, dtype=dtype)
                 total = grad + noise
-            p.grad = (total / self.expected_batch_size).to(p.dtype)
+            p.grad = like_parameter((total / self.expected_batch_size).to(p.dtype), p)
         self.last_release = StepRelease(gradient_noise_std=std)
 
     @property

@@ -51,8 +51,9 @@ class BKOptions:
         sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
         optimizer's division it acts exactly as in non-private training (``make_private`` and the
         Trainer integration set it).
-    graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break, else the whole
-        model (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
+    graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break or its parameters
+        are FSDP2's of a model sharded per module (``fully_shard`` per block), else the whole model
+        (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
         "several": always a piece (regional compilation: every compiled block, stem and head), clipped
         with the other graphs of its backward, once per sample, at the end of the backward.
     """

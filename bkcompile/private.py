@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
-from bkcompile.distributed import DistributedPoissonLoader, world_size
+from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
 from bkcompile.errors import BKError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.randomness import child_generators
@@ -84,7 +84,7 @@ def make_private(
         **_worker_options(data_loader),
     )
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
-    if world_size() > 1 and not isinstance(model, DistributedDataParallel):
+    if world_size() > 1 and not isinstance(model, DistributedDataParallel) and not is_fully_sharded(model):
         compiled = DistributedDataParallel(compiled)  # starts from rank 0's parameters on every rank
     dp_optimizer = DPOptimizer(
         optimizer,

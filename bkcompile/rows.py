@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 
 from bkcompile.errors import PrivacyError
 
@@ -47,6 +48,9 @@ _ROW_WISE = frozenset(
     for k in (0, 1)
 )
 _LEAF = "torch::autograd::AccumulateGrad"
+# Autograd functions that are the identity on their tensors (by class): FSDP2's hook on a sharded block's
+# inputs, whose backward runs the block's post-backward (the reduce-scatter) and passes the gradients on.
+_IDENTITIES = (RegisterPostBackwardFunction._backward_cls,)
 
 
 def mark_outputs(outputs: Any, label: str) -> None:
@@ -64,7 +68,7 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         if node is None or id(node) in seen or _MARK in node.metadata or node.name() == _LEAF:
             continue
         seen.add(id(node))
-        if node.name() not in _ROW_WISE:
+        if node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES):
             raise PrivacyError(
                 f"{label} takes a batch computed outside the bk_dp graphs by {node.name()}\n"
                 "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "

@@ -230,62 +230,6 @@ def test_sequential_run_eagerly_inside_compiled_ddp_is_refused(ranks) -> None:
         assert "not produced by a bk_dp backward" in message
 
 
-def _fsdp2_root(rank: int) -> dict:
-    """fully_shard on the root, compiled whole: one graph on the unsharded parameters; FSDP2 reduce-scatters
-    the average of the ranks' clipped sums. The DP optimizer refuses the sharded gradients."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model = Net().double()
-    x, y = _union_batch(torch.float64)
-    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.7)
-    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 0.7, "compiler": "aot_eager"})
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=1.0, max_grad_norm=0.7, expected_batch_size=8
-    )
-    F.cross_entropy(compiled(*_local(rank, x)), *_local(rank, y)).backward()
-    got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
-    sharded = all(isinstance(p.grad, torch.distributed.tensor.DTensor) for p in model.parameters())
-    with pytest.raises(bkcompile.NotSupportedYetError) as info:
-        optimizer.step()
-    return {"error": _max_relative_error(got, want), "sharded": sharded, "refusal": str(info.value)}
-
-
-def test_fsdp2_sharded_gradients_match_the_oracle_and_the_step_is_refused(ranks) -> None:
-    for result in ranks.run(_fsdp2_root):
-        assert result["sharded"] and result["error"] <= 1e-8
-        assert "sharded DTensors (FSDP2's fully_shard)" in result["refusal"]
-        assert "DistributedDataParallel" in result["refusal"]
-
-
-def _fsdp2_mixed_precision(rank: int) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    model = Net()
-    x, y = _union_batch(torch.float32)
-    _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
-    radius = norms.median().item()
-    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)), mp_policy=policy)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager"})
-    F.cross_entropy(compiled(*_local(rank, x)), *_local(rank, y)).backward()
-    got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
-    return {
-        "error": _max_relative_error(got, want),
-        "grad dtypes": {p.grad.dtype for p in model.parameters()},
-        "norm dtype": bkcompile.last_report().norm_dtype,
-    }
-
-
-def test_fsdp2_bf16_mixed_precision_matches_the_oracle(ranks) -> None:
-    for result in ranks.run(_fsdp2_mixed_precision):
-        assert result["grad dtypes"] == {torch.float32} and result["norm dtype"] == "float32"
-        assert result["error"] <= 2e-2  # bf16 forward and backward against the float32 oracle
-
-
 class Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -293,37 +237,6 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear(x))
-
-
-def _fully_sharded_blocks(rank: int, graphs: str) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (WORLD,))
-    model = nn.Sequential(Block(8), Block(8), nn.Linear(8, 3)).double()
-    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "graphs": graphs}
-    for block in model[:2]:
-        fully_shard(block, mesh=mesh)
-        block.compile(backend="bk_dp", options=options)
-    fully_shard(model, mesh=mesh)
-    x, y = _local(rank, *_union_batch(torch.float64))
-    try:
-        F.cross_entropy(model(x), y).backward()
-    except Exception as error:  # dynamo wraps the backend's error
-        while getattr(error, "inner_exception", None) is not None:
-            error = error.inner_exception
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
-def test_fsdp2_per_block_is_refused(ranks) -> None:
-    # One graph per block: compiled as whole graphs, each would clip alone (the step ledger refuses); as
-    # pieces, the rows between them pass through FSDP's own autograd functions, which the several-graphs
-    # clip cannot follow.
-    for message in ranks.run(_fully_sharded_blocks, "auto"):
-        assert message.startswith("ClipOnceError: two bk_dp graphs ran in one backward"), message
-    for message in ranks.run(_fully_sharded_blocks, "several"):
-        assert message.startswith("PrivacyError") and "RegisterPostBackwardFunctionBackward" in message, message
 
 
 def _loader_batches(rank: int, seed: int) -> list[torch.Tensor]:
@@ -394,11 +307,17 @@ def test_make_private_under_a_process_group(ranks) -> None:
     assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
 
 
-def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume: bool) -> tuple:
-    """``steps`` steps of make_private's DDP training from seed ``seed`` (or from ``checkpoint``); when not
-    resuming, rank 0 saves the model, optimizer and loader after the first two steps."""
+def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume: bool, sharded: bool) -> tuple:
+    """``steps`` steps of make_private's training from seed ``seed`` (or from ``checkpoint``), under DDP or, when
+    ``sharded``, FSDP2 at the root; when not resuming, the model, optimizer and loader are saved after the first
+    two steps (by rank 0 under DDP, by every rank under FSDP2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     torch.manual_seed(seed)
     model = Net().double()
+    if sharded:
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
     x, y = _union_batch(torch.float64)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.repeat(4, 1), y.repeat(4)), batch_size=8)
     private, optimizer, loader = bkcompile.make_private(
@@ -418,26 +337,32 @@ def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume:
         optimizer.zero_grad()
         F.cross_entropy(private(xb), yb).backward()
         optimizer.step()
-        if step == 1 and not resume and rank == 0:
+        if step == 1 and not resume and (sharded or rank == 0):
             bkcompile.save_checkpoint(checkpoint, model, optimizer, loader)
     torch.distributed.barrier()  # the checkpoint is written before any rank reads it
-    return [p.detach().clone() for p in model.parameters()], optimizer.accountant.history
+    params = [p.detach().full_tensor() if sharded else p.detach().clone() for p in model.parameters()]
+    return params, optimizer.accountant.history, optimizer.accountant.get_epsilon(1e-3)
 
 
-def _checkpoint_and_resume(rank: int, checkpoint: str) -> dict:
-    whole = _private_training(rank, 0, checkpoint, steps=4, resume=False)
+def _checkpoint_and_resume(rank: int, checkpoint: str, sharded: bool) -> dict:
+    whole = _private_training(rank, 0, checkpoint, steps=4, resume=False, sharded=sharded)
     torch._dynamo.reset()
-    resumed = _private_training(rank, 1 + rank, checkpoint, steps=2, resume=True)  # other seeds, fresh generators
+    resumed = _private_training(rank, 1 + rank, checkpoint, 2, resume=True, sharded=sharded)  # other seeds
     return {"whole": whole, "resumed": resumed}
 
 
-def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
-    results = ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"))
+def check_resumed(results: list[dict]) -> None:
+    """The resumed run's last two steps are the whole run's, and so is its epsilon; the replicas agree."""
     for result in results:
-        (whole, whole_history), (resumed, resumed_history) = result["whole"], result["resumed"]
+        (whole, whole_history, whole_epsilon), (resumed, resumed_history, resumed_epsilon) = result.values()
         assert all(torch.equal(a, b) for a, b in zip(whole, resumed))  # the same batches, noise and momentum
-        assert whole_history == resumed_history == [[0.25, 1.0, 4]]  # so the same epsilon
+        assert whole_history == resumed_history == [[0.25, 1.0, 4]]
+        assert whole_epsilon == resumed_epsilon
     assert all(torch.equal(a, b) for a, b in zip(results[0]["whole"][0], results[1]["whole"][0]))
+
+
+def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
+    check_resumed(ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"), False))
 
 
 def _adaptive_steps(rank: int) -> dict:
