@@ -22,6 +22,8 @@ Norms are accumulated in float32 (float64 when the model is float64).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 from bkcompile.passes.cost import ParamPlan, Strategy
@@ -83,6 +85,12 @@ def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites
         grads = per_sample_grad(emit, joint, term, sites, batch, dtype)
         return law_for(node.target).lift_linear(emit, node, term, grads, batch)
     return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+
+
+def param_numel(grad: torch.fx.Node) -> int:
+    """The values of a parameter's gradient: the width of its flat per-sample values (B, n), given explicitly so
+    that the reshape holds for an empty batch too."""
+    return math.prod(static_shape(grad))
 
 
 def erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -214,7 +222,7 @@ def insert_clipping(
             continue
         with graph.inserting_before(param.grad):  # where the gradient is complete: its operands are not held
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
-            flat = emit(aten.reshape.default, grads, [batch, -1])
+            flat = emit(aten.reshape.default, grads, [batch, param_numel(param.grad)])
             squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.name] = flat
     with graph.inserting_before(graph.output_node()):
