@@ -270,9 +270,9 @@ def average_over_ranks(params: list[torch.Tensor]) -> None:
     The result is what DDP's all-reduce leaves: the ranks' average of their clipped sums. Gradients already
     equal on every rank (earlier micro-batches of the step) keep their value.
     """
-    synced = [p for p in params if p in _SYNCED and p.grad is not None]
-    if not synced or world_size() == 1:
+    if world_size() == 1:  # first: a single process walks no parameter
         return
+    synced = [p for p in params if p in _SYNCED and p.grad is not None]
     for p in synced:
         dist.all_reduce(p.grad)
         p.grad.div_(world_size())

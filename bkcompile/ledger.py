@@ -40,6 +40,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile.backwards import current_task, storage_key
 from bkcompile.distributed import (
     average_over_ranks,
     from_fsdp_reduce,
@@ -78,17 +79,34 @@ class Clip:
     state: ClipState
     params: tuple[int, ...]
 
+    def __hash__(self) -> int:  # cached: one clip is noted in the entry of every parameter it writes
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.state, self.params))
+
 
 @dataclasses.dataclass(eq=False)
 class _Entry:
     """One parameter in the ledger: the gradient tensor the clips accumulate into this step."""
 
     name: str
-    grad: torch.Tensor | None = None
     road: str | None = None  # how a gradient no clip wrote got in (None: only clips wrote)
     clips: set[Clip] = dataclasses.field(default_factory=set)  # the clips that wrote this step
     hooked: bool = False
     source: weakref.ref | None = None  # FSDP2's shard: the unsharded parameter reduce-scattered into it
+    written: bool = False  # a clip wrote since the step started (FSDP2's unsharded parameter: since its reduce)
+    _grad: weakref.ref | None = None  # weak: a gradient zero_grad() dropped is freed, not kept by the ledger
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The gradient tensor the clips wrote (None when there is none, or it is gone)."""
+        return self._grad() if self._grad is not None else None
+
+    @grad.setter
+    def grad(self, tensor: torch.Tensor | None) -> None:
+        self._grad = weakref.ref(tensor) if tensor is not None else None
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,7 +120,8 @@ class GraphRecord:
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
-    known: list[weakref.ref] = dataclasses.field(default_factory=list)  # the parameters of the last call
+    binding: _Binding | None = None  # the parameters of the last call
+    others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
 
     @functools.cached_property
     def trainable(self) -> frozenset[int]:
@@ -117,22 +136,43 @@ class GraphRecord:
                 return compiled(*args)
             args = list(args)
             params = [args[i] for i in indices]
-            if not _alive(self.known, params):  # a graph dynamo reuses for other parameters (same code)
+            binding = self.binding
+            if binding is None or not _alive(binding.refs, params):  # a graph dynamo reuses for other parameters
                 _know(params, self.names)
                 for fsdp_param in fsdp_params_of(params):  # FSDP2: the graph receives the unsharded parameters
                     _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
-                self.known = [weakref.ref(p) for p in params]
+                clip = Clip(self.state, tuple(map(id, params))) if self.state is not None else None
+                binding = self.binding = _Binding([weakref.ref(p) for p in params], clip)
+                if self.piece:
+                    _BY_STORAGE.update((key, p) for p in params if (key := storage_key(p)) is not None)
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
             sync_under_ddp(params)  # DDP's reducer sees no gradient of a bk_dp graph: bkcompile all-reduces them
-            others = [args[i] for i in range(len(args)) if i not in self.trainable]
-            call = CallRecord(self, where, _eager_upstream(others), params)
+            if self.others is None:
+                self.others = tuple(i for i in range(len(args)) if i not in self.trainable)
+            call = CallRecord(self, where, _eager_upstream([args[i] for i in self.others]), params, binding)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
 
         return run
+
+
+@dataclasses.dataclass(eq=False)
+class _Binding:
+    """A graph's trainable parameters, as long as its calls pass the same ones, and what is computed once
+    from them: the clip that writes them and their ledger entries (read again when the ledger changes)."""
+
+    refs: list[weakref.ref]
+    clip: Clip | None
+    cached: tuple[StepLedger, int, list[_Entry]] | None = None  # (ledger, its version, the entries)
+
+    def entries_in(self, ledger: StepLedger, params: Sequence[torch.nn.Parameter]) -> list[_Entry]:
+        cached = self.cached
+        if cached is None or cached[0] is not ledger or cached[1] != ledger.version:
+            cached = self.cached = (ledger, ledger.version, [ledger.entries[p] for p in params])
+        return cached[2]
 
 
 @dataclasses.dataclass(eq=False)
@@ -143,6 +183,7 @@ class CallRecord:
     where: str  # the user's call site
     upstream: tuple[torch.nn.Parameter, ...]  # parameters used eagerly to compute the call's inputs
     params: list[torch.nn.Parameter]  # the graph's trainable parameters, in its input order
+    binding: _Binding  # what is known of these parameters
     backwards: int = 0
     aliases: tuple[torch.Tensor, ...] = ()  # what the graph receives for them (held, so their identity lasts)
 
@@ -172,8 +213,15 @@ class _Tap(torch.autograd.Function):
 
 
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias)."""
-    return getattr(tensor, "_bk_parameter", tensor)
+    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias). Activation
+    checkpointing saves an alias detached (a new tensor over the parameter's storage): found by its storage."""
+    found = getattr(tensor, "_bk_parameter", None)
+    if found is None:
+        found = _BY_STORAGE.get(storage_key(tensor))
+    return tensor if found is None else found
+
+
+_BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
 
 
 class _BackwardWatch:
@@ -192,7 +240,7 @@ class _BackwardWatch:
                 "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
             )
         call.backwards += 1
-        task = torch._C._current_graph_task_id()
+        task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
         if task != self.task:
             self.task, self.calls = task, []
         if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
@@ -231,6 +279,7 @@ class StepLedger:
         self.refusal: str | None = None  # the backend's refusal, when dynamo may run the model eagerly instead
         self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
         self.grad_scaler: Any = None  # the GradScaler of the model's DPOptimizer (its scale is in the gradients)
+        self.version = 0  # changes whenever a parameter's entry does (bindings cache the entries)
 
     def use_grad_scaler(self, scaler: Any) -> None:
         """Every graph of the model divides its per-sample norms by this scaler's scale (now and later)."""
@@ -244,6 +293,7 @@ class StepLedger:
             entry = self.entries.get(p)
             if entry is None:
                 entry = self.entries[p] = _Entry(name)  # a gradient already there was not written by a clip
+                self.version += 1
             if not entry.hooked:
                 p.register_post_accumulate_grad_hook(_eager_accumulation)
                 entry.hooked = True
@@ -285,36 +335,39 @@ class StepLedger:
 
     def write(self, call: CallRecord, grads: Sequence) -> None:
         """Accumulate a call's clipped gradients into ``p.grad`` (what autograd would have done)."""
-        clip = Clip(call.graph.state, tuple(map(id, call.params))) if call.graph.state is not None else None
-        for p, grad in zip(call.params, grads):
+        held: list[torch.Tensor] = []
+        added: list[torch.Tensor] = []
+        clip = call.binding.clip
+        for p, entry, grad in zip(call.params, call.binding.entries_in(self, call.params), grads):
             if grad is not None:
-                self.accumulate(p, grad, clip)
+                _take(p, entry, grad.detach(), held, added)
+                if clip is not None:
+                    entry.clips.add(clip)
+        if held:
+            torch._foreach_add_(held, added)  # one call for the gradients that are already there
         average_over_ranks(call.params)  # under DDP: the ranks' average, as DDP's all-reduce would leave it
 
     def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
         """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""
+        held: list[torch.Tensor] = []
+        added: list[torch.Tensor] = []
         entry = self.entries[p]
-        grad = grad.detach()
-        if p.grad is None:
-            p.grad = grad.clone() if grad._is_view() else grad
-        else:
-            if p.grad is not entry.grad:
-                entry.road = entry.road or _FOREIGN
-            p.grad.add_(grad)
-        entry.grad = p.grad
+        _take(p, entry, grad.detach(), held, added)
         if clip is not None:
             entry.clips.add(clip)
+        if held:
+            held[0].add_(added[0])
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
         """The gradients as they are now (after ``zero_grad``) are the start of a step."""
         for p in params:
             entry = self.entries.get(p)
             if entry is not None:
-                entry.grad, entry.road = p.grad, None
+                entry.grad, entry.road, entry.written = p.grad, None, False
                 entry.clips.clear()
                 source = self.source_entry(entry)
                 if source is not None:  # gradients its unsharded parameter held before zero_grad() are gone too
-                    source.grad, source.road = None, None
+                    source.grad, source.road, source.written = None, None, False
                     source.clips.clear()
         for state in self.states:
             state.reset_counts()
@@ -335,6 +388,22 @@ class StepLedger:
         if stance != "default":
             return f"torch.compiler.set_stance({stance!r}) ran the compiled model eagerly"
         return _OUTSIDE
+
+
+def _take(p, entry: _Entry, grad: torch.Tensor, held: list, added: list) -> None:
+    """A clipped gradient for ``p``: becomes ``p.grad`` when it has none, else is added to it (by the caller,
+    from ``held`` and ``added``, in place); the entry notes the gradient tensor."""
+    current = p.grad
+    if current is None:
+        p.grad = grad.clone() if grad._is_view() else grad
+        current = p.grad
+    else:
+        if current is not entry.grad:
+            entry.road = entry.road or _FOREIGN
+        held.append(current)
+        added.append(grad)
+    entry.grad = current
+    entry.written = True
 
 
 def _eager_accumulation(p: torch.nn.Parameter) -> None:
@@ -366,12 +435,12 @@ def _reduced_into_shard(p: torch.nn.Parameter) -> None:
     source = ledger.source_entry(entry)
     if fsdp_accumulated(frame) and p.grad is not entry.grad:  # added to a gradient the shard held before
         entry.road = entry.road or _FOREIGN
-    if source is None or source.grad is None:
+    if source is None or not source.written:
         entry.road = entry.road or "FSDP2 reduce-scattered into it a gradient no bk_dp clip wrote"
     else:
         entry.road = entry.road or source.road
         entry.clips |= source.clips
-        source.grad, source.road = None, None
+        source.grad, source.road, source.written = None, None, False
         source.clips.clear()
     entry.grad = p.grad
 
@@ -421,19 +490,26 @@ def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
 
 
 def _eager_upstream(inputs: list) -> tuple[torch.nn.Parameter, ...]:
-    """Parameters that computed these inputs in eager autograd (stopping at other bk_dp taps)."""
+    """Parameters that computed these inputs in eager autograd.
+
+    The walk stops at other bk_dp calls (a node fed by a tap): such a call walked its own inputs and
+    refuses what it found in its own backward, which runs whenever a gradient crosses it. So calls of
+    blocks compiled one by one walk only the eager code between them, not the whole model before them."""
+    tap = _Tap._backward_cls
     roots = [a.grad_fn for a in inputs if isinstance(a, torch.Tensor) and a.grad_fn is not None]
     found: dict[int, torch.nn.Parameter] = {}
     seen: set = set()
     while roots:
         node = roots.pop()
-        if node is None or node in seen or isinstance(node, _Tap._backward_cls):
+        if node is None or node in seen or isinstance(node, tap):
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.nn.Parameter):
             found[id(variable)] = variable
-        roots.extend(next_node for next_node, _ in node.next_functions)
+        following = [next_node for next_node, _ in node.next_functions]
+        if not any(isinstance(next_node, tap) for next_node in following):
+            roots.extend(following)
     return tuple(found.values())
 
 
@@ -466,6 +542,7 @@ def _know_shard(unsharded: torch.nn.Parameter, sharded: torch.nn.Parameter, name
     ledger = ledger_for([unsharded, sharded])
     if sharded not in ledger.entries:
         ledger.entries[sharded] = _Entry(name or "a sharded parameter", source=weakref.ref(unsharded))
+        ledger.version += 1
         sharded.register_post_accumulate_grad_hook(_reduced_into_shard)
         ledger.entries[sharded].hooked = True
 
@@ -492,6 +569,8 @@ def ledger_for(params: Sequence[torch.nn.Parameter]) -> StepLedger:
 
 
 def _merge(into: StepLedger, other: StepLedger) -> None:
+    into.version += 1
+    other.version += 1
     for p, entry in list(other.entries.items()):
         into.entries[p] = entry
         _LEDGERS[p] = into

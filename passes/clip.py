@@ -127,7 +127,9 @@ def clip_weights(
     R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or ``R_g / (n_ig + gamma)`` ("automatic").
     """
     columns = []
-    scaled = emit(torch.ops.bkcompile.loss_scale.default, next(iter(squares.values())), key)
+    # the scale read off the squared norms computed first: a group's clip factors wait for its own norms only
+    position = {node: index for index, node in enumerate(emit.graph.nodes)}
+    scaled = emit(torch.ops.bkcompile.loss_scale.default, min(squares.values(), key=position.__getitem__), key)
     for group, members in enumerate(grouping.members):  # each group on its own: no group waits for another
         total = squares[members[0]]
         for member in members[1:]:

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/throughput.py: the tiny MLP, non-private aot_eager compile and bk_dp aot_eager, and the
 CPU memory measures (the tensor peak against exact values, the probe against the gradients it must hold)."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -33,13 +34,15 @@ def test_every_method_trains_with_positive_throughput(mlp_results):
 
 
 def test_a_failing_method_is_a_row_of_the_report(mlp_results, tmp_path):
-    pytest.importorskip("matplotlib")
     failed = {"model": "mlp", "method": "opacus-ghost", "error": "failed: NotImplementedError: not here"}
     results = {**mlp_results, "rows": mlp_results["rows"] + [failed]}
     text = bench.write_results(results, tmp_path, "smoke")
     assert "| mlp | opacus-ghost | failed: NotImplementedError: not here |" in text
     assert json.loads((tmp_path / "smoke.json").read_text())["rows"][-1] == failed
-    assert (tmp_path / "smoke.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "smoke.png").stat().st_size > 0
+    else:  # the bench extra is missing: the results are written all the same, without the plot
+        assert not (tmp_path / "smoke.png").exists()
 
 
 def test_cpu_tensor_peak_is_the_peak_of_live_tensors_in_a_steady_step():

@@ -132,6 +132,16 @@ def test_report_expressions_for_a_linear_and_a_conv_site() -> None:
     assert conv.explicit_values == (3 * 8 * 4 * 9, 4 * 8 * 4 * 9)
 
 
+def test_report_counts_the_padded_gram() -> None:
+    B, T, p, d, G = sympy.symbols("B T p d G", positive=True, integer=True)
+    report = bkcompile.explain(zoo.ConvGeometries(), torch.randn(4, 3, 8, 8), strategy="ghost")
+    padded = next(row for row in report.rows if row.param == "padded.weight")  # 8x8 outputs, 10x10 padded input
+    assert padded.sizes == {"B": "4", "T": "64", "G": "1", "p": "4", "d": "27"}
+    assert _same(padded.ghost_time, G * B * (2 * T**2 * p + 2 * 100**2 * d / 9 + 9 * T**2 + T**2))
+    strided = next(row for row in report.rows if row.param == "strided.weight")
+    assert _same(strided.ghost_time, G * B * (2 * T**2 * (p + d) + T**2))
+
+
 def test_report_as_text_markdown_dict_and_on_compile(capsys: pytest.CaptureFixture) -> None:
     report = bkcompile.explain(zoo.MLP(), torch.randn(8, 6))
     text, markdown, data = str(report), report.to_markdown(), report.to_dict()

@@ -61,6 +61,7 @@ CASES = {
     "frozen": Case(zoo.PartlyFrozen, (6,), F.cross_entropy),
     "convnet-depthwise-transposed": Case(zoo.ConvNet, (3, 8, 8), F.cross_entropy),
     "resnet-groupnorm": Case(zoo.ResBlockGN, (3, 8, 8), F.cross_entropy),
+    "conv-geometries": Case(zoo.ConvGeometries, (3, 8, 8), F.cross_entropy),
     "conv1d-instancenorm-conv3d": Case(zoo.SeqConv, (2, 10), F.cross_entropy),
     "batchnorm-eval": Case(zoo.BatchNormEval, (6,), F.cross_entropy),
     "linear-applied-twice": Case(zoo.TwiceApplied, (6,), F.cross_entropy),

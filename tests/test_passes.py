@@ -212,3 +212,32 @@ def test_ghost_weighting_scales_the_narrower_operand_and_matches_the_oracle(p: i
     assert factors.min() < 1
     torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors, gw), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_b, torch.einsum("b,bi->i", factors, gb), rtol=1e-10, atol=1e-12)
+
+
+def _two_layers(w1, w2, x):
+    return F.linear(F.linear(x, w1).tanh(), w2).sum(1).mean()
+
+
+def _ancestors(value: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), [value]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def test_a_group_clips_without_waiting_for_the_norms_of_layers_before_it() -> None:
+    params = {
+        name: torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        for name, shape in [("w1", (5, 4)), ("w2", (3, 5))]
+    }
+    state = run_until("clipping", _two_layers, params, torch.randn(6, 4, dtype=torch.float64), clipping="param-wise")
+    records = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.record_norms.default)
+    first, second = sorted(records, key=lambda r: r.args[2])  # groups in parameter order: w1, then w2
+    (root,) = [n for n in _ancestors(first) if n.target is aten.sqrt.default]  # of w1's squared norms
+    squares_w1 = root.args[0]
+    assert squares_w1.target is aten.sum.dim_IntList
+    # the backward reaches w2 first: its clip (and weighted reduction) must not wait for w1's norms
+    assert squares_w1 not in _ancestors(second)

@@ -3,6 +3,8 @@ against the oracle) or refused with an error naming the road and the fix (bkcomp
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn as nn
@@ -202,6 +204,31 @@ def test_eager_stem_before_a_compiled_block_is_refused() -> None:
     model[2].compile(backend="bk_dp", options=OPTIONS)
     x, y = _batch(4)
     with pytest.raises(bkcompile.UnclippedGradientError, match=r"shape \(6, 6\).*computed the inputs of the compiled"):
+        F.cross_entropy(model(x), y).backward()
+
+
+class _Scale(nn.Module):
+    """An eager elementwise layer with a parameter (row-wise: allowed between compiled blocks)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_an_eager_parameter_before_or_between_blocks_compiled_one_by_one_is_refused(where: int) -> None:
+    """A call's walk over its inputs stops at the bk_dp call before it; an eager parameter anywhere upstream
+    is still refused, by the first call after it."""
+    torch.manual_seed(0)
+    blocks = [_Block(6, 6), _Block(6, 6), _Block(6, 3)]
+    model = nn.Sequential(*blocks[:where], _Scale(6), *blocks[where:]).double()
+    for block in blocks:
+        block.compile(backend="bk_dp", options={**OPTIONS, "graphs": "several"})
+    x, y = _batch(4)
+    with pytest.raises(bkcompile.UnclippedGradientError, match=r"shape \(6,\).*computed the inputs of the compiled"):
         F.cross_entropy(model(x), y).backward()
 
 
@@ -460,3 +487,21 @@ def test_a_warm_step_never_copies_to_the_host(monkeypatch, build) -> None:
     step()
     monkeypatch.undo()
     assert not torch.equal(thresholds, ledger_of(model).states[0].thresholds)  # adaptive clipping ran
+
+
+def test_the_ledger_keeps_no_gradient_that_zero_grad_dropped() -> None:
+    """The ledger notes which tensor the clips wrote without keeping it: after a plain optimizer's zero_grad()
+    the step's gradients are freed (peak memory), and the next step is still audited."""
+    model = _mlp()
+    cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch(4)
+    F.cross_entropy(cm(x), y).backward()
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    sgd.zero_grad()
+    assert all(ref() is None for ref in grads)
+    F.cross_entropy(cm(x), y).backward()
+    assert all(p.grad is ledger_of(model).entries[p].grad for p in model.parameters())
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=R)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-10, atol=1e-10)

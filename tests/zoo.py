@@ -152,6 +152,27 @@ class ResBlockGN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class ConvGeometries(nn.Module):
+    """Stride-1 convolutions of several geometries (3x3 padded, dilated and grouped, 1x1, 1-d), a strided one, on
+    (B, 3, 8, 8)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.padded = nn.Conv2d(3, 4, 3, padding=1)
+        self.dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.pointwise = nn.Conv2d(4, 4, 1)
+        self.strided = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.rows = nn.Conv1d(4, 3, 3, padding=1)
+        self.head = nn.Linear(3, classes)
+
+    def forward(self, x):
+        x = torch.tanh(self.padded(x))
+        x = torch.tanh(self.pointwise(torch.tanh(self.dilated(x))))
+        x = torch.tanh(self.strided(x))  # (B, 4, 4, 4)
+        x = torch.tanh(self.rows(x.flatten(2)))  # (B, 3, 16)
+        return self.head(x.mean(dim=2))
+
+
 class SeqConv(nn.Module):
     """Conv1d with InstanceNorm1d (affine), then Conv3d, on (B, 2, 10) -> (B, 2, 2, 5) viewed as volumes."""
 

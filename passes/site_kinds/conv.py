@@ -1,10 +1,12 @@
 """``getitem(convolution_backward(grad_out, input, weight, ...), 1 = weight | 2 = bias)``: convolution
 weights and biases. Linear after unfolding (T = output positions, d = C_in/groups * kernel, p = C_out/groups):
-ghost norms by im2col Gram matrices (1-d and 2-d forward convolutions); per-sample gradients by one grouped
+ghost norms by Gram matrices (1-d and 2-d forward convolutions: the input's read off the padded input's own
+Gram matrices for stride-1 and 1x1 convolutions, else from im2col); per-sample gradients by one grouped
 convolution_backward with the samples as groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -78,43 +80,124 @@ def _conv_has_ghost(node: torch.fx.Node) -> bool:
     return node.args[1] == 2 or (not conv.args[7] and conv.args[0].meta["val"].dim() in (3, 4))
 
 
-def _conv_groups(emit: Emitter, conv: torch.fx.Node, batch: Size, dtype):
-    """Per group: grad_out rows (B*g, Cout/g, L) and the unfolded input (B*g, Cin/g*k, L), L output positions."""
-    grad_out, x, weight, _, stride, padding, dilation, _, _, groups = conv.args[:10]
-    one_d = conv.args[0].meta["val"].dim() == 3
+def _as_2d(conv: torch.fx.Node, values, fill: int) -> list[int]:
+    """A 1-d convolution is a 2-d one of height one: its kernel, stride, padding or dilation in two dims."""
+    return [fill, *values] if conv.args[0].meta["val"].dim() == 3 else list(values)
 
-    def as_2d(values, fill: int) -> list[int]:  # a 1-d conv is a 2-d conv of height one
-        return [fill, *values] if one_d else list(values)
 
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """A convolution's static spatial sizes, each in two dims (a 1-d convolution is 2-d of height one)."""
+
+    padded: list[int]  # the input's height and width with padding
+    kernel: list[int]
+    stride: list[int]
+    dilation: list[int]
+    out: list[int]  # the output's height and width
+
+
+def _geometry(conv: torch.fx.Node) -> _Geometry | None:
+    """The geometry of a convolution whose spatial sizes are static, else None."""
+    spatial = list(conv.args[1].meta["val"].shape[2:])
+    if not all(isinstance(size, int) for size in spatial):
+        return None
+    kernel = _as_2d(conv, static_shape(conv.args[2])[2:], 1)
+    stride, dilation = _as_2d(conv, conv.args[4], 1), _as_2d(conv, conv.args[6], 1)
+    padded = [size + 2 * q for size, q in zip(_as_2d(conv, spatial, 1), _as_2d(conv, conv.args[5], 0))]
+    out = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(padded, kernel, stride, dilation)]
+    return _Geometry(padded, kernel, stride, dilation, out)
+
+
+def _gram_of_padded(conv: torch.fx.Node) -> bool:
+    """Whether the unfolded input's Gram matrices are cheaper read off the padded input's own Gram matrices
+    (P x P, C_in/g channels) than formed from the unfolded input (L x L, C_in/g * k each, and the im2col
+    copy): P^2 <= k L^2, so for stride-1 convolutions (P ~ L) and 1x1 ones without stride."""
+    shape = _geometry(conv)
+    if shape is None:
+        return False
+    return math.prod(shape.padded) ** 2 <= math.prod(shape.kernel) * math.prod(shape.out) ** 2
+
+
+def _output_rows(emit: Emitter, conv: torch.fx.Node, dtype) -> torch.fx.Node:
+    """grad_out by sample and group: (B*g, C_out/g, L), L output positions."""
+    grad_out, weight, groups = conv.args[0], conv.args[2], conv.args[9]
+    samples = emit.size(grad_out, 0)
+    lead = samples * groups if isinstance(samples, int) else emit(operator.mul, samples, groups)
+    return emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [lead, static_shape(weight)[0] // groups, -1])
+
+
+def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, dtype) -> torch.fx.Node:
+    """U^T U of each sample and group, (B*g, L, L), from the unfolded input U (B*g, C_in/g * k, L) (im2col)."""
+    x, weight, _, stride, padding, dilation = conv.args[1:7]
+    one_d = x.meta["val"].dim() == 3
     kernel = static_shape(weight)[2:]
     x = emit.to_dtype(x, dtype)
     unfolded = emit(
         aten.im2col.default,
         emit(aten.unsqueeze.default, x, 2) if one_d else x,
-        as_2d(kernel, 1),
-        as_2d(dilation, 1),
-        as_2d(padding, 0),
-        as_2d(stride, 1),
+        _as_2d(conv, kernel, 1),
+        _as_2d(conv, dilation, 1),
+        _as_2d(conv, padding, 0),
+        _as_2d(conv, stride, 1),
     )  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
-    rows = emit(
-        aten.reshape.default, emit.to_dtype(grad_out, dtype), [-1, static_shape(weight)[0] // groups, positions]
-    )
     columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * math.prod(kernel), positions])
-    return rows, columns, groups
+    return emit(aten.bmm.default, emit(aten.permute.default, columns, [0, 2, 1]), columns)
+
+
+def _position_table(emit: Emitter, shape: _Geometry, device) -> torch.fx.Node:
+    """(k, L) int64: the padded-input position (flat over the padded H x W) that kernel offset o reads for
+    output position t."""
+    width = shape.padded[1]
+
+    def ramp(n: int, step: int) -> torch.fx.Node:
+        return emit(aten.arange.start_step, 0, n * step, step, dtype=torch.int64, device=device)
+
+    rows = emit(aten.unsqueeze.default, ramp(shape.out[0], shape.stride[0] * width), 1)
+    base = emit(aten.reshape.default, emit(aten.add.Tensor, rows, ramp(shape.out[1], shape.stride[1])), [1, -1])
+    offsets = emit(aten.unsqueeze.default, ramp(shape.kernel[0], shape.dilation[0] * width), 1)
+    offsets = emit(aten.add.Tensor, offsets, ramp(shape.kernel[1], shape.dilation[1]))
+    offsets = emit(aten.reshape.default, offsets, [-1, 1])
+    return emit(aten.add.Tensor, offsets, base)
+
+
+def _padded_gram_products(emit: Emitter, conv: torch.fx.Node, gram_out: torch.fx.Node, dtype) -> torch.fx.Node:
+    """sum_{t,t'} (go go^T)_{tt'} (U^T U)_{tt'} per sample and group, (B*g,), without unfolding:
+    (U^T U)_{tt'} = sum_o Xp_{pos(o,t)}^T Xp_{pos(o,t')}, the padded input's Gram matrix (B*g, P, P) read at
+    the positions each kernel offset o maps the output positions to."""
+    x, weight, padding = conv.args[1], conv.args[2], conv.args[5]
+    x = emit.to_dtype(x, dtype)
+    if x.meta["val"].dim() == 3:
+        x = emit(aten.unsqueeze.default, x, 2)
+    shape = _geometry(conv)
+    pad = _as_2d(conv, padding, 0)
+    padded = emit(aten.constant_pad_nd.default, x, [pad[1], pad[1], pad[0], pad[0]], 0.0)
+    flat = emit(aten.reshape.default, padded, [-1, static_shape(weight)[1], math.prod(shape.padded)])
+    gram_in = emit(aten.bmm.default, emit(aten.permute.default, flat, [0, 2, 1]), flat)  # (B*g, P, P)
+    table = _position_table(emit, shape, x.meta["val"].device)
+    read = emit(
+        aten.index.Tensor,
+        gram_in,
+        [None, emit(aten.unsqueeze.default, table, 2), emit(aten.unsqueeze.default, table, 1)],
+    )  # (B*g, k, L, L)
+    products = emit(aten.mul.Tensor, read, emit(aten.unsqueeze.default, gram_out, 1))
+    return emit(aten.sum.dim_IntList, products, [1, 2, 3])
 
 
 def conv_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
     """Bias: the per-sample sum over positions. Weight: the ghost norm of G_i = sum_g go_ig U_ig^T over the
-    output positions, ``sum_g <go_ig^T go_ig, U_ig^T U_ig>`` (L x L Gram matrices of each group)."""
+    output positions, ``sum_g <go_ig^T go_ig, U_ig^T U_ig>`` (L x L Gram matrices of each group; U^T U from
+    the padded input's Gram matrices where that is cheaper than unfolding, see ``_gram_of_padded``)."""
     conv = node.args[0]
     if node.args[1] == 2:
         sums = conv_per_sample(emit, joint, node, batch, dtype)
         return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, sums, sums), [1])
-    rows, columns, groups = _conv_groups(emit, conv, batch, dtype)
+    rows = _output_rows(emit, conv, dtype)
     gram_out = emit(aten.bmm.default, emit(aten.permute.default, rows, [0, 2, 1]), rows)  # (B*g, L, L)
-    gram_in = emit(aten.bmm.default, emit(aten.permute.default, columns, [0, 2, 1]), columns)
-    products = emit(aten.mul.Tensor, gram_out, gram_in)
+    if _gram_of_padded(conv):
+        products = _padded_gram_products(emit, conv, gram_out, dtype)
+    else:
+        products = emit(aten.mul.Tensor, gram_out, _unfolded_gram(emit, conv, dtype))
     return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, -1]), [1])
 
 
@@ -140,7 +223,15 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     weight = shape_exprs(conv.args[2].meta["val"])
     groups = sympy.Integer(conv.args[9])
     sizes = {B: joint.batch, T: positions, G: groups, p: weight[0] / groups, d: product(weight[1:])}
-    ghost = Cost(G * B * (2 * T**2 * (p + d) + T**2), 2 * G * B * T**2)  # Gram matrices of each group
+    # Gram matrices of each group: the input's from the unfolded input (2T^2 d), or from the padded input's
+    # P x P Gram matrices over its d/k channels and a read of k T^2 of their entries
+    shape = _geometry(conv) if _gram_of_padded(conv) else None
+    if shape is None:
+        gram_in = 2 * T**2 * d
+    else:
+        kernel, padded = math.prod(shape.kernel), math.prod(shape.padded)
+        gram_in = 2 * padded**2 * d / kernel + kernel * T**2
+    ghost = Cost(G * B * (2 * T**2 * p + gram_in + T**2), 2 * G * B * T**2)
     return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
 
 

@@ -1,0 +1,70 @@
+"""Convolution sites: ghost norms from the padded input's Gram matrices equal the oracle and replace the im2col
+Grams where they are cheaper; on CPU the Inductor graphs of bk_dp keep convolutions in the NCHW layout."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import zoo
+from bkcompile.passes.site_kinds import conv
+from helpers import assert_matches
+from oracle import clipped_sum
+from test_oracle import CASES, run_case
+from torch._inductor.utils import run_and_get_code
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_ghost_norms_of_stride_one_convolutions_skip_im2col(dtype: torch.dtype, monkeypatch) -> None:
+    unfolded, original = [], conv._unfolded_gram
+    record = lambda emit, node, *rest: unfolded.append(node) or original(emit, node, *rest)  # noqa: E731
+    monkeypatch.setattr(conv, "_unfolded_gram", record)
+    case = dataclasses.replace(CASES["conv-geometries"], options={"strategy": "ghost"})
+    got, want, _, _ = run_case(case, 7, dtype, "aot_eager")
+    assert_matches(got, want, dtype)
+    # padded 3x3, dilated grouped 3x3, 1x1 and the 1-d convolution read the padded Grams; the strided one unfolds
+    assert [n.args[4] for n in unfolded] == [[2, 2]]
+
+
+def test_gram_choice_follows_the_sizes() -> None:
+    graph = torch.fx.Graph()
+
+    def convolution(shape, kernel, stride, padding, dilation=1) -> torch.fx.Node:
+        x, w = graph.placeholder("x"), graph.placeholder("w")
+        x.meta["val"], w.meta["val"] = torch.empty(shape), torch.empty(4, shape[1], *kernel)
+        go = graph.placeholder("go")
+        go.meta["val"] = torch.empty(0)
+        two = len(kernel) == 2
+        args = (go, x, w, None, [stride] * len(kernel), [padding] * len(kernel), [dilation] * len(kernel))
+        return graph.call_function(
+            torch.ops.aten.convolution_backward.default, (*args, False, [0] * (1 + two), 1, [False, True, False])
+        )
+
+    assert conv._gram_of_padded(convolution((2, 3, 8, 8), (3, 3), 1, 1))  # P = 100, L = 64: 1e4 <= 9 * 4096
+    assert conv._gram_of_padded(convolution((2, 3, 8, 8), (1, 1), 1, 0))  # P = L
+    assert not conv._gram_of_padded(convolution((2, 3, 16, 16), (3, 3), 2, 1))  # P = 324, L = 64
+    assert not conv._gram_of_padded(convolution((2, 3, 16, 16), (1, 1), 2, 0))  # P = 4L
+    assert conv._gram_of_padded(convolution((2, 3, 10), (3,), 1, 1))  # 1-d: P = 12, L = 10
+
+
+@pytest.mark.slow
+def test_inductor_ghost_norms_from_padded_grams_in_nchw(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
+    torch.manual_seed(0)
+    model = zoo.ConvGeometries()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.5, "strategy": "ghost"})
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+
+    def step() -> None:
+        F.cross_entropy(compiled(x), y).backward()
+
+    _, code = run_and_get_code(step)
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.5)
+    assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float32)
+    # (5, 4, 8, 8) activations: NCHW strides (256, 64, 8, 1); channels-last would be (256, 1, 32, 4)
+    assert code and all("(256, 1, 32, 4)" not in c for c in code)
+    assert any("(256, 64, 8, 1)" in c for c in code)
