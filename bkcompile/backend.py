@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import itertools
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +15,10 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile import rows
+from bkcompile import rows, shared
 from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError
+from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
@@ -25,6 +27,7 @@ from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
 from bkcompile.passes.ops import DECOMPOSITIONS
+from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.report import build_report, record
@@ -80,6 +83,8 @@ def _classify(node: torch.fx.Node, example: Any, options: BKOptions) -> GraphInp
     ``options.batch_dim``."""
     source = _source_name(node)
     is_state = _is_module_state(source)
+    if shared.is_shared(example):  # an earlier piece computed it without sample data (bkcompile.shared)
+        return GraphInput(node.name, source, InputKind.STATE, REPLICATED, False)
     if isinstance(example, torch.nn.Parameter):
         return GraphInput(_param_name(source), source, InputKind.PARAMETER, REPLICATED, example.requires_grad)
     if is_state:
@@ -95,21 +100,45 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], op
 
 
 def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
-    """A piece when dynamo cut the graph at a graph break or resumed a frame after one, or when the options
-    say the model is compiled in several graphs; else the whole model (the fast path)."""
+    """A piece when dynamo cut the graph at a graph break, resumed a frame after one, or compiled a function
+    that code it did not trace calls, or when the options say the model is compiled in several graphs; else
+    the whole model (the fast path)."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     frames = list(reason.user_stack or []) if reason is not None else []
     broken = bool(reason is not None and reason.graph_break)
     resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
+    nested = _called_from_untraced_code()
     where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "an unknown location"
     number = next(_GRAPH_NUMBERS)
     if broken:
         label = f"bk_dp graph #{number}, cut at the graph break at {where}"
     elif resumed:
         label = f"bk_dp graph #{number}, resumed after a graph break, ending at {where}"
+    elif nested:
+        label = f"bk_dp graph #{number}, called from code outside the graphs (after a graph break), ending at {where}"
     else:
         label = f"bk_dp graph #{number}, ending at {where}"
-    return GraphRole(piece=broken or resumed or options.graphs == "several", label=label, ends_at_break=broken)
+    piece = broken or resumed or nested or options.graphs == "several"
+    return GraphRole(piece=piece, label=label, ends_at_break=broken)
+
+
+def _called_from_untraced_code() -> bool:
+    """Whether the function dynamo compiles now was called by user code that runs outside any graph inside the
+    compiled model: a caller dynamo cut at a graph break or skipped (it runs eagerly and calls this function,
+    whose frame dynamo compiles on its own). Such a graph is one of several of the model, never the whole.
+
+    The frames between dynamo's entry into the compiled model (``compile_wrapper``) and this compilation are
+    then not all torch's (a model dynamo traces whole is entered from torch's module call alone)."""
+    frame = sys._getframe(1)
+    nested = False
+    while frame is not None:
+        if is_dynamo_entry(frame):
+            return nested
+        file = frame.f_code.co_filename
+        if not is_library(file) and not is_generated(file):
+            nested = True
+        frame = frame.f_back
+    return False
 
 
 _GRAPH_NUMBERS = itertools.count(1)
@@ -206,13 +235,16 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
         record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
         inputs = _classify_inputs(gm, example_inputs, opts)
+        data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
+                for x, e in zip(inputs, example_inputs)]  # fmt: skip
+        tagged = shared.shared_outputs(gm, data) if role.piece else ()
         context = {
             "inputs": inputs,
             "options": opts,
             "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
             "role": role,
         }
-        compiled = _compile(gm, example_inputs, opts, context, device)
+        compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, opts, context, device))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
@@ -225,7 +257,10 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         record.groups = tuple(tuple(position[id(p)] for p in group) for group in state.clip.members)
     ledger.adopt(params, names)
     if role.piece:
-        compiled = rows.guard(compiled, [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)], role.label)
+        batched = [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)]
+        compiled = shared.tagging(rows.guard(compiled, batched, list(indices), role.label), tagged)
+    known = [i for i, e in enumerate(example_inputs) if shared.is_shared(e)]
+    compiled = shared.checking(compiled, known, [inputs[i].source for i in known], role.label)
     return record.wrap(compiled)
 
 

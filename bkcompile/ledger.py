@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +41,7 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bkcompile.backwards import current_task, storage_key
 from bkcompile.distributed import (
     average_over_ranks,
     from_fsdp_reduce,
@@ -51,11 +51,9 @@ from bkcompile.distributed import (
     sync_under_ddp,
 )
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
+from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.norms import ClipState
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
-_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
@@ -168,6 +166,8 @@ class GraphRecord:
         for stale in [k for k, b in self.bindings.items() if not all(r() is not None for r in b.refs)]:
             del self.bindings[stale]  # parameters gone (a model deleted): their identities may be reused
         binding = self.bindings[key] = _Binding([weakref.ref(p) for p in params], self.clip_of(params))
+        if self.piece:
+            _BY_STORAGE.update((storage, p) for p in params if (storage := storage_key(p)) is not None)
         return binding
 
     def clip_of(self, params: Sequence[torch.nn.Parameter]) -> Clip | None:
@@ -258,8 +258,15 @@ class _Tap(torch.autograd.Function):
 
 
 def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
-    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias)."""
-    return getattr(tensor, "_bk_parameter", tensor)
+    """The parameter behind a tensor a piece received for it (itself when it is no tap's alias). Activation
+    checkpointing saves an alias detached (a new tensor over the parameter's storage): found by its storage."""
+    found = getattr(tensor, "_bk_parameter", None)
+    if found is None:
+        found = _BY_STORAGE.get(storage_key(tensor))
+    return tensor if found is None else found
+
+
+_BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
 
 
 class _BackwardWatch:
@@ -278,7 +285,7 @@ class _BackwardWatch:
                 "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
             )
         call.backwards += 1
-        task = torch._C._current_graph_task_id()
+        task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
         if task != self.task:
             self.task, self.calls = task, []
         if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
@@ -503,14 +510,14 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
     first, entered, modules = None, False, []
     while frame is not None:
         file = frame.f_code.co_filename
-        ours = file.startswith((_TORCH_DIR, _PACKAGE_DIR))
+        ours = is_library(file)
         if frame.f_code in orig_code_map and not entered:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
-        if ours and frame.f_code.co_name == "compile_wrapper" and file.endswith(_EVAL_FRAME):
+        if is_dynamo_entry(frame):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
-        elif not ours and not file.startswith("<"):
+        elif not ours and not is_generated(file):
             if entered:
                 owner = frame.f_locals.get("self")
                 if isinstance(owner, torch.nn.Module) and modules and _contains(owner, modules[0]):

@@ -6,8 +6,10 @@ therefore marks its outputs' autograd nodes, and checks, before it runs, the aut
 its batched inputs back to a piece's output or a leaf: any other op (an index or a permutation of the
 batch, a mean over it, a concatenation, an eager layer) is refused, naming the op.
 
-A piece whose forward runs again inside a backward (activation checkpointing) is refused too: a reentrant
-recomputation's backward is an autograd backward of its own, whose end would clip that piece alone.
+A piece whose forward runs again inside a backward must be the recomputation of a call seen before
+(activation checkpointing, ``bkcompile.recompute``). The output of a reentrant checkpoint
+(``CheckpointFunctionBackward``) was computed under ``no_grad``, so its history is checked when the
+checkpoint recomputes it in the backward, before that recomputation's backward runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any
 import torch
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 
+from bkcompile import backwards, recompute
+from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import PrivacyError
+from bkcompile.ledger import parameter_of
 
 _MARK = "bkcompile_piece"
 # Autograd nodes of eager ops that keep row i of their result a function of row i of their operands.
@@ -48,15 +53,21 @@ _ROW_WISE = frozenset(
     for k in (0, 1)
 )
 _LEAF = "torch::autograd::AccumulateGrad"
+_CHECKPOINT = "CheckpointFunctionBackward"
 # Autograd functions that are the identity on their tensors (by class): FSDP2's hook on a sharded block's
 # inputs, whose backward runs the block's post-backward (the reduce-scatter) and passes the gradients on.
 _IDENTITIES = (RegisterPostBackwardFunction._backward_cls,)
 
 
-def mark_outputs(outputs: Any, label: str) -> None:
+def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
+    """Mark the outputs' autograd nodes as a piece's; with ``unbacked`` (the batch size of inputs marked by
+    :func:`bkcompile.batch.mark_batch_dynamic`), mark the outputs with that many rows too, so that the next
+    piece sees the same batch symbol on them as on the data it receives directly."""
     for value in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             value.grad_fn.metadata[_MARK] = label
+        if unbacked is not None and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == unbacked:
+            mark_batch_dynamic(value)
 
 
 def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
@@ -68,7 +79,9 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         if node is None or id(node) in seen or _MARK in node.metadata or node.name() == _LEAF:
             continue
         seen.add(id(node))
-        if node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES):
+        if node.name() == _CHECKPOINT:
+            _check_when_recomputed(node, label)
+        elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES):
             raise PrivacyError(
                 f"{label} takes a batch computed outside the bk_dp graphs by {node.name()}\n"
                 "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "
@@ -79,21 +92,39 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def guard(compiled: Callable, batched: list[int], label: str) -> Callable:
+def _check_when_recomputed(node: Any, label: str) -> None:
+    """A reentrant checkpoint's output: check the rows of what its function computes when the checkpoint's
+    backward recomputes it (its inputs are then detached leaves, so the walk ends at them or at pieces)."""
+    run_function = node.run_function
+    if getattr(run_function, "_bk_checked", False):
+        return
+
+    def checked(*args: Any) -> Any:
+        outputs = run_function(*args)
+        values = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        check_inputs(values, list(range(len(values))), f"{label} (through a checkpoint)")
+        return outputs
+
+    checked._bk_checked = True
+    node.run_function = checked
+
+
+def guard(compiled: Callable, batched: list[int], params: list[int], label: str) -> Callable:
     """``compiled`` (a piece's forward, as dynamo calls a backend's result) with its inputs checked and its
-    outputs marked."""
+    outputs marked; run inside a backward, it must recompute a call seen (``bkcompile.recompute``)."""
 
     def run(*args: Any) -> Any:
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
-            raise PrivacyError(
-                f"{label} runs its forward again inside a backward (activation checkpointing)\n"
-                "  why: a recomputed piece's backward may run in an autograd backward of its own (reentrant "
-                "checkpointing), whose end would clip that piece alone\n"
-                "  fix: do not checkpoint a module compiled in pieces, or compile the model as one graph"
-            )
+        inputs = [args[i] for i in batched if isinstance(args[i], torch.Tensor)]
+        weights = [parameter_of(args[i]) for i in params]  # the parameters behind the ledger's taps
         check_inputs(args, batched, label)
-        outputs = compiled(*args)
-        mark_outputs(outputs, label)
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
+            outputs = recompute.recomputed(compiled, args, weights, inputs, label)
+        else:
+            backwards.CALLS.seen(weights, inputs)
+            outputs = compiled(*args)
+        first = inputs[0] if inputs else None
+        unbacked = first.shape[0] if first is not None and 0 in getattr(first, "_dynamo_unbacked_indices", ()) else None
+        mark_outputs(outputs, label, unbacked)
         return outputs
 
     return run

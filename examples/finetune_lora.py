@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the layers in the backward")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = synthetic_text(args.examples, torch.Generator().manual_seed(0))
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 save_strategy="no",
                 report_to=[],
                 max_grad_norm=0.0,  # each sample is clipped by bk_dp instead
+                gradient_checkpointing=args.gradient_checkpointing,
                 disable_tqdm=True,
                 use_cpu=True,
             ),
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"epsilon = {epsilon:.2f} at delta = 1e-5 after {args.steps} steps "
         f"(noise multiplier {trainer.noise_multiplier:.3f}, sample rate {trainer.sample_rate:.4f})"
     )
-    return {"curve": curve, "epsilon": epsilon}
+    trained = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return {"curve": curve, "epsilon": epsilon, "trained": trained}
 
 
 if __name__ == "__main__":

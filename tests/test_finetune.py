@@ -143,28 +143,60 @@ def test_t5_sdpa(batch: int) -> None:
     )
 
 
-def test_gradient_checkpointing() -> None:
-    """HF gradient checkpointing: transformers' warning_once breaks the graph (graph breaks are supported:
-    the graphs of one backward are clipped together), but the checkpointed layers are recomputed in the
-    backward outside the bk_dp graphs, so the next graph's batch comes from code the several-graphs clip
-    cannot follow row by row: refused until it can."""
-    model = transformers.LlamaForCausalLM(llm_config("llama", "sdpa")).train()
-    model.config.use_cache = True  # the default a user has: transformers warns under checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no_cache", "cache"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing(reentrant: bool, use_cache: bool) -> None:
+    """HF gradient checkpointing (both torch.utils.checkpoint kinds). Without ``use_cache=False`` transformers'
+    warning_once breaks the graph: the layers then run in a graph dynamo compiles on its own, called from the
+    code it skipped, which is one of several graphs (clipped with the others at the end of the backward). The
+    oracle runs the same weights without checkpointing (the maths is the same; the reentrant kind refuses
+    torch.autograd.grad)."""
+    model = transformers.LlamaForCausalLM(llm_config("llama", "sdpa")).train().double()
+    plain = Logits(copy.deepcopy(model), "input_ids", "attention_mask")
+    model.config.use_cache = use_cache
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     ids, mask = padded_batch(5)
-    try:
-        check_matches_oracle(
-            Logits(model, "input_ids", "attention_mask"),
-            (ids, mask),
-            (torch.roll(ids, -1, dims=1),),
-            per_sample_token_loss,
-            oracle=looped_clipped_sum,
-            tol=ROPE_TOL,
-        )
-    except bkcompile.PrivacyError as error:
-        if "computed outside the bk_dp graphs" not in str(error):
-            raise
-        pytest.xfail(f"checkpointed layers run outside the bk_dp graphs: {str(error).splitlines()[0]}")
+    check_matches_oracle(
+        Logits(model, "input_ids", "attention_mask"),
+        (ids, mask),
+        (torch.roll(ids, -1, dims=1),),
+        per_sample_token_loss,
+        oracle=lambda _, *args, **kwargs: looped_clipped_sum(plain, *args, **kwargs),
+        tol=ROPE_TOL,
+    )
+    spans = bkcompile.last_clip_spans()
+    if use_cache:  # the graph break: the model ran in several graphs, clipped together
+        assert len(spans) == 1 and len(spans[0].graphs) == 2
+
+
+class CheckpointedBlocks(nn.Module):
+    """Blocks run through torch.utils.checkpoint inside a model compiled whole: dynamo traces the checkpoint."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.stem, self.head, self.reentrant, self.checkpointed = nn.Linear(4, 6), nn.Linear(6, 3), reentrant, True
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)) for _ in range(2)])
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            if self.checkpointed:
+                h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+            else:
+                h = h + block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpoint_inside_a_model_compiled_whole(reentrant: bool) -> None:
+    torch.manual_seed(4)
+    model = CheckpointedBlocks(reentrant)
+    plain = copy.deepcopy(model).double()
+    plain.checkpointed = False  # the oracle: the same maths without checkpointing (vmap refuses the reentrant kind)
+    inputs, targets = (torch.randn(5, 4),), (torch.randint(0, 3, (5,)),)
+    check_matches_oracle(
+        model, inputs, targets, F.cross_entropy, oracle=lambda _, *args, **kwargs: clipped_sum(plain, *args, **kwargs)
+    )
 
 
 # --- losses -------------------------------------------------------------------------------------------------
@@ -318,8 +350,17 @@ def test_layers(layer: str, batch: int) -> None:
     check_matches_oracle(make(), (inputs(batch),), (torch.randint(0, 3, (batch,)),), F.cross_entropy)
 
 
-def test_embedding_bag_with_irregular_offsets_fails_when_run() -> None:
-    """Bags of unequal length (flat indices with offsets) are not decomposed per sample: the run stops."""
+def test_embedding_bag_with_inductor() -> None:
+    """The decomposition (lookup, padding mask, per-bag mean) and its runtime check of the offsets under Inductor."""
+    ids = padded_batch(5)[0][:, :4] % 20
+    check_matches_oracle(
+        Bag("mean", 0), (ids,), (torch.randint(0, 3, (5,)),), F.cross_entropy, options={"compiler": "inductor"}
+    )
+
+
+def test_embedding_bag_with_irregular_offsets_is_refused_when_run() -> None:
+    """Bags of unequal length (flat indices with offsets) are not decomposed per sample: the run stops with the
+    package's error at the EmbeddingBag call."""
 
     class FlatBag(nn.Module):
         def __init__(self) -> None:
@@ -331,5 +372,6 @@ def test_embedding_bag_with_irregular_offsets_fails_when_run() -> None:
             return self.bag(ids.flatten(), self.offsets)
 
     compiled = torch.compile(FlatBag(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
-    with pytest.raises(RuntimeError, match="bags of equal length"):
+    with pytest.raises(bkcompile.NotSupportedYetError, match="unequal length") as info:
         compiled(torch.randint(0, 20, (3, 2))).sum().backward()
+    assert "test_finetune.py" in str(info.value) and "fix: pass the indices as a 2-D (B, L) tensor" in str(info.value)

@@ -380,9 +380,11 @@ def test_one_graph_stays_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.ops.bkcompile.record_norms.default not in targets
         (call,) = piece.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.defer_grads.default)
         params, grads, _, _, norms, operands = call.args
-        # ghost: each parameter hands over its norm (B,) and its site's operands, no per-sample gradients
-        assert len(params) == len(norms) == 2 and grads == []
-        assert all(tuple(n.meta["val"].shape) == (7,) for n in norms) and len(operands) == 3  # weight: 2, bias: 1
+        # ghost: the weight hands over its norm (B,) and its site's operands, no per-sample gradients; the bias
+        # its per-sample sums (B, n), which give both its norm and its clipped sum
+        assert len(params) == 2 and len(norms) == len(grads) == 1
+        assert tuple(norms[0].meta["val"].shape) == (7,) and len(operands) == 2
+        assert tuple(grads[0].meta["val"].shape) in ((7, 5), (7, 3))  # the bias of self.a or of self.b
         outputs = [o for o in piece.graph.output_node().args[0] if isinstance(o, torch.fx.Node) and o.args]
         assert sum(o.args[0] is call for o in outputs) == 2
 
@@ -498,12 +500,63 @@ class Checkpointed(Regional):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_checkpointed_pieces_are_refused(reentrant: bool) -> None:
-    model = Checkpointed(reentrant)
+def test_checkpointed_pieces_are_exact(reentrant: bool) -> None:
+    """torch.utils.checkpoint around blocks compiled one by one: each block's forward runs again in the
+    backward (a recomputation of its call, not a second call) and is clipped with the others, once."""
+    torch.manual_seed(11)
+    model = Checkpointed(reentrant).double()
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
-    # reentrant: the checkpoint's own autograd node feeds the block; non-reentrant: the block runs again
-    refusal = "by CheckpointFunctionBackward" if reentrant else "activation checkpointing"
-    with pytest.raises(bkcompile.PrivacyError, match=refusal):
+    got = _regional_grads(model, ids, y, **_options(graphs="several"))
+    plain = Regional(depth=2).double()
+    plain.load_state_dict(model.state_dict())
+    want, norms = clipped_sum(plain, F.cross_entropy, (ids,), (y,), max_grad_norm=R)
+    assert_matches(got, want, torch.float64)
+    spans = bkcompile.last_clip_spans()
+    assert (norms > R).any() and len(spans) == 1 and len(spans[0].params) == len(want)
+
+
+class Replayed(torch.autograd.Function):
+    """Identity on the logits whose backward runs a compiled block (with gradients) on other rows: a forward
+    inside the backward that recomputes no call."""
+
+    @staticmethod
+    def forward(ctx, logits, block, hidden):
+        ctx.block, ctx.hidden = block, hidden
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            ctx.block(torch.randn_like(ctx.hidden))
+        return grad, None, None
+
+
+class ReplaysOtherRows(Regional):
+    def forward(self, ids):
+        h = self.blocks[0](self.stem(ids))
+        return Replayed.apply(self.head(h), self.blocks[0], h.detach())
+
+
+def test_forward_inside_backward_that_recomputes_no_call_is_refused() -> None:
+    model = ReplaysOtherRows(depth=1)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.ClipOnceError, match="runs its forward inside a backward on inputs that no earlier"):
+        _regional_grads(model, ids, y, **_options(graphs="several"))
+
+
+class CheckpointThenFlip(Regional):
+    """A reentrant checkpoint whose function moves rows after the block (seen only when it is recomputed)."""
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        h = torch.utils.checkpoint.checkpoint(lambda x: self.blocks[0](x).flip(0), h, use_reentrant=True)
+        return self.head(h)
+
+
+def test_rows_moved_inside_a_reentrant_checkpoint_are_refused() -> None:
+    model = CheckpointThenFlip(depth=1)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.PrivacyError, match="through a checkpoint.* by FlipBackward0"):
         _regional_grads(model, ids, y, **_options(graphs="several"))
 
 
@@ -527,3 +580,51 @@ def test_rows_regrouped_between_graphs_are_refused() -> None:
     compiled.compile_regions(**_options(graphs="several"))
     with pytest.raises(bkcompile.PrivacyError, match=r"different batch sizes \[7, 14"):
         compiled(ids).sum().backward()
+
+
+class Positions(nn.Module):
+    """Position ids (1, T) built before a graph break and used after it (transformers 4.57's Llama)."""
+
+    def __init__(self, positions) -> None:
+        super().__init__()
+        self.table, self.where, self.fc = nn.Embedding(11, 6), nn.Embedding(11, 6), nn.Linear(6, 3)
+        self.positions = positions
+
+    def forward(self, ids):
+        h = self.table(ids)
+        positions = self.positions(ids)
+        torch._dynamo.graph_break()
+        return self.fc(torch.tanh(h + self.where(positions)).mean(1))
+
+
+def test_positions_shared_by_every_sample_pass_between_graphs() -> None:
+    """arange(T)[None] holds no sample's data: the resumed graph takes it as shared, not as a batch of one."""
+    torch.manual_seed(12)
+    model = Positions(lambda ids: torch.arange(ids.shape[1]).unsqueeze(0)).double()
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    got, _ = compiled_grads(model, (ids,), F.cross_entropy, (y,), options=_options())
+    want, norms = clipped_sum(model, F.cross_entropy, (ids,), (y,), max_grad_norm=R)
+    assert_matches(got, want, torch.float64)
+    assert (norms > R).any() and len(bkcompile.last_clip_spans()[0].graphs) == 2
+
+
+def test_a_batch_of_one_cut_from_the_samples_is_not_shared() -> None:
+    """ids[:1] (cut in code dynamo does not trace) has the shape of shared position ids but holds sample 0's data:
+    still a per-sample input, whose batch size disagrees. (Cut inside a graph, the slice of the batch is refused
+    there.)"""
+    model = Positions(torch._dynamo.disable(lambda ids: ids[:1]))
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with raises_bk(bkcompile.PrivacyError, "has 7 rows on its batch dim but 'l_positions_' has 1"):
+        compiled_grads(model, (ids,), F.cross_entropy, (y,), options=_options())
+
+
+def test_a_shared_input_is_checked_on_every_call() -> None:
+    """The resumed graph compiled with shared position ids is reused for a tensor of the same shape that no
+    bk_dp graph computed (dynamo's guards check shapes only): refused."""
+    model = Positions(lambda ids: torch.arange(ids.shape[1]).unsqueeze(0))
+    compiled = torch.compile(model, backend="bk_dp", options=_options())
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    F.cross_entropy(compiled(ids), y).backward()
+    model.positions = torch._dynamo.disable(lambda ids: ids[:1])
+    with pytest.raises(bkcompile.PrivacyError, match="was compiled with input .*'position.* shared by every sample"):
+        compiled(ids)

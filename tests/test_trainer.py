@@ -126,11 +126,27 @@ def test_privacy_arguments_need_one_noise_setting() -> None:
         PrivacyArguments(target_delta=1e-5)
 
 
-def test_finetune_lora_example_runs() -> None:
-    """The README's example, tiny: LoRA on a random Llama, padded variable-length text, epsilon printed."""
+def _example():
     spec = importlib.util.spec_from_file_location("finetune_lora", ROOT / "examples" / "finetune_lora.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main(["--steps", "3", "--examples", "48", "--batch-size", "4", "--width", "16"])
+    return example
+
+
+def test_finetune_lora_example_runs() -> None:
+    """The README's example, tiny: LoRA on a random Llama, padded variable-length text, epsilon printed."""
+    result = _example().main(["--steps", "3", "--examples", "48", "--batch-size", "4", "--width", "16"])
     assert len(result["curve"]) == 3 and all(math.isfinite(loss) for _, loss in result["curve"])
     assert 0 < result["epsilon"] < 8.0
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_as_without_it() -> None:
+    """TrainingArguments(gradient_checkpointing=True): the layers are recomputed in the backward, in graphs cut by
+    the checkpointing code; the clipped, noised steps are those of the same seeds without checkpointing (which
+    the other tests check against the oracle)."""
+    args = ["--steps", "2", "--examples", "24", "--batch-size", "3", "--width", "8"]
+    plain = _example().main(args)
+    checkpointed = _example().main([*args, "--gradient-checkpointing"])
+    assert [loss for _, loss in checkpointed["curve"]] == [loss for _, loss in plain["curve"]]
+    assert_matches(checkpointed["trained"], plain["trained"], torch.float32)

@@ -4,11 +4,17 @@ indices, e.g. broadcast position ids)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.fx
+import torch.nn.functional as F
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import REDUCED, REPLICATED, Fact, Reduced
 from bkcompile.passes.ops.table import RuleInput, batched_facts, law
+
+from bkcompile.errors import NotSupportedYetError, node_error
 
 aten = torch.ops.aten
 
@@ -70,8 +76,10 @@ def embedding_backward(r: RuleInput) -> Fact:
 # --- nn.EmbeddingBag: decomposed into a lookup and a per-bag sum or mean -------------------------------------
 #
 # With a 2-D input (B, L) every bag is one sample's row: offsets = arange(0, B*L, L). The decomposition holds
-# for such regular offsets only; it checks them at run time, so 1-D inputs with irregular offsets fail loudly.
+# for such regular offsets only; it checks them at run time (without a host round-trip), so 1-D inputs with
+# irregular offsets fail loudly: refuse_uneven_bags turns that failure into the package's error.
 _MODE_SUM, _MODE_MEAN = 0, 1
+_UNEVEN = "bk_dp decomposes nn.EmbeddingBag for bags of equal length only (a 2-D input): pass a (B, L) input"
 
 
 def _regular(indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights, include_last_offset) -> bool:
@@ -101,10 +109,7 @@ def embedding_bag(
     bags, width = offsets.shape[0], weight.shape[1]
     length = indices.shape[0] // bags
     expected = torch.arange(0, indices.shape[0], length, dtype=offsets.dtype, device=offsets.device)
-    torch._assert_async(
-        (offsets == expected).all(),
-        "bk_dp decomposes nn.EmbeddingBag for bags of equal length only (a 2-D input): pass a (B, L) input",
-    )
+    torch._assert_async((offsets == expected).all(), _UNEVEN)
     rows = aten.embedding.default(weight, indices, padding_idx)
     if padding_idx >= 0:
         rows = rows * (indices != padding_idx).unsqueeze(1).to(rows.dtype)
@@ -128,6 +133,30 @@ def embedding_bag_backward(
     return aten.embedding_dense_backward.default(
         rows.reshape(-1, width), indices, num_weights, padding_idx, scale_grad_by_freq
     )
+
+
+def refuse_uneven_bags(gm: torch.fx.GraphModule, compiled: Callable) -> Callable:
+    """``compiled`` raising NotSupportedYetError, at the EmbeddingBag call, when the decomposition's check of
+    its offsets fails at run time (flat indices in bags of unequal length: a bag is then no sample's row)."""
+    bags = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.embedding_bag, torch.embedding_bag)]
+    if not bags:
+        return compiled
+
+    def run(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except RuntimeError as error:
+            if _UNEVEN not in str(error):
+                raise
+            raise node_error(
+                NotSupportedYetError,
+                bags[0],
+                "its flat indices are cut into bags of unequal length by the offsets: bk_dp clips per bag only "
+                "when each bag is one sample's row of a (B, L) input",
+                "pass the indices as a 2-D (B, L) tensor (pad each sample's bag with padding_idx)",
+            ) from error
+
+    return run
 
 
 DECOMPOSITIONS = {
