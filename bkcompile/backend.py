@@ -251,7 +251,10 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
             ledger.adopt(params, names)
         raise
     state = context.get("state")
-    record.state = state.clip if state is not None else None
+    if state is not None and state.clip is not None:
+        position = {id(p): i for i, p in enumerate(params)}
+        record.state = state.clip
+        record.groups = tuple(tuple(position[id(p)] for p in group) for group in state.clip.members)
     ledger.adopt(params, names)
     if role.piece:
         batched = [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)]

@@ -23,6 +23,8 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
 
 A model's ledger is found from any of its parameters (a weak table keyed by parameter identity); the
 graphs of one model (recompiles, blocks compiled one by one) share it once an optimizer holds them all.
+A call's ledger and clip state are those of the parameters it passes (found once per parameter list),
+never those of the instance that compiled the graph: dynamo reuses a graph for every instance of a class.
 """
 
 from __future__ import annotations
@@ -113,11 +115,14 @@ class GraphRecord:
     indices: tuple[int, ...]
     names: tuple[str, ...]
     piece: bool = False  # one of several graphs of the model: clipped with the others at the end of the backward
-    state: ClipState | None = None  # its clip state (set once the pass has run; None for a piece)
+    state: ClipState | None = None  # the clip state it was compiled with (set once the pass has run; None for a piece)
+    groups: tuple[tuple[int, ...], ...] = ()  # each clipping group's parameters, as positions among ``indices``
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
     binding: _Binding | None = None  # the parameters of the last call
+    # every parameter list the graph was called with (instances of one model class), by their identities
+    bindings: dict[tuple[int, ...], _Binding] = dataclasses.field(default_factory=dict)
     others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
 
     @functools.cached_property
@@ -135,13 +140,7 @@ class GraphRecord:
             params = [args[i] for i in indices]
             binding = self.binding
             if binding is None or not _alive(binding.refs, params):  # a graph dynamo reuses for other parameters
-                _know(params, self.names)
-                for fsdp_param in fsdp_params_of(params):  # FSDP2: the graph receives the unsharded parameters
-                    _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
-                clip = Clip(self.state, tuple(map(id, params))) if self.state is not None else None
-                binding = self.binding = _Binding([weakref.ref(p) for p in params], clip)
-                if self.piece:
-                    _BY_STORAGE.update((key, p) for p in params if (key := storage_key(p)) is not None)
+                binding = self.binding = self.bind(params)
             where, modules = _caller()
             for module in modules:
                 _know_module(module)
@@ -154,6 +153,55 @@ class GraphRecord:
             return compiled(*args)
 
         return run
+
+    def bind(self, params: list[torch.nn.Parameter]) -> _Binding:
+        """What is known of a call's parameters: computed on the first call with them, then found by identity."""
+        key = tuple(map(id, params))
+        binding = self.bindings.get(key)
+        if binding is not None and _alive(binding.refs, params):
+            return binding
+        _know(params, self.names)
+        for fsdp_param in fsdp_params_of(params):  # FSDP2: the graph receives the unsharded parameters
+            _know_shard(fsdp_param.unsharded_param, fsdp_param.sharded_param, fsdp_param._param_fqn)
+        for stale in [k for k, b in self.bindings.items() if not all(r() is not None for r in b.refs)]:
+            del self.bindings[stale]  # parameters gone (a model deleted): their identities may be reused
+        binding = self.bindings[key] = _Binding([weakref.ref(p) for p in params], self.clip_of(params))
+        if self.piece:
+            _BY_STORAGE.update((storage, p) for p in params if (storage := storage_key(p)) is not None)
+        return binding
+
+    def clip_of(self, params: Sequence[torch.nn.Parameter]) -> Clip | None:
+        """The clip of a call with these parameters: the clip state of the graph's groups over them, in their
+        ledger. The compiled graph records its norms into the state it was compiled with (``compiled``);
+        :func:`running_state` redirects each backward to the state of its own call's parameters."""
+        compiled = self.state
+        if compiled is None:
+            return None
+        members = tuple(tuple(params[i] for i in group) for group in self.groups)
+        ledger = ledger_for(params)
+        state = ledger.clip_state(compiled.groups, members, compiled.names, compiled.initial, compiled.device)
+        return Clip(state, tuple(map(id, params)))
+
+
+def running_state(compiled: ClipState) -> ClipState:
+    """The clip state of the call whose backward is running a graph compiled with the state ``compiled``.
+
+    Dynamo reuses one compiled graph for every instance of a model class (the parameters are graph inputs),
+    so the state baked into the graph is only the state of the instance that compiled it. The running
+    autograd node is the graph's backward; among its inputs' edges is the tap of its call, which holds the
+    clip of the parameters that call passed."""
+    node = torch._C._current_autograd_node()
+    tap = _Tap._backward_cls
+    for edge, _ in node.next_functions if node is not None else ():
+        if isinstance(edge, tap) and edge.call.graph.state is compiled:
+            return edge.call.binding.clip.state
+    raise PrivacyError(
+        f"the backward of a bk_dp graph (clipping groups {', '.join(compiled.groups)}) ran outside the call that "
+        "produced it, so bkcompile cannot tell which model's clip state it clips with\n"
+        "  why: clipping with another model's thresholds would not match the noise of that model's optimizer\n"
+        "  fix: run the backward through torch's autograd engine (not compiled autograd) after calling the "
+        "compiled model"
+    )
 
 
 @dataclasses.dataclass(eq=False)

@@ -110,12 +110,20 @@ class ClipState:
         return threshold.to(dtype=norms.dtype, copy=True)  # not a view of the state
 
 
+def _running(key: int) -> ClipState:
+    """The state the running backward records into: the graph names the state it was compiled with (``key``);
+    the call's own parameters decide (a graph dynamo reuses for another instance of the model)."""
+    from bkcompile.ledger import running_state
+
+    return running_state(_BY_KEY[key])
+
+
 _LAST: list[weakref.ref[ClipState] | None] = [None]  # the state that recorded the most recent backward
 
 
 @torch.library.custom_op("bkcompile::record_norms", mutates_args=())
 def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
-    return _BY_KEY[key].record(norms, group)
+    return _running(key).record(norms, group)
 
 
 @record_norms.register_fake
@@ -125,7 +133,7 @@ def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tenso
 
 @torch.library.custom_op("bkcompile::loss_scale", mutates_args=())
 def loss_scale(like: torch.Tensor, key: int) -> torch.Tensor:
-    return _BY_KEY[key].loss_scale(like)
+    return _running(key).loss_scale(like)
 
 
 @loss_scale.register_fake
