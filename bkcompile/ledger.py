@@ -189,7 +189,10 @@ def running_state(compiled: ClipState) -> ClipState:
     Dynamo reuses one compiled graph for every instance of a model class (the parameters are graph inputs),
     so the state baked into the graph is only the state of the instance that compiled it. The running
     autograd node is the graph's backward; among its inputs' edges is the tap of its call, which holds the
-    clip of the parameters that call passed."""
+    clip of the parameters that call passed. A graph run outside any autograd backward (a joint graph called
+    as a function, as the passes' unit tests do) has no call but its own: it keeps ``compiled``."""
+    if torch._C._current_graph_task_id() < 0:
+        return compiled
     node = torch._C._current_autograd_node()
     tap = _Tap._backward_cls
     for edge, _ in node.next_functions if node is not None else ():
