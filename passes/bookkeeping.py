@@ -22,7 +22,7 @@ import operator
 
 import torch
 import torch.fx
-from bkcompile.passes.clip import erase_dead, per_sample_grad
+from bkcompile.passes.clip import erase_dead, param_numel, per_sample_grad
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.sites import ParamGrad, preserved_operand
@@ -106,7 +106,7 @@ def keep_site(joint: JointGraph, param: ParamGrad, dtype: torch.dtype, fake_mode
     batch = emit.size(weights, 0)
     copied = dataclasses.replace(param, grad=env[param.grad], sites=(dataclasses.replace(site, node=env[site.node]),))
     values = per_sample_grad(emit, joint, copied.grad, {env[site.node]: copied.sites[0]}, batch, dtype)
-    graph.output(emit(aten.reshape.default, values, [batch, -1]))
+    graph.output(emit(aten.reshape.default, values, [batch, param_numel(param.grad)]))
     graph.eliminate_dead_code()
     per_sample = torch.fx.GraphModule(torch.nn.Module(), graph)
     return KeptSite(tuple(external), reduce, per_sample)

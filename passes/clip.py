@@ -7,11 +7,12 @@ one of two strategies:
   re-emits the site with its per-sample operand scaled by w_i, so the one reduction gives sum_i w_i G_i::
 
       before:  grad = mm(t(grad_out), act)
-      after:   grad = mm(t(grad_out) * w[rows], act)
+      after:   grad = mm(t(grad_out) * w[rows], act)    (or act * w[rows]: the narrower operand is weighted)
 
 - ``explicit``: the per-sample gradients G_i (B, *param shape) are formed (the sum over the sites of a
-  parameter used at several places, with the views between them replayed per sample); the norm is
-  taken from them and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
+  parameter used at several places, with the views between them replayed per sample) where the gradient is
+  complete, so that the operands need not be held until the clip factors are known; the norm is taken from them
+  and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
 
 Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2) / S`` (s: the
 loss scale of the reduction, S: a GradScaler's loss scale, read at run time), ``C_ig = min(1, R_g / (n_ig +
@@ -20,6 +21,8 @@ Norms are accumulated in float32 (float64 when the model is float64).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx
@@ -82,6 +85,12 @@ def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites
         grads = per_sample_grad(emit, joint, term, sites, batch, dtype)
         return law_for(node.target).lift_linear(emit, node, term, grads, batch)
     return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+
+
+def param_numel(grad: torch.fx.Node) -> int:
+    """The values of a parameter's gradient: the width of its flat per-sample values (B, n), given explicitly so
+    that the reshape holds for an empty batch too."""
+    return math.prod(static_shape(grad))
 
 
 def erase_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -213,9 +222,9 @@ def insert_clipping(
             with graph.inserting_before(site.node):
                 squares[param.name] = site.kind.sq_norm(emit, joint, site.node, batch, dtype)
             continue
-        with graph.inserting_before(graph.output_node()):
+        with graph.inserting_before(param.grad):  # where the gradient is complete: its operands are not held
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
-            flat = emit(aten.reshape.default, grads, [batch, -1])
+            flat = emit(aten.reshape.default, grads, [batch, param_numel(param.grad)])
             squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.name] = flat
     with graph.inserting_before(graph.output_node()):

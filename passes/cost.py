@@ -11,7 +11,9 @@ embedding's table size. Costs count what privacy adds to the ordinary backward:
 - explicit: the per-sample gradients replace the original reduction (same FLOPs); the clipped sum
   2Bpd and the norms Bpd are extra, and the B per-sample gradients (Bpd values) are held.
 
-``choose`` picks per parameter: the forced strategy; for "auto", the one that holds fewer values at the
+``choose`` picks per parameter: explicit where every site's two costs are the same (a sum site: its norm needs
+the per-sample sums, and they give the clipped sum too, so the operand is not read again after clipping); the
+forced strategy; for "auto", the one that holds fewer values at the
 compiled sizes, the fewer FLOPs on a tie (for a matmul site Bu et al.'s mixed rule, ghost when 2T^2 < pd); for
 "fastest", the fewer FLOPs, then, under ``memory_budget``, it trades time for memory where the budget is exceeded.
 FLOPs leave out what a per-sample gradient costs beyond them: B small products run below one large product's
@@ -90,6 +92,7 @@ class Reason(enum.Enum):
     SHARED = "shared"  # several sites: explicit
     SCALED = "scaled"  # a linear map after the site: explicit
     NO_GHOST = "no ghost"  # the site's kind has no ghost norm for it: explicit
+    DIRECT = "per-sample sums"  # the norm needs the per-sample values anyway: explicit, reused for the sum
     FORCED = "forced"  # options.strategy is "ghost" or "explicit"
     LESS_MEMORY = "less memory"  # "auto"
     FASTER = "faster"  # "fastest"
@@ -156,7 +159,9 @@ def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, compi
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
         blocked = _ghost_blocked(param)
-        if blocked is not None:
+        if blocked is None and all(c.ghost == c.explicit for c in costs):
+            plans.append(ParamPlan(param, costs, Strategy.EXPLICIT, Reason.DIRECT))
+        elif blocked is not None:
             plans.append(ParamPlan(param, costs, Strategy.EXPLICIT, blocked))
         elif options.strategy in ("ghost", "explicit"):
             plans.append(ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED))

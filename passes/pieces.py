@@ -27,7 +27,14 @@ import operator
 import torch
 import torch.fx
 from bkcompile.passes.bookkeeping import keep_site
-from bkcompile.passes.clip import batch_size_value, erase_dead, loss_factor, per_sample_grad, trainable_grads
+from bkcompile.passes.clip import (
+    batch_size_value,
+    erase_dead,
+    loss_factor,
+    param_numel,
+    per_sample_grad,
+    trainable_grads,
+)
 from bkcompile.passes.cost import Strategy
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
@@ -110,7 +117,7 @@ def defer_clipping(state) -> set[str]:
         grads = []
         for param in explicit:
             value = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
-            grads.append(emit(aten.reshape.default, value, [batch, -1]))
+            grads.append(emit(aten.reshape.default, value, [batch, param_numel(param.grad)]))
         factor = loss_factor(emit, state.scale, batch, dtype)
         if factor is None:
             factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)

@@ -140,6 +140,19 @@ def test_cost_makes_a_weight_used_twice_explicit() -> None:
 # --- clipping --------------------------------------------------------------------------------------------
 
 
+def _clipped_and_per_sample(state, params: dict, x: torch.Tensor):
+    """The clipped weight and bias gradients the graph gives, and the per-sample gradients of the summed tanh
+    of the linear layer (the oracle's)."""
+    state.joint.gm.recompile()
+    w, b = (t.detach() for t in params.values())
+    _, (grad_w, grad_b, _) = state.joint.gm([w, b, x], [torch.ones((), dtype=torch.float64)])
+
+    def sample_loss(w, b, xi):
+        return F.linear(xi, w, b).tanh().sum()
+
+    return grad_w, grad_b, *vmap(grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+
+
 @pytest.mark.parametrize("clipping, groups", [("all-layer", 1), ("param-wise", 2)])
 def test_clipping_inserts_one_norm_record_per_group_and_clips_the_gradients(clipping: str, groups: int) -> None:
     params = _linear_params()
@@ -147,14 +160,7 @@ def test_clipping_inserts_one_norm_record_per_group_and_clips_the_gradients(clip
     state = run_until("clipping", _linear_mean, params, x, clipping=clipping, max_grad_norm=0.5)
     records = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.record_norms.default)
     assert len(records) == groups
-    state.joint.gm.recompile()
-    w, b = (p.detach() for p in params.values())
-    _, (grad_w, grad_b, _) = state.joint.gm([w, b, x], [torch.ones((), dtype=torch.float64)])
-
-    def sample_loss(w, b, xi):
-        return F.linear(xi, w, b).tanh().sum()
-
-    gw, gb = vmap(grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    grad_w, grad_b, gw, gb = _clipped_and_per_sample(state, params, x)
     radius = 0.5 if groups == 1 else 0.5 / 2**0.5
     if groups == 1:
         norms = (gw.flatten(1).pow(2).sum(1) + gb.pow(2).sum(1)).sqrt()
@@ -165,6 +171,47 @@ def test_clipping_inserts_one_norm_record_per_group_and_clips_the_gradients(clip
     assert factors_w.min() < 1  # some samples are clipped
     torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors_w, gw), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_b, torch.einsum("b,bi->i", factors_b, gb), rtol=1e-10, atol=1e-12)
+
+
+def _tokens_mean(w, b, x):
+    return F.linear(x, w, b).tanh().sum((1, 2)).mean()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "fastest"])
+def test_cost_reuses_the_per_sample_sums_of_a_bias(strategy: str) -> None:
+    """A sum site's norm needs its per-sample sums (B, p) anyway: they are reused for the clipped sum (explicit)
+    instead of reading the operand again once the clip factors are known."""
+    state = run_until(
+        "cost", _linear_mean, _linear_params(), torch.randn(6, 5, 4, dtype=torch.float64), strategy=strategy
+    )
+    plans = {plan.param.name: plan for plan in state.cost.plans}
+    assert (plans["fc.bias"].strategy, plans["fc.bias"].reason) == (Strategy.EXPLICIT, Reason.DIRECT)
+    assert plans["fc.weight"].reason is not Reason.DIRECT
+
+
+@pytest.mark.parametrize(("p", "d", "activation"), [(16, 4, True), (4, 16, False), (6, 6, True)])
+def test_ghost_weighting_scales_the_narrower_operand_and_matches_the_oracle(p: int, d: int, activation: bool) -> None:
+    """mm(t(g), a) weighted by the clip factors scales the operand with fewer columns (the activation on a
+    tie): g (B*T, p) or a (B*T, d)."""
+    params = _linear_params(p, d)
+    x = torch.randn(6, 5, d, dtype=torch.float64)
+    state = run_until("clipping", _tokens_mean, params, x, strategy="ghost", max_grad_norm=0.5)
+    weighted = [
+        n
+        for n in state.joint.gm.graph.find_nodes(op="call_function", target=aten.mm.default)
+        if any(a.target == aten.mul.Tensor for a in n.all_input_nodes)
+    ]
+    assert len(weighted) == 1
+    scaled = next(a for a in weighted[0].all_input_nodes if a.target == aten.mul.Tensor)
+    value = scaled.args[0]
+    while value.op == "call_function" and value.target in (aten.view.default, aten.t.default, aten.permute.default):
+        value = value.args[0]
+    assert (value.op == "placeholder") == activation  # the input x, or the output gradient g
+    grad_w, grad_b, gw, gb = _clipped_and_per_sample(state, params, x)
+    factors = (0.5 / ((gw.flatten(1).pow(2).sum(1) + gb.pow(2).sum(1)).sqrt() + 1e-6)).clamp(max=1)
+    assert factors.min() < 1
+    torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors, gw), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, torch.einsum("b,bi->i", factors, gb), rtol=1e-10, atol=1e-12)
 
 
 def _two_layers(w1, w2, x):

@@ -25,6 +25,7 @@ import torch.fx
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Batched, Reduced, exact_quotient, product
 from bkcompile.passes.joint import JointGraph
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from bkcompile.errors import NotSupportedYetError, node_error
 
@@ -120,9 +121,17 @@ def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value:
 
 
 def reweight_operand(emit: Emitter, joint: JointGraph, node: torch.fx.Node, weights, batch) -> torch.fx.Node:
-    """Re-emit ``node`` with its first per-sample operand (of the first two) scaled by the row weights."""
+    """Re-emit ``node`` with one per-sample floating operand (of the first two) scaled by the row weights: the
+    smaller one (of ``mm(t(g), a)``, the narrower of g and a), so that the scaling reads and writes the least."""
     args = list(node.args)
-    position = next(i for i, a in enumerate(args[:2]) if isinstance(joint.facts.get(a), Batched))
+    scalable = [
+        i
+        for i, a in enumerate(args[:2])
+        if isinstance(joint.facts.get(a), Batched) and a.meta["val"].dtype.is_floating_point
+    ]
+    # on a tie the second: of mm(t(g), a), the activation, which layers reading one input share (the graph's
+    # common-subexpression elimination then leaves one weighted copy for them)
+    position = min(reversed(scalable), key=lambda i: optimization_hint(args[i].meta["val"].numel(), fallback=1))
     args[position] = emit(aten.mul.Tensor, args[position], row_weights(emit, joint, weights, args[position], batch))
     weighted = emit(node.target, *args, **node.kwargs)
     weighted.meta.update({k: v for k, v in node.meta.items() if k != "val"})
