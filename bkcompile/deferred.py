@@ -106,12 +106,18 @@ def defer_grads(
     operands: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     piece = _GRAPHS[graph]
-    parts: list[torch.Tensor | Kept] = [g.detach() for g in grads]
+    # the op declares no aliasing, so a compiler may reuse its inputs' memory once it returns: keep copies
+    parts: list[torch.Tensor | Kept] = [_own(g) for g in grads]
     values = iter(operands)
     for site, norm in zip(piece.kept, norms):
-        parts.append(Kept(site, norm.detach(), [next(values).detach() for _ in site.operands]))
-    join_piece(Piece(piece, [parameter_of(p) for p in params], parts, factor.detach()), finalize)
+        parts.append(Kept(site, _own(norm), [_own(next(values)) for _ in site.operands]))
+    join_piece(Piece(piece, [parameter_of(p) for p in params], parts, _own(factor)), finalize)
     return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
+
+
+def _own(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` that outlives the call: Inductor reuses a buffer after its last reader in the graph."""
+    return value.detach().clone()
 
 
 @defer_grads.register_fake

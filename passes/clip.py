@@ -12,7 +12,7 @@ one of two strategies:
 - ``explicit``: the per-sample gradients G_i (B, *param shape) are formed (the sum over the sites of a
   parameter used at several places, with the views between them replayed per sample) where the gradient is
   complete, so that the operands need not be held until the clip factors are known; the norm is taken from them
-  and the gradient becomes ``sum_i w_i G_i``, one matrix-vector product.
+  and the gradient becomes ``sum_i w_i G_i``, one weighted sum over the rows.
 
 Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2) / S`` (s: the
 loss scale of the reduction, S: a GradScaler's loss scale, read at run time), ``C_ig = min(1, R_g / (n_ig +
@@ -232,10 +232,12 @@ def insert_clipping(
         reduced = {}
         for param in params:
             if param.name in explicit:
-                row = emit(aten.unsqueeze.default, weights[param.name], 0)
-                total = emit(
-                    aten.view.default, emit(aten.mm.default, row, explicit[param.name]), static_shape(param.grad)
-                )
+                # sum_i w_i G_i as a weighted sum over the rows (one fused reduction under Inductor): an mm of (1, B)
+                # weights needs a fixed layout that Inductor cannot order for an unbacked batch size (strides B and 1),
+                # and mv has both a fallback and a decomposition there
+                column = emit(aten.unsqueeze.default, weights[param.name], 1)
+                rows = emit(aten.mul.Tensor, explicit[param.name], column)
+                total = emit(aten.view.default, emit(aten.sum.dim_IntList, rows, [0]), static_shape(param.grad))
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
                 for term in free.get(param.name, []):  # an explicit sum leaves the graph's adds: add them here
                     reduced[param.index] = emit(aten.add.Tensor, reduced[param.index], term)

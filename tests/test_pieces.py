@@ -628,3 +628,26 @@ def test_a_shared_input_is_checked_on_every_call() -> None:
     model.positions = torch._dynamo.disable(lambda ids: ids[:1])
     with pytest.raises(bkcompile.PrivacyError, match="was compiled with input .*'position.* shared by every sample"):
         compiled(ids)
+
+
+def test_defer_grads_keeps_copies_of_what_it_is_handed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op declares no aliasing, so Inductor reuses its inputs' buffers once it returns (a bias's per-sample
+    sums were overwritten before the clip under FSDP2 per block): what the piece keeps must be its own."""
+    from bkcompile.passes.groups import Grouping
+
+    import bkcompile.deferred as deferred
+    from bkcompile.options import BKOptions
+
+    joined = []
+    monkeypatch.setattr(deferred, "join_piece", lambda piece, finalize: joined.append(piece))
+    grouping = Grouping(("all",), (("b",),), (1.0,))
+    graph = deferred.register_piece(
+        deferred.PieceGraph("piece", BKOptions(max_grad_norm=1.0), ("b",), grouping, "sum", False)
+    )
+    bias, sums, factor = torch.zeros(3), torch.arange(6.0).reshape(2, 3), torch.tensor(2.0)
+    torch.ops.bkcompile.defer_grads([bias], [sums], factor, graph, [], [])
+    sums.fill_(-1.0)  # the buffer reused by a later kernel of the same graph
+    factor.fill_(-1.0)
+    (piece,) = joined
+    assert torch.equal(piece.grads[0], torch.arange(6.0).reshape(2, 3))
+    assert piece.factor.item() == 2.0
