@@ -132,8 +132,10 @@ def clip_weights(
     scaled = emit(torch.ops.bkcompile.loss_scale.default, min(squares.values(), key=position.__getitem__), key)
     for group, members in enumerate(grouping.members):  # each group on its own: no group waits for another
         total = squares[members[0]]
-        for member in members[1:]:
-            total = emit(aten.add.Tensor, total, squares[member])
+        if len(members) > 1:
+            stacked = emit(aten.cat.default, [squares[m] for m in members])
+            rows = [len(members), emit.size(squares[members[0]], 0)]  # explicit: the batch may be empty
+            total = emit(aten.sum.dim_IntList, emit(aten.view.default, stacked, rows), [0])
         norms = emit(aten.div.Tensor, emit(aten.sqrt.default, total), scaled)
         if factor is not None:
             norms = emit(aten.mul.Tensor, norms, factor)

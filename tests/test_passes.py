@@ -241,3 +241,60 @@ def test_a_group_clips_without_waiting_for_the_norms_of_layers_before_it() -> No
     assert squares_w1.target is aten.sum.dim_IntList
     # the backward reaches w2 first: its clip (and weighted reduction) must not wait for w1's norms
     assert squares_w1 not in _ancestors(second)
+
+
+def _views_up_to(value: torch.fx.Node, original: set[str]) -> int:
+    """The view ops between ``value`` and the first value of the graph as traced (named in ``original``)."""
+    views = 0
+    while value.name not in original:
+        assert value.target in (aten.reshape.default, aten.view.default, aten.permute.default, aten.t.default)
+        value, views = value.args[0], views + 1
+    return views
+
+
+def test_a_ghost_norm_reads_its_operands_through_one_view_and_one_transpose() -> None:
+    """The Gram matrices of a linear layer read the activation (B*T, d) and the output gradient, held as (p, B*T),
+    through one reshape to (B, T, .) and a transpose (the gradient's): every node the pass emits is one more node
+    for Inductor to lower, schedule and generate code for."""
+    params = _linear_params()
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    traced = run_until("cost", _tokens_mean, params, x, strategy="ghost").joint.gm.graph.nodes
+    state = run_until("clipping", _tokens_mean, params, x, strategy="ghost", max_grad_norm=0.5)
+    grams = state.joint.gm.graph.find_nodes(op="call_function", target=aten.bmm.default)
+    assert len(grams) == 2
+    original = {n.name for n in traced}
+    assert sorted(_views_up_to(gram.args[0], original) for gram in grams) == [1, 2]
+    assert len(state.joint.gm.graph.nodes) - len(traced) <= 38  # norms, clip factors and weighted reductions
+    grad_w, grad_b, gw, gb = _clipped_and_per_sample(state, params, x)
+    factors = (0.5 / ((gw.flatten(1).pow(2).sum(1) + gb.pow(2).sum(1)).sqrt() + 1e-6)).clamp(max=1)
+    assert factors.min() < 1
+    torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors, gw), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, torch.einsum("b,bi->i", factors, gb), rtol=1e-10, atol=1e-12)
+
+
+def test_a_group_sums_the_squared_norms_of_its_parameters_in_one_reduction() -> None:
+    """The squared norms of a group's parameters are concatenated and summed once: under Inductor each one
+    stays in the kernel that computes it, where a chain of adds fused every per-sample reduction of the model
+    into one large kernel at the end of the backward (compiled, and holding its operands, until then)."""
+    params = {
+        name: torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        for name, shape in [("w1", (5, 4)), ("w2", (3, 5))]
+    }
+    x = torch.randn(6, 4, dtype=torch.float64)
+    state = run_until("clipping", _two_layers, params, x, max_grad_norm=0.5)
+    (record,) = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.bkcompile.record_norms.default)
+    (root,) = [n for n in _ancestors(record) if n.target is aten.sqrt.default]
+    total = root.args[0]
+    assert total.target is aten.sum.dim_IntList and total.args[0].target is aten.view.default
+    stacked = total.args[0].args[0]
+    assert stacked.target is aten.cat.default and len(stacked.args[0]) == 2
+    state.joint.gm.recompile()
+    w1, w2 = (t.detach() for t in params.values())
+    _, (grad_w1, grad_w2, _) = state.joint.gm([w1, w2, x], [torch.ones((), dtype=torch.float64)])
+    g1, g2 = vmap(grad(lambda a, b, xi: _two_layers(a, b, xi[None]), argnums=(0, 1)), in_dims=(None, None, 0))(
+        w1, w2, x
+    )
+    factors = (0.5 / ((g1.flatten(1).pow(2).sum(1) + g2.flatten(1).pow(2).sum(1)).sqrt() + 1e-6)).clamp(max=1)
+    assert factors.min() < 1
+    torch.testing.assert_close(grad_w1, torch.einsum("b,bij->ij", factors, g1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_w2, torch.einsum("b,bij->ij", factors, g2), rtol=1e-10, atol=1e-12)

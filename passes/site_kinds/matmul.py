@@ -27,34 +27,35 @@ aten = torch.ops.aten
 
 
 def product_operands(emit: Emitter, a, b, fact: Batched, batch: Size, dtype: torch.dtype, batched: bool):
-    """(B, L, m, n) and (B, L, m, p) views of a (L, n, K) and b (L, K, p) (without L unless ``batched``),
-    whose K = outer*B*inner rows are laid out as ``fact``, and m = outer*inner."""
+    """(B*L, m, n) and (B*L, m, p) views of a (L, n, K) and b (L, K, p) (without L unless ``batched``), whose
+    K = outer*B*inner rows are laid out as ``fact``, and m = outer*inner: the rows of sample i, layer l at i*L + l."""
     a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
-    if not batched:
-        a, b = emit(aten.unsqueeze.default, a, 0), emit(aten.unsqueeze.default, b, 0)
-    a4 = emit(aten.permute.default, split_batch(emit, a, fact, 2, batch), [2, 0, 3, 1])
-    b4 = emit(aten.permute.default, split_batch(emit, b, fact, 1, batch), [1, 0, 2, 3])
-    return a4, b4, emit.size(a4, 2)
-
-
-def gram_sq_norm(emit: Emitter, a4: torch.fx.Node, b4: torch.fx.Node, inner: Size) -> torch.fx.Node:
-    """``||a_i^T b_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (b_i b_i^T)_{ts}``; ``||a_i||^2 ||b_i||^2`` when m = 1."""
-    if isinstance(inner, int) and inner == 1:
-        na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a4, a4), [2, 3])  # (B, L)
-        nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b4, b4), [2, 3])
-        return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, na, nb), [1])
-    a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])  # (B*L, m, n)
-    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])  # (B*L, m, p)
-    gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
-    gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
-    products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
-    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [emit.size(a4, 0), -1]), [1])
-
-
-def per_sample_products(emit: Emitter, a4, b4, inner: Size, shape: list[int]) -> torch.fx.Node:
-    """G_i = a_i^T b_i for every sample, (B, *shape): ``shape`` (n, p), or (L, n, p) for bmm."""
+    if not batched:  # (n, B, m) and (B, m, p): one view and one transpose
+        b3 = split_batch(emit, b, fact, 0, batch)
+        return emit(aten.permute.default, split_batch(emit, a, fact, 1, batch), [1, 2, 0]), b3, emit.size(b3, 1)
+    a4 = emit(aten.permute.default, split_batch(emit, a, fact, 2, batch), [2, 0, 3, 1])  # (B, L, m, n)
+    b4 = emit(aten.permute.default, split_batch(emit, b, fact, 1, batch), [1, 0, 2, 3])  # (B, L, m, p)
+    inner = emit.size(a4, 2)
     a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])
-    b3 = emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)])
+    return a3, emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)]), inner
+
+
+def gram_sq_norm(emit: Emitter, a3: torch.fx.Node, b3: torch.fx.Node, inner: Size, batch: Size) -> torch.fx.Node:
+    """``||a_i^T b_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (b_i b_i^T)_{ts}``; ``||a_i||^2 ||b_i||^2`` when m = 1
+    (summed over the L products of a sample)."""
+    if isinstance(inner, int) and inner == 1:
+        na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a3, a3), [1, 2])  # (B*L,)
+        nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b3, b3), [1, 2])
+        products = emit(aten.mul.Tensor, na, nb)
+    else:
+        gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
+        gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
+        products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
+    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, -1]), [1])
+
+
+def per_sample_products(emit: Emitter, a3, b3, inner: Size, shape: list[int]) -> torch.fx.Node:
+    """G_i = a_i^T b_i for every sample, (B, *shape): ``shape`` (n, p), or (L, n, p) for bmm."""
     grads = emit(aten.bmm.default, emit(aten.permute.default, a3, [0, 2, 1]), b3)  # (B*L, n, p)
     return emit(aten.reshape.default, grads, [-1, *shape])
 
@@ -75,7 +76,7 @@ def _operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size
 
 
 def matmul_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
-    return gram_sq_norm(emit, *_operands(emit, joint, node, batch, dtype))
+    return gram_sq_norm(emit, *_operands(emit, joint, node, batch, dtype), batch)
 
 
 def matmul_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:

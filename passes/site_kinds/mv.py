@@ -23,7 +23,7 @@ def _operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size
 
 
 def mv_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
-    return gram_sq_norm(emit, *_operands(emit, joint, node, batch, dtype))
+    return gram_sq_norm(emit, *_operands(emit, joint, node, batch, dtype), batch)
 
 
 def mv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
