@@ -176,3 +176,15 @@ def test_one_loss_over_two_instances_is_refused_like_two_models() -> None:
     loss = sum(_loss(compiled[name], batches[name]) for name in models)
     with raises_bk(ClipOnceError, "two bk_dp graphs ran in one backward"):
         loss.backward()
+
+
+def test_a_backward_run_by_compiled_autograd_is_refused() -> None:
+    """Compiled autograd runs the graph's backward outside torch's autograd engine, so no call's tap is among the
+    running node's inputs: the clip state of the call cannot be found, and the backward refuses to clip."""
+    models, batches = _instances(), _batches()
+    compiled = torch.compile(models["A"], backend="bk_dp", options=OPTIONS)
+    loss = _loss(compiled, batches["A"])
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        with raises_bk(PrivacyError, "ran outside the call that produced it", "not compiled autograd"):
+            loss.backward()
+    assert all(p.grad is None for p in models["A"].parameters())
