@@ -7,8 +7,21 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
+
+
+_VIEWS = frozenset({aten.reshape.default, aten.view.default, aten.permute.default, aten.expand.default})
+
+
+def _same_layout(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether a view's result has its input's sizes and strides (known without adding a guard on a symbolic size)."""
+    return (
+        before.dim() == after.dim()
+        and all(statically_known_true(a == b) for a, b in zip(before.shape, after.shape, strict=True))
+        and all(statically_known_true(a == b) for a, b in zip(before.stride(), after.stride(), strict=True))
+    )
 
 
 def static_shape(value: torch.fx.Node) -> list[int]:
@@ -24,10 +37,15 @@ class Emitter:
         self.fake_mode = fake_mode
 
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        node = self.graph.call_function(target, args, kwargs)
+        """A node computing ``target(*args, **kwargs)``; a view that leaves its input as it is emits none and
+        returns the input (every node is work for the compiler)."""
         fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
         with self.fake_mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+            value = target(*fake_args, **fake_kwargs)
+        if target in _VIEWS and _same_layout(fake_args[0], value):
+            return args[0]
+        node = self.graph.call_function(target, args, kwargs)
+        node.meta["val"] = value
         return node
 
     def size(self, value: torch.fx.Node, dim: int) -> int | torch.fx.Node:
