@@ -28,33 +28,36 @@ aten = torch.ops.aten
 
 def product_operands(emit: Emitter, a, b, fact: Batched, batch: Size, dtype: torch.dtype, batched: bool):
     """(B*L, m, n) and (B*L, m, p) views of a (L, n, K) and b (L, K, p) (without L unless ``batched``), whose
-    K = outer*B*inner rows are laid out as ``fact``, and m = outer*inner: the rows of sample i, layer l at i*L + l."""
+    K = outer*B*inner rows are laid out as ``fact``, m = outer*inner (the rows of sample i, layer l at i*L + l),
+    and L."""
     a, b = emit.to_dtype(a, dtype), emit.to_dtype(b, dtype)
     if not batched:  # (n, B, m) and (B, m, p): one view and one transpose
         b3 = split_batch(emit, b, fact, 0, batch)
-        return emit(aten.permute.default, split_batch(emit, a, fact, 1, batch), [1, 2, 0]), b3, emit.size(b3, 1)
+        return emit(aten.permute.default, split_batch(emit, a, fact, 1, batch), [1, 2, 0]), b3, emit.size(b3, 1), 1
     a4 = emit(aten.permute.default, split_batch(emit, a, fact, 2, batch), [2, 0, 3, 1])  # (B, L, m, n)
     b4 = emit(aten.permute.default, split_batch(emit, b, fact, 1, batch), [1, 0, 2, 3])  # (B, L, m, p)
     inner = emit.size(a4, 2)
     a3 = emit(aten.reshape.default, a4, [-1, inner, emit.size(a4, 3)])
-    return a3, emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)]), inner
+    return a3, emit(aten.reshape.default, b4, [-1, inner, emit.size(b4, 3)]), inner, emit.size(a4, 1)
 
 
-def gram_sq_norm(emit: Emitter, a3: torch.fx.Node, b3: torch.fx.Node, inner: Size, batch: Size) -> torch.fx.Node:
+def gram_sq_norm(emit: Emitter, a3, b3, inner: Size, layers: Size, batch: Size) -> torch.fx.Node:
     """``||a_i^T b_i||^2 = sum_{t,s} (a_i a_i^T)_{ts} (b_i b_i^T)_{ts}``; ``||a_i||^2 ||b_i||^2`` when m = 1
     (summed over the L products of a sample)."""
     if isinstance(inner, int) and inner == 1:
         na = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, a3, a3), [1, 2])  # (B*L,)
         nb = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, b3, b3), [1, 2])
-        products = emit(aten.mul.Tensor, na, nb)
+        squares = emit(aten.mul.Tensor, na, nb)
     else:
         gram_a = emit(aten.bmm.default, a3, emit(aten.permute.default, a3, [0, 2, 1]))
         gram_b = emit(aten.bmm.default, b3, emit(aten.permute.default, b3, [0, 2, 1]))
-        products = emit(aten.mul.Tensor, gram_a, gram_b)  # (B*L, m, m)
-    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, -1]), [1])
+        squares = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, gram_a, gram_b), [1, 2])  # (B*L,)
+    if isinstance(layers, int) and layers == 1:
+        return squares
+    return emit(aten.sum.dim_IntList, emit(aten.view.default, squares, [batch, layers]), [1])  # sizes of an empty batch
 
 
-def per_sample_products(emit: Emitter, a3, b3, inner: Size, shape: list[int]) -> torch.fx.Node:
+def per_sample_products(emit: Emitter, a3, b3, inner: Size, layers: Size, shape: list[int]) -> torch.fx.Node:
     """G_i = a_i^T b_i for every sample, (B, *shape): ``shape`` (n, p), or (L, n, p) for bmm."""
     grads = emit(aten.bmm.default, emit(aten.permute.default, a3, [0, 2, 1]), b3)  # (B*L, n, p)
     return emit(aten.reshape.default, grads, [-1, *shape])
