@@ -1,5 +1,6 @@
 """Convolution sites: ghost norms from the padded input's Gram matrices equal the oracle and replace the im2col
-Grams where they are cheaper; on CPU the Inductor graphs of bk_dp keep convolutions in the NCHW layout."""
+Grams where they are cheaper; on CPU the Inductor graphs of bk_dp keep convolutions in the NCHW layout; per-sample
+weight gradients read the weight as a zero-stride view."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 import zoo
 from bkcompile.passes.site_kinds import conv
 from helpers import assert_matches
+from joint_graphs import run_until
 from oracle import clipped_sum
 from test_oracle import CASES, run_case
 from torch._inductor.utils import run_and_get_code
+from torch.func import grad, vmap
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -68,3 +71,26 @@ def test_inductor_ghost_norms_from_padded_grams_in_nchw(monkeypatch: pytest.Monk
     # (5, 4, 8, 8) activations: NCHW strides (256, 64, 8, 1); channels-last would be (256, 1, 32, 4)
     assert code and all("(256, 1, 32, 4)" not in c for c in code)
     assert any("(256, 64, 8, 1)" in c for c in code)
+
+
+def _conv_mean(w, x):
+    return torch.tanh(F.conv2d(x, w, padding=1)).mean()
+
+
+def test_per_sample_weight_gradients_read_the_weight_as_a_zero_stride_view() -> None:
+    # the grouped convolution_backward of the per-sample gradients reads the weight's shape alone: B materialised
+    # copies were B*p*d values that Inductor computed at the start of the backward and held until the call
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    state = run_until("clipping", _conv_mean, {"w": w}, x, strategy="explicit", max_grad_norm=0.05)
+    convs = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default)
+    (per_sample,) = [c for c in convs if c.args[9] == 6]  # the samples as groups
+    weight = per_sample.args[2].meta["val"]
+    assert tuple(weight.shape) == (24, 3, 3, 3) and set(weight.stride()) == {0}
+    state.joint.gm.recompile()
+    _, (got, _) = state.joint.gm([w.detach(), x], [torch.ones((), dtype=torch.float64)])
+    grads = vmap(grad(lambda w, xi: _conv_mean(w, xi[None])), in_dims=(None, 0))(w.detach(), x)
+    factors = (0.05 / (grads.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1)
+    assert factors.max() < 1  # every sample clipped
+    torch.testing.assert_close(got, torch.einsum("b,b...->...", factors, grads), rtol=1e-10, atol=1e-12)

@@ -54,8 +54,10 @@ def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch
     shape = static_shape(weight)
     flat_out = emit(aten.reshape.default, grad_out, [1, -1, *emit.sizes(grad_out)[2:]])
     flat_in = emit(aten.reshape.default, emit.to_dtype(x, dtype), [1, -1, *emit.sizes(x)[2:]])
-    stacked = emit(aten.expand.default, emit(aten.unsqueeze.default, emit.to_dtype(weight, dtype), 0), [batch, *shape])
-    stacked = emit(aten.reshape.default, stacked, [-1, *shape[1:]])
+    # the weight gradient reads the weight's shape alone: its B copies are one zero-stride view, not B*p*d values
+    # that Inductor computes at the start of the backward and holds until the call
+    filters = shape[0] * batch if isinstance(batch, int) else emit(operator.mul, batch, shape[0])
+    stacked = emit(aten.as_strided.default, emit.to_dtype(weight, dtype), [filters, *shape[1:]], [0] * len(shape))
     sample_groups = groups * batch if isinstance(batch, int) else emit(operator.mul, batch, groups)
     grads = emit(
         aten.convolution_backward.default,
