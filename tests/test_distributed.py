@@ -365,14 +365,14 @@ def test_checkpoint_resumes_the_same_run(ranks, tmp_path) -> None:
     check_resumed(ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"), False))
 
 
-def _adaptive_steps(rank: int) -> dict:
-    model = Net().double()
+def adaptive_steps(rank: int, model: nn.Module, wrap) -> dict:
+    """Two adaptive-clipping steps of ``wrap(model, options)`` on this rank's half of the union batch, at the
+    smallest threshold at which the two halves count different numbers of samples under it."""
     x, y = _union_batch(torch.float64)
     _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
     halves = norms.view(WORLD, PER_RANK)
-    # the smallest threshold at which the ranks count different numbers of samples under it
     radius = next(r for r in norms.sort().values.tolist() if len({int((h <= r).sum()) for h in halves}) > 1)
-    wrapped = _wrap(model, "DDP(compile)", {"max_grad_norm": radius, "compiler": "aot_eager"})
+    wrapped = wrap(model, {"max_grad_norm": radius, "compiler": "aot_eager"})
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
         noise_multiplier=1.0,
@@ -387,10 +387,18 @@ def _adaptive_steps(rank: int) -> dict:
         F.cross_entropy(wrapped(*_local(rank, x)), *_local(rank, y)).backward()
         optimizer.step()
         thresholds.append(optimizer._clip_state.thresholds.clone())
-    return {"thresholds": thresholds, "local count": local}
+    return {"thresholds": thresholds, "local count": local, "radius": radius}
+
+
+def check_adaptive_counts(first: dict, second: dict) -> None:
+    assert first["local count"] != second["local count"]  # local counts would move the ranks apart
+    assert all(torch.equal(a, b) for a, b in zip(first["thresholds"], second["thresholds"]))
+    assert float(first["thresholds"][0][0]) != first["radius"]  # the threshold moved
+
+
+def _ddp_adaptive_steps(rank: int) -> dict:
+    return adaptive_steps(rank, Net().double(), lambda model, options: _wrap(model, "DDP(compile)", options))
 
 
 def test_adaptive_clipping_counts_the_union_batch(ranks) -> None:
-    first, second = ranks.run(_adaptive_steps)
-    assert first["local count"] != second["local count"]  # local counts would move the ranks apart
-    assert all(torch.equal(a, b) for a, b in zip(first["thresholds"], second["thresholds"]))
+    check_adaptive_counts(*ranks.run(_ddp_adaptive_steps))

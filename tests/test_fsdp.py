@@ -26,6 +26,8 @@ from test_distributed import (
     _local,
     _max_relative_error,
     _union_batch,
+    adaptive_steps,
+    check_adaptive_counts,
     check_resumed,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -355,34 +357,10 @@ def test_checkpoint_of_a_sharded_run_resumes_it(ranks, tmp_path) -> None:
     check_resumed(ranks.run(_checkpoint_and_resume, str(tmp_path / "checkpoint.pt"), True))
 
 
-def _adaptive_steps(rank: int, wrapping: str) -> dict:
-    model = Tower().double()
-    x, y = _union_batch(torch.float64)
-    _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
-    halves = norms.view(WORLD, PER_RANK)
-    # the smallest threshold at which the ranks count different numbers of samples under it
-    radius = next(r for r in norms.sort().values.tolist() if len({int((h <= r).sum()) for h in halves}) > 1)
-    sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": "aot_eager"})
-    optimizer = bkcompile.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=1.0,
-        max_grad_norm=radius,
-        expected_batch_size=WORLD * PER_RANK,
-        adaptive_clipping=bkcompile.AdaptiveClipping(target_quantile=0.5, learning_rate=0.5, count_noise=2.0),
-    )
-    local = (norms[rank * PER_RANK : (rank + 1) * PER_RANK] <= radius).sum().item()
-    thresholds = []
-    for _ in range(2):
-        optimizer.zero_grad()
-        F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
-        optimizer.step()
-        thresholds.append(optimizer._clip_state.thresholds.clone())
-    return {"thresholds": thresholds, "local count": local, "radius": radius}
+def _fsdp_adaptive_steps(rank: int, wrapping: str) -> dict:
+    return adaptive_steps(rank, Tower().double(), lambda model, options: _shard(model, wrapping, options))
 
 
 @pytest.mark.parametrize("wrapping", ["root", "blocks, compiled each"])
 def test_adaptive_clipping_counts_the_union_batch(ranks, wrapping) -> None:
-    first, second = ranks.run(_adaptive_steps, wrapping)
-    assert first["local count"] != second["local count"]  # local counts would move the ranks apart
-    assert all(torch.equal(a, b) for a, b in zip(first["thresholds"], second["thresholds"]))
-    assert float(first["thresholds"][0][0]) != first["radius"]  # the threshold moved
+    check_adaptive_counts(*ranks.run(_fsdp_adaptive_steps, wrapping))
