@@ -235,6 +235,8 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
         record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
         inputs = _classify_inputs(gm, example_inputs, opts)
+        record.samples = tuple(i for i, x in enumerate(inputs) if x.kind is InputKind.SAMPLES)
+        record.batch_dim = opts.batch_dim
         data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
                 for x, e in zip(inputs, example_inputs)]  # fmt: skip
         tagged = shared.shared_outputs(gm, data) if role.piece else ()

@@ -93,4 +93,13 @@ def micro_batches(batch: Any, max_size: int, rows: int | None = None) -> Iterato
     size = batch_size_of(batch) if rows is None else rows
     for start in range(0, size, max_size):
         stop = min(start + max_size, size)
-        yield mark_rows_dynamic(map_rows(batch, size, lambda leaf, a=start, b=stop: leaf[a:b]), stop - start)
+        yield mark_rows_dynamic(map_rows(batch, size, lambda leaf, a=start, b=stop: _rows(leaf, a, b)), stop - start)
+
+
+def _rows(leaf: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a per-sample leaf. A tensor's rows are a view of a detached alias (same memory):
+    dynamo guards a view's base, and the batch's base has the dynamic batch size the view's size differs from
+    (a guard that fails on the frame that made it)."""
+    if isinstance(leaf, torch.Tensor) and not leaf.requires_grad:
+        return leaf.detach()[start:stop]
+    return leaf[start:stop]

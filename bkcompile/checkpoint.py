@@ -97,7 +97,8 @@ def load_checkpoint(
     if is_fully_sharded(module):  # each rank loads its shards from the full state
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(module, state["model"], options=options)
-        set_optimizer_state_dict(module, optimizer.optimizer, state["optimizer"]["optimizer"], options=options)
+        with optimizer.stepping_inner():  # it steps the wrapped optimizer once (zero gradients, lr 0) to make its state
+            set_optimizer_state_dict(module, optimizer.optimizer, state["optimizer"]["optimizer"], options=options)
         state["optimizer"]["optimizer"] = optimizer.optimizer.state_dict()  # loaded: the rest goes as usual
     else:
         module.load_state_dict(state["model"])

@@ -21,6 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from bkcompile.accountant import steps_per_epoch
 from bkcompile.batch import map_rows, mark_rows_dynamic
+from bkcompile.draws import note_draw
 from bkcompile.errors import BKError, PrivacyError
 from bkcompile.randomness import secret_generator
 
@@ -38,8 +39,9 @@ class OneBatchPerStep:
 
     def __init__(self) -> None:
         self.pending = False  # a batch was handed out and no step() has consumed it yet
+        self.rows = 0  # the rows of that batch
 
-    def draw(self) -> None:
+    def draw(self, rows: int) -> None:
         if self.pending:
             raise PrivacyError(
                 "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first; "
@@ -49,7 +51,7 @@ class OneBatchPerStep:
                 "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step (to "
                 "evaluate on the training data, iterate your original DataLoader)"
             )
-        self.pending = True
+        self.pending, self.rows = True, rows
 
     def stepped(self) -> None:
         self.pending = False
@@ -177,9 +179,10 @@ class PoissonLoader:
         self._resume_state = self.generator.get_state()
         for rows, batch in self._loader:
             if self.step_gate is not None:
-                self.step_gate.draw()
+                self.step_gate.draw(rows)
             self._position += 1
             self._resume_state = self.batch_sampler.states_after.popleft()
+            note_draw(_tensor_rows(batch, rows), self)
             yield mark_rows_dynamic(batch, rows)
         self._position = 0
 
@@ -201,6 +204,13 @@ class PoissonLoader:
         self.generator.set_state(state["secret"]["sampling_generator"])
         self.batch_sampler.skip = state["position"]
         self._position, self._resume_state = 0, None
+
+
+def _tensor_rows(batch: Any, rows: int) -> list[torch.Tensor]:
+    """The per-sample tensors of a batch."""
+    leaves: list[torch.Tensor] = []
+    map_rows(batch, rows, lambda leaf: leaves.append(leaf) if isinstance(leaf, torch.Tensor) else None)
+    return leaves
 
 
 def _as_dataset(data: Sequence[Dataset | torch.Tensor]) -> Dataset:

@@ -362,6 +362,6 @@ def finalize(backward: Backward) -> None:
             ledger.accumulate(param.tensor, _clipped(param, weights), clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
-    average_over_ranks([p.tensor for p in params.values()])  # under DDP: as DDP's all-reduce would leave them
+    average_over_ranks(tensors, ledger.gradients(tensors))  # under DDP: as DDP's all-reduce would leave them
     reduce_to_shards([p.tensor for p in params.values()])  # under FSDP2: its post-backward ran before the clip
     record_spans(spans)

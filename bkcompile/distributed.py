@@ -85,9 +85,9 @@ def is_dtensor(value: object) -> bool:
     return isinstance(value, DTensor)
 
 
-def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
-    """Turn the ranks' average of their clipped sums into their sum, in place: DDP's all-reduced gradients
-    times W, FSDP2's sharded gradients times the divisor of their reduce-scatter.
+def sum_of_clipped_sums(params: list[torch.Tensor], sums: list[torch.Tensor | None]) -> None:
+    """Turn the ranks' average of their clipped sums (``sums``, one per parameter) into their sum, in place:
+    DDP's all-reduced gradients times W, FSDP2's sharded gradients times the divisor of their reduce-scatter.
 
     Refuses replicated gradients that differ between ranks: only gradients an all-reduce combined are the
     union batch's; noising per-rank gradients would release each rank's own clipped sum.
@@ -95,8 +95,8 @@ def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
     world = world_size()
     if world == 1:
         return
-    sharded = [p for p in params if is_dtensor(p.grad)]
-    replicated = [p for p in params if not is_dtensor(p.grad)]
+    sharded = [(p, s) for p, s in zip(params, sums) if is_dtensor(s)]
+    replicated = [s for s in sums if not is_dtensor(s)]
     mine = _fingerprint(replicated)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
@@ -109,11 +109,11 @@ def sum_of_clipped_sums(params: list[torch.Tensor]) -> None:
             "DDP(torch.compile(model, backend='bk_dp'))) or shard it with fully_shard, and run forward and "
             "backward on every rank at every step, with an empty batch where a rank has no sample"
         )
-    for p in replicated:
-        if p.grad is not None:
-            p.grad.mul_(world)
-    for p in sharded:
-        p.grad.mul_(_divisor(p))
+    for s in replicated:
+        if s is not None:
+            s.mul_(world)
+    for p, s in sharded:
+        s.mul_(_divisor(p))
 
 
 def _divisor(p: torch.Tensor) -> float:
@@ -226,11 +226,10 @@ def reduce_to_shards(params: list[torch.Tensor]) -> None:
         group.finalize_backward()
 
 
-def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
-    """Per parameter: whether it has a gradient, its sum and its sum of squares (float64)."""
+def _fingerprint(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """Per gradient: whether there is one, its sum and its sum of squares (float64)."""
     rows = []
-    for p in params:
-        grad = p.grad
+    for grad in grads:
         if grad is None:
             rows.append(torch.zeros(3, dtype=torch.float64))
         else:
@@ -263,19 +262,19 @@ def sync_under_ddp(params: list[torch.Tensor]) -> None:
         _SYNCED[p] = True
 
 
-def average_over_ranks(params: list[torch.Tensor]) -> None:
-    """Average the gradients of the parameters DDP holds over the ranks, in place, once their clipped sums
-    are written (every rank runs the same graphs, so every rank calls this with the same parameters).
+def average_over_ranks(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Average the clipped sums ``grads`` of the parameters DDP holds over the ranks, in place, once they are
+    written (every rank runs the same graphs, so every rank calls this with the same parameters).
 
-    The result is what DDP's all-reduce leaves: the ranks' average of their clipped sums. Gradients already
+    The result is what DDP's all-reduce leaves: the ranks' average of their clipped sums. Sums already
     equal on every rank (earlier micro-batches of the step) keep their value.
     """
     if world_size() == 1:  # first: a single process walks no parameter
         return
-    synced = [p for p in params if p in _SYNCED and p.grad is not None]
-    for p in synced:
-        dist.all_reduce(p.grad)
-        p.grad.div_(world_size())
+    synced = [g for p, g in zip(params, grads) if p in _SYNCED and g is not None]
+    for grad in synced:
+        dist.all_reduce(grad)
+        grad.div_(world_size())
 
 
 def sum_over_ranks(counts: torch.Tensor) -> None:

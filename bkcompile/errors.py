@@ -56,6 +56,17 @@ class ClipOnceError(PrivacyError):
     """Samples would be clipped more than once in one step (two calls or two backwards through one forward)."""
 
 
+class ReleaseError(PrivacyError):
+    """What an optimizer step would release is not what the accountant records: a clipped sum that would leave
+    un-noised (another optimizer, a frozen or removed parameter), rows clipped twice or not drawn by the
+    accounted loader, a release the accountant would not count."""
+
+
+def release_error(what: str, why: str, fix: str) -> ReleaseError:
+    """The one builder of release refusals (run time, no graph node): what happened, why it is refused, the fix."""
+    return ReleaseError(f"{what}\n  why: {why}\n  fix: {fix}")
+
+
 class PassInvariantError(BKError):
     """A pass left the graph in a state the next one cannot trust (a bug of bkcompile: please report it)."""
 

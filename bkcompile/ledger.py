@@ -17,9 +17,14 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
   :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
-- ``DPOptimizer.step()`` audits every parameter it steps (:func:`audit`): its ``p.grad`` must be the
-  tensor the ledger wrote since ``zero_grad()``, with nothing else accumulated into it. This also
-  catches parameters no bk_dp graph has ever seen (a model that ran eagerly from its first call).
+- The release is sealed. A parameter a ``DPOptimizer`` holds (:func:`own`) never gets its clipped sum in
+  ``p.grad``: the ledger keeps it (``_Entry.sealed``, unscaled by each backward's own GradScaler scale), and
+  only that optimizer's ``step()`` takes it (:func:`take_release`), adds the noise and writes the noised
+  average to ``p.grad``. Editing ``p.grad``, stepping another optimizer over the parameter, freezing it or
+  removing it from the optimizer between backward and step cannot release an un-noised sum. Once a DP
+  optimizer holds parameters of a model, a clip into any other parameter of that model is refused. The
+  step also refuses a ``p.grad`` that neither a clip nor its own last step wrote (a model that ran eagerly
+  from its first call, a gradient set by hand).
 
 A model's ledger is found from any of its parameters (a weak table keyed by parameter identity); the
 graphs of one model (recompiles, blocks compiled one by one) share it once an optimizer holds them all.
@@ -37,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
@@ -50,11 +56,13 @@ from bkcompile.distributed import (
     is_dtensor,
     sync_under_ddp,
 )
-from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError
+from bkcompile.draws import Span, StepRows, span_of
+from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.norms import ClipState
 
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref to the DP optimizer releasing it
 _MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
 
 _FOREIGN = (
@@ -63,8 +71,8 @@ _FOREIGN = (
 )
 _OUTSIDE = (
     "it was used outside the compiled call (eager code such as `cm(x) * p`, a tied weight also used outside "
-    "the compiled model), or the compiled model ran eagerly (torch.compiler.set_stance('force_eager'), "
-    "dynamo's eager fallback)"
+    "the compiled model, a submodule run eagerly under @torch.compiler.disable), or the compiled model ran "
+    "eagerly (torch.compiler.set_stance('force_eager'), dynamo's eager fallback)"
 )
 
 
@@ -96,6 +104,8 @@ class _Entry:
     hooked: bool = False
     source: weakref.ref | None = None  # FSDP2's shard: the unsharded parameter reduce-scattered into it
     written: bool = False  # a clip wrote since the step started (FSDP2's unsharded parameter: since its reduce)
+    shard: weakref.ref | None = None  # FSDP2's unsharded parameter: the shard the optimizer holds for it
+    sealed: torch.Tensor | None = None  # owned by a DP optimizer: the step's clipped sum (never put in p.grad)
     _grad: weakref.ref | None = None  # weak: a gradient zero_grad() dropped is freed, not kept by the ledger
 
     @property
@@ -124,6 +134,8 @@ class GraphRecord:
     # every parameter list the graph was called with (instances of one model class), by their identities
     bindings: dict[tuple[int, ...], _Binding] = dataclasses.field(default_factory=dict)
     others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
+    samples: tuple[int, ...] = ()  # the indices of the inputs that hold the batch (forward arguments)
+    batch_dim: int = 0
 
     @functools.cached_property
     def trainable(self) -> frozenset[int]:
@@ -148,11 +160,19 @@ class GraphRecord:
             if self.others is None:
                 self.others = tuple(i for i in range(len(args)) if i not in self.trainable)
             call = CallRecord(self, where, _eager_upstream([args[i] for i in self.others]), params, binding)
+            self.note_samples(call, args)
             for i, tapped in zip(indices, _Tap.apply(self.anchor, call)):
                 args[i] = tapped
             return compiled(*args)
 
         return run
+
+    def note_samples(self, call: CallRecord, args: list) -> None:
+        """The call's rows: its batch size and the memory of its sample inputs (:mod:`bkcompile.draws`)."""
+        batch = [args[i] for i in self.samples if isinstance(args[i], torch.Tensor)]
+        if batch:
+            call.rows = batch[0].shape[self.batch_dim]
+            call.spans = tuple(span for t in batch if (span := span_of(t)) is not None)
 
     def bind(self, params: list[torch.nn.Parameter]) -> _Binding:
         """What is known of a call's parameters: computed on the first call with them, then found by identity."""
@@ -234,6 +254,8 @@ class CallRecord:
     binding: _Binding  # what is known of these parameters
     backwards: int = 0
     aliases: tuple[torch.Tensor, ...] = ()  # what the graph receives for them (held, so their identity lasts)
+    rows: int = 0  # the batch size of its sample inputs
+    spans: tuple[Span, ...] = ()  # the memory of its sample inputs
 
 
 class _Tap(torch.autograd.Function):
@@ -255,6 +277,8 @@ class _Tap(torch.autograd.Function):
         _WATCH.enter(call)
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
+        if ledger.released_by_optimizer():  # the plain path keeps no steps
+            ledger.rows.note(current_task(), call.rows, call.spans, call.where)
         if not call.graph.piece:  # a piece's clipped sums are written at the end of the backward
             ledger.write(call, grads)
         return None, None
@@ -328,6 +352,8 @@ class StepLedger:
         self._pending: list[tuple[tuple, torch.Tensor]] = []  # thresholds restored before the graph compiled
         self.grad_scaler: Any = None  # the GradScaler of the model's DPOptimizer (its scale is in the gradients)
         self.version = 0  # changes whenever a parameter's entry does (bindings cache the entries)
+        self.owned = WeakIdKeyDictionary()  # parameter -> True: the parameters a DP optimizer releases
+        self.rows = StepRows()  # the rows this step's backwards clipped
 
     def use_grad_scaler(self, scaler: Any) -> None:
         """Every graph of the model divides its per-sample norms by this scaler's scale (now and later)."""
@@ -382,36 +408,101 @@ class StepLedger:
             )
 
     def write(self, call: CallRecord, grads: Sequence) -> None:
-        """Accumulate a call's clipped gradients into ``p.grad`` (what autograd would have done)."""
+        """Accumulate a call's clipped gradients: into the ledger's sealed sums for the parameters a DP optimizer
+        releases, else into ``p.grad`` (what autograd would have done)."""
         held: list[torch.Tensor] = []
         added: list[torch.Tensor] = []
         clip = call.binding.clip
         for p, entry, grad in zip(call.params, call.binding.entries_in(self, call.params), grads):
             if grad is not None:
-                _take(p, entry, grad.detach(), held, added)
+                self._take(p, entry, grad.detach(), held, added)
                 if clip is not None:
                     entry.clips.add(clip)
         if held:
             torch._foreach_add_(held, added)  # one call for the gradients that are already there
-        average_over_ranks(call.params)  # under DDP: the ranks' average, as DDP's all-reduce would leave it
+        average_over_ranks(call.params, self.gradients(call.params))  # under DDP: the ranks' average, as DDP's
 
     def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor, clip: Clip | None) -> None:
-        """Add one clipped gradient into ``p.grad`` and note the clip that wrote it."""
+        """Add one clipped gradient (the deferred clip's) and note the clip that wrote it."""
         held: list[torch.Tensor] = []
         added: list[torch.Tensor] = []
         entry = self.entries[p]
-        _take(p, entry, grad.detach(), held, added)
+        self._take(p, entry, grad.detach(), held, added)
         if clip is not None:
             entry.clips.add(clip)
         if held:
             held[0].add_(added[0])
+
+    def gradients(self, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+        """Where each parameter's clipped sum of this step is: sealed in the ledger when a DP optimizer releases
+        it, else ``p.grad``."""
+        found = []
+        for p in params:
+            entry = self.entries.get(p)
+            found.append(entry.sealed if entry is not None and owner_of(p) is not None else p.grad)
+        return found
+
+    def _take(self, p, entry: _Entry, grad: torch.Tensor, held: list, added: list) -> None:
+        """A clipped gradient for ``p``. A parameter a DP optimizer releases keeps it sealed in its entry,
+        divided by the GradScaler's current scale (the scale of this backward: micro-batches of one step may
+        be scaled differently); nothing un-noised reaches ``p.grad``. Otherwise it becomes ``p.grad`` when
+        there is none, else is added to it (by the caller, from ``held`` and ``added``, in place)."""
+        entry.written = True
+        if owner_of(p) is not None:
+            grad = self._unscaled(grad)
+            if entry.sealed is None:
+                entry.sealed = grad.clone() if grad._is_view() else grad
+            else:
+                held.append(entry.sealed)
+                added.append(grad)
+            return
+        self._refuse_unreleased(p, entry)
+        current = p.grad
+        if current is None:
+            p.grad = grad.clone() if grad._is_view() else grad
+            current = p.grad
+        else:
+            if current is not entry.grad:
+                entry.road = entry.road or _FOREIGN
+            held.append(current)
+            added.append(grad)
+        entry.grad = current
+
+    def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` divided by the GradScaler's scale now (what the graphs read to clip), on the device."""
+        scaler = self.grad_scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if scale is None:
+            return grad
+        return grad / scale.detach().reshape(()).to(dtype=grad.dtype, device=grad.device)
+
+    def _refuse_unreleased(self, p: torch.nn.Parameter, entry: _Entry) -> None:
+        """A clip wrote a parameter no DP optimizer releases, while one releases others of this model: its clipped
+        sum would sit un-noised in ``p.grad``, where a plain optimizer (or ``p -= lr * p.grad``) would step it.
+        FSDP2's unsharded parameter passes when the optimizer releases its shard."""
+        if not self.released_by_optimizer():
+            return
+        shard = entry.shard() if entry.shard is not None else None
+        if shard is not None and owner_of(shard) is not None:
+            return
+        raise release_error(
+            f"parameter {_label(p)} was clipped, but the DPOptimizer of its model does not hold it",
+            "its clipped sum would sit in p.grad with no noise, where another optimizer or a manual update "
+            "would step it (infinite epsilon)",
+            "give every trainable parameter of the model to the DPOptimizer (one optimizer, several param_groups "
+            "for different settings), or freeze it with p.requires_grad_(False) before compiling",
+        )
+
+    def released_by_optimizer(self) -> bool:
+        """Whether a live DP optimizer releases parameters of this ledger."""
+        return any(owner_of(p) is not None for p in self.owned)
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
         """The gradients as they are now (after ``zero_grad``) are the start of a step."""
         for p in params:
             entry = self.entries.get(p)
             if entry is not None:
-                entry.grad, entry.road, entry.written = p.grad, None, False
+                entry.grad, entry.road, entry.written, entry.sealed = p.grad, None, False, None
                 entry.clips.clear()
                 source = self.source_entry(entry)
                 if source is not None:  # gradients its unsharded parameter held before zero_grad() are gone too
@@ -419,6 +510,7 @@ class StepLedger:
                     source.clips.clear()
         for state in self.states:
             state.reset_counts()
+        self.rows = StepRows()
 
     def source_entry(self, entry: _Entry) -> _Entry | None:
         """For FSDP2's shard: the entry of the unsharded parameter reduce-scattered into it."""
@@ -436,22 +528,6 @@ class StepLedger:
         if stance != "default":
             return f"torch.compiler.set_stance({stance!r}) ran the compiled model eagerly"
         return _OUTSIDE
-
-
-def _take(p, entry: _Entry, grad: torch.Tensor, held: list, added: list) -> None:
-    """A clipped gradient for ``p``: becomes ``p.grad`` when it has none, else is added to it (by the caller,
-    from ``held`` and ``added``, in place); the entry notes the gradient tensor."""
-    current = p.grad
-    if current is None:
-        p.grad = grad.clone() if grad._is_view() else grad
-        current = p.grad
-    else:
-        if current is not entry.grad:
-            entry.road = entry.road or _FOREIGN
-        held.append(current)
-        added.append(grad)
-    entry.grad = current
-    entry.written = True
 
 
 def _eager_accumulation(p: torch.nn.Parameter) -> None:
@@ -472,8 +548,9 @@ def _eager_accumulation(p: torch.nn.Parameter) -> None:
 def _reduced_into_shard(p: torch.nn.Parameter) -> None:
     """Post-accumulate-grad hook of an FSDP2 sharded parameter. FSDP2 calls it once its reduce-scatter has
     set or accumulated ``p.grad``: the shard takes over what the clips wrote into its unsharded parameter
-    since the last reduce-scatter (their ranks' average). Called by autograd instead, the shard itself was
-    used eagerly: refused."""
+    since the last reduce-scatter (their ranks' average), sealed in the ledger when a DP optimizer releases
+    the shard (``p.grad`` is then emptied). Called by autograd instead, the shard itself was used eagerly:
+    refused."""
     frame = sys._getframe(1)
     if not from_fsdp_reduce(frame):
         _eager_accumulation(p)
@@ -490,6 +567,11 @@ def _reduced_into_shard(p: torch.nn.Parameter) -> None:
         entry.clips |= source.clips
         source.grad, source.road, source.written = None, None, False
         source.clips.clear()
+    if owner_of(p) is not None and p.grad is not None:
+        reduced = ledger._unscaled(p.grad)
+        entry.sealed = reduced if entry.sealed is None else entry.sealed + reduced
+        entry.written = True
+        p.grad = None
     entry.grad = p.grad
 
 
@@ -506,7 +588,9 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
 
     The line is the first frame outside torch and bkcompile after dynamo's entry (``compile_wrapper``),
     else the first outside them. The modules: the one whose compiled forward calls the graph (``self`` of
-    dynamo's frame), and the user's module whose forward called it, when it contains it (the model a
+    dynamo's frame), the module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``: its submodules
+    that run eagerly, ``torch.compiler.disable`` ones too), and the user's module whose forward called it, when it
+    contains it (the model a
     regionally compiled block belongs to: its stem and head, run eagerly, are then refused too).
     """
     frame = sys._getframe(2)
@@ -518,6 +602,9 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
+        owner = frame.f_locals.get("self") if ours else None
+        if isinstance(owner, OptimizedModule) and all(m is not owner._orig_mod for m in modules):
+            modules.append(owner._orig_mod)  # the module torch.compile wraps: all of it, disabled submodules too
         if is_dynamo_entry(frame):
             entered = True  # dynamo's entry into the compiled function: the caller is the user's call
         elif not ours and not is_generated(file):
@@ -593,6 +680,9 @@ def _know_shard(unsharded: torch.nn.Parameter, sharded: torch.nn.Parameter, name
         ledger.version += 1
         sharded.register_post_accumulate_grad_hook(_reduced_into_shard)
         ledger.entries[sharded].hooked = True
+    unsharded_entry = ledger.entries.get(unsharded)
+    if unsharded_entry is not None:
+        unsharded_entry.shard = weakref.ref(sharded)
 
 
 def _distinct_ledgers(params: Sequence[torch.nn.Parameter]) -> list[StepLedger]:
@@ -624,6 +714,7 @@ def _merge(into: StepLedger, other: StepLedger) -> None:
         _LEDGERS[p] = into
     into.states.extend(s for s in other.states if s not in into.states)
     into.refusal = into.refusal or other.refusal
+    into.owned.update(other.owned)
     into._pending.extend(other._pending)
     into.use_grad_scaler(into.grad_scaler or other.grad_scaler)
 
@@ -634,35 +725,92 @@ def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedge
     return next((_LEDGERS[p] for p in params if p in _LEDGERS), None)
 
 
+def ledger_of_params(params: Sequence[torch.nn.Parameter]) -> StepLedger | None:
+    """The ledger of the first of these parameters that has one (an optimizer's parameters share one)."""
+    return next((_LEDGERS[p] for p in params if p in _LEDGERS), None)
+
+
+def owner_of(p: torch.Tensor) -> Any:
+    """The live DP optimizer that releases ``p`` (None: the plain path, ``p.grad`` holds the clipped sum)."""
+    ref = _OWNERS.get(p)
+    return ref() if ref is not None else None
+
+
+def own(params: Sequence[torch.nn.Parameter], owner: Any) -> None:
+    """``owner`` (a DP optimizer) releases these parameters: from now on their clipped sums are sealed in the
+    ledger, never written to ``p.grad``, and only the owner's ``step()`` turns them into a noised update."""
+    if not params:
+        return
+    ledger = ledger_for(params)
+    for p in params:
+        _OWNERS[p] = weakref.ref(owner)
+        ledger.owned[p] = True
+
+
+def _missing(p: torch.nn.Parameter, ledger: StepLedger | None, entry: _Entry | None, index: int) -> str:
+    label = repr(entry.name) if entry is not None else f"parameter {index} (shape {tuple(p.shape)})"
+    road = ledger.road_of(p) if ledger is not None and ledger.refusal else "the model ran eagerly"
+    return (
+        f"{label}: no bk_dp graph wrote its gradient since zero_grad() ({road}: not compiled with "
+        "backend='bk_dp', run under torch.compiler.set_stance('force_eager'), or p.grad set by hand)"
+    )
+
+
 @dataclasses.dataclass
-class Audit:
-    """What ``DPOptimizer.step()`` learns from the ledger about the parameters it steps."""
+class Release:
+    """What one DP optimizer step may release: per parameter, the sealed clipped sum (None: noise alone)."""
 
-    problems: list[str]  # one line per parameter whose gradient a clip did not (only) write
-    clips: set[Clip]  # the clips that wrote this step
+    sums: list[torch.Tensor | None]
+    clips: set[Clip]
 
 
-def audit(params: Sequence[torch.nn.Parameter]) -> Audit:
-    """Check that every ``p.grad`` is exactly what bk_dp clips wrote since the step started."""
+def take_release(owner: Any, params: Sequence[torch.nn.Parameter], released: WeakIdKeyDictionary) -> Release:
+    """The clipped sums a DP optimizer's ``step()`` noises, taken out of the ledger, after proving that they are
+    the whole step: every parameter the step holds is released by this optimizer and still trainable, no other
+    parameter holds a sealed sum for it, and no ``p.grad`` holds a gradient that neither a clip nor the
+    previous ``step()`` (``released``: the noised gradients it wrote) put there."""
     problems: list[str] = []
+    sums: list[torch.Tensor | None] = []
     clips: set[Clip] = set()
+    held = WeakIdKeyDictionary()
     for index, p in enumerate(params):
-        if p.grad is None:
-            continue
+        held[p] = True
         ledger = _LEDGERS.get(p)
         entry = ledger.entries.get(p) if ledger is not None else None
-        if entry is None or entry.grad is not p.grad:
-            label = repr(entry.name) if entry is not None else f"parameter {index} (shape {tuple(p.shape)})"
-            road = ledger.road_of(p) if ledger is not None and ledger.refusal else "the model ran eagerly"
-            problems.append(
-                f"{label}: no bk_dp graph wrote its gradient since zero_grad() ({road}: not compiled with "
-                "backend='bk_dp', run under torch.compiler.set_stance('force_eager'), or p.grad set by hand)"
-            )
-        elif entry.road is not None:
+        grad = p.grad
+        if grad is not None and released.get(p) is not grad:
+            if entry is None or not entry.clips:
+                problems.append(_missing(p, ledger, entry, index))
+            else:
+                problems.append(
+                    f"{entry.name!r}: p.grad holds a gradient that neither bkcompile nor the last step() wrote (set "
+                    "by hand between backward() and step()); the clipped sum of a parameter a DPOptimizer holds "
+                    "stays sealed until step(), which alone writes p.grad: leave p.grad alone until after step()"
+                )
+        if entry is not None and entry.road is not None:
             problems.append(f"{entry.name!r}: {entry.road}")
-        else:
+        if entry is not None and entry.sealed is not None and not p.requires_grad:
+            problems.append(
+                f"{entry.name!r}: frozen (requires_grad=False) between backward() and step() while it holds a "
+                "clipped sum; freeze parameters before the backward of a step, or after step()"
+            )
+        sums.append(entry.sealed if entry is not None else None)
+        if entry is not None and entry.sealed is not None:
             clips |= entry.clips
-    return Audit(problems, clips)
+    for ledger in _distinct_ledgers(params):
+        for p, entry in list(ledger.entries.items()):
+            if entry.sealed is not None and p not in held and owner_of(p) is owner:
+                problems.append(
+                    f"{entry.name!r}: holds a clipped sum of this step but was removed from the optimizer's "
+                    "param_groups; put it back, or call zero_grad() to drop the step"
+                )
+    if problems:
+        raise refuse_step(problems)
+    for p in params:
+        entry = _LEDGERS[p].entries.get(p) if p in _LEDGERS else None
+        if entry is not None:
+            entry.sealed = None
+    return Release(sums, clips)
 
 
 def start_step(params: Sequence[torch.nn.Parameter]) -> None:

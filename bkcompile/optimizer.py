@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.accountant import AccountingError, PrivacyAccountant
 from bkcompile.data import OneBatchPerStep, PoissonLoader
@@ -17,8 +22,8 @@ from bkcompile.distributed import (
     sum_of_clipped_sums,
     sum_over_ranks,
 )
-from bkcompile.errors import BKError, PrivacyError
-from bkcompile.ledger import audit, ledger_for, refuse_step, start_step
+from bkcompile.errors import BKError, PrivacyError, release_error
+from bkcompile.ledger import Clip, ledger_for, ledger_of_params, own, owner_of, start_step, take_release
 from bkcompile.norms import ClipState
 
 
@@ -82,31 +87,40 @@ def _agree(name: str, given: float | None, loader_value: float) -> float:
     return loader_value
 
 
-class DPOptimizer:
+class DPOptimizer(torch.optim.Optimizer):
     """DP-SGD's noise and averaging around any optimizer (SGD, Adam, AdamW, ...).
 
-    The bk_dp backward leaves ``p.grad = sum_i C_i g_i`` (summed over every backward since the last
-    ``zero_grad``: several micro-batches make one logical batch). ``step()`` then, once:
-    ``p.grad = (p.grad + N(0, (noise_multiplier * sensitivity)^2)) / expected_batch_size`` and steps
-    the wrapped optimizer. The sensitivity is that of the compiled model's clipping, sqrt(sum_g R_g^2)
+    A ``torch.optim.Optimizer`` sharing the wrapped optimizer's ``param_groups``, ``state`` and ``defaults``:
+    LR schedulers, ``add_param_group`` and step hooks work on it as on the wrapped one.
+
+    The release is sealed: for the parameters it holds, the bk_dp backward keeps the clipped sum
+    ``sum_i C_i g_i`` in the model's step ledger (summed over every backward since the last step or
+    ``zero_grad``: several micro-batches make one logical batch), never in ``p.grad``. ``step()`` is the only
+    way out: once, it sets ``p.grad = (sum + N(0, (noise_multiplier * sensitivity)^2)) / expected_batch_size``
+    and steps the wrapped optimizer, so ``p.grad`` is empty between backward and step and holds the noised
+    gradient after it; whatever is written into ``p.grad`` in between is refused. Another optimizer stepping a
+    parameter this one holds, a parameter frozen or removed from ``param_groups`` between backward and step,
+    and a clip into a model parameter this optimizer does not hold are refused (:class:`ReleaseError`).
+    The sensitivity is that of the compiled model's clipping, sqrt(sum_g R_g^2)
     over its clipping groups (R = max_grad_norm for all-layer clipping; max_grad_norm until a backward
     has run). A step with no gradient (an empty Poisson batch) adds noise alone. With
     ``adaptive_clipping`` the thresholds follow a target quantile of the norms (:class:`AdaptiveClipping`).
 
     Mixed precision: give the ``torch.amp.GradScaler`` as ``grad_scaler`` and step through it
     (``scaler.scale(loss).backward(); scaler.step(dp_optimizer); scaler.update()``). The graphs clip the
-    unscaled per-sample norms (they read the scaler's scale on the device), ``step()`` unscales the clipped
-    sums before the noise, and a step the scaler finds non-finite (inf/nan) updates nothing but is still
+    unscaled per-sample norms (they read the scaler's scale on the device), each backward's clipped sum is
+    unscaled by that backward's scale as the ledger seals it (``scaler.update()`` between micro-batches of
+    one step is exact), ``step()`` checks the sums for inf/nan and tells the scaler, and a step found
+    non-finite updates nothing but is still
     counted by the accountant: the batch was looked at. Whether a step is skipped depends on the data (an
     overflow) and is not itself noised; GradScaler's own check reads one flag on the host per step.
 
     Noise comes from ``generator`` when given (reproducible: whoever knows its seed knows the noise),
     else from a generator seeded with OS entropy. It is drawn in float32 (float64 for float64
     parameters), added to the clipped sum and averaged in that precision, and rounded once to the
-    parameter's dtype. ``step()`` proves from the model's step ledger (:mod:`bkcompile.ledger`) that every
-    gradient it steps is exactly the sum of what bk_dp clips wrote since ``zero_grad()``, and refuses
-    the step otherwise. Nothing in the step synchronises with the host: thresholds, counts and the
-    noise scale stay on the model's device.
+    parameter's dtype. ``step()`` takes the sums from the model's step ledger (:mod:`bkcompile.ledger`),
+    which holds exactly what bk_dp clips wrote since the last step or ``zero_grad()``. Nothing in the step
+    synchronises with the host: thresholds, counts and the noise scale stay on the model's device.
 
     In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
     the ranks' average of their clipped sums is multiplied back by the world size: the update is the
@@ -115,10 +129,18 @@ class DPOptimizer:
 
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one
     batch per ``step()`` (a second batch before the step is a ``PrivacyError``: see
-    :func:`bkcompile.micro_batches` for gradient accumulation), and its sample rate and expected batch
-    size are the defaults. ``noise_multiplier=0`` is allowed only without an accountant (a non-private run).
+    :func:`bkcompile.micro_batches` for gradient accumulation), its sample rate and expected batch size
+    are the ones used, and each step must clip exactly the rows of the batch drawn for it (a step with no
+    batch drawn, or with more or fewer rows clipped, is a :class:`ReleaseError`). Without a loader, the
+    backwards of one step must clip disjoint memory (two backwards over one batch are refused), and a
+    batch from a :class:`PoissonLoader` at another rate than the accountant's is refused. ``noise_multiplier=0`` is
+    allowed only without an accountant (a non-private run).
     ``last_release`` describes what the last step published (:class:`StepRelease`).
     """
+
+    # GradScaler.step(dp_optimizer) calls step() itself (with the attributes grad_scale and found_inf set)
+    # instead of skipping it on an overflow: the clipped sums are sealed, so step() checks them itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -150,6 +172,17 @@ class DPOptimizer:
                 "infinite). Fix: give a positive noise_multiplier (or target_epsilon), or drop the accountant for a "
                 "non-private run"
             )
+        # not Optimizer.__init__: param_groups, state and defaults are the wrapped optimizer's own
+        for hooks in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, hooks, collections.OrderedDict())
+        self._patch_step_function()
         self.optimizer = optimizer
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
@@ -161,9 +194,12 @@ class DPOptimizer:
         self._clip_state: ClipState | None = None  # the clipping of the model whose gradients this steps
         self.last_release: StepRelease | None = None
         self.grad_scaler = grad_scaler
+        self._released = WeakIdKeyDictionary()  # parameter -> the noised gradient the last step() wrote
+        self._releasing = False  # inside step(): the wrapped optimizer may step the parameters
         ledger = ledger_for(self._params())  # the model's step ledger, shared with its graphs once they compile
         if grad_scaler is not None:
             ledger.use_grad_scaler(grad_scaler)
+        own(self._all_params(), self)
         self._start_logical_batch()
         if data_loader is not None:  # last: a refused construction leaves the loader uncoupled
             self._gate = data_loader.couple()
@@ -172,8 +208,23 @@ class DPOptimizer:
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+        own(self.param_groups[-1]["params"], self)
+
+    def _all_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _params(self) -> list[torch.nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        return [p for p in self._all_params() if p.requires_grad]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -181,27 +232,19 @@ class DPOptimizer:
 
     def _start_logical_batch(self) -> None:
         """Gradients and clip counts before this point do not count toward the next step."""
-        start_step(self._params())
+        start_step(self._all_params())
 
-    def add_noise(self, grad_scale: torch.Tensor | None = None) -> None:
-        """Noise and average the accumulated clipped sums in place (what ``step`` does before stepping); with
-        ``grad_scale``, the sums are divided by it first (a GradScaler's scale)."""
-        params = self._params()
-        self._take_clip_state(params)
-        sum_of_clipped_sums(params)  # in a process group: the ranks' average of their sums, times W
+    def _release(self, params: list[torch.nn.Parameter], sums: list[torch.Tensor | None]) -> None:
+        """Noise and average the step's clipped sums into ``p.grad`` (the only writer of an update)."""
+        sum_of_clipped_sums(params, sums)  # in a process group: the ranks' average of their sums, times W
         std = self._gradient_noise_multiplier() * self._sensitivity_tensor()
-        for p in params:
+        for p, clipped in zip(params, sums):
             dtype = torch.promote_types(p.dtype, torch.float32)  # bf16/fp16 noise drawn and summed in float32
             noise = torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, dtype=dtype).to(p.device)
             noise = local_part(noise * std.to(device=p.device, dtype=dtype), p)  # FSDP2: this rank's shard
-            if p.grad is None:
-                total = noise
-            else:
-                grad = local(p.grad).to(dtype)
-                if grad_scale is not None:
-                    grad = grad / grad_scale.to(device=p.device, dtype=dtype)
-                total = grad + noise
+            total = noise if clipped is None else local(clipped).to(dtype) + noise
             p.grad = like_parameter((total / self.expected_batch_size).to(p.dtype), p)
+            self._released[p] = p.grad
         self.last_release = StepRelease(gradient_noise_std=std)
 
     @property
@@ -214,18 +257,15 @@ class DPOptimizer:
             return torch.tensor(self.max_grad_norm, dtype=torch.float64)
         return self._clip_state.sensitivity_tensor()
 
-    def _take_clip_state(self, params: list[torch.nn.Parameter]) -> None:
-        """The clip state of this step's gradients, after the ledger has proved they are clipped sums."""
-        found = audit(params)
-        if found.problems:
-            raise refuse_step(found.problems)
-        if len({(clip.state, clip.params) for clip in found.clips}) > 1:
+    def _take_clip_state(self, clips: set[Clip]) -> None:
+        """The clip state of this step's clipped sums (one clipping of one model per optimizer)."""
+        if len({(clip.state, clip.params) for clip in clips}) > 1:
             raise PrivacyError(
                 "gradients from graphs with different clipping groups reached one DP optimizer step (several "
                 "models, or blocks compiled one by one); use one optimizer per bk_dp model, compiled as one graph"
             )
-        if found.clips:
-            self._clip_state = next(iter(found.clips)).state
+        if clips:
+            self._clip_state = next(iter(clips)).state
 
     def _gradient_noise_multiplier(self) -> float:
         if self.adaptive_clipping is None or self._clip_state is None:
@@ -247,12 +287,46 @@ class DPOptimizer:
         state.thresholds.mul_(torch.exp(-rule.learning_rate * (fraction - rule.target_quantile)))
         self.last_release = dataclasses.replace(self.last_release, counts=counts, count_noise_std=count_noise)
 
-    # GradScaler.step(dp_optimizer) then calls step() itself, with the attributes grad_scale (None when the
-    # gradients are unscaled already) and found_inf set, instead of skipping it on an overflow.
-    _step_supports_amp_scaling = True
+    def _check_rows(self, params: list[torch.nn.Parameter]) -> None:
+        """The step's rows are the batch drawn for it from the accounted loader, each once (the backwards
+        refused overlaps already); batches from another Poisson loader must be drawn at the accounted rate."""
+        ledger = ledger_of_params(params)
+        rows = ledger.rows if ledger is not None else None
+        for ref in rows.loaders if rows is not None else ():
+            loader = ref()
+            if loader is None or self._gate is not None and loader.step_gate is self._gate:
+                continue
+            if self.accountant is not None and loader.sample_rate != self.sample_rate:
+                raise release_error(
+                    f"this step's batch was drawn by a PoissonLoader at sample rate {loader.sample_rate}, and the "
+                    f"accountant records the step at {self.sample_rate}",
+                    "epsilon is computed for the rate each step is sampled at; another rate makes it wrong",
+                    "pass the loader to the optimizer, DPOptimizer(..., data_loader=loader), which takes its rate "
+                    "(make_private does it)",
+                )
+        if self._gate is None:
+            return
+        if not self._gate.pending:
+            raise release_error(
+                "DPOptimizer.step() with no batch drawn since the last step from the PoissonLoader it accounts",
+                "the accountant records each step as one Poisson sample of that loader; batches from another "
+                "loader (the DataLoader given to make_private, a second pass over a batch) are not that sample",
+                "iterate the loader make_private returned (or the one given as data_loader=) and step once per "
+                "batch it yields, an empty batch too",
+            )
+        clipped = rows.total if rows is not None else 0
+        if clipped != self._gate.rows:
+            raise release_error(
+                f"this step clipped {clipped} rows, and the batch drawn for it from the accounted PoissonLoader has "
+                f"{self._gate.rows}",
+                "a step releases each drawn row's clipped gradient once; more rows clip some twice (or rows not "
+                "drawn), fewer leave drawn rows out of the sample the accountant records",
+                "run one backward over the whole drawn batch, or over disjoint micro-batches covering it "
+                "(bkcompile.micro_batches(batch, max_size)), then step once",
+            )
 
-    def _scaler_step(self) -> tuple[torch.Tensor | None, bool]:
-        """(the scale to divide the clipped sums by, whether the scaler found them non-finite)."""
+    def _check_scaler(self) -> None:
+        """The GradScaler is this optimizer's own, and steps it (so it sees the overflows this step finds)."""
         given = hasattr(self, "grad_scale")
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
             if given and self.grad_scale is not None:
@@ -260,19 +334,28 @@ class DPOptimizer:
                     "a GradScaler stepped this DPOptimizer, which was not given it: its graphs clipped the scaled "
                     "per-sample norms against R. Pass it once: DPOptimizer(..., grad_scaler=scaler)"
                 )
-            return None, False
-        if not given:
+        elif not given:
             raise BKError(
                 "this DPOptimizer has a grad_scaler: step it through the scaler, scaler.step(dp_optimizer) then "
-                "scaler.update(), so the clipped sums are unscaled and checked for inf/nan"
+                "scaler.update(), so the clipped sums are checked for inf/nan"
             )
-        found_inf = self.found_inf
-        skipped = bool(found_inf.item()) if isinstance(found_inf, torch.Tensor) else bool(found_inf)
-        return self.grad_scale, skipped
+
+    def _overflowed(self, sums: list[torch.Tensor | None]) -> bool:
+        """Whether the GradScaler's scale overflowed a clipped sum of this step (inf/nan); told to the scaler,
+        whose ``update()`` then lowers the scale. The sums are unscaled already (each backward by its scale)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        device = scaler._scale.device
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        present = [local(s).float().to(device) for s in sums if s is not None]
+        if present:
+            torch._amp_foreach_non_finite_check_and_unscale_(present, found, torch.ones_like(found))
+        scaler._per_optimizer_states[id(self)]["found_inf_per_device"][device] = found
+        return bool(found.item())  # GradScaler's own check reads one flag on the host per step too
 
     def _skip_step(self) -> None:
         """A step the GradScaler found non-finite: nothing is released, but the batch was looked at (counted)."""
-        self._take_clip_state(self._params())
         if self._clip_state is not None:
             self._clip_state.reset_counts()
         if self.accountant is not None:
@@ -280,25 +363,47 @@ class DPOptimizer:
         if self._gate is not None:
             self._gate.stepped()
         self.last_release = None  # nothing was published
-        start_step(self._params())
+        start_step(self._all_params())
 
-    def step(self) -> None:
-        """Noise the clipped sums, adapt the thresholds, record the step with the accountant, then step."""
-        grad_scale, skipped = self._scaler_step()
-        if skipped:
+    @contextlib.contextmanager
+    def stepping_inner(self) -> Iterator[None]:
+        """Let the wrapped optimizer step inside this context (``step()`` itself; loading a sharded optimizer
+        state, which steps it once with zero gradients and lr 0 to create its state)."""
+        self._releasing = True
+        try:
+            yield
+        finally:
+            self._releasing = False
+
+    def step(self, closure: Callable | None = None) -> None:
+        """Take the step's clipped sums from the ledger, noise them, adapt the thresholds, record the step with
+        the accountant, then step the wrapped optimizer."""
+        if closure is not None:
+            raise BKError(
+                "DPOptimizer.step() takes no closure: the clipped sums come from the bk_dp backward before it"
+            )
+        self._check_scaler()
+        params = self._all_params()
+        self._check_rows(params)
+        release = take_release(self, params, self._released)  # proves and takes the sums (refused: nothing)
+        self._take_clip_state(release.clips)
+        trainable = [(p, s) for p, s in zip(params, release.sums) if p.requires_grad]
+        params, sums = [p for p, _ in trainable], [s for _, s in trainable]
+        if self._overflowed(sums):
             self._skip_step()
             return
-        self.add_noise(grad_scale)
+        self._release(params, sums)
         if self.adaptive_clipping is not None and self._clip_state is not None:
             self._adapt_thresholds()
         if self._clip_state is not None:
             self._clip_state.reset_counts()
         if self.accountant is not None:  # recorded before the update is applied
             self.accountant.step(self.sample_rate, self.noise_multiplier)
-        self.optimizer.step()
+        with self.stepping_inner():
+            self.optimizer.step()
         if self._gate is not None:
             self._gate.stepped()
-        start_step(self._params())  # the noised gradients are released: what follows starts anew
+        start_step(self._all_params())  # the noised gradients are released: what follows starts anew
 
     def state_dict(self, include_secret: bool = True) -> dict:
         """Everything to resume: the wrapped optimizer, noise multiplier, accountant, adaptive thresholds and,
@@ -338,3 +443,29 @@ class DPOptimizer:
             ledger_for(self._params()).restore_thresholds(
                 clip["groups"], clip["params"], clip["initial"], clip["thresholds"]
             )
+
+
+def _refuse_other_optimizers(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global step pre-hook of every torch optimizer: only a DP optimizer (and its wrapped optimizer inside its
+    ``step()``) steps a parameter a DP optimizer holds. Wrappers that delegate to a DP optimizer
+    (``optimizer.optimizer`` chains, as accelerate's) pass."""
+    inner: object = optimizer
+    while inner is not None:
+        if isinstance(inner, DPOptimizer):
+            return
+        inner = getattr(inner, "optimizer", None)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = owner_of(p)
+            if owner is not None and not (owner.optimizer is optimizer and owner._releasing):
+                raise release_error(
+                    f"{type(optimizer).__name__}.step() would update a parameter of shape {tuple(p.shape)} that a "
+                    "DPOptimizer holds",
+                    "only DPOptimizer.step() releases a clipped sum, once, with its noise; another optimizer over "
+                    "the same parameter would update it outside the accounted steps",
+                    "step the DPOptimizer alone (one DPOptimizer over every trainable parameter, several "
+                    "param_groups for different settings), and drive LR schedulers with it",
+                )
+
+
+register_optimizer_step_pre_hook(_refuse_other_optimizers)

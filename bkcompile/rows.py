@@ -26,6 +26,7 @@ from bkcompile.errors import PrivacyError
 from bkcompile.ledger import parameter_of
 
 _MARK = "bkcompile_piece"
+_ALIAS = "bkcompile_piece_output"  # (a detached alias of the piece's output, its version when produced)
 # Autograd nodes of eager ops that keep row i of their result a function of row i of their operands.
 _ROW_WISE = frozenset(
     f"{name}Backward{k}"
@@ -66,17 +67,52 @@ def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
     for value in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
             value.grad_fn.metadata[_MARK] = label
+            # a detached alias shares the output's version counter (not its autograd node: no cycle)
+            value.grad_fn.metadata[_ALIAS] = (value.detach(), value._version)
         if unbacked is not None and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == unbacked:
             mark_batch_dynamic(value)
 
 
+def _refuse_written(label: str, what: str, where: str) -> PrivacyError:
+    return PrivacyError(
+        f"{label} takes a batch {what} {where}\n"
+        "  why: the graphs of one backward are clipped together row by row; an in-place write or a gradient "
+        "hook between them is outside autograd's record, so bkcompile cannot prove that it keeps rows per "
+        "sample (h.add_(h.flip(0)) under torch.no_grad() mixes them unseen)\n"
+        "  fix: write it out of place (h = h + ...), or compile that code into the bk_dp graphs; register "
+        "gradient hooks on the loss or the parameters, not on tensors passed between compiled modules"
+    )
+
+
+def _check_tensor(value: torch.Tensor, label: str) -> None:
+    """A tensor passed to a piece: no in-place write since it was computed, no gradient hook on it."""
+    if value._backward_hooks:
+        raise _refuse_written(label, "with a gradient hook (Tensor.register_hook)", "on a tensor between the graphs")
+    node = value.grad_fn
+    recorded = node.metadata.get(_ALIAS) if node is not None else None
+    moved = value._version != recorded[1] if recorded is not None else node is not None and value._version > 0
+    if moved:
+        raise _refuse_written(label, "written in place", "after it was computed (an in-place op, under no_grad too)")
+
+
 def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
-    """Refuse a batched input computed by eager code that may move or mix rows since a piece or the data."""
-    stack = [inputs[i].grad_fn for i in batched if isinstance(inputs[i], torch.Tensor)]
+    """Refuse a batched input computed by eager code that may move or mix rows since a piece or the data, or
+    written in place (its version counter, or that of a piece's output it was computed from, moved)."""
+    tensors = [inputs[i] for i in batched if isinstance(inputs[i], torch.Tensor)]
+    for value in tensors:
+        _check_tensor(value, label)
+    stack = [value.grad_fn for value in tensors]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
-        if node is None or id(node) in seen or _MARK in node.metadata or node.name() == _LEAF:
+        if node is None or id(node) in seen or node.name() == _LEAF:
+            continue
+        if _MARK in node.metadata:
+            alias, version = node.metadata[_ALIAS]
+            if alias._version != version:
+                raise _refuse_written(
+                    label, "computed from a graph's output", f"that was written in place ({node.metadata[_MARK]})"
+                )
             continue
         seen.add(id(node))
         if node.name() == _CHECKPOINT:

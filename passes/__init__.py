@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 from bkcompile.passes.batch_axis import analyze, backward_nodes
+from bkcompile.passes.buffers import refuse_buffer_writes
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
 from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, choose, compiled_sizes
 from bkcompile.passes.driver import Pass, named, run_passes
@@ -63,6 +64,11 @@ class PassState:
 
 def _batch_axis(state: PassState) -> PassState:
     return dataclasses.replace(state, joint=dataclasses.replace(state.joint, facts=analyze(state.joint)))
+
+
+def _buffers(state: PassState) -> PassState:
+    refuse_buffer_writes(state.joint)
+    return state
 
 
 def _batch_outputs(state: PassState) -> PassState:
@@ -141,6 +147,7 @@ def _defer_single_sample(state: PassState) -> PassState:
 
 
 PIPELINE: list[Pass[PassState]] = [
+    Pass("buffers", _buffers),
     Pass("batch_axis", _batch_axis),
     Pass("sites", _sites),
     Pass("loss_scale", _loss_scale),
@@ -149,6 +156,7 @@ PIPELINE: list[Pass[PassState]] = [
     Pass("clipping", _clipping),
 ]
 PIECE_PIPELINE: list[Pass[PassState]] = [
+    Pass("buffers", _buffers),
     Pass("batch_axis", _batch_axis),
     Pass("batch_outputs", _batch_outputs),
     Pass("sites", _sites),
@@ -160,10 +168,12 @@ PIECE_PIPELINE: list[Pass[PassState]] = [
 # A graph specialised to a batch of exactly one sample (a static batch size of 1) cannot mix samples,
 # and its layout does not say where the (size-one) sample axis went: it clips the whole gradient.
 SINGLE_SAMPLE_PIPELINE: list[Pass[PassState]] = [
+    Pass("buffers", _buffers),
     Pass("groups", _groups),
     Pass("single_sample", _single_sample),
 ]
 PIECE_SINGLE_SAMPLE_PIPELINE: list[Pass[PassState]] = [
+    Pass("buffers", _buffers),
     Pass("groups", _groups),
     Pass("defer_single_sample", _defer_single_sample),
 ]

@@ -133,3 +133,21 @@ def test_optimizer_with_a_grad_scaler_steps_through_it() -> None:
     _backward(compiled, optimizer, scaler, x, y, torch.float16)
     with pytest.raises(bkcompile.BKError, match=r"scaler\.step\(dp_optimizer\)"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("build", [zoo.MLP, BrokenMLP], ids=["whole", "graph_break"])
+def test_a_scale_changed_between_micro_batches_unscales_each_by_its_own(build) -> None:
+    """scaler.update() between two micro-batches of one step: each backward's clipped sum is unscaled by the
+    scale it was computed with (the ledger divides it as it writes), so the release is the oracle's."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    twin, compiled, optimizer, (x, y), want, _ = _setup(torch.float16, scaler, make=build)
+    optimizer.zero_grad()
+    for rows, new_scale in ((slice(0, 3), None), (slice(3, 7), 2.0**2)):
+        if new_scale is not None:
+            scaler.update(new_scale=new_scale)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(compiled(x[rows]), y[rows])
+        scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    _assert_close(twin, want, torch.float16)

@@ -83,7 +83,7 @@ def test_the_pipeline_names_the_pass_of_a_user_facing_error() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
-    with raises_bk(SampleMixingError, "aten._native_batch_norm_legit_functional.default at ", "\n  pass: batch_axis"):
+    with raises_bk(SampleMixingError, "aten._native_batch_norm_legit_functional.default at ", "\n  pass: buffers"):
         compiled(torch.randn(5, 4)).sum().backward()
 
 
@@ -92,9 +92,9 @@ def test_the_dump_option_writes_every_pass_of_the_pipeline(tmp_path) -> None:
     options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "dump": str(tmp_path)}
     torch.compile(model, backend="bk_dp", options=options)(torch.randn(5, 4)).sum().backward()
     (folder,) = tmp_path.iterdir()
-    names = ["input", "batch_axis", "sites", "loss_scale", "groups", "cost", "clipping"]
+    names = ["input", "buffers", "batch_axis", "sites", "loss_scale", "groups", "cost", "clipping"]
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:02d}-{n}.txt" for i, n in enumerate(names)]
-    assert "bkcompile.record_norms" in (folder / "06-clipping.txt").read_text()
+    assert "bkcompile.record_norms" in (folder / "07-clipping.txt").read_text()
 
 
 def _one_op(target, *args):

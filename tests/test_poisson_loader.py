@@ -185,7 +185,7 @@ def test_workers_and_pinning_carry_over_and_sample_the_same_batches() -> None:
         model = nn.Linear(1, 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pin_memory without an accelerator warns
-            _, optimizer, loader = bkcompile.make_private(
+            compiled, optimizer, loader = bkcompile.make_private(
                 model,
                 torch.optim.SGD(model.parameters(), lr=0.1),
                 torch.utils.data.DataLoader(data, batch_size=1, num_workers=workers, pin_memory=pin),
@@ -200,6 +200,8 @@ def test_workers_and_pinning_carry_over_and_sample_the_same_batches() -> None:
             for (batch,) in loader:
                 batches.append(batch.tolist())
                 optimizer.zero_grad()
+                if len(batch):  # every drawn row is clipped once before the step
+                    compiled(batch[:, None]).sum().backward()
                 optimizer.step()
         seen.append(batches)
     assert seen[0] == seen[1] and [] in seen[0]
@@ -246,20 +248,25 @@ def test_samplers_it_cannot_honour_are_refused_with_the_fix() -> None:
 
 
 def test_a_second_batch_before_step_is_refused_with_the_fix() -> None:
-    _, optimizer, loader = _make_private(
+    compiled, optimizer, loader = _make_private(
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(50, 1)), batch_size=5)
     )
+
+    def train(batch: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        if len(batch):  # every drawn row is clipped once before the step
+            compiled(batch).sum().backward()
+        optimizer.step()
+
     batches = iter(loader)
-    next(batches)
+    (first,) = next(batches)
     with pytest.raises(bkcompile.PrivacyError, match=r"second batch.*2q.*bkcompile.micro_batches"):
         next(batches)
     batches = iter(loader)  # after the step, a batch per step is fine, across epochs too
-    optimizer.zero_grad()
-    optimizer.step()
+    train(first)
     for _ in range(2):
-        for _ in loader:
-            optimizer.zero_grad()
-            optimizer.step()
+        for (batch,) in loader:
+            train(batch)
     assert optimizer.accountant.history == [[0.1, 1.0, 1 + 2 * len(loader)]]
 
 

@@ -194,3 +194,58 @@ def test_recompile_limit_is_an_error_not_an_eager_run() -> None:
         model.double()
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             compiled(torch.randn(4, 3, dtype=torch.float64))
+
+
+class _Ema(nn.Module):
+    """A buffer written from a batch statistic under no_grad (never read in the same forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+@pytest.mark.parametrize(
+    "make, buffer",
+    [
+        (
+            lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2)),
+            "1.running_mean",
+        ),
+        (_Ema, "ema"),
+    ],
+    ids=["batch_norm", "ema"],
+)
+def test_a_buffer_written_from_the_batch_is_refused_at_every_batch_size(make, buffer: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(size, 2, 4, 4, dtype=torch.float64) if buffer != "ema" else torch.randn(size, 4).double()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with raises_bk(bkcompile.SampleMixingError, f"it writes the buffer {buffer!r} from the batch", "pass: buffers"):
+        compiled(x).sum().backward()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())  # nothing reached the buffers
+
+
+def test_a_buffer_counter_of_steps_is_allowed() -> None:
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.steps.add_(1)  # the same for every batch: no sample data
+            return self.fc(x)
+
+    model = Counting().double()
+    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    for size in (1, 3):
+        compiled(torch.randn(size, 4).double()).sum().backward()
+    assert model.steps.item() == 2

@@ -118,39 +118,6 @@ class _Logits(torch.nn.Module):
         return self.model(**inputs).logits
 
 
-class _StepFacing:
-    """The DPOptimizer as the Trainer and accelerate drive an optimizer (step with a closure argument)."""
-
-    def __init__(self, dp: DPOptimizer) -> None:
-        self.dp = dp
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.dp.param_groups
-
-    @property
-    def state(self) -> dict:
-        return self.dp.optimizer.state
-
-    @property
-    def defaults(self) -> dict:
-        return self.dp.optimizer.defaults
-
-    def step(self, closure: Callable | None = None) -> None:
-        if closure is not None:
-            raise BKError("DPTrainer's optimizer takes no closure: the gradients come from one bk_dp backward")
-        self.dp.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.dp.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return self.dp.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dp.load_state_dict(state)
-
-
 class DPTrainer(transformers.Trainer):
     """``transformers.Trainer`` with DP-SGD: see the module docstring. ``loss_fn(logits, labels) -> (B,)`` gives
     each sample's loss (default :func:`per_sample_loss`)."""
@@ -218,8 +185,8 @@ class DPTrainer(transformers.Trainer):
     # --- optimizer: DPOptimizer around the Trainer's own --------------------------------------------------------
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:  # transformers 5 adds a model argument
-        inner = super().create_optimizer(*args, **kwargs)
-        if self.dp_optimizer is None or self.dp_optimizer.optimizer is not inner:
+        inner = super().create_optimizer(*args, **kwargs)  # the DPOptimizer itself from a second train() on
+        if self.dp_optimizer is None or inner not in (self.dp_optimizer, self.dp_optimizer.optimizer):
             self.dp_optimizer = DPOptimizer(
                 inner,
                 noise_multiplier=self.noise_multiplier,
@@ -229,13 +196,13 @@ class DPTrainer(transformers.Trainer):
                 accountant=self.accountant,
                 generator=self.generator,
             )
-            self.optimizer = _StepFacing(self.dp_optimizer)
+        self.optimizer = self.dp_optimizer  # a torch.optim.Optimizer: the Trainer and its scheduler step it
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.dp_optimizer is None:
             self.create_optimizer()
-        return super().create_scheduler(num_training_steps, optimizer=self.dp_optimizer.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer=self.dp_optimizer)
 
     # --- the step: a per-sample loss through the bk_dp-compiled model -------------------------------------------
 
