@@ -265,12 +265,19 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
 
 
 def _inductor_config(context: dict, device: torch.device) -> dict:
-    """Inductor's options for a bk_dp graph. On CPU the convolutions stay in the default (NCHW) layout:
-    a per-sample convolution weight gradient is one convolution over (1, B*C, H, W), a free view of an NCHW
-    tensor, and the im2col of a ghost norm reads NCHW too; under channels-last (Inductor's CPU default) every
-    such site copies its operands between layouts, and oneDNN's grouped channels-last kernel is slower still
-    (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW)."""
-    config = {"joint_custom_pre_pass": _InductorJointPass(context), "trace.provenance_tracking_level": 1}
+    """Inductor's options for a bk_dp graph: its joint-graph pass, with the joint-graph passes on whatever the
+    global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
+
+    On CPU the convolutions stay in the default (NCHW) layout: a per-sample convolution weight gradient is one
+    convolution over (1, B*C, H, W), a free view of an NCHW tensor, and the im2col of a ghost norm reads NCHW
+    too; under channels-last (Inductor's CPU default) every such site copies its operands between layouts, and
+    oneDNN's grouped channels-last kernel is slower still (ResNet-GN: 0.67x of non-private throughput in
+    channels-last, 0.87x in NCHW)."""
+    config = {
+        "joint_custom_pre_pass": _InductorJointPass(context),
+        "use_joint_graph_passes": True,
+        "trace.provenance_tracking_level": 1,
+    }
     if device.type == "cpu":
         config["layout_optimization"] = False
     return config
