@@ -17,7 +17,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from bkcompile import rows, shared
 from bkcompile.distributed import sharded_per_module
-from bkcompile.errors import BKError
+from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
@@ -215,12 +215,24 @@ def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], devi
     return clip_state
 
 
+class _OptionErrorPastDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
+    """An :class:`OptionError` that reaches the user as itself. Dynamo wraps what a backend raises in its
+    ``BackendCompilerFailed`` (which ``except bkcompile.OptionError`` does not catch), except a
+    ``ShortenTraceback``, which it re-raises as it is (torch 2.13: ``OutputGraph._call_user_compiler``,
+    ``convert_frame``, ``eval_frame``)."""
+
+    def __init__(self, error: OptionError) -> None:
+        ValueError.__init__(self, *error.args)
+        self.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+
+
 def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
     """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
     of the model: hands its per-sample gradients to the clip at the end of the backward).
 
     The compiled graph is returned wrapped (:meth:`bkcompile.ledger.GraphRecord.wrap`): its clipped
-    gradients reach ``p.grad`` through the model's step ledger, which refuses every other road."""
+    gradients reach ``p.grad`` through the model's step ledger, which refuses every other road. An
+    :class:`OptionError` raised while compiling leaves dynamo unwrapped (:class:`_OptionErrorPastDynamo`)."""
     indices = tuple(i for i, e in enumerate(example_inputs) if isinstance(e, torch.nn.Parameter) and e.requires_grad)
     params = [example_inputs[i] for i in indices]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -249,6 +261,8 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
             ledger.adopt(params, names)
+        if isinstance(error, OptionError):
+            raise _OptionErrorPastDynamo(error).with_traceback(error.__traceback__) from None
         raise
     state = context.get("state")
     if state is not None and state.clip is not None:
@@ -262,6 +276,17 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     known = [i for i, e in enumerate(example_inputs) if shared.is_shared(e)]
     compiled = shared.checking(compiled, known, [inputs[i].source for i in known], role.label)
     return record.wrap(compiled)
+
+
+def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False, **options: Any) -> Any:
+    """``torch.compile(model, backend="bk_dp", options=options)``, with the options checked first: a bad one is
+    an :class:`OptionError` raised here, before the first forward.
+
+    ``options`` are the backend's (:class:`BKOptions`; ``max_grad_norm`` is required); ``dynamic`` and
+    ``fullgraph`` are ``torch.compile``'s. Returns what ``torch.compile`` does: for a module, the compiled module
+    (its parameters are the model's)."""
+    parse_options(options)
+    return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
 
 
 def _inductor_config(context: dict, device: torch.device) -> dict:

@@ -1,8 +1,10 @@
-"""Options of the ``bk_dp`` backend: a frozen dataclass, validated once when the backend first runs."""
+"""Options of the ``bk_dp`` backend: a frozen dataclass, validated by :func:`parse_options` (where the user gives
+them: ``bkcompile.compile``, ``make_private``; and when the backend compiles a graph)."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from typing import Any, Literal
@@ -87,6 +89,11 @@ _CHOICES = {
 }
 
 
+def known_options() -> list[str]:
+    """The names ``options`` may hold."""
+    return sorted(f.name for f in dataclasses.fields(BKOptions) if f.repr)
+
+
 def _positive(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise OptionError(f"option {key!r} must be a positive finite number, got {value!r}")
@@ -129,10 +136,12 @@ def _expected_batch_size(value: Any) -> float | None:
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     """Validate the user's options dict; raise :class:`OptionError` naming the offending key."""
     raw = dict(raw or {})
-    known = {f.name for f in dataclasses.fields(BKOptions) if f.repr}
+    known = known_options()
     for key in raw:
         if key not in known:
-            raise OptionError(f"unknown option {key!r} for backend 'bk_dp'; known options: {sorted(known)}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise OptionError(f"unknown option {key!r} for backend 'bk_dp'{hint}; known options: {known}")
     if "max_grad_norm" not in raw:
         raise OptionError(
             "option 'max_grad_norm' is required: the clipping threshold R, e.g. options={'max_grad_norm': 1.0}"

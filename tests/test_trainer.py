@@ -21,6 +21,7 @@ from helpers import assert_matches
 from oracle import clipped_sum
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+import bkcompile
 from bkcompile.errors import BKError
 from bkcompile.integrations.transformers import DPTrainer, PoissonBatchSampler, PrivacyArguments
 
@@ -124,6 +125,12 @@ def test_one_step_with_accumulation_is_the_clipped_sum_of_the_poisson_batch() ->
 def test_privacy_arguments_need_one_noise_setting() -> None:
     with pytest.raises(BKError, match="exactly one of target_epsilon and noise_multiplier"):
         PrivacyArguments(target_delta=1e-5)
+
+
+def test_privacy_arguments_check_the_backend_options() -> None:
+    with pytest.raises(bkcompile.OptionError) as info:
+        PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, backend_options={"stratgy": "ghost"})
+    assert str(info.value).startswith("unknown option 'stratgy' for backend 'bk_dp' (did you mean 'strategy'?)")
 
 
 def _example():

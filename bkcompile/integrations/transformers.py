@@ -32,6 +32,7 @@ from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier, steps_
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import BKError
 from bkcompile.optimizer import DPOptimizer
+from bkcompile.options import parse_options
 
 IGNORE_INDEX = -100
 
@@ -42,7 +43,7 @@ class PrivacyArguments:
 
     ``target_epsilon`` calibrates the noise for the Trainer's ``num_train_epochs`` (or ``max_steps``).
     ``seed`` seeds sampling and noise (None: OS entropy). ``backend_options`` go to ``bk_dp``
-    (``clipping``, ``strategy``, ...).
+    (``clipping``, ``strategy``, ...), checked here (a bad one is an :class:`~bkcompile.OptionError`).
     """
 
     target_delta: float
@@ -59,6 +60,7 @@ class PrivacyArguments:
             raise BKError("PrivacyArguments needs 0 < target_delta < 1 and max_grad_norm > 0")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise BKError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        parse_options({"max_grad_norm": self.max_grad_norm, **self.backend_options})
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):
