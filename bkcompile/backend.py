@@ -226,7 +226,13 @@ class _OptionErrorPastDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
         self.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
 
 
-def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
+def bk_dp(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict | None = None,
+    mode: str | None = None,
+    **_: Any,
+):
     """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
     of the model: hands its per-sample gradients to the clip at the end of the backward).
 
@@ -239,6 +245,12 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     ledger = ledger_for(params)
     names = tuple(_param_name(_source_name(placeholders[i])) for i in indices)
     try:
+        if mode is not None:  # torch.compile passes its mode only when no options are given
+            raise OptionError(
+                f"torch.compile(..., backend='bk_dp', mode={mode!r}): torch takes mode or options, not both, and "
+                f"bk_dp needs options (max_grad_norm). Fix: options={{'max_grad_norm': R, 'mode': {mode!r}}}, or "
+                f"bkcompile.compile(model, max_grad_norm=R, mode={mode!r})"
+            )
         opts = parse_options(options)
         if opts.graphs == "auto" and sharded_per_module(params):  # FSDP2 per block: a graph per sharded module
             opts = dataclasses.replace(opts, graphs="several")
@@ -282,29 +294,32 @@ def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False,
     """``torch.compile(model, backend="bk_dp", options=options)``, with the options checked first: a bad one is
     an :class:`OptionError` raised here, before the first forward.
 
-    ``options`` are the backend's (:class:`BKOptions`; ``max_grad_norm`` is required); ``dynamic`` and
-    ``fullgraph`` are ``torch.compile``'s. Returns what ``torch.compile`` does: for a module, the compiled module
-    (its parameters are the model's)."""
+    ``options`` are the backend's (:class:`BKOptions`: ``max_grad_norm`` is required; ``mode`` and ``inductor``
+    choose Inductor's compile mode and config); ``dynamic`` and ``fullgraph`` are ``torch.compile``'s. Returns
+    what ``torch.compile`` does: for a module, the compiled module (its parameters are the model's)."""
     parse_options(options)
     return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
 
 
 def _inductor_config(context: dict, device: torch.device) -> dict:
-    """Inductor's options for a bk_dp graph: its joint-graph pass, with the joint-graph passes on whatever the
-    global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
+    """Inductor's options for a bk_dp graph: bk_dp's defaults, the entries of the ``mode`` option, the user's
+    ``inductor`` entries, then what bk_dp needs: its joint-graph pass, with the joint-graph passes on whatever
+    the global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
 
-    On CPU the convolutions stay in the default (NCHW) layout: a per-sample convolution weight gradient is one
-    convolution over (1, B*C, H, W), a free view of an NCHW tensor, and the im2col of a ghost norm reads NCHW
-    too; under channels-last (Inductor's CPU default) every such site copies its operands between layouts, and
-    oneDNN's grouped channels-last kernel is slower still (ResNet-GN: 0.67x of non-private throughput in
-    channels-last, 0.87x in NCHW)."""
-    config = {
-        "joint_custom_pre_pass": _InductorJointPass(context),
-        "use_joint_graph_passes": True,
-        "trace.provenance_tracking_level": 1,
-    }
+    On CPU the convolutions stay in the default (NCHW) layout unless the user's entries say otherwise: a
+    per-sample convolution weight gradient is one convolution over (1, B*C, H, W), a free view of an NCHW
+    tensor, and the im2col of a ghost norm reads NCHW too; under channels-last (Inductor's CPU default) every
+    such site copies its operands between layouts, and oneDNN's grouped channels-last kernel is slower still
+    (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW)."""
+    from torch._inductor import list_mode_options
+
+    options: BKOptions = context["options"]
+    config: dict[str, Any] = {"trace.provenance_tracking_level": 1}
     if device.type == "cpu":
         config["layout_optimization"] = False
+    config.update(list_mode_options(options.mode))
+    config.update(options.inductor)
+    config.update({"joint_custom_pre_pass": _InductorJointPass(context), "use_joint_graph_passes": True})
     return config
 
 

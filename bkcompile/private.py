@@ -45,7 +45,7 @@ def make_private(
 
     Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
     accountant. The accountant is ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp
-    backend (``clipping``, ``clip_fn``, ``strategy``, ...), checked before anything else (a bad
+    backend (``clipping``, ``clip_fn``, ``strategy``, ``mode``, ...), checked before anything else (a bad
     one is an :class:`~bkcompile.OptionError` here); ``adaptive_clipping`` goes to the optimizer.
 
     Under torchrun (an initialised process group) every rank passes the whole dataset: ``batch_size`` is
