@@ -24,6 +24,7 @@ from bkcompile.errors import (
     OptionError,
     PrivacyError,
     SampleMixingError,
+    SamplingError,
     UnclippedGradientError,
     UnsupportedOpError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "OptionError",
     "PrivacyError",
     "SampleMixingError",
+    "SamplingError",
     "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",

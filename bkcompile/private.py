@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
-from bkcompile.errors import BKError
+from bkcompile.errors import BKError, SamplingError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.options import parse_options
 from bkcompile.randomness import child_generators
@@ -110,7 +110,7 @@ def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.G
             f"IterableDataset ({type(data_loader.dataset).__name__}); Poisson sampling picks examples by index"
         )
     if data_loader.batch_size is None:
-        raise BKError(
+        raise SamplingError(
             "make_private needs a DataLoader with a batch_size (the expected batch size of Poisson sampling); "
             "a batch_sampler cannot be honoured: build the DataLoader with batch_size=... instead"
         )
@@ -119,14 +119,14 @@ def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.G
         type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
     )
     if not default:
-        raise BKError(
+        raise SamplingError(
             f"the DataLoader's sampler {type(sampler).__name__} cannot be honoured: Poisson sampling draws every "
             "example of the dataset with probability batch_size / len(dataset). Fix: to train on a subset, pass "
             "torch.utils.data.Subset(dataset, indices) as the dataset and drop the sampler; weighted or repeated "
             "sampling has no Poisson accounting here"
         )
     if type(data_loader.batch_sampler) is not BatchSampler or data_loader.batch_sampler.sampler is not sampler:
-        raise BKError(
+        raise SamplingError(
             f"the DataLoader's batch_sampler {type(data_loader.batch_sampler).__name__} cannot be honoured: Poisson "
             "sampling forms the batches. Fix: build the DataLoader with batch_size=... and no batch_sampler"
         )
