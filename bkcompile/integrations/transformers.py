@@ -13,7 +13,8 @@ It is a ``transformers.Trainer`` that
 
 A user's script changes its ``Trainer`` to ``DPTrainer`` and passes :class:`PrivacyArguments`. The Trainer's
 own gradient clipping (``max_grad_norm``) is turned off: clipping the summed gradient before the noise would
-not be private, and every sample is clipped already.
+not be private, and every sample is clipped already (a warning says so when the user set ``max_grad_norm``,
+i.e. it is not the ``TrainingArguments`` default).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class PrivacyArguments:
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise BKError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         parse_options({"max_grad_norm": self.max_grad_norm, **self.backend_options})
+
+
+def _default(args: transformers.TrainingArguments, name: str) -> Any:
+    """The default of one of the training arguments (of the class the user's arguments are)."""
+    return next(field.default for field in dataclasses.fields(args) if field.name == name)
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):
@@ -166,11 +172,12 @@ class DPTrainer(transformers.Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.args.max_grad_norm:
-            warnings.warn(
-                f"DPTrainer turns off the Trainer's max_grad_norm={self.args.max_grad_norm}: each sample is clipped "
-                f"to PrivacyArguments.max_grad_norm={privacy.max_grad_norm} instead",
-                stacklevel=2,
-            )
+            if self.args.max_grad_norm != _default(self.args, "max_grad_norm"):  # set by the user: say so
+                warnings.warn(
+                    f"DPTrainer turns off the Trainer's max_grad_norm={self.args.max_grad_norm}: each sample is "
+                    f"clipped to PrivacyArguments.max_grad_norm={privacy.max_grad_norm} instead",
+                    stacklevel=2,
+                )
             self.args.max_grad_norm = 0.0
         self.privacy, self.loss_fn = privacy, loss_fn
         self.generator = torch.Generator()
