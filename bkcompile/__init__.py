@@ -1,7 +1,8 @@
 """bkcompile: differentially private training of any PyTorch model through ``torch.compile``.
 
-``torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0})`` makes ``loss.backward()``
-produce the sum of per-sample-clipped gradients (DP-SGD's clipping, book-keeping style).
+``bkcompile.compile(model, max_grad_norm=1.0)`` (``torch.compile(model, backend="bk_dp", options={...})`` with
+the options checked first) makes ``loss.backward()`` produce the sum of per-sample-clipped gradients (DP-SGD's
+clipping, book-keeping style).
 """
 
 import torch
@@ -9,7 +10,7 @@ from torch._dynamo.backends import registry as _registry
 
 from bkcompile import rules
 from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
-from bkcompile.backend import bk_dp
+from bkcompile.backend import bk_dp, compile
 from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.data import PoissonLoader
@@ -24,6 +25,7 @@ from bkcompile.errors import (
     PrivacyError,
     ReleaseError,
     SampleMixingError,
+    SamplingError,
     UnclippedGradientError,
     UnsupportedOpError,
 )
@@ -69,9 +71,11 @@ __all__ = [
     "PrivacyError",
     "SampleMixingError",
     "ReleaseError",
+    "SamplingError",
     "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
+    "compile",
     "explain",
     "last_report",
     "last_per_sample_norms",

@@ -17,7 +17,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from bkcompile import rows, shared
 from bkcompile.distributed import sharded_per_module
-from bkcompile.errors import BKError
+from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
 from bkcompile.norms import ClipState
@@ -215,18 +215,42 @@ def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], devi
     return clip_state
 
 
-def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **_: Any):
+class _OptionErrorPastDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
+    """An :class:`OptionError` that reaches the user as itself. Dynamo wraps what a backend raises in its
+    ``BackendCompilerFailed`` (which ``except bkcompile.OptionError`` does not catch), except a
+    ``ShortenTraceback``, which it re-raises as it is (torch 2.13: ``OutputGraph._call_user_compiler``,
+    ``convert_frame``, ``eval_frame``)."""
+
+    def __init__(self, error: OptionError) -> None:
+        ValueError.__init__(self, *error.args)
+        self.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+
+
+def bk_dp(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict | None = None,
+    mode: str | None = None,
+    **_: Any,
+):
     """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
     of the model: hands its per-sample gradients to the clip at the end of the backward).
 
     The compiled graph is returned wrapped (:meth:`bkcompile.ledger.GraphRecord.wrap`): its clipped
-    gradients reach ``p.grad`` through the model's step ledger, which refuses every other road."""
+    gradients reach ``p.grad`` through the model's step ledger, which refuses every other road. An
+    :class:`OptionError` raised while compiling leaves dynamo unwrapped (:class:`_OptionErrorPastDynamo`)."""
     indices = tuple(i for i, e in enumerate(example_inputs) if isinstance(e, torch.nn.Parameter) and e.requires_grad)
     params = [example_inputs[i] for i in indices]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ledger = ledger_for(params)
     names = tuple(_param_name(_source_name(placeholders[i])) for i in indices)
     try:
+        if mode is not None:  # torch.compile passes its mode only when no options are given
+            raise OptionError(
+                f"torch.compile(..., backend='bk_dp', mode={mode!r}): torch takes mode or options, not both, and "
+                f"bk_dp needs options (max_grad_norm). Fix: options={{'max_grad_norm': R, 'mode': {mode!r}}}, or "
+                f"bkcompile.compile(model, max_grad_norm=R, mode={mode!r})"
+            )
         opts = parse_options(options)
         if opts.graphs == "auto" and sharded_per_module(params):  # FSDP2 per block: a graph per sharded module
             opts = dataclasses.replace(opts, graphs="several")
@@ -251,6 +275,8 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
             ledger.adopt(params, names)
+        if isinstance(error, OptionError):
+            raise _OptionErrorPastDynamo(error).with_traceback(error.__traceback__) from None
         raise
     state = context.get("state")
     if state is not None and state.clip is not None:
@@ -266,15 +292,36 @@ def bk_dp(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
     return record.wrap(compiled)
 
 
+def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False, **options: Any) -> Any:
+    """``torch.compile(model, backend="bk_dp", options=options)``, with the options checked first: a bad one is
+    an :class:`OptionError` raised here, before the first forward.
+
+    ``options`` are the backend's (:class:`BKOptions`: ``max_grad_norm`` is required; ``mode`` and ``inductor``
+    choose Inductor's compile mode and config); ``dynamic`` and ``fullgraph`` are ``torch.compile``'s. Returns
+    what ``torch.compile`` does: for a module, the compiled module (its parameters are the model's)."""
+    parse_options(options)
+    return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
+
+
 def _inductor_config(context: dict, device: torch.device) -> dict:
-    """Inductor's options for a bk_dp graph. On CPU the convolutions stay in the default (NCHW) layout:
-    a per-sample convolution weight gradient is one convolution over (1, B*C, H, W), a free view of an NCHW
+    """Inductor's options for a bk_dp graph: bk_dp's defaults, the entries of the ``mode`` option, the user's
+    ``inductor`` entries, then what bk_dp needs: its joint-graph pass, with the joint-graph passes on whatever
+    the global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
+
+    On CPU the convolutions stay in the default (NCHW) layout unless the user's entries say otherwise: a
+    per-sample convolution weight gradient is one convolution over (1, B*C, H, W), a free view of an NCHW
     tensor, and the im2col of a ghost norm reads NCHW too; under channels-last (Inductor's CPU default) every
     such site copies its operands between layouts, and oneDNN's grouped channels-last kernel is slower still
     (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW)."""
-    config = {"joint_custom_pre_pass": _InductorJointPass(context), "trace.provenance_tracking_level": 1}
+    from torch._inductor import list_mode_options
+
+    options: BKOptions = context["options"]
+    config: dict[str, Any] = {"trace.provenance_tracking_level": 1}
     if device.type == "cpu":
         config["layout_optimization"] = False
+    config.update(list_mode_options(options.mode))
+    config.update(options.inductor)
+    config.update({"joint_custom_pre_pass": _InductorJointPass(context), "use_joint_graph_passes": True})
     return config
 
 

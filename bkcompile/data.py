@@ -22,11 +22,36 @@ from torch.utils.data._utils.collate import default_collate
 from bkcompile.accountant import steps_per_epoch
 from bkcompile.batch import map_rows, mark_rows_dynamic
 from bkcompile.draws import note_draw
-from bkcompile.errors import BKError, PrivacyError
+from bkcompile.errors import BKError, PrivacyError, SamplingError
 from bkcompile.randomness import secret_generator
 
-# DataLoader arguments that choose the samples: Poisson sampling replaces them.
-_SAMPLING_ARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last", "generator")
+# DataLoader arguments that choose the samples, which Poisson sampling replaces: (why, fix) of their refusal. Their
+# DataLoader defaults (None, and False: no sampler, no batch sampler, no shuffling asked for, no batch dropped)
+# describe what Poisson sampling does, and are accepted.
+_REFUSED_ARGS = {
+    "shuffle": (
+        "Poisson sampling draws every batch afresh (each example joins it with probability q, in the dataset's "
+        "order), so there is no order to shuffle or keep; that draw is what the accountant's epsilon assumes",
+        "leave shuffle out: the batches are random already (drawn from `generator`)",
+    ),
+    "sampler": (
+        "a sampler chooses the examples, and Poisson sampling must choose them (each with probability q) for "
+        "the accountant's epsilon to hold",
+        "leave sampler out; to train on part of the data pass torch.utils.data.Subset(dataset, indices) (weighted "
+        "or repeated sampling has no Poisson accounting here)",
+    ),
+    "batch_sampler": (
+        "a batch sampler forms the batches, and Poisson sampling forms them (each example joins each batch with "
+        "probability q)",
+        "leave batch_sampler out; give the expected batch size as batch_size=... (or sample_rate=q)",
+    ),
+    "drop_last": (
+        "Poisson batches vary in size by design (Binomial(len(dataset), q), sometimes empty); dropping or "
+        "trimming one would change the sampling the accountant assumes",
+        "leave drop_last out; step on every batch (an empty one too: optimizer.step() adds its noise) and bound "
+        "the memory of a large one with bkcompile.micro_batches(batch, max_size)",
+    ),
+}
 
 
 class OneBatchPerStep:
@@ -100,12 +125,17 @@ class _CollateWithEmpty:
 class PoissonLoader:
     """Poisson batches over ``dataset`` (any map-style Dataset), or over tensors given directly.
 
-    ``PoissonLoader(dataset, sample_rate=q)`` or ``PoissonLoader(x, y, sample_rate=q)`` (a
-    ``TensorDataset``). Each example is in each batch with probability ``sample_rate``; by default
-    ``len(loader)`` = ``steps_per_epoch(q)`` = ceil(1/q) batches per epoch. The indices come from
-    ``generator``, or, when none is given, from a generator seeded with OS entropy: the batches are
-    secret, as privacy amplification by subsampling assumes, and ``torch.manual_seed`` does not touch
-    them. Pass a seeded generator only to reproduce a run (then the seed reveals every batch).
+    ``PoissonLoader(dataset, batch_size=B)``, ``PoissonLoader(dataset, sample_rate=q)`` or
+    ``PoissonLoader(x, y, sample_rate=q)`` (a ``TensorDataset``). Each example is in each batch with
+    probability ``sample_rate`` q = ``batch_size`` / len(dataset), so ``batch_size`` is the *expected* batch
+    size: a batch holds Binomial(len(dataset), q) examples, sometimes none. As for a DataLoader, ``dataset``,
+    ``batch_size`` (here the expected size, a float) and ``len(loader)`` are there: by default ``len(loader)``
+    = ``steps_per_epoch(q)`` = ceil(1/q) batches per epoch. The DataLoader arguments that choose samples
+    (``shuffle``, ``sampler``, ``batch_sampler``, ``drop_last``) are refused with a :class:`SamplingError`
+    unless they have their DataLoader default (None, False), which asks for nothing Poisson sampling does not do.
+    The indices come from ``generator``, or, when none is given, from a generator seeded with OS entropy: the
+    batches are secret, as privacy amplification by subsampling assumes, and ``torch.manual_seed`` does not
+    touch them. Pass a seeded generator only to reproduce a run (then the seed reveals every batch).
     ``collate_fn`` and ``loader_options`` (``num_workers``, ``pin_memory``, ``worker_init_fn``,
     ``prefetch_factor``, ``persistent_workers``, ``timeout``, ...) go to the underlying DataLoader;
     ``worker_generator`` seeds its workers (not the sampling). Every per-sample tensor of a batch is marked
@@ -115,7 +145,8 @@ class PoissonLoader:
     def __init__(
         self,
         *data: Dataset | torch.Tensor,
-        sample_rate: float,
+        sample_rate: float | None = None,
+        batch_size: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
         collate_fn: Callable[[list], Any] | None = None,
@@ -123,16 +154,31 @@ class PoissonLoader:
         **loader_options: Any,
     ) -> None:
         self.dataset = _as_dataset(data)
-        if not 0 < sample_rate <= 1:
-            raise BKError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        refused = sorted(set(loader_options) & set(_SAMPLING_ARGS))
-        if refused:
-            raise BKError(
-                f"PoissonLoader draws its own batches; it cannot take {refused}. Fix: leave them out (the "
-                "sampling generator is `generator`, the workers' one `worker_generator`; to train on a subset, "
-                "pass torch.utils.data.Subset(dataset, indices))"
+        for name, (why, fix) in _REFUSED_ARGS.items():
+            value = loader_options.pop(name, None)
+            if value is not None and value is not False:
+                shown = repr(value) if isinstance(value, (bool, int, float, str)) else f"<{type(value).__name__}>"
+                raise SamplingError(f"PoissonLoader cannot take {name}={shown}\n  why: {why}\n  fix: {fix}")
+        if (sample_rate is None) == (batch_size is None):
+            raise SamplingError(
+                "PoissonLoader takes one of sample_rate (q) and batch_size (the expected batch size, "
+                f"q * len(dataset)); got sample_rate={sample_rate!r}, batch_size={batch_size!r}"
             )
+        if batch_size is not None:
+            if (
+                isinstance(batch_size, bool)
+                or not isinstance(batch_size, (int, float))
+                or not 0 < batch_size <= self.dataset_size
+            ):
+                raise SamplingError(
+                    f"batch_size (the expected batch size) must be in (0, len(dataset)] = (0, {self.dataset_size}], "
+                    f"got {batch_size!r}"
+                )
+            sample_rate = batch_size / self.dataset_size
+        if not 0 < sample_rate <= 1:
+            raise SamplingError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.sample_rate = sample_rate
+        self._batch_size = None if batch_size is None else float(batch_size)
         self.steps = steps if steps is not None else steps_per_epoch(sample_rate)
         self.generator = generator if generator is not None else secret_generator()
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
@@ -154,7 +200,13 @@ class PoissonLoader:
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sample_rate * self.dataset_size
+        """q * len(dataset): the ``batch_size`` given, or ``sample_rate`` times the dataset's size."""
+        return self._batch_size if self._batch_size is not None else self.sample_rate * self.dataset_size
+
+    @property
+    def batch_size(self) -> float:
+        """The expected batch size (as a DataLoader's ``batch_size``, though each batch's size varies)."""
+        return self.expected_batch_size
 
     @property
     def num_workers(self) -> int:

@@ -15,6 +15,11 @@ class OptionError(BKError, ValueError):
     """An option passed to the ``bk_dp`` backend is unknown, of the wrong type or out of range."""
 
 
+class SamplingError(BKError, ValueError):
+    """A data-loading argument that Poisson sampling cannot honour (a sampler, shuffling, dropped batches): the
+    accountant's epsilon assumes each example joins each batch independently with probability q."""
+
+
 class PrivacyError(BKError):
     """The graph cannot be privatized exactly; training it would not be differentially private.
 

@@ -1,10 +1,14 @@
-"""Options of the ``bk_dp`` backend: a frozen dataclass, validated once when the backend first runs."""
+"""Options of the ``bk_dp`` backend: a frozen dataclass, validated by :func:`parse_options` (where the user gives
+them: ``bkcompile.compile``, ``make_private``; and when the backend compiles a graph)."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from bkcompile.errors import OptionError
@@ -14,7 +18,21 @@ Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
 Graphs = Literal["auto", "several"]
+Mode = Literal["default", "max-autotune-no-cudagraphs"]
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
+MODES = ("default", "max-autotune-no-cudagraphs")
+# Inductor's other modes, and why bk_dp refuses them.
+_REFUSED_MODES = {
+    "reduce-overhead": "it turns on CUDA graphs (triton.cudagraphs), which bk_dp does not support yet",
+    "max-autotune": "it turns on CUDA graphs (triton.cudagraphs), which bk_dp does not support yet",
+    "lite": "it turns off Inductor's joint-graph passes, where bk_dp clips the per-sample gradients",
+}
+# Inductor config entries bk_dp sets itself, and why a user's value is refused.
+_OWNED_INDUCTOR_KEYS = {
+    "joint_custom_pre_pass": "bk_dp's privatizing pass runs there",
+    "use_joint_graph_passes": "bk_dp's privatizing pass is one of them",
+    "triton.cudagraphs": "bk_dp does not support CUDA graphs yet",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +69,13 @@ class BKOptions:
         sensitivity, so it is left unclipped and unnoised and multiplied by this, so that after the
         optimizer's division it acts exactly as in non-private training (``make_private`` and the
         Trainer integration set it).
+    mode: Inductor's compile mode, what ``torch.compile``'s ``mode=`` would be (torch takes ``mode`` or
+        ``options``, not both): "default" or "max-autotune-no-cudagraphs". The CUDA-graph modes and "lite"
+        are refused. Only with compiler "inductor".
+    inductor: Inductor config entries for the bk_dp graphs (``torch._inductor.config`` names and types, e.g.
+        ``{"coordinate_descent_tuning": True}``), applied over the mode's; kept as sorted (name, value) pairs.
+        The entries bk_dp sets itself (its joint-graph pass, CUDA graphs) are refused. Only with compiler
+        "inductor".
     graphs: "auto": a graph is a piece of the model when dynamo cut it at a graph break or its parameters
         are FSDP2's of a model sharded per module (``fully_shard`` per block), else the whole model
         (clipped in the graph; refused at run time if its backward meets other bk_dp graphs);
@@ -72,6 +97,8 @@ class BKOptions:
     dump: str | None = None
     expected_batch_size: float | None = None
     graphs: Graphs = "auto"
+    mode: Mode = "default"
+    inductor: tuple[tuple[str, Any], ...] = ()
     # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
     loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
@@ -85,6 +112,11 @@ _CHOICES = {
     "clip_fn": ("abadi", "automatic"),
     "graphs": ("auto", "several"),
 }
+
+
+def known_options() -> list[str]:
+    """The names ``options`` may hold."""
+    return sorted(f.name for f in dataclasses.fields(BKOptions) if f.repr)
 
 
 def _positive(value: Any, key: str) -> float:
@@ -126,13 +158,59 @@ def _expected_batch_size(value: Any) -> float | None:
     return None if value is None else _positive(value, "expected_batch_size")
 
 
+def _mode(raw: dict[str, Any]) -> str:
+    mode = raw.get("mode", "default")
+    if isinstance(mode, str) and mode in _REFUSED_MODES:
+        raise OptionError(
+            f"option 'mode' cannot be {mode!r}: {_REFUSED_MODES[mode]}. Fix: mode='default' or "
+            "'max-autotune-no-cudagraphs' (max_autotune and coordinate_descent_tuning, without CUDA graphs), and "
+            "other Inductor config entries as options={'inductor': {...}}"
+        )
+    if mode not in MODES:
+        raise OptionError(f"option 'mode' must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _inductor(raw: Any) -> tuple[tuple[str, Any], ...]:
+    """Inductor config entries, checked as ``torch.compile`` checks its ``options`` for Inductor (a known name,
+    a value of its type), minus the entries bk_dp owns."""
+    if not isinstance(raw, Mapping):
+        raise OptionError(
+            f"option 'inductor' must be a dict of Inductor config entries, e.g. "
+            f"{{'coordinate_descent_tuning': True}}; got {raw!r}"
+        )
+    from torch._inductor import config
+
+    current = config.get_config_copy()
+    entries = []
+    for key, value in raw.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in _OWNED_INDUCTOR_KEYS:
+            raise OptionError(
+                f"option 'inductor' cannot set {key!r}: bk_dp sets it ({_OWNED_INDUCTOR_KEYS[name]}). Fix: leave it out"
+            )
+        if name not in current:
+            close = difflib.get_close_matches(str(name), list(current), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise OptionError(f"option 'inductor': {key!r} is not an Inductor config entry{hint}")
+        kind = config.get_type(name)
+        if typing.get_origin(kind) is None and isinstance(kind, type) and not isinstance(value, kind):
+            raise OptionError(
+                f"option 'inductor': {key!r} takes a {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
+        entries.append((name, value))
+    return tuple(sorted(entries, key=lambda entry: entry[0]))
+
+
 def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     """Validate the user's options dict; raise :class:`OptionError` naming the offending key."""
     raw = dict(raw or {})
-    known = {f.name for f in dataclasses.fields(BKOptions) if f.repr}
+    known = known_options()
     for key in raw:
         if key not in known:
-            raise OptionError(f"unknown option {key!r} for backend 'bk_dp'; known options: {sorted(known)}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise OptionError(f"unknown option {key!r} for backend 'bk_dp'{hint}; known options: {known}")
     if "max_grad_norm" not in raw:
         raise OptionError(
             "option 'max_grad_norm' is required: the clipping threshold R, e.g. options={'max_grad_norm': 1.0}"
@@ -159,6 +237,14 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
             "option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
             f"time for memory); got strategy={raw.get('strategy', 'auto')!r}"
         )
+    mode = _mode(raw)
+    inductor = _inductor(raw.get("inductor", {}))
+    for key in ("mode", "inductor"):
+        if key in raw and raw.get("compiler", "inductor") != "inductor":
+            raise OptionError(
+                f"option {key!r} configures Inductor, and compiler={raw['compiler']!r}. Fix: leave {key!r} out, "
+                "or compiler='inductor'"
+            )
     return BKOptions(
         max_grad_norm=float(norm),
         clipping=_clipping(raw.get("clipping", "all-layer")),
@@ -174,5 +260,7 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         dump=None if dump is None else os.fspath(dump),
         expected_batch_size=_expected_batch_size(raw.get("expected_batch_size")),
         graphs=raw.get("graphs", "auto"),
+        mode=mode,
+        inductor=inductor,
         loss_reduction_given="loss_reduction" in raw,
     )

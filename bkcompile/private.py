@@ -11,8 +11,9 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
-from bkcompile.errors import BKError
+from bkcompile.errors import BKError, SamplingError
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
+from bkcompile.options import parse_options
 from bkcompile.randomness import child_generators
 
 
@@ -44,7 +45,8 @@ def make_private(
 
     Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
     accountant. The accountant is ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp
-    backend (``clipping``, ``clip_fn``, ``strategy``, ...); ``adaptive_clipping`` to the optimizer.
+    backend (``clipping``, ``clip_fn``, ``strategy``, ``mode``, ...), checked before anything else (a bad
+    one is an :class:`~bkcompile.OptionError` here); ``adaptive_clipping`` goes to the optimizer.
 
     Under torchrun (an initialised process group) every rank passes the whole dataset: ``batch_size`` is
     the global expected batch, the loader is a :class:`DistributedPoissonLoader` (each rank's part of
@@ -53,6 +55,8 @@ def make_private(
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
+    options = {"max_grad_norm": max_grad_norm, **backend_options}
+    parse_options(options)  # here, not at the first forward
     if (noise_multiplier is None) == (target_epsilon is None):
         raise BKError("give exactly one of noise_multiplier and target_epsilon")
     if target_epsilon is not None and epochs is None:
@@ -83,7 +87,7 @@ def make_private(
         worker_generator=data_loader.generator,
         **_worker_options(data_loader),
     )
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": max_grad_norm, **backend_options})
+    compiled = torch.compile(model, backend="bk_dp", options=options)
     if world_size() > 1 and not isinstance(model, DistributedDataParallel) and not is_fully_sharded(model):
         compiled = DistributedDataParallel(compiled)  # starts from rank 0's parameters on every rank
     dp_optimizer = DPOptimizer(
@@ -106,7 +110,7 @@ def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.G
             f"IterableDataset ({type(data_loader.dataset).__name__}); Poisson sampling picks examples by index"
         )
     if data_loader.batch_size is None:
-        raise BKError(
+        raise SamplingError(
             "make_private needs a DataLoader with a batch_size (the expected batch size of Poisson sampling); "
             "a batch_sampler cannot be honoured: build the DataLoader with batch_size=... instead"
         )
@@ -115,14 +119,14 @@ def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.G
         type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
     )
     if not default:
-        raise BKError(
+        raise SamplingError(
             f"the DataLoader's sampler {type(sampler).__name__} cannot be honoured: Poisson sampling draws every "
             "example of the dataset with probability batch_size / len(dataset). Fix: to train on a subset, pass "
             "torch.utils.data.Subset(dataset, indices) as the dataset and drop the sampler; weighted or repeated "
             "sampling has no Poisson accounting here"
         )
     if type(data_loader.batch_sampler) is not BatchSampler or data_loader.batch_sampler.sampler is not sampler:
-        raise BKError(
+        raise SamplingError(
             f"the DataLoader's batch_sampler {type(data_loader.batch_sampler).__name__} cannot be honoured: Poisson "
             "sampling forms the batches. Fix: build the DataLoader with batch_size=... and no batch_sampler"
         )

@@ -243,8 +243,82 @@ def test_samplers_it_cannot_honour_are_refused_with_the_fix() -> None:
 
     with pytest.raises(bkcompile.BKError, match="map-style Dataset"):
         _make_private(torch.utils.data.DataLoader(Stream(), batch_size=1))
-    with pytest.raises(bkcompile.BKError, match="cannot take"):
+    with pytest.raises(bkcompile.SamplingError, match="takes one of sample_rate"):
         bkcompile.PoissonLoader(data, sample_rate=0.1, batch_size=10)
+
+
+def test_it_is_a_dataloader_where_that_is_meaningful() -> None:
+    """dataset, batch_size (the expected batch size) and len, as a DataLoader's."""
+    data = torch.utils.data.TensorDataset(torch.arange(100.0)[:, None])
+    loader = bkcompile.PoissonLoader(data, batch_size=8, generator=torch.Generator().manual_seed(0))
+    assert loader.dataset is data
+    assert (loader.batch_size, loader.expected_batch_size, loader.sample_rate) == (8.0, 8.0, 0.08)
+    batches = [b[0].flatten().tolist() for b in loader]
+    assert len(loader) == len(batches) == 13  # ceil(1 / q), as len(DataLoader(data, batch_size=8))
+    by_rate = bkcompile.PoissonLoader(data, sample_rate=0.08, generator=torch.Generator().manual_seed(0))
+    assert [b[0].flatten().tolist() for b in by_rate] == batches  # the same sampling, given by its rate
+    assert bkcompile.PoissonLoader(data, sample_rate=0.25).batch_size == 25.0
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        (
+            {"shuffle": True},
+            "PoissonLoader cannot take shuffle=True\n"
+            "  why: Poisson sampling draws every batch afresh (each example joins it with probability q, in the "
+            "dataset's order), so there is no order to shuffle or keep; that draw is what the accountant's epsilon "
+            "assumes\n"
+            "  fix: leave shuffle out: the batches are random already (drawn from `generator`)",
+        ),
+        (
+            {"sampler": torch.utils.data.SubsetRandomSampler(range(5))},
+            "PoissonLoader cannot take sampler=<SubsetRandomSampler>\n"
+            "  why: a sampler chooses the examples, and Poisson sampling must choose them (each with probability q) "
+            "for the accountant's epsilon to hold\n"
+            "  fix: leave sampler out; to train on part of the data pass torch.utils.data.Subset(dataset, indices) "
+            "(weighted or repeated sampling has no Poisson accounting here)",
+        ),
+        (
+            {"batch_sampler": torch.utils.data.BatchSampler(range(10), 2, drop_last=False)},
+            "PoissonLoader cannot take batch_sampler=<BatchSampler>\n"
+            "  why: a batch sampler forms the batches, and Poisson sampling forms them (each example joins each "
+            "batch with probability q)\n"
+            "  fix: leave batch_sampler out; give the expected batch size as batch_size=... (or sample_rate=q)",
+        ),
+        (
+            {"drop_last": True},
+            "PoissonLoader cannot take drop_last=True\n"
+            "  why: Poisson batches vary in size by design (Binomial(len(dataset), q), sometimes empty); dropping "
+            "or trimming one would change the sampling the accountant assumes\n"
+            "  fix: leave drop_last out; step on every batch (an empty one too: optimizer.step() adds its noise) "
+            "and bound the memory of a large one with bkcompile.micro_batches(batch, max_size)",
+        ),
+    ],
+)
+def test_dataloader_arguments_that_break_poisson_sampling_are_refused_with_the_fix(argument, message) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(10, 1))
+    with pytest.raises(bkcompile.SamplingError) as info:
+        bkcompile.PoissonLoader(data, batch_size=2, **argument)
+    assert str(info.value) == message
+    # their DataLoader defaults ask for nothing Poisson sampling does not do
+    defaults = {"shuffle": None, "sampler": None, "batch_sampler": None, "drop_last": False}
+    assert len(bkcompile.PoissonLoader(data, batch_size=2, **defaults)) == 5
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ({}, "PoissonLoader takes one of sample_rate (q) and batch_size (the expected batch size, q * len(dataset)); "
+             "got sample_rate=None, batch_size=None"),
+        ({"batch_size": 11}, "batch_size (the expected batch size) must be in (0, len(dataset)] = (0, 10], got 11"),
+        ({"batch_size": "4"}, "batch_size (the expected batch size) must be in (0, len(dataset)] = (0, 10], got '4'"),
+    ],
+)  # fmt: skip
+def test_the_expected_batch_size_is_checked(rates: dict, message: str) -> None:
+    with pytest.raises(bkcompile.SamplingError) as info:
+        bkcompile.PoissonLoader(torch.randn(10, 1), **rates)
+    assert str(info.value) == message
 
 
 def test_a_second_batch_before_step_is_refused_with_the_fix() -> None:

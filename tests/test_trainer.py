@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import tempfile
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,6 +22,7 @@ from helpers import assert_matches
 from oracle import clipped_sum
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+import bkcompile
 from bkcompile.errors import BKError
 from bkcompile.integrations.transformers import DPTrainer, PoissonBatchSampler, PrivacyArguments
 
@@ -121,9 +123,37 @@ def test_one_step_with_accumulation_is_the_clipped_sum_of_the_poisson_batch() ->
     assert trainer.epsilon() == math.inf  # no noise: no privacy, reported as such
 
 
+@pytest.mark.parametrize("given", [{}, {"max_grad_norm": 0.0}, {"max_grad_norm": 0.5}])
+def test_turning_off_the_trainers_clipping_warns_only_when_the_user_set_it(given: dict) -> None:
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = DPTrainer(
+            model=Classifier(),
+            args=transformers.TrainingArguments(output_dir=out, report_to=[], use_cpu=True, **given),
+            train_dataset=dataset(8),
+            data_collator=collate,
+            privacy=PrivacyArguments(noise_multiplier=1.0, target_delta=1e-5, max_grad_norm=0.3),
+        )
+    ours = [str(w.message) for w in caught if "max_grad_norm" in str(w.message)]
+    assert trainer.args.max_grad_norm == 0.0
+    if given.get("max_grad_norm"):
+        assert ours == [
+            "DPTrainer turns off the Trainer's max_grad_norm=0.5: each sample is clipped to "
+            "PrivacyArguments.max_grad_norm=0.3 instead"
+        ]
+    else:  # the Trainer's default (1.0), or clipping already off: nothing to say
+        assert ours == []
+
+
 def test_privacy_arguments_need_one_noise_setting() -> None:
     with pytest.raises(BKError, match="exactly one of target_epsilon and noise_multiplier"):
         PrivacyArguments(target_delta=1e-5)
+
+
+def test_privacy_arguments_check_the_backend_options() -> None:
+    with pytest.raises(bkcompile.OptionError) as info:
+        PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, backend_options={"stratgy": "ghost"})
+    assert str(info.value).startswith("unknown option 'stratgy' for backend 'bk_dp' (did you mean 'strategy'?)")
 
 
 def _example():

@@ -13,7 +13,8 @@ It is a ``transformers.Trainer`` that
 
 A user's script changes its ``Trainer`` to ``DPTrainer`` and passes :class:`PrivacyArguments`. The Trainer's
 own gradient clipping (``max_grad_norm``) is turned off: clipping the summed gradient before the noise would
-not be private, and every sample is clipped already.
+not be private, and every sample is clipped already (a warning says so when the user set ``max_grad_norm``,
+i.e. it is not the ``TrainingArguments`` default).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier, steps_
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import BKError
 from bkcompile.optimizer import DPOptimizer
+from bkcompile.options import parse_options
 
 IGNORE_INDEX = -100
 
@@ -42,7 +44,7 @@ class PrivacyArguments:
 
     ``target_epsilon`` calibrates the noise for the Trainer's ``num_train_epochs`` (or ``max_steps``).
     ``seed`` seeds sampling and noise (None: OS entropy). ``backend_options`` go to ``bk_dp``
-    (``clipping``, ``strategy``, ...).
+    (``clipping``, ``strategy``, ...), checked here (a bad one is an :class:`~bkcompile.OptionError`).
     """
 
     target_delta: float
@@ -59,6 +61,12 @@ class PrivacyArguments:
             raise BKError("PrivacyArguments needs 0 < target_delta < 1 and max_grad_norm > 0")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise BKError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        parse_options({"max_grad_norm": self.max_grad_norm, **self.backend_options})
+
+
+def _default(args: transformers.TrainingArguments, name: str) -> Any:
+    """The default of one of the training arguments (of the class the user's arguments are)."""
+    return next(field.default for field in dataclasses.fields(args) if field.name == name)
 
 
 class PoissonBatchSampler(torch.utils.data.Sampler):
@@ -131,11 +139,12 @@ class DPTrainer(transformers.Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         if self.args.max_grad_norm:
-            warnings.warn(
-                f"DPTrainer turns off the Trainer's max_grad_norm={self.args.max_grad_norm}: each sample is clipped "
-                f"to PrivacyArguments.max_grad_norm={privacy.max_grad_norm} instead",
-                stacklevel=2,
-            )
+            if self.args.max_grad_norm != _default(self.args, "max_grad_norm"):  # set by the user: say so
+                warnings.warn(
+                    f"DPTrainer turns off the Trainer's max_grad_norm={self.args.max_grad_norm}: each sample is "
+                    f"clipped to PrivacyArguments.max_grad_norm={privacy.max_grad_norm} instead",
+                    stacklevel=2,
+                )
             self.args.max_grad_norm = 0.0
         self.privacy, self.loss_fn = privacy, loss_fn
         self.generator = torch.Generator()
