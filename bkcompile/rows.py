@@ -14,6 +14,7 @@ checkpoint recomputes it in the backward, before that recomputation's backward r
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,46 @@ def _check_tensor(value: torch.Tensor, label: str) -> None:
         raise _refuse_written(label, "written in place", "after it was computed (an in-place op, under no_grad too)")
 
 
+_BINARY = frozenset(f"{name}Backward{k}" for name in ("Add", "Sub", "Mul", "Div", "Pow") for k in (0, 1))
+_DATA: dict[tuple[torch.device, int], weakref.ref] = {}  # the memory of the data the pieces received
+
+
+def note_data(values: Sequence[Any]) -> None:
+    """The batched inputs of a piece that no autograd op computed (the data itself: ids, a mask)."""
+    for stale in [k for k, ref in _DATA.items() if ref() is None]:
+        del _DATA[stale]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.grad_fn is None and not value.requires_grad and value.numel():
+            _DATA[(value.device, value.untyped_storage().data_ptr())] = weakref.ref(value)
+
+
+def _is_data(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or not value.numel():
+        return False
+    found = _DATA.get((value.device, value.untyped_storage().data_ptr()))
+    return found is not None and found() is not None
+
+
+def _untraced_operand(node: Any) -> str | None:
+    """For a binary op with an operand outside autograd's record (a detached value, a buffer, a constant, a
+    Python number): why it is refused, unless the operand is data a piece received (mul/div by a mask).
+    Add and sub keep no operand to look at; mul and div keep the one the other's gradient needs."""
+    missing = [i for i, (edge, _) in enumerate(node.next_functions) if edge is None]
+    if not missing or node.name() not in _BINARY:
+        return None
+    if node.name().startswith(("Mul", "Div")) and len(missing) == 1:
+        try:
+            operand = getattr(node, "_saved_other" if missing[0] == 1 else "_saved_self")
+        except (AttributeError, RuntimeError):
+            operand = None
+        if _is_data(operand):
+            return None
+    return (
+        f"{node.name()}, with an operand outside autograd's record (a detached value such as "
+        "h.detach().mean(0), a buffer, a cached tensor, a constant or a Python number)"
+    )
+
+
 def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
     """Refuse a batched input computed by eager code that may move or mix rows since a piece or the data, or
     written in place (its version counter, or that of a piece's output it was computed from, moved)."""
@@ -117,13 +158,14 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         seen.add(id(node))
         if node.name() == _CHECKPOINT:
             _check_when_recomputed(node, label)
-        elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES):
+        elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES) or _untraced_operand(node):
             raise PrivacyError(
-                f"{label} takes a batch computed outside the bk_dp graphs by {node.name()}\n"
+                f"{label} takes a batch computed outside the bk_dp graphs by {_untraced_operand(node) or node.name()}\n"
                 "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "
-                "batch must be sample i; this op may move or mix rows (or is an eager layer)\n"
-                "  fix: compile that code too (into a bk_dp graph), or keep only elementwise maths between "
-                "the compiled modules"
+                "batch must be sample i; this op may move or mix rows (or is an eager layer), and bkcompile "
+                "passes only what it can prove between the graphs\n"
+                "  fix: compile that code too (into a bk_dp graph), or keep only elementwise maths of the graphs' "
+                "outputs and the data between the compiled modules"
             )
         stack.extend(next_node for next_node, _ in node.next_functions)
 
@@ -152,6 +194,7 @@ def guard(compiled: Callable, batched: list[int], params: list[int], label: str)
     def run(*args: Any) -> Any:
         inputs = [args[i] for i in batched if isinstance(args[i], torch.Tensor)]
         weights = [parameter_of(args[i]) for i in params]  # the parameters behind the ledger's taps
+        note_data(inputs)
         check_inputs(args, batched, label)
         if torch.is_grad_enabled() and torch._C._current_graph_task_id() >= 0:
             outputs = recompute.recomputed(compiled, args, weights, inputs, label)

@@ -200,7 +200,7 @@ class EagerBetween(Regional):
 
 def test_row_wise_eager_code_between_graphs_is_allowed() -> None:
     torch.manual_seed(10)
-    model = EagerBetween(lambda h: 0.5 * torch.relu(h) + h.clone().view(h.shape)).double()
+    model = EagerBetween(lambda h: torch.relu(h) * torch.tanh(h) + h.clone().view(h.shape)).double()
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
     got = _regional_grads(model, ids, y, **_options(graphs="several"))
     want, _ = clipped_sum(model, F.cross_entropy, (ids,), (y,), max_grad_norm=R)
@@ -691,3 +691,58 @@ def test_a_gradient_hook_on_a_tensor_between_graphs_is_refused() -> None:
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
     with pytest.raises(bkcompile.PrivacyError, match=r"with a gradient hook \(Tensor.register_hook\)"):
         _regional_grads(model, ids, y, **_options(graphs="several"))
+
+
+class _Cache:
+    """A Python-side cache of the previous call's activations."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+    def __call__(self, h):
+        out = h if self.last is None else h + self.last
+        self.last = h.detach()
+        return out
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        lambda h: h - h.detach().mean(0),
+        lambda h: h * h.detach().std(0),
+        lambda h: 0.5 * h,
+        _Cache(),
+    ],
+    ids=["detached_batch_mean", "detached_batch_std", "python_number", "cached_activation"],
+)
+def test_an_operand_outside_autograds_record_between_graphs_is_refused(between) -> None:
+    """Default-deny between pieces: add/sub keep no operand to look at, so an untraced one (a detached batch
+    statistic, a cache, a constant) cannot be proved per-sample; compile that code instead."""
+    model = EagerBetween(between)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.PrivacyError, match="with an operand outside autograd's record"):
+        for _ in range(2):  # the cache has something from the second call on
+            _regional_grads(model, ids, y, **_options(graphs="several"))
+
+
+class _BufferBetween(Regional):
+    """A module buffer written from a batch statistic in eager code between the blocks, then subtracted."""
+
+    def __init__(self) -> None:
+        super().__init__(depth=2)
+        self.register_buffer("centre", torch.zeros(6))
+
+    def forward(self, ids):
+        h = self.stem(ids)
+        for block in self.blocks:
+            h = block(h)
+            with torch.no_grad():
+                self.centre.copy_(h.mean((0, 1)))
+            h = h - self.centre
+        return self.head(h)
+
+
+def test_a_buffer_written_from_a_batch_statistic_between_graphs_is_refused() -> None:
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    with pytest.raises(bkcompile.PrivacyError, match="SubBackward0, with an operand outside autograd's record"):
+        _regional_grads(_BufferBetween(), ids, y, **_options(graphs="several"))

@@ -286,3 +286,25 @@ def test_an_accountant_rate_that_disagrees_with_the_loader_in_use_is_refused() -
     with pytest.raises(bkcompile.ReleaseError, match="drawn by a PoissonLoader at sample rate 0.5, and the accountant"):
         optimizer.step()
     assert optimizer.accountant.history == []
+
+
+@pytest.mark.parametrize("max_size", [16, 3, 1])
+def test_micro_batches_of_a_drawn_batch_move_the_update_by_at_most_2r(max_size: int) -> None:
+    """Replace one drawn sample of the dataset by an outlier: the step released from the drawn batch, in
+    micro-batches or whole, moves by at most 2R before noise."""
+    x, y = _batch(16)
+    first = next(iter(_loader_and_optimizer(_mlp(), x, y)[0]))[0][0]
+    outlier = x.clone()
+    outlier[(x == first).all(1)] = 50.0  # a row the seeded loader draws
+    released = []
+    for data in (x, outlier):
+        model = _mlp()
+        loader, optimizer = _loader_and_optimizer(model, data, y)
+        cm = torch.compile(model, backend="bk_dp", options=OPTIONS)
+        xb, yb = next(iter(loader))  # the same seed: the same rows of both datasets
+        for xs, ys in bkcompile.micro_batches((xb, yb), max_size):
+            F.cross_entropy(cm(xs), ys).backward()
+        optimizer.step()
+        released.append(torch.cat([p.grad.flatten() for p in model.parameters()]) * loader.expected_batch_size)
+    moved = (released[0] - released[1]).norm()
+    assert 0 < moved <= 2 * R * (1 + 1e-9)
