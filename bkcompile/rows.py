@@ -91,7 +91,11 @@ def _check_tensor(value: torch.Tensor, label: str) -> None:
         raise _refuse_written(label, "with a gradient hook (Tensor.register_hook)", "on a tensor between the graphs")
     node = value.grad_fn
     recorded = node.metadata.get(_ALIAS) if node is not None else None
-    moved = value._version != recorded[1] if recorded is not None else node is not None and value._version > 0
+    if recorded is not None:
+        moved = value._version != recorded[1]
+    else:  # computed by eager autograd ops: written in place if its version moved (an identity such as FSDP2's
+        # hook returns aliases of a piece's outputs, whose versions the walk compares with the piece's record)
+        moved = node is not None and not isinstance(node, _IDENTITIES) and value._version > 0
     if moved:
         raise _refuse_written(label, "written in place", "after it was computed (an in-place op, under no_grad too)")
 
