@@ -746,3 +746,18 @@ def test_a_buffer_written_from_a_batch_statistic_between_graphs_is_refused() -> 
     ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
     with pytest.raises(bkcompile.PrivacyError, match="SubBackward0, with an operand outside autograd's record"):
         _regional_grads(_BufferBetween(), ids, y, **_options(graphs="several"))
+
+
+def test_a_write_through_data_between_graphs_is_the_one_road_not_seen() -> None:
+    """Documented in the README: ``.data`` has a version counter of its own, so a write through it between
+    compiled modules is not seen (and trains mixed rows). This pins the gap: if it starts being refused, the
+    README's table changes with it."""
+
+    def through_data(h):
+        h.data.add_(h.data.flip(0))
+        return h
+
+    model = EagerBetween(through_data)
+    ids, y = torch.randint(0, 11, (7, 4)), torch.randint(0, 3, (7,))
+    grads = _regional_grads(model, ids, y, **_options(graphs="several"))
+    assert all(g is not None for g in grads.values())
