@@ -4,6 +4,8 @@ frozen, removed or left out of the DP optimizer) is refused or cannot change wha
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -308,3 +310,27 @@ def test_micro_batches_of_a_drawn_batch_move_the_update_by_at_most_2r(max_size: 
         released.append(torch.cat([p.grad.flatten() for p in model.parameters()]) * loader.expected_batch_size)
     moved = (released[0] - released[1]).norm()
     assert 0 < moved <= 2 * R * (1 + 1e-9)
+
+
+@pytest.mark.slow
+def test_the_readme_accumulation_recipe_under_inductor_with_a_dynamic_batch() -> None:
+    """The default path: Inductor, a Poisson batch (dynamic size) larger than max_size, split by micro_batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    loader = bkcompile.PoissonLoader(x, y, sample_rate=0.5, generator=torch.Generator().manual_seed(0))
+    optimizer = bkcompile.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=R, data_loader=loader
+    )
+    cm = bkcompile.compile(model, max_grad_norm=R)
+    for step, (xb, yb) in enumerate(loader):
+        assert len(xb) > 5
+        for xs, ys in bkcompile.micro_batches((xb, yb), 5):
+            F.cross_entropy(cm(xs), ys).backward()
+        optimizer.step()
+        want, _ = clipped_sum(reference, F.cross_entropy, (xb,), (yb,), max_grad_norm=R)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad * loader.expected_batch_size, want[name], rtol=1e-4, atol=1e-5)
+        if step == 1:
+            break

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import bkcompile
 from bkcompile.errors import BKError
-from bkcompile.integrations.transformers import DPTrainer, PoissonBatchSampler, PrivacyArguments
+from bkcompile.integrations.transformers import DPTrainer, PoissonBatchSampler, PrivacyArguments, _reaches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,38 +67,43 @@ def test_poisson_batches_are_split_into_micro_batches() -> None:
         assert sum(parts[4 * step : 4 * step + 4], []) == drawn
 
 
+def _trainer(model: nn.Module, data: list[dict], out: str, lr: float, radius: float, **args) -> DPTrainer:
+    """A DPTrainer over ``data``: SGD at a constant ``lr``, batches of 4 in 3 micro-batches, no noise, one step."""
+    settings = {"max_steps": 1, "lr_scheduler_type": "constant", **args}
+    return DPTrainer(
+        model=model,
+        args=transformers.TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=3,
+            learning_rate=lr,
+            optim="sgd",
+            weight_decay=0.0,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=True,
+            **settings,
+        ),
+        train_dataset=data,
+        data_collator=collate,
+        privacy=PrivacyArguments(
+            noise_multiplier=0.0,
+            target_delta=1e-5,
+            max_grad_norm=radius,
+            seed=3,
+            backend_options={"compiler": "aot_eager"},
+        ),
+    )
+
+
 def test_one_step_with_accumulation_is_the_clipped_sum_of_the_poisson_batch() -> None:
     """noise 0, SGD: the update is -lr * (sum_i C_i g_i) / E over the whole Poisson batch of the step,
     whatever its split into micro-batches (some of which may be empty)."""
     model, data, lr, radius = Classifier().double(), dataset(40), 0.5, 0.05
     before = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as out:
-        trainer = DPTrainer(
-            model=model,
-            args=transformers.TrainingArguments(
-                output_dir=out,
-                per_device_train_batch_size=4,
-                gradient_accumulation_steps=3,
-                max_steps=1,
-                learning_rate=lr,
-                optim="sgd",
-                lr_scheduler_type="constant",
-                weight_decay=0.0,
-                save_strategy="no",
-                report_to=[],
-                disable_tqdm=True,
-                use_cpu=True,
-            ),
-            train_dataset=data,
-            data_collator=collate,
-            privacy=PrivacyArguments(
-                noise_multiplier=0.0,
-                target_delta=1e-5,
-                max_grad_norm=radius,
-                seed=3,
-                backend_options={"compiler": "aot_eager"},
-            ),
-        )
+        trainer = _trainer(model, data, out, lr, radius)
         trainer.train()
     assert trainer.args.max_grad_norm == 0.0  # the Trainer's own clipping of the sum is off
     assert trainer.expected_batch_size == 12 and trainer.sample_rate == pytest.approx(12 / 40)
@@ -121,6 +126,24 @@ def test_one_step_with_accumulation_is_the_clipped_sum_of_the_poisson_batch() ->
              zip(before.named_parameters(), model.parameters())}  # fmt: skip
     assert_matches(moved, {k.removeprefix("inner."): v for k, v in want.items()}, torch.float64, tol=1e-8)
     assert trainer.epsilon() == math.inf  # no noise: no privacy, reported as such
+
+
+def test_train_twice_steps_the_same_dp_optimizer_under_the_trainers_scheduler() -> None:
+    """The DPOptimizer is a torch.optim.Optimizer: the Trainer's scheduler drives it directly, accelerate wraps
+    it, and a second train() reuses it (no DP optimizer around a DP optimizer)."""
+    model, data = Classifier().double(), dataset(40)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer(model, data, out, 0.5, 0.05)
+        trainer.train()
+        optimizer = trainer.dp_optimizer
+        assert trainer.lr_scheduler.optimizer is optimizer and isinstance(optimizer, torch.optim.Optimizer)
+        assert _reaches(trainer.optimizer, optimizer)
+        before = [p.detach().clone() for p in model.parameters()]
+        trainer.args.max_steps = 2
+        trainer.train()
+        assert trainer.dp_optimizer is optimizer and _reaches(trainer.optimizer, optimizer)
+        assert trainer.state.global_step == 2
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("given", [{}, {"max_grad_norm": 0.0}, {"max_grad_norm": 0.5}])

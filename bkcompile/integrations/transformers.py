@@ -126,6 +126,15 @@ class _Logits(torch.nn.Module):
         return self.model(**inputs).logits
 
 
+def _reaches(optimizer: Any, target: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is ``target`` or wraps it (accelerate's ``AcceleratedOptimizer.optimizer``)."""
+    while optimizer is not None:
+        if optimizer is target:
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
 class DPTrainer(transformers.Trainer):
     """``transformers.Trainer`` with DP-SGD: see the module docstring. ``loss_fn(logits, labels) -> (B,)`` gives
     each sample's loss (default :func:`per_sample_loss`)."""
@@ -194,8 +203,10 @@ class DPTrainer(transformers.Trainer):
     # --- optimizer: DPOptimizer around the Trainer's own --------------------------------------------------------
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:  # transformers 5 adds a model argument
-        inner = super().create_optimizer(*args, **kwargs)  # the DPOptimizer itself from a second train() on
-        if self.dp_optimizer is None or inner not in (self.dp_optimizer, self.dp_optimizer.optimizer):
+        inner = super().create_optimizer(*args, **kwargs)  # from a second train() on: accelerate's wrapper of ours
+        if self.dp_optimizer is not None and _reaches(inner, self.dp_optimizer):
+            return inner
+        if self.dp_optimizer is None or inner is not self.dp_optimizer.optimizer:
             self.dp_optimizer = DPOptimizer(
                 inner,
                 noise_multiplier=self.noise_multiplier,
