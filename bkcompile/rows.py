@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 
 from bkcompile import backwards, recompute
@@ -109,12 +110,13 @@ def note_data(values: Sequence[Any]) -> None:
     for stale in [k for k, ref in _DATA.items() if ref() is None]:
         del _DATA[stale]
     for value in values:
-        if isinstance(value, torch.Tensor) and value.grad_fn is None and not value.requires_grad and value.numel():
+        real = isinstance(value, torch.Tensor) and not is_fake(value)  # DDP's compiler runs pieces on fakes
+        if real and value.grad_fn is None and not value.requires_grad and value.numel():
             _DATA[(value.device, value.untyped_storage().data_ptr())] = weakref.ref(value)
 
 
 def _is_data(value: Any) -> bool:
-    if not isinstance(value, torch.Tensor) or not value.numel():
+    if not isinstance(value, torch.Tensor) or is_fake(value) or not value.numel():
         return False
     found = _DATA.get((value.device, value.untyped_storage().data_ptr()))
     return found is not None and found() is not None
@@ -124,9 +126,12 @@ def _untraced_operand(node: Any) -> str | None:
     """For a binary op with an operand outside autograd's record (a detached value, a buffer, a constant, a
     Python number): why it is refused, unless the operand is data a piece received (mul/div by a mask).
     Add and sub keep no operand to look at; mul and div keep the one the other's gradient needs."""
-    missing = [i for i, (edge, _) in enumerate(node.next_functions) if edge is None]
+    edges = [edge for edge, _ in node.next_functions]
+    missing = [i for i, edge in enumerate(edges) if edge is None]
     if not missing or node.name() not in _BINARY:
         return None
+    if any(edge is not None and edge.name() == _LEAF for edge in edges):
+        return None  # a parameter used eagerly: the ledger refuses it, naming the parameter, in the backward
     if node.name().startswith(("Mul", "Div")) and len(missing) == 1:
         try:
             operand = getattr(node, "_saved_other" if missing[0] == 1 else "_saved_self")

@@ -217,10 +217,7 @@ SEARCHES = [
 
 @pytest.mark.parametrize("target, q, epochs", SEARCHES)
 def test_noise_search_meets_the_target_by_dp_accounting_pld(target: float, q: float, epochs: int) -> None:
-    start = time.perf_counter()
-    sigma = bkcompile.get_noise_multiplier(target, 1e-5, q, epochs=epochs)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3  # measured on 2 shared cores (load 3.4): 0.20 to 0.87 s, 0.36 s at q = 0.125
+    sigma = bkcompile.get_noise_multiplier(target, 1e-5, q, epochs=epochs)  # its time: the closing note, not a test
     steps = epochs * math.ceil(1 / q)
     epsilon = _pld_epsilon([(q, sigma, steps)], 1e-5)
     assert 0.97 * target <= epsilon <= target - 0.01  # eps_error = 0.01 kept in reserve
