@@ -6,7 +6,9 @@ the rule gives the output's fact. vmap runs the same call on each sample as a ba
 - ``Reduced``: the output is the sum over samples of vmap's results (or their mean, for a mean);
 - a refused op raises the rule's error.
 Ops whose values are random or uninitialised are checked for shape only; ops that cannot run here are
-listed in NOT_SWEPT with the reason.
+listed in NOT_SWEPT with the reason. VARIANTS holds more cases of ops in CASES: other laws of the same op (the
+sample axis indexed by the sample's own index) and the spellings Inductor's decompositions give the graph before
+the pass (``prims.iota`` for ``arange``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,42 @@ class Dep:
     """A non-tensor argument that depends on the batch size (sizes that name it)."""
 
     of: Callable[[int], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Zeros:
+    """A shared tensor of zeros with B rows in front (the buffer a gradient is written into): no sample data, so
+    replicated; one row in each per-sample call."""
+
+    shape: tuple
+
+    def build(self, batch: int) -> torch.Tensor:
+        return torch.zeros((batch, *self.shape), dtype=F64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Own:
+    """The sample's own index: ``arange(B)`` made by ``op`` (``aten.arange``, or ``prims.iota`` as Inductor spells
+    it), unsqueezed to ``rank`` dims with B on ``dim`` (``batch_idx[:, None, None, None]``); replicated, and
+    ``arange(1)`` in each per-sample call."""
+
+    op: Any
+    rank: int = 1
+    dim: int = 0
+
+    def build(self, batch: int) -> torch.Tensor:
+        return torch.arange(batch).view([batch if d == self.dim else 1 for d in range(self.rank)])
+
+    def nodes(self, graph: torch.fx.Graph, batch: int) -> torch.fx.Node:
+        kwargs = {}
+        if self.op is prims.iota.default:  # prims.iota(length, *, start, step, dtype, device, requires_grad)
+            kwargs = dict(start=0, step=1, dtype=torch.int64, device=torch.device("cpu"), requires_grad=False)
+        node = graph.call_function(self.op, (batch,), kwargs)
+        node.meta["val"] = torch.arange(batch)
+        for at in [0] * self.dim + [-1] * (self.rank - 1 - self.dim):
+            node = graph.call_function(aten.unsqueeze.default, (node, at))
+            node.meta["val"] = node.args[0].meta["val"].unsqueeze(at)
+        return node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +279,28 @@ CASES: dict[Any, Case] = {
     aten._unsafe_index_put.default: C(X, [None, None, R(2, make=ints(5))], S(4, 2), True),
 }
 
+# More cases of ops in CASES, by name: other laws of the op, and Inductor's spellings
+VARIANTS: dict[str, tuple[Any, Case]] = {
+    # the sample axis indexed by the sample's own index (x[arange(B), j]), arange or Inductor's iota
+    "index-own-arange": (aten.index.Tensor, C(S(6), [Own(aten.arange.default), S(make=ints(6))])),
+    "index-own-iota": (aten.index.Tensor, C(S(6), [Own(prims.iota.default), S(make=ints(6))])),
+    # transformers' padding mask: padding_mask[batch_idx[:, None, None, None], kv_idx[None, None, None, :]]
+    "index-own-iota-broadcast": (
+        aten.index.Tensor,
+        C(S(8, make=bools), [Own(prims.iota.default, rank=4), R(1, 1, 1, 8, make=ints(8))]),
+    ),
+    "index-own-iota-against-another-axis": (
+        aten.index.Tensor,
+        Case(
+            (S(6, 6), [Own(prims.iota.default, rank=2, dim=1), S(1, make=ints(6))]), refused=bkcompile.SampleMixingError
+        ),
+    ),
+    "index_put-own-iota": (
+        aten.index_put.default,
+        C(Zeros((4, 3)), [Own(prims.iota.default), S(make=ints(4))], S(3), True),
+    ),
+}
+
 NOT_SWEPT = {
     # squeezing every size-1 dim also squeezes a batch of one: no per-sample call to compare with
     aten.squeeze.default: "checked by the model tests (tests/test_models.py)",
@@ -267,6 +327,8 @@ def _build(value: Any, batch: int) -> Any:
         return value.make(((batch,) if value.batched else ()) + tuple(value.shape))
     if isinstance(value, Dep):
         return value.of(batch)
+    if isinstance(value, (Zeros, Own)):
+        return value.build(batch)
     if isinstance(value, (list, tuple)):
         return type(value)(_build(v, batch) for v in value)
     return value
@@ -291,6 +353,15 @@ def _facts_of(op: Any, case: Case, args: tuple, out: Any) -> Any:
             node.meta["val"] = value
             facts[node] = Batched(0) if spec.batched else Replicated()
             return node
+        if isinstance(spec, Zeros):
+            node = graph.placeholder(f"t{len(facts)}")
+            node.meta["val"] = value
+            facts[node] = Replicated()
+            return node
+        if isinstance(spec, Own):
+            node = spec.nodes(graph, B)
+            facts[node] = Replicated()
+            return node
         if isinstance(spec, (list, tuple)):
             return type(value)(node_of(s, v) for s, v in zip(spec, value))
         return value
@@ -313,6 +384,8 @@ def _per_sample(op: Any, case: Case, args: tuple) -> Any:
                 return next(it).unsqueeze(0) if spec.batched else value
             if isinstance(spec, Dep):
                 return spec.of(1)
+            if isinstance(spec, (Zeros, Own)):
+                return spec.build(1)
             if isinstance(spec, (list, tuple)):
                 return type(value)(rebuild(s, v) for s, v in zip(spec, value))
             return value
@@ -348,10 +421,14 @@ def _check(fact: Any, out: torch.Tensor, per: torch.Tensor, values: bool, op: An
             assert torch.equal(out, total)
 
 
-@pytest.mark.parametrize("op", list(CASES), ids=str)
-def test_rule_agrees_with_vmap(op: Any) -> None:
+SWEEP = [pytest.param(op, case, id=str(op)) for op, case in CASES.items()] + [
+    pytest.param(op, case, id=name) for name, (op, case) in VARIANTS.items()
+]
+
+
+@pytest.mark.parametrize(("op", "case"), SWEEP)
+def test_rule_agrees_with_vmap(op: Any, case: Case) -> None:
     torch.manual_seed(0)
-    case = CASES[op]
     args = _build(case.args, B)
     out = op(*args, **case.kwargs)
     if case.refused is not None:

@@ -12,8 +12,8 @@ indexed dims are adjacent, else in front). Per sample when
   every per-sample index holds its samples on that same dim. Row i of the result then reads only sample i.
 
 The sample's own index is proven from the index value itself (see :func:`sample_index_dim`): it is an
-``arange`` over exactly B with start 0 and step 1, carried to its place by views, unsqueezes, expands and
-casts that keep its values along one dim.
+``arange`` over exactly B with start 0 and step 1 (``prims.iota`` once Inductor has decomposed it), carried to
+its place by views, unsqueezes, expands and casts that keep its values along one dim.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
 aten = torch.ops.aten
 
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_IOTA = torch.ops.prims.iota.default  # arange as Inductor's decompositions spell it
 _KEEP_DIM = {
     aten._to_copy.default,
     torch.ops.prims.convert_element_type.default,
@@ -49,6 +50,11 @@ def _only_dim_of_size(node: torch.fx.Node, batch, dim: int) -> bool:
     return same(sizes[dim], batch) and all(s == 1 for d, s in enumerate(sizes) if d != dim)
 
 
+def _counts_to(node: torch.fx.Node, start: object, step: object, batch) -> bool:
+    """The 1-d ``node`` made with ``start`` and ``step`` holds 0, 1, ..., B - 1."""
+    return start == 0 and step == 1 and node.meta["val"].dim() == 1 and same(_sizes(node)[0], batch)
+
+
 def sample_index_dim(node: object, batch) -> int | None:
     """The dim along which the index value ``node`` is the sample's own index (its element at position i of
     that dim is i, whatever the other coordinates), or None when that cannot be proven."""
@@ -58,9 +64,9 @@ def sample_index_dim(node: object, batch) -> int | None:
     if target in _ARANGES:
         start = schema_arg(node, "start", 0) if target != aten.arange.default else 0
         step = schema_arg(node, "step", 1) if target == aten.arange.start_step else 1
-        if start == 0 and step == 1 and node.meta["val"].dim() == 1 and same(_sizes(node)[0], batch):
-            return 0
-        return None
+        return 0 if _counts_to(node, start, step, batch) else None
+    if target is _IOTA:
+        return 0 if _counts_to(node, schema_arg(node, "start"), schema_arg(node, "step"), batch) else None
     source = node.args[0] if node.args else None
     inner = sample_index_dim(source, batch)
     if inner is None:
