@@ -8,7 +8,7 @@ the rule gives the output's fact. vmap runs the same call on each sample as a ba
 Ops whose values are random or uninitialised are checked for shape only; ops that cannot run here are
 listed in NOT_SWEPT with the reason. VARIANTS holds more cases of ops in CASES: other laws of the same op (the
 sample axis indexed by the sample's own index) and the spellings Inductor's decompositions give the graph before
-the pass (``prims.iota`` for ``arange``).
+the pass (``prims.iota`` for ``arange``, a ``slice_scatter`` over the whole batch for the gradient of ``x[:]``).
 """
 
 from __future__ import annotations
@@ -298,6 +298,16 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
     "index_put-own-iota": (
         aten.index_put.default,
         C(Zeros((4, 3)), [Own(prims.iota.default), S(make=ints(4))], S(3), True),
+    ),
+    # the gradient of x[:] with a symbolic batch, as Inductor decomposes slice_backward: the whole batch dim
+    "slice_scatter-whole-batch": (aten.slice_scatter.default, C(Zeros((4, 5)), X, 0, 0, Dep(lambda b: b))),
+    "slice_scatter-part-of-batch": (
+        aten.slice_scatter.default,
+        Case((X, R(1, 4, 5), 0, 0, 1), refused=bkcompile.SampleMixingError),
+    ),
+    "select_scatter-batch": (
+        aten.select_scatter.default,
+        Case((X, R(4, 5), 0, 0), refused=bkcompile.SampleMixingError),
     ),
 }
 
