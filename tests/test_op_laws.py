@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sympy
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims._low_memory_max_pool_*)
 import torch.fx
 from bkcompile.passes.facts import Batched, Reduced, Replicated
 from bkcompile.passes.ops import LAWS, RuleInput, rule_for
@@ -264,6 +265,11 @@ CASES: dict[Any, Case] = {
         S(2, 2, 2, 2), POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False, S(2, 2, 2, 2, make=ints(64))
     ),
     aten.avg_pool3d.default: C(POOL3, [2, 2, 2]),
+    # Inductor's max pooling: values and offsets in the window, then offsets to indices in the plane
+    prims._low_memory_max_pool_with_offsets.default: C(POOL, [2, 2], [2, 2], [0, 0], [1, 1], False),
+    prims._low_memory_max_pool_offsets_to_indices.default: C(
+        S(2, 3, 3, make=lambda s: torch.randint(0, 4, s, dtype=torch.int8)), [2, 2], [6, 6], [2, 2], [0, 0], [1, 1]
+    ),
     aten.avg_pool3d_backward.default: C(S(2, 2, 2, 2), POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, None),
     aten._adaptive_avg_pool3d.default: C(POOL3, [2, 2, 2]),
     aten._adaptive_avg_pool3d_backward.default: C(S(2, 2, 2, 2), POOL3),
@@ -277,6 +283,11 @@ CASES: dict[Any, Case] = {
     aten._unsafe_index.Tensor: C(X, [None, R(3, make=ints(4))]),  # a fixed gather along a per-sample dim
     aten.index_put.default: C(X, [None, R(2, make=ints(4))], S(2, 5), True),
     aten._unsafe_index_put.default: C(X, [None, None, R(2, make=ints(5))], S(4, 2), True),
+    # gather and scatter along a per-sample dim (a scatter's indices distinct where writes would collide)
+    aten.gather.default: C(X, 2, S(4, 3, make=ints(5))),
+    aten.scatter_add.default: C(X, 2, S(4, 3, make=ints(5)), S(4, 3)),
+    aten.scatter.src: C(X, 1, S(2, 5, make=lambda s: torch.rand(s[0], 4, s[2]).argsort(1)[:, :2]), S(2, 5)),
+    aten.scatter.value: C(X, 2, S(4, 1, make=ints(5)), 1.0),
 }
 
 # More cases of ops in CASES, by name: other laws of the op, and Inductor's spellings
@@ -308,6 +319,20 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
     "select_scatter-batch": (
         aten.select_scatter.default,
         Case((X, R(4, 5), 0, 0), refused=bkcompile.SampleMixingError),
+    ),
+    "max-pool-3d-low-memory": (
+        prims._low_memory_max_pool_with_offsets.default,
+        C(POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False),
+    ),
+    # max_pool2d_with_indices_backward as Inductor decomposes it: scattered into zeros along each flat plane
+    "scatter_add-into-zeros": (aten.scatter_add.default, C(Zeros((4, 9)), 2, S(4, 3, make=ints(9)), S(4, 3))),
+    "gather-along-batch": (
+        aten.gather.default,
+        Case((X, 0, S(4, 5, make=ints(B))), refused=bkcompile.SampleMixingError),
+    ),
+    "scatter_add-along-batch": (
+        aten.scatter_add.default,
+        Case((X, 0, S(4, 5, make=ints(B)), S(4, 5)), refused=bkcompile.SampleMixingError),
     ),
 }
 

@@ -1,4 +1,5 @@
-"""Advanced indexing: ``x[i0, i1, ...]`` (``index``) and its gradient (``index_put`` with accumulate).
+"""Advanced indexing: ``x[i0, i1, ...]`` (``index``) and its gradient (``index_put`` with accumulate); gather and
+scatter along one dim.
 
 The index tensors broadcast to one shape S; the indexed dims of ``x`` are replaced by S (in place when the
 indexed dims are adjacent, else in front). Per sample when
@@ -23,7 +24,7 @@ import dataclasses
 import torch
 import torch.fx
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, Replicated, same, to_expr
-from bkcompile.passes.ops.table import RuleInput, agree, law, schema_arg
+from bkcompile.passes.ops.table import RuleInput, agree, index_on_batch, law, norm_dim, schema_arg
 
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
 
@@ -230,3 +231,48 @@ def _written_rows(r: RuleInput, layout: Indexing, value_fact: Fact, batched: lis
         if x_dim not in layout.positions and layout.result_dim(x_dim) == dim:
             return Batched(x_dim)
     raise _cross(r)
+
+
+# gather and scatter work along ``dim`` and keep every other coordinate of an element:
+# out[i][j] = self[i][index[i][j]] (gather, dim=1); out[i][index[i][j]] = src[i][j] (scatter, dim=1)
+_GATHER_SCATTER = {
+    aten.gather.default: ("self", "index"),
+    aten.scatter_add.default: ("self", "index", "src"),
+    aten.scatter.src: ("self", "index", "src"),
+    aten.scatter.value: ("self", "index"),
+}
+_LINEAR = {aten.gather.default: ("self",), aten.scatter_add.default: ("self", "src")}
+
+
+@law(list(_GATHER_SCATTER))
+def gather_scatter(r: RuleInput) -> Fact:
+    """Along a sample axis other than ``dim``, row r of the result reads rows r of the operands only: per
+    sample when every per-sample operand holds its samples on that axis with the layout and the number of
+    rows of the result (so that row r is the same sample in each; an index may be shorter than ``self``
+    elsewhere, never on the sample axis). Along the sample axis itself they would move rows between samples.
+    A sum over samples may pass only where the op is linear in it (gather's ``self``, scatter_add's
+    operands) and nothing per-sample joins it."""
+    names = _GATHER_SCATTER[r.node.target]
+    operands = [r.arg(name) for name in names]
+    facts = [r.fact(value) for value in operands]
+    batched = [(value, f) for value, f in zip(operands, facts) if isinstance(f, Batched)]
+    reduced = [name for name, f in zip(names, facts) if isinstance(f, Reduced)]
+    if reduced:
+        if batched or not set(reduced) <= set(_LINEAR.get(r.node.target, ())):
+            raise r.mixing(
+                "it gathers or scatters a sum over the batch non-linearly or together with per-sample values",
+                "keep sums over the batch apart from per-sample values",
+            )
+        return REDUCED
+    if not batched:
+        return REPLICATED
+    fact = agree(r, [f for _, f in batched])
+    if norm_dim(r.arg("dim"), max(len(r.out_shape()), 1)) == fact.dim:
+        raise index_on_batch(r)
+    if not all(same(r.shape(value)[fact.dim], r.out_shape()[fact.dim]) for value, _ in batched):
+        raise r.mixing(
+            "an operand has another number of rows on the sample axis than the result, so row r of the "
+            "result is not sample r of every operand",
+            "give the index and the values as many rows on the batch dim as the tensor they are gathered from",
+        )
+    return fact
