@@ -316,6 +316,9 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
         aten.slice_scatter.default,
         Case((X, R(1, 4, 5), 0, 0, 1), refused=bkcompile.SampleMixingError),
     ),
+    # stack over a new leading dim, flattened: the gradient of unbind (an RNN's steps) as Inductor decomposes it
+    "cat-blocks-of-the-batch": (aten.cat.default, C([S(5), S(5), S(5)], 0)),
+    "cat-batch-and-shared-rows": (aten.cat.default, Case(([X, R(1, 4, 5)], 0), refused=bkcompile.SampleMixingError)),
     "select_scatter-batch": (
         aten.select_scatter.default,
         Case((X, R(4, 5), 0, 0), refused=bkcompile.SampleMixingError),

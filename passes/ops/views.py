@@ -292,9 +292,21 @@ def _join(r: RuleInput, stacked: bool) -> Fact:
     dim = norm_dim(r.arg("dim", 0), len(r.out_shape()))
     if not stacked:
         if dim == fact.dim:
-            raise index_on_batch(r)
+            return _blocks(r, fact, len(batched) == len(facts))
         return fact
     return fact.at(fact.dim + (dim <= fact.dim))
+
+
+def _blocks(r: RuleInput, fact: Batched, all_batched: bool) -> Batched:
+    """A cat along the sample axis of n operands that all hold the whole batch alike, each (outer, B, inner) on
+    that dim: the result is (n * outer, B, inner), sample i's rows those of sample i in every block. This is
+    ``stack`` over a new leading dim, flattened: the gradient of ``unbind`` (an RNN's time steps) as Inductor
+    decomposes it, ``cat([g_0, ..., g_{T-1}])`` of (B, d) blocks viewed as (T, B, d)."""
+    if r.batch == 1:  # a batch of one owns every row
+        return Batched(fact.dim, r.out_shape()[fact.dim])
+    if not all_batched:
+        raise index_on_batch(r)
+    return Batched(fact.dim, fact.inner, fact.outer * len(r.arg("tensors")))
 
 
 @law(aten.cat.default)
