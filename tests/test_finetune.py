@@ -19,6 +19,7 @@ from helpers import assert_matches, raises_bk
 from oracle import clipped_sum, looped_clipped_sum
 from test_models import (
     Logits,
+    check_default_path,
     check_matches_oracle,
     per_sample_token_loss,
     returned_loss,
@@ -98,6 +99,19 @@ def test_llama_sequence_classification(batch: int) -> None:
         F.cross_entropy,
         oracle=looped_clipped_sum,
         tol=ROPE_TOL,
+    )
+
+
+@pytest.mark.slow
+def test_llama_sequence_classification_on_the_default_path() -> None:
+    """Under Inductor both ``arange(B)`` (the padding mask's batch index, the pooling's sample index) arrive as
+    ``prims.iota``: each sample still reads its own mask row and its own last token."""
+    config = llm_config("llama", "sdpa", num_labels=3, pad_token_id=0)
+    check_default_path(
+        Logits(transformers.LlamaForSequenceClassification(config).train(), "input_ids", "attention_mask"),
+        lambda b: (padded_batch(b), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,
     )
 
 
