@@ -211,6 +211,12 @@ CASES: dict[Any, Case] = {
     aten._softmax_backward_data.default: C(X, S(4, 5), 2, F64),
     aten._log_softmax_backward_data.default: C(X, S(4, 5), 2, F64),
     aten.cumsum.default: C(X, 2),
+    aten.glu.default: C(S(4, 6), 2),
+    aten.glu_backward.default: C(S(4, 3), S(4, 6), 2),
+    aten.sort.default: C(X, 2),
+    aten.sort.stable: C(X, stable=True, dim=1, descending=True),
+    aten.triu.default: C(S(4, 5), 1),
+    aten.tril.default: C(S(4, 5), -1),
     # matrix products
     aten.mm.default: C(S(5), R(5, 3)),  # (B, 5) @ (5, 3): rows are samples
     aten.bmm.default: C(X, S(5, 2)),
@@ -329,6 +335,8 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
     ),
     # max_pool2d_with_indices_backward as Inductor decomposes it: scattered into zeros along each flat plane
     "scatter_add-into-zeros": (aten.scatter_add.default, C(Zeros((4, 9)), 2, S(4, 3, make=ints(9)), S(4, 3))),
+    "sort-along-batch": (aten.sort.default, Case((X, 0), refused=bkcompile.SampleMixingError)),
+    "triu-over-batch": (aten.triu.default, Case((S(5),), refused=bkcompile.SampleMixingError)),
     "gather-along-batch": (
         aten.gather.default,
         Case((X, 0, S(4, 5, make=ints(B))), refused=bkcompile.SampleMixingError),
