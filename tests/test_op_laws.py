@@ -112,6 +112,7 @@ class Case:
     kwargs: dict = dataclasses.field(default_factory=dict)
     values: bool = True  # False: random or uninitialised outputs, shapes only
     refused: type | None = None  # the rule refuses the op here
+    checked_by: tuple = ()  # ops that read the result in the graph, in a chain (a runtime assertion)
 
 
 def C(*args: Any, **kwargs: Any) -> Case:
@@ -337,6 +338,21 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
     "scatter_add-into-zeros": (aten.scatter_add.default, C(Zeros((4, 9)), 2, S(4, 3, make=ints(9)), S(4, 3))),
     "sort-along-batch": (aten.sort.default, Case((X, 0), refused=bkcompile.SampleMixingError)),
     "triu-over-batch": (aten.triu.default, Case((S(5),), refused=bkcompile.SampleMixingError)),
+    # all/any over the batch read by assertions alone (F.one_hot's range checks): no computation reads the value,
+    # so there is no per-sample value to compare, only the shape (aot spelling, then Inductor's not-any-not)
+    "all-asserted": (
+        aten.all.default,
+        Case((S(4, make=bools),), values=False, checked_by=(aten._assert_async.msg,)),
+    ),
+    "any-dims-asserted-through-not": (
+        aten.any.dims,
+        Case(
+            (S(4, make=bools), [0, 1]),
+            values=False,
+            checked_by=(aten.logical_not.default, aten._assert_async.msg),
+        ),
+    ),
+    "any-dims-over-batch-read": (aten.any.dims, Case((S(4, make=bools), [0, 1]), refused=bkcompile.SampleMixingError)),
     "gather-along-batch": (
         aten.gather.default,
         Case((X, 0, S(4, 5, make=ints(B))), refused=bkcompile.SampleMixingError),
@@ -414,6 +430,9 @@ def _facts_of(op: Any, case: Case, args: tuple, out: Any) -> Any:
 
     node = graph.call_function(op, node_of(case.args, args), case.kwargs)
     node.meta["val"] = out
+    user = node
+    for reader in case.checked_by:
+        user = graph.call_function(reader, (user, "check") if reader is aten._assert_async.msg else (user,))
     return rule_for(op)(RuleInput(node=node, batch=sympy.Integer(B), facts=facts))
 
 

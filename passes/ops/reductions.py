@@ -76,10 +76,6 @@ law(aten.mean.default, loss="mean")(sum_all)
         aten.var.correction,
         aten.std.correction,
         aten.linalg_vector_norm.default,
-        aten.all.dim,
-        aten.any.dim,
-        aten.all.dims,
-        aten.any.dims,
     ]
 )
 def nonlinear_reduce_dims(r: RuleInput) -> Fact:
@@ -99,9 +95,37 @@ def nonlinear_reduce_dim(r: RuleInput) -> FactOut:
     return (fact, fact) if r.node.target in (aten.max.dim, aten.min.dim) else fact
 
 
-@law([aten.max.default, aten.min.default, aten.prod.default, aten.all.default, aten.any.default])
+@law([aten.max.default, aten.min.default, aten.prod.default])
 def nonlinear_reduce_all(r: RuleInput) -> Fact:
     return _reduce(r, None, None, linear=False)
+
+
+_ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
+
+
+def _only_asserted(node: torch.fx.Node) -> bool:
+    """Every use of ``node`` is a runtime assertion, directly or through ``logical_not`` (Inductor spells
+    ``all(x)`` as ``not any(not x)``)."""
+    return bool(node.users) and all(
+        user.target in _ASSERTS or (user.target is aten.logical_not.default and _only_asserted(user))
+        for user in node.users
+    )
+
+
+# all/any: non-linear reductions, except as a runtime check of the inputs over the whole batch
+@law([aten.all.default, aten.any.default, aten.all.dim, aten.any.dim, aten.all.dims, aten.any.dims])
+def all_any(r: RuleInput) -> Fact:
+    """Over the sample axis ``all``/``any`` mixes samples, unless assertions alone read it: a check of the
+    inputs (F.one_hot's ``all(ids >= 0)`` and ``all(ids < num_classes)``) gives no value to any computation, and
+    a failed check stops the step. Such a check is sample-independent for the rest of the graph, which never
+    reads it."""
+    whole = r.node.target in (aten.all.default, aten.any.default)
+    fact = r.fact(r.arg("self"))
+    if isinstance(fact, Batched) and _only_asserted(r.node):
+        dims = norm_dims(None if whole else r.arg("dim"), r.arg("self").meta["val"].dim())
+        if fact.dim in dims:
+            return REPLICATED
+    return _reduce(r, None if whole else "dim", None if whole else "keepdim", linear=False)
 
 
 # softmax (and its masked-row-safe form), cumulative sums and their backwards work along one dim
