@@ -63,6 +63,11 @@ class Emitter:
             return a // b
         return self(operator.floordiv, a, b)
 
+    def mul(self, a: int | torch.fx.Node, b: int | torch.fx.Node) -> int | torch.fx.Node:
+        if isinstance(a, int) and isinstance(b, int):
+            return a * b
+        return self(operator.mul, a, b)
+
     def to_dtype(self, value: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
         if value.meta["val"].dtype == dtype:
             return value

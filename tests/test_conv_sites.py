@@ -78,16 +78,17 @@ def _conv_mean(w, x):
 
 
 def test_per_sample_weight_gradients_read_the_weight_as_a_zero_stride_view() -> None:
-    # the grouped convolution_backward of the per-sample gradients reads the weight's shape alone: B materialised
-    # copies were B*p*d values that Inductor computed at the start of the backward and held until the call
+    # the per-sample gradients are one op on the weight itself (inside it, the grouped convolution_backward reads
+    # the weight's B copies as one zero-stride view): B materialised copies were B*p*d values that Inductor
+    # computed at the start of the backward and held until the call
     torch.manual_seed(0)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     state = run_until("clipping", _conv_mean, {"w": w}, x, strategy="explicit", max_grad_norm=0.05)
-    convs = state.joint.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution_backward.default)
-    (per_sample,) = [c for c in convs if c.args[9] == 6]  # the samples as groups
-    weight = per_sample.args[2].meta["val"]
-    assert tuple(weight.shape) == (24, 3, 3, 3) and set(weight.stride()) == {0}
+    op = torch.ops.bkcompile.conv_weight_per_sample.default
+    (per_sample,) = state.joint.gm.graph.find_nodes(op="call_function", target=op)
+    assert tuple(per_sample.args[2].meta["val"].shape) == (4, 3, 3, 3)
+    assert tuple(per_sample.meta["val"].shape) == (6, 4, 3, 3, 3)
     state.joint.gm.recompile()
     _, (got, _) = state.joint.gm([w.detach(), x], [torch.ones((), dtype=torch.float64)])
     grads = vmap(grad(lambda w, xi: _conv_mean(w, xi[None])), in_dims=(None, 0))(w.detach(), x)

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+import zoo
 from helpers import assert_matches, raises_bk
 from oracle import clipped_sum, looped_clipped_sum
 from test_models import (
     Logits,
+    check_default_path,
     check_matches_oracle,
     per_sample_token_loss,
     returned_loss,
@@ -98,6 +100,42 @@ def test_llama_sequence_classification(batch: int) -> None:
         F.cross_entropy,
         oracle=looped_clipped_sum,
         tol=ROPE_TOL,
+    )
+
+
+@pytest.mark.slow
+def test_llama_sequence_classification_on_the_default_path() -> None:
+    """Under Inductor both ``arange(B)`` (the padding mask's batch index, the pooling's sample index) arrive as
+    ``prims.iota``: each sample still reads its own mask row and its own last token."""
+    config = llm_config("llama", "sdpa", num_labels=3, pad_token_id=0)
+    check_default_path(
+        Logits(transformers.LlamaForSequenceClassification(config).train(), "input_ids", "attention_mask"),
+        lambda b: (padded_batch(b), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,
+    )
+
+
+# --- ops along per-sample dims (F.glu, gather, F.one_hot, sort and argsort, triu and tril) -------------------------
+
+
+def test_per_sample_ops_along_non_batch_dims() -> None:
+    """Each keeps the samples apart along a per-sample dim; their gradients are views, scatters into zeros
+    (sort, gather) and the mask itself (triu of the weight's gradient, a linear map of the clipped sum)."""
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    # vmap refuses F.one_hot's range checks (data-dependent assertions): the oracle loops over the samples
+    check_matches_oracle(zoo.PerSampleOps(), (x,), (y,), F.cross_entropy, oracle=looped_clipped_sum)
+
+
+@pytest.mark.slow
+def test_per_sample_ops_on_the_default_path() -> None:
+    """Under Inductor F.one_hot's check all(ids >= 0) is not(any(not(ids >= 0))), still read by an assertion
+    alone; sort's and gather's gradients are scatters into zeros."""
+    check_default_path(
+        zoo.PerSampleOps(),
+        lambda b: ((torch.randn(b, 4, 6),), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,
     )
 
 

@@ -1,9 +1,13 @@
-"""Real model families (transformers GPT-2, ViT, BERT; peft LoRA; torch RNNs) built from tiny configs with random
-weights: bk_dp's compiled gradients equal the torch.func oracle (per-sample gradients, clipped and summed)."""
+"""Real model families (transformers GPT-2, ViT, BERT; peft LoRA; torch RNNs; the README's small CNN) built from tiny
+configs with random weights: bk_dp's compiled gradients equal the torch.func oracle (per-sample gradients, clipped and
+summed), and on the default path (Inductor, a dynamic batch) too."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is built from a config
 
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 import transformers
 from helpers import TOL, assert_matches, raises_bk
 from oracle import clipped_sum, compiled_grads, looped_clipped_sum
+from torch._dynamo.utils import counters
 
 import bkcompile
 from bkcompile.ledger import ledger_of
@@ -61,6 +66,29 @@ def check_matches_oracle(
     torch.testing.assert_close(recorded.to(dtype), norms, rtol=tol or TOL[dtype], atol=0)
     assert_matches_model(got, want, dtype, tol)
     return compiled
+
+
+def check_default_path(model: nn.Module, make_batch, loss, sizes=(5, 3), oracle=clipped_sum, tol: float = 1e-4):
+    """The default path: bk_dp with its default compiler (Inductor), float32, the batch marked dynamic as the
+    PoissonLoader marks it (``bkcompile.mark_batch_dynamic``). One compile serves each batch size of ``sizes``
+    (``make_batch(size) -> (inputs, targets)``); each step's per-sample norms and clipped sum equal the oracle's
+    to ``tol``, R = the median per-sample norm of the first batch."""
+    model = model.float()
+    batches = [make_batch(size) for size in sizes]
+    _, norms = oracle(model, loss, *batches[0], max_grad_norm=float("inf"))
+    radius = norms.quantile(0.5).item()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": radius})
+    counters.clear()
+    for inputs, targets in batches:
+        want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
+        bkcompile.mark_batch_dynamic(*inputs)
+        twin.zero_grad(set_to_none=True)
+        loss(compiled(*inputs), *targets).backward()
+        torch.testing.assert_close(bkcompile.last_per_sample_norms(compiled), norms, rtol=tol, atol=0)
+        got = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
+        assert_matches_model(got, want, torch.float32, tol)
+    assert counters["stats"]["unique_graphs"] == 1, "a new batch size recompiled"
 
 
 def returned_loss(out, *targets):
@@ -291,3 +319,48 @@ def test_recurrent_layers_match_the_oracle(kind: type) -> None:
     assert torch._dynamo.config.allow_rnn
     args, kwargs = recurrent_case(kind)
     check_matches_oracle(*args, **kwargs)
+
+
+# --- 7. the default path: Inductor, a dynamic batch -------------------------------------------------------------
+
+
+def test_bert_with_padding_on_the_default_path() -> None:
+    """Inductor's decompositions run before the pass: the padding mask's ``padding_mask[batch_idx, kv_idx]`` reads
+    ``batch_idx = arange(B)`` as ``prims.iota``, and the pooler's ``h[:, 0]`` puts its gradient back by a
+    ``slice_scatter`` over the whole (symbolic) batch dim."""
+    check_default_path(
+        Logits(tiny_bert("sdpa"), "input_ids", "attention_mask"),
+        lambda b: ((token_ids(b), padding_mask(b)), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks
+    )
+
+
+def small_cnn() -> nn.Module:
+    """The README's small CNN (``examples/models.py``): convolutions, GroupNorm, MaxPool2d, adaptive pooling."""
+    path = Path(__file__).parents[1] / "examples" / "models.py"
+    spec = importlib.util.spec_from_file_location("example_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.small_cnn(classes=3)
+
+
+def test_small_cnn_with_max_pool_on_the_default_path() -> None:
+    """Inductor's max pooling is ``prims._low_memory_max_pool_with_offsets`` and its offsets turned into indices,
+    its gradient a ``scatter_add`` along each (sample, channel) plane; the per-sample convolution weight gradients
+    (the cost model's choice at these sizes) are one grouped convolution with the symbolic batch as groups."""
+    check_default_path(
+        small_cnn(), lambda b: ((torch.randn(b, 3, 8, 8),), (torch.randint(0, 3, (b,)),)), F.cross_entropy
+    )
+
+
+def test_recurrent_last_step_on_the_default_path() -> None:
+    """An RNN's ``out[:, -1]`` (a ``slice_scatter`` over the whole batch in its gradient); the gradient of its
+    ``unbind`` over the time steps, decomposed into a ``cat`` of (B, d) blocks along the batch dim, (T*B, d) with
+    the samples inside each block; the weight gradients then read that sequence-first layout."""
+    check_default_path(
+        Recurrent(nn.GRU),
+        lambda b: ((torch.randn(b, 6, 4),), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,  # vmap cannot batch nn.GRU
+    )

@@ -6,7 +6,9 @@ the rule gives the output's fact. vmap runs the same call on each sample as a ba
 - ``Reduced``: the output is the sum over samples of vmap's results (or their mean, for a mean);
 - a refused op raises the rule's error.
 Ops whose values are random or uninitialised are checked for shape only; ops that cannot run here are
-listed in NOT_SWEPT with the reason.
+listed in NOT_SWEPT with the reason. VARIANTS holds more cases of ops in CASES: other laws of the same op (the
+sample axis indexed by the sample's own index) and the spellings Inductor's decompositions give the graph before
+the pass (``prims.iota`` for ``arange``, a ``slice_scatter`` over the whole batch for the gradient of ``x[:]``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import sympy
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims._low_memory_max_pool_*)
 import torch.fx
 from bkcompile.passes.facts import Batched, Reduced, Replicated
 from bkcompile.passes.ops import LAWS, RuleInput, rule_for
@@ -68,11 +71,48 @@ class Dep:
 
 
 @dataclasses.dataclass(frozen=True)
+class Zeros:
+    """A shared tensor of zeros with B rows in front (the buffer a gradient is written into): no sample data, so
+    replicated; one row in each per-sample call."""
+
+    shape: tuple
+
+    def build(self, batch: int) -> torch.Tensor:
+        return torch.zeros((batch, *self.shape), dtype=F64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Own:
+    """The sample's own index: ``arange(B)`` made by ``op`` (``aten.arange``, or ``prims.iota`` as Inductor spells
+    it), unsqueezed to ``rank`` dims with B on ``dim`` (``batch_idx[:, None, None, None]``); replicated, and
+    ``arange(1)`` in each per-sample call."""
+
+    op: Any
+    rank: int = 1
+    dim: int = 0
+
+    def build(self, batch: int) -> torch.Tensor:
+        return torch.arange(batch).view([batch if d == self.dim else 1 for d in range(self.rank)])
+
+    def nodes(self, graph: torch.fx.Graph, batch: int) -> torch.fx.Node:
+        kwargs = {}
+        if self.op is prims.iota.default:  # prims.iota(length, *, start, step, dtype, device, requires_grad)
+            kwargs = dict(start=0, step=1, dtype=torch.int64, device=torch.device("cpu"), requires_grad=False)
+        node = graph.call_function(self.op, (batch,), kwargs)
+        node.meta["val"] = torch.arange(batch)
+        for at in [0] * self.dim + [-1] * (self.rank - 1 - self.dim):
+            node = graph.call_function(aten.unsqueeze.default, (node, at))
+            node.meta["val"] = node.args[0].meta["val"].unsqueeze(at)
+        return node
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     args: tuple
     kwargs: dict = dataclasses.field(default_factory=dict)
     values: bool = True  # False: random or uninitialised outputs, shapes only
     refused: type | None = None  # the rule refuses the op here
+    checked_by: tuple = ()  # ops that read the result in the graph, in a chain (a runtime assertion)
 
 
 def C(*args: Any, **kwargs: Any) -> Case:
@@ -172,6 +212,12 @@ CASES: dict[Any, Case] = {
     aten._softmax_backward_data.default: C(X, S(4, 5), 2, F64),
     aten._log_softmax_backward_data.default: C(X, S(4, 5), 2, F64),
     aten.cumsum.default: C(X, 2),
+    aten.glu.default: C(S(4, 6), 2),
+    aten.glu_backward.default: C(S(4, 3), S(4, 6), 2),
+    aten.sort.default: C(X, 2),
+    aten.sort.stable: C(X, stable=True, dim=1, descending=True),
+    aten.triu.default: C(S(4, 5), 1),
+    aten.tril.default: C(S(4, 5), -1),
     # matrix products
     aten.mm.default: C(S(5), R(5, 3)),  # (B, 5) @ (5, 3): rows are samples
     aten.bmm.default: C(X, S(5, 2)),
@@ -226,6 +272,11 @@ CASES: dict[Any, Case] = {
         S(2, 2, 2, 2), POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False, S(2, 2, 2, 2, make=ints(64))
     ),
     aten.avg_pool3d.default: C(POOL3, [2, 2, 2]),
+    # Inductor's max pooling: values and offsets in the window, then offsets to indices in the plane
+    prims._low_memory_max_pool_with_offsets.default: C(POOL, [2, 2], [2, 2], [0, 0], [1, 1], False),
+    prims._low_memory_max_pool_offsets_to_indices.default: C(
+        S(2, 3, 3, make=lambda s: torch.randint(0, 4, s, dtype=torch.int8)), [2, 2], [6, 6], [2, 2], [0, 0], [1, 1]
+    ),
     aten.avg_pool3d_backward.default: C(S(2, 2, 2, 2), POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, None),
     aten._adaptive_avg_pool3d.default: C(POOL3, [2, 2, 2]),
     aten._adaptive_avg_pool3d_backward.default: C(S(2, 2, 2, 2), POOL3),
@@ -239,6 +290,77 @@ CASES: dict[Any, Case] = {
     aten._unsafe_index.Tensor: C(X, [None, R(3, make=ints(4))]),  # a fixed gather along a per-sample dim
     aten.index_put.default: C(X, [None, R(2, make=ints(4))], S(2, 5), True),
     aten._unsafe_index_put.default: C(X, [None, None, R(2, make=ints(5))], S(4, 2), True),
+    # gather and scatter along a per-sample dim (a scatter's indices distinct where writes would collide)
+    aten.gather.default: C(X, 2, S(4, 3, make=ints(5))),
+    aten.scatter_add.default: C(X, 2, S(4, 3, make=ints(5)), S(4, 3)),
+    aten.scatter.src: C(X, 1, S(2, 5, make=lambda s: torch.rand(s[0], 4, s[2]).argsort(1)[:, :2]), S(2, 5)),
+    aten.scatter.value: C(X, 2, S(4, 1, make=ints(5)), 1.0),
+}
+
+# More cases of ops in CASES, by name: other laws of the op, and Inductor's spellings
+VARIANTS: dict[str, tuple[Any, Case]] = {
+    # the sample axis indexed by the sample's own index (x[arange(B), j]), arange or Inductor's iota
+    "index-own-arange": (aten.index.Tensor, C(S(6), [Own(aten.arange.default), S(make=ints(6))])),
+    "index-own-iota": (aten.index.Tensor, C(S(6), [Own(prims.iota.default), S(make=ints(6))])),
+    # transformers' padding mask: padding_mask[batch_idx[:, None, None, None], kv_idx[None, None, None, :]]
+    "index-own-iota-broadcast": (
+        aten.index.Tensor,
+        C(S(8, make=bools), [Own(prims.iota.default, rank=4), R(1, 1, 1, 8, make=ints(8))]),
+    ),
+    "index-own-iota-against-another-axis": (
+        aten.index.Tensor,
+        Case(
+            (S(6, 6), [Own(prims.iota.default, rank=2, dim=1), S(1, make=ints(6))]), refused=bkcompile.SampleMixingError
+        ),
+    ),
+    "index_put-own-iota": (
+        aten.index_put.default,
+        C(Zeros((4, 3)), [Own(prims.iota.default), S(make=ints(4))], S(3), True),
+    ),
+    # the gradient of x[:] with a symbolic batch, as Inductor decomposes slice_backward: the whole batch dim
+    "slice_scatter-whole-batch": (aten.slice_scatter.default, C(Zeros((4, 5)), X, 0, 0, Dep(lambda b: b))),
+    "slice_scatter-part-of-batch": (
+        aten.slice_scatter.default,
+        Case((X, R(1, 4, 5), 0, 0, 1), refused=bkcompile.SampleMixingError),
+    ),
+    # stack over a new leading dim, flattened: the gradient of unbind (an RNN's steps) as Inductor decomposes it
+    "cat-blocks-of-the-batch": (aten.cat.default, C([S(5), S(5), S(5)], 0)),
+    "cat-batch-and-shared-rows": (aten.cat.default, Case(([X, R(1, 4, 5)], 0), refused=bkcompile.SampleMixingError)),
+    "select_scatter-batch": (
+        aten.select_scatter.default,
+        Case((X, R(4, 5), 0, 0), refused=bkcompile.SampleMixingError),
+    ),
+    "max-pool-3d-low-memory": (
+        prims._low_memory_max_pool_with_offsets.default,
+        C(POOL3, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False),
+    ),
+    # max_pool2d_with_indices_backward as Inductor decomposes it: scattered into zeros along each flat plane
+    "scatter_add-into-zeros": (aten.scatter_add.default, C(Zeros((4, 9)), 2, S(4, 3, make=ints(9)), S(4, 3))),
+    "sort-along-batch": (aten.sort.default, Case((X, 0), refused=bkcompile.SampleMixingError)),
+    "triu-over-batch": (aten.triu.default, Case((S(5),), refused=bkcompile.SampleMixingError)),
+    # all/any over the batch read by assertions alone (F.one_hot's range checks): no computation reads the value,
+    # so there is no per-sample value to compare, only the shape (aot spelling, then Inductor's not-any-not)
+    "all-asserted": (
+        aten.all.default,
+        Case((S(4, make=bools),), values=False, checked_by=(aten._assert_async.msg,)),
+    ),
+    "any-dims-asserted-through-not": (
+        aten.any.dims,
+        Case(
+            (S(4, make=bools), [0, 1]),
+            values=False,
+            checked_by=(aten.logical_not.default, aten._assert_async.msg),
+        ),
+    ),
+    "any-dims-over-batch-read": (aten.any.dims, Case((S(4, make=bools), [0, 1]), refused=bkcompile.SampleMixingError)),
+    "gather-along-batch": (
+        aten.gather.default,
+        Case((X, 0, S(4, 5, make=ints(B))), refused=bkcompile.SampleMixingError),
+    ),
+    "scatter_add-along-batch": (
+        aten.scatter_add.default,
+        Case((X, 0, S(4, 5, make=ints(B)), S(4, 5)), refused=bkcompile.SampleMixingError),
+    ),
 }
 
 NOT_SWEPT = {
@@ -267,6 +389,8 @@ def _build(value: Any, batch: int) -> Any:
         return value.make(((batch,) if value.batched else ()) + tuple(value.shape))
     if isinstance(value, Dep):
         return value.of(batch)
+    if isinstance(value, (Zeros, Own)):
+        return value.build(batch)
     if isinstance(value, (list, tuple)):
         return type(value)(_build(v, batch) for v in value)
     return value
@@ -291,12 +415,24 @@ def _facts_of(op: Any, case: Case, args: tuple, out: Any) -> Any:
             node.meta["val"] = value
             facts[node] = Batched(0) if spec.batched else Replicated()
             return node
+        if isinstance(spec, Zeros):
+            node = graph.placeholder(f"t{len(facts)}")
+            node.meta["val"] = value
+            facts[node] = Replicated()
+            return node
+        if isinstance(spec, Own):
+            node = spec.nodes(graph, B)
+            facts[node] = Replicated()
+            return node
         if isinstance(spec, (list, tuple)):
             return type(value)(node_of(s, v) for s, v in zip(spec, value))
         return value
 
     node = graph.call_function(op, node_of(case.args, args), case.kwargs)
     node.meta["val"] = out
+    user = node
+    for reader in case.checked_by:
+        user = graph.call_function(reader, (user, "check") if reader is aten._assert_async.msg else (user,))
     return rule_for(op)(RuleInput(node=node, batch=sympy.Integer(B), facts=facts))
 
 
@@ -313,6 +449,8 @@ def _per_sample(op: Any, case: Case, args: tuple) -> Any:
                 return next(it).unsqueeze(0) if spec.batched else value
             if isinstance(spec, Dep):
                 return spec.of(1)
+            if isinstance(spec, (Zeros, Own)):
+                return spec.build(1)
             if isinstance(spec, (list, tuple)):
                 return type(value)(rebuild(s, v) for s, v in zip(spec, value))
             return value
@@ -348,10 +486,14 @@ def _check(fact: Any, out: torch.Tensor, per: torch.Tensor, values: bool, op: An
             assert torch.equal(out, total)
 
 
-@pytest.mark.parametrize("op", list(CASES), ids=str)
-def test_rule_agrees_with_vmap(op: Any) -> None:
+SWEEP = [pytest.param(op, case, id=str(op)) for op, case in CASES.items()] + [
+    pytest.param(op, case, id=name) for name, (op, case) in VARIANTS.items()
+]
+
+
+@pytest.mark.parametrize(("op", "case"), SWEEP)
+def test_rule_agrees_with_vmap(op: Any, case: Case) -> None:
     torch.manual_seed(0)
-    case = CASES[op]
     args = _build(case.args, B)
     out = op(*args, **case.kwargs)
     if case.refused is not None:

@@ -231,6 +231,25 @@ class UnrolledRNN(nn.Module):
         return self.head(h)
 
 
+class PerSampleOps(nn.Module):
+    """Ops along per-sample dims that keep samples apart, on (B, T, d): F.glu, a gather by per-sample indices
+    (argsort), a sort along T, F.one_hot (with its range checks over the batch), a weight masked by triu (an
+    autoregressive layer: its gradient passes through the mask) and an activation masked by tril."""
+
+    def __init__(self, d: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, 2 * d)
+        self.w = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = F.glu(self.fc(x), dim=-1)
+        h = torch.gather(h, -1, torch.argsort(h.detach(), dim=-1)) + torch.sort(h, dim=1).values
+        h = h * (1 + F.one_hot(h.argmax(-1), h.shape[-1]).to(h.dtype))
+        h = torch.tril(torch.tanh(h @ self.w.triu()), diagonal=1)
+        return self.head(h.mean(dim=1))
+
+
 VOCAB, PAD = 11, 0
 
 

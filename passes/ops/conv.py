@@ -4,10 +4,12 @@ so samples stay apart on dim 0; the weight and bias gradients of a convolution s
 from __future__ import annotations
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims._low_memory_max_pool_*)
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact
 from bkcompile.passes.ops.table import FactOut, Rule, RuleInput, agree, batched_facts, law
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 @law(aten.convolution.default)
@@ -82,3 +84,12 @@ def spatial(k: int) -> Rule:
 for _k, _names in _SPATIAL.items():
     law([getattr(aten, name).default for name in _names])(spatial(_k))
 law([aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec])(spatial(2))
+
+
+# Inductor's max pooling (its decomposition of max_pool{2,3}d_with_indices, which the joint graph holds under
+# Inductor): the values and each window's argmax as an offset in the window, then the offsets as indices into
+# each (sample, channel) plane; both work on the trailing len(kernel_size) dims like the aten pooling. Their
+# backward is max_pool2d_with_indices_backward's decomposition: a scatter_add along the plane (indexing.py).
+@law([prims._low_memory_max_pool_with_offsets.default, prims._low_memory_max_pool_offsets_to_indices.default])
+def low_memory_max_pool(r: RuleInput) -> FactOut:
+    return spatial(len(r.arg("kernel_size")))(r)

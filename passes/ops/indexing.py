@@ -1,4 +1,5 @@
-"""Advanced indexing: ``x[i0, i1, ...]`` (``index``) and its gradient (``index_put`` with accumulate).
+"""Advanced indexing: ``x[i0, i1, ...]`` (``index``) and its gradient (``index_put`` with accumulate); gather and
+scatter along one dim.
 
 The index tensors broadcast to one shape S; the indexed dims of ``x`` are replaced by S (in place when the
 indexed dims are adjacent, else in front). Per sample when
@@ -12,8 +13,8 @@ indexed dims are adjacent, else in front). Per sample when
   every per-sample index holds its samples on that same dim. Row i of the result then reads only sample i.
 
 The sample's own index is proven from the index value itself (see :func:`sample_index_dim`): it is an
-``arange`` over exactly B with start 0 and step 1, carried to its place by views, unsqueezes, expands and
-casts that keep its values along one dim.
+``arange`` over exactly B with start 0 and step 1 (``prims.iota`` once Inductor has decomposed it), carried to
+its place by views, unsqueezes, expands and casts that keep its values along one dim.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import dataclasses
 import torch
 import torch.fx
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched, Fact, Reduced, Replicated, same, to_expr
-from bkcompile.passes.ops.table import RuleInput, agree, law, schema_arg
+from bkcompile.passes.ops.table import RuleInput, agree, index_on_batch, law, norm_dim, schema_arg
 
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
 
 aten = torch.ops.aten
 
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_IOTA = torch.ops.prims.iota.default  # arange as Inductor's decompositions spell it
 _KEEP_DIM = {
     aten._to_copy.default,
     torch.ops.prims.convert_element_type.default,
@@ -49,6 +51,11 @@ def _only_dim_of_size(node: torch.fx.Node, batch, dim: int) -> bool:
     return same(sizes[dim], batch) and all(s == 1 for d, s in enumerate(sizes) if d != dim)
 
 
+def _counts_to(node: torch.fx.Node, start: object, step: object, batch) -> bool:
+    """The 1-d ``node`` made with ``start`` and ``step`` holds 0, 1, ..., B - 1."""
+    return start == 0 and step == 1 and node.meta["val"].dim() == 1 and same(_sizes(node)[0], batch)
+
+
 def sample_index_dim(node: object, batch) -> int | None:
     """The dim along which the index value ``node`` is the sample's own index (its element at position i of
     that dim is i, whatever the other coordinates), or None when that cannot be proven."""
@@ -58,9 +65,9 @@ def sample_index_dim(node: object, batch) -> int | None:
     if target in _ARANGES:
         start = schema_arg(node, "start", 0) if target != aten.arange.default else 0
         step = schema_arg(node, "step", 1) if target == aten.arange.start_step else 1
-        if start == 0 and step == 1 and node.meta["val"].dim() == 1 and same(_sizes(node)[0], batch):
-            return 0
-        return None
+        return 0 if _counts_to(node, start, step, batch) else None
+    if target is _IOTA:
+        return 0 if _counts_to(node, schema_arg(node, "start"), schema_arg(node, "step"), batch) else None
     source = node.args[0] if node.args else None
     inner = sample_index_dim(source, batch)
     if inner is None:
@@ -224,3 +231,48 @@ def _written_rows(r: RuleInput, layout: Indexing, value_fact: Fact, batched: lis
         if x_dim not in layout.positions and layout.result_dim(x_dim) == dim:
             return Batched(x_dim)
     raise _cross(r)
+
+
+# gather and scatter work along ``dim`` and keep every other coordinate of an element:
+# out[i][j] = self[i][index[i][j]] (gather, dim=1); out[i][index[i][j]] = src[i][j] (scatter, dim=1)
+_GATHER_SCATTER = {
+    aten.gather.default: ("self", "index"),
+    aten.scatter_add.default: ("self", "index", "src"),
+    aten.scatter.src: ("self", "index", "src"),
+    aten.scatter.value: ("self", "index"),
+}
+_LINEAR = {aten.gather.default: ("self",), aten.scatter_add.default: ("self", "src")}
+
+
+@law(list(_GATHER_SCATTER))
+def gather_scatter(r: RuleInput) -> Fact:
+    """Along a sample axis other than ``dim``, row r of the result reads rows r of the operands only: per
+    sample when every per-sample operand holds its samples on that axis with the layout and the number of
+    rows of the result (so that row r is the same sample in each; an index may be shorter than ``self``
+    elsewhere, never on the sample axis). Along the sample axis itself they would move rows between samples.
+    A sum over samples may pass only where the op is linear in it (gather's ``self``, scatter_add's
+    operands) and nothing per-sample joins it."""
+    names = _GATHER_SCATTER[r.node.target]
+    operands = [r.arg(name) for name in names]
+    facts = [r.fact(value) for value in operands]
+    batched = [(value, f) for value, f in zip(operands, facts) if isinstance(f, Batched)]
+    reduced = [name for name, f in zip(names, facts) if isinstance(f, Reduced)]
+    if reduced:
+        if batched or not set(reduced) <= set(_LINEAR.get(r.node.target, ())):
+            raise r.mixing(
+                "it gathers or scatters a sum over the batch non-linearly or together with per-sample values",
+                "keep sums over the batch apart from per-sample values",
+            )
+        return REDUCED
+    if not batched:
+        return REPLICATED
+    fact = agree(r, [f for _, f in batched])
+    if norm_dim(r.arg("dim"), max(len(r.out_shape()), 1)) == fact.dim:
+        raise index_on_batch(r)
+    if not all(same(r.shape(value)[fact.dim], r.out_shape()[fact.dim]) for value, _ in batched):
+        raise r.mixing(
+            "an operand has another number of rows on the sample axis than the result, so row r of the "
+            "result is not sample r of every operand",
+            "give the index and the values as many rows on the batch dim as the tensor they are gathered from",
+        )
+    return fact

@@ -185,7 +185,8 @@ def slice_backward(r: RuleInput) -> Fact:
 
 
 def _scatter(r: RuleInput, inserted: bool) -> Fact:
-    """``self`` with ``src`` written into a slice (or at an index: ``inserted`` dim) of ``dim``."""
+    """``self`` with ``src`` written into a slice (or at an index: ``inserted`` dim) of ``dim``; on the sample
+    axis only a slice that is the whole axis keeps the samples in their rows."""
     base, src = r.fact(r.arg("self")), r.fact(r.arg("src"))
     if isinstance(base, Reduced) or isinstance(src, Reduced):
         if isinstance(base, Batched) or isinstance(src, Batched):
@@ -199,9 +200,17 @@ def _scatter(r: RuleInput, inserted: bool) -> Fact:
     if not facts:
         return REPLICATED
     fact = agree(r, facts)
-    if dim == fact.dim:
+    if dim == fact.dim and (inserted or not _covers(r, r.arg("src"), dim)):
         raise index_on_batch(r)
     return fact
+
+
+def _covers(r: RuleInput, src: torch.fx.Node, dim: int) -> bool:
+    """``src`` is as long as the result along ``dim``: the slice it is written into is the whole dim, in order
+    (a slice of n rows with n elements has start 0 and step 1), so row i stays row i. This is the gradient of
+    ``x[:, 0]`` with a symbolic batch, whose ``x[:]`` on the batch dim Inductor's decompositions turn into a
+    ``slice_scatter`` over the batch dim."""
+    return same(r.shape(src)[dim], r.out_shape()[dim])
 
 
 def _scattered_source(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -283,9 +292,21 @@ def _join(r: RuleInput, stacked: bool) -> Fact:
     dim = norm_dim(r.arg("dim", 0), len(r.out_shape()))
     if not stacked:
         if dim == fact.dim:
-            raise index_on_batch(r)
+            return _blocks(r, fact, len(batched) == len(facts))
         return fact
     return fact.at(fact.dim + (dim <= fact.dim))
+
+
+def _blocks(r: RuleInput, fact: Batched, all_batched: bool) -> Batched:
+    """A cat along the sample axis of n operands that all hold the whole batch alike, each (outer, B, inner) on
+    that dim: the result is (n * outer, B, inner), sample i's rows those of sample i in every block. This is
+    ``stack`` over a new leading dim, flattened: the gradient of ``unbind`` (an RNN's time steps) as Inductor
+    decomposes it, ``cat([g_0, ..., g_{T-1}])`` of (B, d) blocks viewed as (T, B, d)."""
+    if r.batch == 1:  # a batch of one owns every row
+        return Batched(fact.dim, r.out_shape()[fact.dim])
+    if not all_batched:
+        raise index_on_batch(r)
+    return Batched(fact.dim, fact.inner, fact.outer * len(r.arg("tensors")))
 
 
 @law(aten.cat.default)

@@ -103,7 +103,9 @@ def split_batch(emit: Emitter, value: torch.fx.Node, fact: Batched, dim: int, ba
     order = list(range(len(sizes) + 2))
     order[dim], order[dim + 1] = dim + 1, dim
     moved = emit(aten.permute.default, grouped, order)  # (..., B, outer, inner, ...)
-    return emit(aten.reshape.default, moved, sizes[:dim] + [batch, -1] + sizes[dim + 1 :])
+    # the rows per sample by their size, not -1: inferring -1 divides by the other sizes, a guard that they are
+    # not 0, which an unbacked batch (mark_batch_dynamic) cannot answer
+    return emit(aten.reshape.default, moved, sizes[:dim] + [batch, emit.mul(outer, inner)] + sizes[dim + 1 :])
 
 
 def row_weights(emit: Emitter, joint: JointGraph, weights: torch.fx.Node, value: torch.fx.Node, batch: Size):

@@ -43,24 +43,32 @@ def _conv_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
     return all(on_dim0(joint, v) and (joint.facts[v].plain or joint.batch == 1) for v in inputs)
 
 
-def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
-    """Bias: grad_out summed over positions. Weight: one grouped convolution_backward with the samples as
-    groups (input (1, B*C_in, ...), groups B*g), so every sample gets its own weight gradient."""
-    conv = node.args[0]
-    grad_out, x, weight, _, stride, padding, dilation, transposed, output_padding, groups = conv.args[:10]
-    grad_out = emit.to_dtype(grad_out, dtype)
-    if node.args[1] == 2:
-        return emit(aten.sum.dim_IntList, grad_out, list(range(2, grad_out.meta["val"].dim())))
-    shape = static_shape(weight)
-    flat_out = emit(aten.reshape.default, grad_out, [1, -1, *emit.sizes(grad_out)[2:]])
-    flat_in = emit(aten.reshape.default, emit.to_dtype(x, dtype), [1, -1, *emit.sizes(x)[2:]])
-    # the weight gradient reads the weight's shape alone: its B copies are one zero-stride view, not B*p*d values
-    # that Inductor computes at the start of the backward and holds until the call
-    filters = shape[0] * batch if isinstance(batch, int) else emit(operator.mul, batch, shape[0])
-    stacked = emit(aten.as_strided.default, emit.to_dtype(weight, dtype), [filters, *shape[1:]], [0] * len(shape))
-    sample_groups = groups * batch if isinstance(batch, int) else emit(operator.mul, batch, groups)
-    grads = emit(
-        aten.convolution_backward.default,
+@torch.library.custom_op("bkcompile::conv_weight_per_sample", mutates_args=())
+def conv_weight_per_sample(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """(B, *weight.shape): each sample's weight gradient, by one grouped convolution_backward with the samples as
+    groups (input (1, B*C_in, ...), groups B*g).
+
+    An opaque op for the compiler: Inductor's lowering of convolution_backward needs its groups as an int, which a
+    dynamic batch (groups B*g) is not, so it would specialise B or fail on the unbacked batch of
+    ``mark_batch_dynamic``; called here, the kernel is the one its fallback would call."""
+    batch, shape = x.shape[0], list(weight.shape)
+    if batch == 0:
+        return grad_out.new_zeros([0, *shape])
+    flat_out = grad_out.reshape(1, -1, *grad_out.shape[2:])
+    flat_in = x.reshape(1, -1, *x.shape[2:])
+    # the weight gradient reads the weight's shape alone: its B copies are one zero-stride view
+    stacked = weight.as_strided([shape[0] * batch, *shape[1:]], [0] * len(shape))
+    _, grads, _ = torch.ops.aten.convolution_backward.default(
         flat_out,
         flat_in,
         stacked,
@@ -70,10 +78,36 @@ def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch
         dilation,
         transposed,
         output_padding,
-        sample_groups,
+        groups * batch,
         [False, True, False],
     )
-    return emit(aten.reshape.default, emit(operator.getitem, grads, 1), [-1, *shape])
+    return grads.reshape(batch, *shape)
+
+
+@conv_weight_per_sample.register_fake
+def _conv_weight_per_sample_fake(grad_out, x, weight, stride, padding, dilation, transposed, output_padding, groups):
+    return grad_out.new_empty([x.shape[0], *weight.shape])
+
+
+def conv_per_sample(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype) -> torch.fx.Node:
+    """Bias: grad_out summed over positions. Weight: :func:`conv_weight_per_sample`."""
+    conv = node.args[0]
+    grad_out, x, weight, _, stride, padding, dilation, transposed, output_padding, groups = conv.args[:10]
+    grad_out = emit.to_dtype(grad_out, dtype)
+    if node.args[1] == 2:
+        return emit(aten.sum.dim_IntList, grad_out, list(range(2, grad_out.meta["val"].dim())))
+    return emit(
+        torch.ops.bkcompile.conv_weight_per_sample.default,
+        grad_out,
+        emit.to_dtype(x, dtype),
+        emit.to_dtype(weight, dtype),
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+    )
 
 
 def _conv_has_ghost(node: torch.fx.Node) -> bool:
