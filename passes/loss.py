@@ -72,8 +72,10 @@ ASSUMED_MEAN = (
     "bk_dp takes the loss as a mean over the batch, as F.cross_entropy's default: it is computed outside the "
     "compiled model, where bk_dp cannot see how it reduces, and the gradient the backward receives cannot tell "
     "a sum from a mean (a sum of per-sample losses and a mean of B times them send the same gradient but clip "
-    "differently). If it is a sum (reduction='sum', loss.sum()), the per-sample norms are B times too large "
-    "and the gradients clipped B times too hard.\n"
+    "differently). If it is a sum (reduction='sum', loss.sum()), the per-sample norms are B times too large, "
+    "the gradients clipped B times too hard, and each sample's clipped gradient depends on the batch size: one "
+    "sample added to the batch can move the sum by up to 2R, not R, which the privacy accounting does not allow "
+    "for.\n"
     "  fix: say how the loss reduces over the batch: options={'loss_reduction': 'mean'} or 'sum' "
     "(bkcompile.compile(model, ..., loss_reduction='mean')), or compute the loss in the compiled model"
 )
