@@ -53,6 +53,11 @@ class LossReductionError(PrivacyError):
     """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``."""
 
 
+class LossReductionWarning(UserWarning):
+    """The loss is computed outside the compiled model and ``loss_reduction`` is not given: bk_dp takes it as a
+    mean over the batch, which nothing it sees can confirm (``bkcompile.passes.loss``)."""
+
+
 class UnclippedGradientError(PrivacyError):
     """A parameter's gradient holds something no bk_dp clip wrote (eager use, eager fallback, eager stem)."""
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from bkcompile.errors import OptionError
 
-LossReduction = Literal["mean", "sum"]
+LossReduction = Literal["auto", "mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]
@@ -41,9 +41,11 @@ class BKOptions:
 
     max_grad_norm: clipping threshold R of the per-sample gradient norm over all trainable
         parameters (required, > 0).
-    loss_reduction: how a loss computed outside the compiled model reduces over the batch
-        ("mean", like ``F.cross_entropy``'s default, or "sum"). A loss returned by the compiled
-        function is recognised from its own reduction; passing a different value is an error.
+    loss_reduction: how the loss reduces over the batch: "mean" (of per-sample losses, like
+        ``F.cross_entropy``'s default) or "sum"; "auto": a loss returned by the compiled function is
+        recognised from its own reduction (an explicit value that disagrees is an error), and a loss
+        computed outside, which no graph sees, is taken as a mean with a ``LossReductionWarning``
+        (``passes/loss.py`` says why nothing the backward receives can tell a sum from a mean).
     compiler: the inner compiler of the forward and backward graphs ("inductor" or "aot_eager").
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
     strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the
@@ -84,7 +86,7 @@ class BKOptions:
     """
 
     max_grad_norm: float
-    loss_reduction: LossReduction = "mean"
+    loss_reduction: LossReduction = "auto"
     compiler: Compiler = "inductor"
     batch_dim: int = 0
     strategy: Strategy = "auto"
@@ -99,12 +101,10 @@ class BKOptions:
     graphs: Graphs = "auto"
     mode: Mode = "default"
     inductor: tuple[tuple[str, Any], ...] = ()
-    # True when the user passed loss_reduction explicitly (a mismatch with an in-graph loss is then an error).
-    loss_reduction_given: bool = dataclasses.field(default=False, repr=False)
 
 
 _CHOICES = {
-    "loss_reduction": ("mean", "sum"),
+    "loss_reduction": ("auto", "mean", "sum"),
     "compiler": ("inductor", "aot_eager"),
     "strategy": ("auto", "fastest", "ghost", "explicit"),
     "report": (True, False),
@@ -250,7 +250,7 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         clipping=_clipping(raw.get("clipping", "all-layer")),
         clip_fn=raw.get("clip_fn", "abadi"),
         clip_gamma=_positive(raw.get("clip_gamma", 0.01), "clip_gamma"),
-        loss_reduction=raw.get("loss_reduction", "mean"),
+        loss_reduction=raw.get("loss_reduction", "auto"),
         compiler=raw.get("compiler", "inductor"),
         batch_dim=batch_dim,
         strategy=raw.get("strategy", "auto"),
@@ -262,5 +262,4 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
         graphs=raw.get("graphs", "auto"),
         mode=mode,
         inductor=inductor,
-        loss_reduction_given="loss_reduction" in raw,
     )

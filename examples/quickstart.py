@@ -52,6 +52,7 @@ def make_private_sgd(
         epochs=epochs,
         generator=generator,
         compiler="aot_eager",
+        loss_reduction="mean",  # the training loop's F.cross_entropy(model(x), y): a mean over the batch
     )
 
 

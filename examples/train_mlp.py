@@ -14,7 +14,9 @@ torch.manual_seed(0)
 R = 1.0
 model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
 reference = {k: v.detach().clone() for k, v in model.named_parameters()}
-compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": R, "compiler": "aot_eager"})
+compiled = torch.compile(
+    model, backend="bk_dp", options={"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean"}
+)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 w_true = torch.randn(16, 4)
 

@@ -35,7 +35,7 @@ from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, ch
 from bkcompile.passes.driver import Pass, named, run_passes
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
-from bkcompile.passes.loss import LossScale, find_loss_scale
+from bkcompile.passes.loss import LossScale, find_loss_scale, warn_assumed_mean
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
 from bkcompile.passes.sites import ParamGrad, find_sites
 
@@ -81,7 +81,10 @@ def _sites(state: PassState) -> PassState:
 
 
 def _loss_scale(state: PassState) -> PassState:
-    return dataclasses.replace(state, scale=find_loss_scale(state.joint, state.options))
+    scale = find_loss_scale(state.joint, state.options)
+    if scale.assumed and not state.role.piece:  # a piece's loss may be in another piece: its clip warns
+        warn_assumed_mean()
+    return dataclasses.replace(state, scale=scale)
 
 
 def _groups(state: PassState) -> PassState:

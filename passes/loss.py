@@ -5,6 +5,16 @@ With ``loss = mean_i l_i`` the graph's gradient carries 1/B, so s = B; with ``su
 loss returned by the compiled function is recognised from the op that reduces it over the batch; a
 loss computed outside uses the ``loss_reduction`` option.
 
+A loss computed outside is never seen, and the gradient the backward receives (the tangent of the graph's
+outputs) cannot stand in for it: ``sum_i l_i`` and ``mean_i (B * l_i)`` send the same tangent, yet their
+per-sample losses differ by the factor B, and so do their norms and clip factors (``F.cross_entropy(out, y,
+reduction="sum")`` and ``(6 * F.cross_entropy(out, y, reduction="none")).mean()`` at B = 6). Which one the
+user means is how the loss is written, not a value the graph holds. So with ``loss_reduction="auto"`` (the
+default) a loss computed outside is taken as a mean, the common case, and a :class:`LossReductionWarning`
+says so and names the fix; an explicit "mean" or "sum" is the user's word for it. A whole graph warns when
+it compiles; a piece cannot know whether another piece of its backward computes the loss, so the clip at
+the end of the backward warns instead (``bkcompile.deferred``).
+
 A mean whose normaliser is a count of labels (cross entropy's non-ignored targets; the smoothing term of
 ``label_smoothing`` divides by the same count) has s = that count, a graph value: every division by a count
 in the graph must be by the loss's own count, which s cancels. Terms reduced differently add up when they
@@ -17,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
+import warnings
 
 import torch
 import torch.fx
@@ -25,7 +36,7 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
-from bkcompile.errors import LossReductionError, node_error, user_location
+from bkcompile.errors import LossReductionError, LossReductionWarning, node_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -46,6 +57,7 @@ class LossScale:
     node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
     checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (ScaleKind.MEAN)
     from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
+    assumed: bool = False  # no loss in the graph and loss_reduction "auto": a mean, which nothing checks
 
     @property
     def reduction(self) -> str:
@@ -54,6 +66,24 @@ class LossScale:
     def describe(self) -> str:
         s = {ScaleKind.SUM: "1", ScaleKind.MEAN: "B", ScaleKind.WEIGHT: "the loss's total weight"}[self.kind]
         return f"s = {s}, from {self.source}"
+
+
+ASSUMED_MEAN = (
+    "bk_dp takes the loss as a mean over the batch, as F.cross_entropy's default: it is computed outside the "
+    "compiled model, where bk_dp cannot see how it reduces, and the gradient the backward receives cannot tell "
+    "a sum from a mean (a sum of per-sample losses and a mean of B times them send the same gradient but clip "
+    "differently). If it is a sum (reduction='sum', loss.sum()), the per-sample norms are B times too large, "
+    "the gradients clipped B times too hard, and each sample's clipped gradient depends on the batch size: one "
+    "sample added to the batch can move the sum by up to 2R, not R, which the privacy accounting does not allow "
+    "for.\n"
+    "  fix: say how the loss reduces over the batch: options={'loss_reduction': 'mean'} or 'sum' "
+    "(bkcompile.compile(model, ..., loss_reduction='mean')), or compute the loss in the compiled model"
+)
+
+
+def warn_assumed_mean() -> None:
+    """Say that a loss computed outside is taken as a mean (``loss_reduction="auto"``)."""
+    warnings.warn(ASSUMED_MEAN, LossReductionWarning, stacklevel=2)
 
 
 def _found(node: torch.fx.Node, what: str) -> str:
@@ -210,22 +240,27 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         )
     if not losses:
         kind = options.loss_reduction
-        given = "" if options.loss_reduction_given else " (the default)"
+        if kind == "auto":
+            what = (
+                "loss_reduction='auto' (the default): the loss is computed outside the compiled model and taken as "
+                "a mean over the batch, unchecked (LossReductionWarning)"
+            )
+            return LossScale(ScaleKind.MEAN, what, from_option=True, assumed=True)
         return LossScale(
             ScaleKind(kind),
-            f"option loss_reduction={kind!r}{given}: the loss is computed outside the compiled model",
+            f"option loss_reduction={kind!r}: the loss is computed outside the compiled model",
             from_option=True,
         )
     scale = _scale_of(joint, losses[0])
     if scale is None:
         raise _unknown(losses[0])
     _check_counts(joint, scale)
-    if options.loss_reduction_given and options.loss_reduction != scale.reduction:
+    if options.loss_reduction not in ("auto", scale.reduction):
         raise node_error(
             LossReductionError,
             losses[0],
             f"the loss returned by the compiled function reduces over the batch by a {scale.reduction}, "
             f"but the option loss_reduction={options.loss_reduction!r} says otherwise",
-            f"drop the loss_reduction option or set it to {scale.reduction!r}",
+            f"set loss_reduction={scale.reduction!r}, or leave it out ('auto' recognises a returned loss)",
         )
     return scale

@@ -48,9 +48,10 @@ def test_the_report_says_how_the_loss_scale_was_found() -> None:
     x = torch.randn(5, 4)
     outside = bkcompile.explain(_mlp(), x)
     assert outside.loss_scale == (
-        "s = B, from option loss_reduction='mean' (the default): the loss is computed outside the compiled model"
+        "s = B, from loss_reduction='auto' (the default): the loss is computed outside the compiled model and "
+        "taken as a mean over the batch, unchecked (LossReductionWarning)"
     )
-    assert "loss scale: s = B, from option loss_reduction='mean'" in str(outside)
+    assert "loss scale: s = B, from loss_reduction='auto' (the default)" in str(outside)
     inside = bkcompile.explain(_MeanLoss(), x, torch.tensor([0, 1, 2, 0, 1]))
     assert inside.loss_scale.startswith(
         "s = the loss's total weight, from cross-entropy/nll loss, reduction='mean' (divided by its total weight) at "

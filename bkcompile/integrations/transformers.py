@@ -231,6 +231,7 @@ class DPTrainer(transformers.Trainer):
             options = {
                 "max_grad_norm": self.privacy.max_grad_norm,
                 "expected_batch_size": self.expected_batch_size,
+                "loss_reduction": "mean",  # compute_loss: a mean over the batch of per-sample losses
                 **self.privacy.backend_options,
             }
             self._compiled[id(model)] = torch.compile(_Logits(model), backend="bk_dp", options=options)
