@@ -365,6 +365,22 @@ def test_adaptive_clipping_counts_the_union_batch(ranks, wrapping) -> None:
     check_adaptive_counts(*ranks.run(_fsdp_adaptive_steps, wrapping))
 
 
+class RootHeld(nn.Module):
+    """Blocks sharded one by one, and a final norm and head that the root's forward runs itself, held by the
+    root's own parameter group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(8), Block(8)])
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))
+
+
 class NormHead(nn.Module):
     """A final norm and an output layer in a module of the user's own code (dynamo compiles its forward)."""
 
@@ -451,3 +467,23 @@ def test_a_gradient_hook_beside_fsdp2s_is_refused(ranks) -> None:
 def test_inductor_with_parameters_at_the_root(ranks) -> None:
     for result in ranks.run(_root_holds_parameters, False, "inductor"):
         assert result["error"] <= TOL[torch.float64] and result["graphs"] == 3, result
+
+
+def _layers_the_root_runs_itself(rank: int, compiled_each: bool) -> str:
+    model = RootHeld().double()
+    x, y = _local(rank, *_union_batch(torch.float64))
+    sharded = _shard_with_parameters_at_the_root(model, compiled_each, {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with pytest.raises(bkcompile.UnclippedGradientError) as info:
+        F.cross_entropy(sharded(x), y).backward()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("compiled_each", [False, True], ids=["compiled whole", "compiled each"])
+def test_layers_the_root_runs_itself_are_refused_with_the_cause(ranks, compiled_each: bool) -> None:
+    """The root's forward calls the sharded blocks in a loop: dynamo skips it whole (FSDP2's hooks are graph
+    breaks), so its own norm and head (torch modules, whose frames dynamo never compiles) run eagerly."""
+    for message in ranks.run(_layers_the_root_runs_itself, compiled_each):
+        assert "'out.bias' received a gradient that no bk_dp clip wrote: no bk_dp graph received it" in message
+        assert "FSDP2 holds it in RootHeld's own parameter group" in message and "(Linear 'out') ran eagerly" in message
+        assert "a graph break in a loop" in message and "Linear is torch's own module" in message
+        assert "Move those layers into a module of your own code" in message
