@@ -165,17 +165,29 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _fsdp_steps(
-    rank: int, wrapping: str, divide_factor: float | None, micro: int, steps: int, compiler: str = "aot_eager"
+    rank: int,
+    wrapping: str,
+    divide_factor: float | None,
+    micro: int,
+    steps: int,
+    compiler: str = "aot_eager",
+    at_the_root: bool = False,
 ) -> dict:
     """Noised steps of the sharded model against the single-process update of a copy kept in step; with
     ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging; each rank's
-    batch in ``micro`` micro-batches (a backward each, one step)."""
+    batch in ``micro`` micro-batches (a backward each, one step); ``at_the_root``: the head in the root's own
+    parameter group (:class:`RootHeldHead`)."""
     sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
-    model = Tower().double()
-    reference_model = Tower().double()
+    kind = RootHeldHead if at_the_root else Tower
+    model = kind().double()
+    reference_model = kind().double()
     reference_model.load_state_dict(model.state_dict())
     x, y = _union_batch(torch.float64)
-    sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": compiler})
+    options = {"max_grad_norm": radius, "compiler": compiler}
+    if at_the_root:
+        sharded = _shard_with_parameters_at_the_root(model, wrapping == "blocks, compiled each", options)
+    else:
+        sharded = _shard(model, wrapping, options)
     if divide_factor is not None:
         model.set_gradient_divide_factor(divide_factor)
     optimizer = _dp_sgd(model, sigma, radius, batch, 5 if rank == 0 else 99)  # rank 0's state is the one used
@@ -461,6 +473,15 @@ def test_a_gradient_hook_beside_fsdp2s_is_refused(ranks) -> None:
     """Only FSDP2's own pre-backward hook passes between the graphs: another hook on that tensor is refused."""
     for message in ranks.run(_hook_beside_fsdp2s):
         assert "with a gradient hook (Tensor.register_hook)" in message, message
+
+
+@pytest.mark.parametrize("wrapping, micro", [("blocks, compiled whole", 1), ("blocks, compiled each", 2)])
+def test_noised_steps_with_parameters_at_the_root(ranks, wrapping: str, micro: int) -> None:
+    first, second = ranks.run(_fsdp_steps, wrapping, None, micro, 2, "aot_eager", True)
+    for result in (first, second):
+        assert max(result["errors"]) <= 1e-8
+    for mine, theirs in zip(first["params"], second["params"]):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))  # the full parameters, bit-identical
 
 
 @pytest.mark.slow
