@@ -198,6 +198,42 @@ def sharded_per_module(params: list[torch.Tensor]) -> bool:
     )
 
 
+def used_eagerly_in_sharded_model(p: torch.Tensor) -> str | None:
+    """Why FSDP2's unsharded parameter ``p`` of a model sharded per module got a gradient from eager autograd,
+    when no bk_dp graph ever received it (else None: a graph's parameter used eagerly besides, or no FSDP2's).
+
+    Dynamo compiles a graph per forward of a module of the user's code and does not trace FSDP2's hooks (its
+    pre- and post-forward are ``torch._dynamo.disable``'d): each call of a sharded module is a graph break,
+    and a forward that makes it in a loop (``for block in self.blocks``) is skipped whole, since dynamo does
+    not resume inside a loop. What that forward runs itself (a final norm, a head held by the root's own
+    parameter group) then runs eagerly, as does a torch module, whose frames dynamo never compiles on their
+    own (nor under ``Module.compile``)."""
+    if p in _UNSHARDED:
+        return None
+    for state, group, fsdp_param in _gathered_fsdp_params():
+        if fsdp_param.unsharded_param is p and len(state._state_ctx.all_states) > 1:
+            holder = next(c for c in type(group.modules[0]).__mro__ if not issubclass(c, FSDPModule)).__name__
+            owner = type(fsdp_param._module_info.module)
+            path = fsdp_param._param_fqn.rpartition(".")[0] if fsdp_param._param_fqn else ""
+            torch_own = (
+                f"; {owner.__name__} is torch's own module, which dynamo never compiles on its own (nor under "
+                "Module.compile())"
+                if owner.__module__.startswith("torch.")
+                else ""
+            )
+            return (
+                f"no bk_dp graph received it: FSDP2 holds it in {holder}'s own parameter group (fully_shard per "
+                f"module), and the code that used it ({owner.__name__} {path!r}) ran eagerly. Dynamo compiles a "
+                "graph per forward of a module of your own code and does not trace FSDP2's hooks: a forward that "
+                "calls the sharded modules in a loop (`for block in self.blocks: x = block(x)`) is skipped whole "
+                f"(a graph break in a loop), so the layers it runs itself run eagerly{torch_own}. Move those layers "
+                "into a module of your own code (a Head(nn.Module) whose forward runs the final norm and the output "
+                "layer), called from that forward, with or without a fully_shard of its own; compile it too when "
+                "compiling module by module"
+            )
+    return None
+
+
 def from_fsdp_reduce(frame) -> bool:
     """Whether a post-accumulate-grad hook was called by FSDP2's reduce-scatter (its caller's frame), not
     by autograd."""

@@ -55,6 +55,7 @@ from bkcompile.distributed import (
     fsdp_params_of,
     is_dtensor,
     sync_under_ddp,
+    used_eagerly_in_sharded_model,
 )
 from bkcompile.draws import Span, StepRows, span_of
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error
@@ -527,7 +528,7 @@ class StepLedger:
             )
         if stance != "default":
             return f"torch.compiler.set_stance({stance!r}) ran the compiled model eagerly"
-        return _OUTSIDE
+        return used_eagerly_in_sharded_model(p) or _OUTSIDE
 
 
 def _eager_accumulation(p: torch.nn.Parameter) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
+from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
 from bkcompile import backwards, recompute
 from bkcompile.batch import mark_batch_dynamic
@@ -60,6 +61,13 @@ _CHECKPOINT = "CheckpointFunctionBackward"
 # Autograd functions that are the identity on their tensors (by class): FSDP2's hook on a sharded block's
 # inputs, whose backward runs the block's post-backward (the reduce-scatter) and passes the gradients on.
 _IDENTITIES = (RegisterPostBackwardFunction._backward_cls,)
+# Gradient hooks that return the gradient as they receive it (by function): FSDP2's pre-backward hook on a
+# sharded module's outputs, which all-gathers the module's parameters for its backward.
+_IDENTITY_HOOKS = (FSDPState._pre_backward,)
+
+
+def _identity_hook(hook: Any) -> bool:
+    return getattr(hook, "__func__", None) in _IDENTITY_HOOKS and isinstance(hook.__self__, FSDPState)
 
 
 def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
@@ -87,8 +95,9 @@ def _refuse_written(label: str, what: str, where: str) -> PrivacyError:
 
 
 def _check_tensor(value: torch.Tensor, label: str) -> None:
-    """A tensor passed to a piece: no in-place write since it was computed, no gradient hook on it."""
-    if value._backward_hooks:
+    """A tensor passed to a piece: no in-place write since it was computed, no gradient hook on it (but FSDP2's
+    own pre-backward hook on a sharded module's output, the identity on the gradient)."""
+    if value._backward_hooks and not all(map(_identity_hook, value._backward_hooks.values())):
         raise _refuse_written(label, "with a gradient hook (Tensor.register_hook)", "on a tensor between the graphs")
     node = value.grad_fn
     recorded = node.metadata.get(_ALIAS) if node is not None else None

@@ -165,17 +165,29 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _fsdp_steps(
-    rank: int, wrapping: str, divide_factor: float | None, micro: int, steps: int, compiler: str = "aot_eager"
+    rank: int,
+    wrapping: str,
+    divide_factor: float | None,
+    micro: int,
+    steps: int,
+    compiler: str = "aot_eager",
+    at_the_root: bool = False,
 ) -> dict:
     """Noised steps of the sharded model against the single-process update of a copy kept in step; with
     ``divide_factor`` FSDP2's reduce-scatter divides the ranks' sum by it instead of averaging; each rank's
-    batch in ``micro`` micro-batches (a backward each, one step)."""
+    batch in ``micro`` micro-batches (a backward each, one step); ``at_the_root``: the head in the root's own
+    parameter group (:class:`RootHeldHead`)."""
     sigma, radius, batch = 1.3, 0.7, WORLD * PER_RANK
-    model = Tower().double()
-    reference_model = Tower().double()
+    kind = RootHeldHead if at_the_root else Tower
+    model = kind().double()
+    reference_model = kind().double()
     reference_model.load_state_dict(model.state_dict())
     x, y = _union_batch(torch.float64)
-    sharded = _shard(model, wrapping, {"max_grad_norm": radius, "compiler": compiler})
+    options = {"max_grad_norm": radius, "compiler": compiler}
+    if at_the_root:
+        sharded = _shard_with_parameters_at_the_root(model, wrapping == "blocks, compiled each", options)
+    else:
+        sharded = _shard(model, wrapping, options)
     if divide_factor is not None:
         model.set_gradient_divide_factor(divide_factor)
     optimizer = _dp_sgd(model, sigma, radius, batch, 5 if rank == 0 else 99)  # rank 0's state is the one used
@@ -363,3 +375,136 @@ def _fsdp_adaptive_steps(rank: int, wrapping: str) -> dict:
 @pytest.mark.parametrize("wrapping", ["root", "blocks, compiled each"])
 def test_adaptive_clipping_counts_the_union_batch(ranks, wrapping) -> None:
     check_adaptive_counts(*ranks.run(_fsdp_adaptive_steps, wrapping))
+
+
+class RootHeld(nn.Module):
+    """Blocks sharded one by one, and a final norm and head that the root's forward runs itself, held by the
+    root's own parameter group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(8), Block(8)])
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))
+
+
+class NormHead(nn.Module):
+    """A final norm and an output layer in a module of the user's own code (dynamo compiles its forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(x))
+
+
+class RootHeldHead(nn.Module):
+    """Blocks sharded one by one, and a head the root's own parameter group holds (no fully_shard of its own)."""
+
+    def __init__(self, flip_gradient: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(8), Block(8)])
+        self.head = NormHead()
+        self.flip_gradient = flip_gradient  # a gradient hook of the user's beside FSDP2's on the blocks' output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if self.flip_gradient:
+            x.register_hook(lambda grad: grad.flip(0))
+        return self.head(x)
+
+
+def _shard_with_parameters_at_the_root(model: nn.Module, compiled_each: bool, options: dict) -> nn.Module:
+    """``fully_shard`` per block, then at the root, which keeps the other parameters in its own group; compiled
+    whole, or each block and the root's own modules on their own."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+        if compiled_each:
+            block.compile(backend="bk_dp", options=options)
+    fully_shard(model, mesh=mesh)
+    if not compiled_each:
+        return torch.compile(model, backend="bk_dp", options=options)
+    for name, module in model.named_children():
+        if name != "blocks":
+            module.compile(backend="bk_dp", options=options)
+    return model
+
+
+def _root_holds_parameters(rank: int, compiled_each: bool, compiler: str = "aot_eager") -> dict:
+    model = RootHeldHead().double()
+    x, y = _union_batch(torch.float64)
+    _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
+    radius = norms.median().item()  # half the samples are clipped
+    want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
+    options = {"max_grad_norm": radius, "compiler": compiler}
+    sharded = _shard_with_parameters_at_the_root(model, compiled_each, options)
+    F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
+    got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
+    return {"error": _max_relative_error(got, want), "graphs": len(bkcompile.last_clip_spans()[0].graphs)}
+
+
+@pytest.mark.parametrize("compiled_each", [False, True], ids=["compiled whole", "compiled each"])
+def test_blocks_sharded_one_by_one_with_parameters_at_the_root(ranks, compiled_each: bool) -> None:
+    """The head's input carries FSDP2's pre-backward hook (the last block's output): it returns the gradient as
+    it is, so the head's graph is a piece of the blocks' clip."""
+    for result in ranks.run(_root_holds_parameters, compiled_each):
+        assert result["error"] <= TOL[torch.float64] and result["graphs"] == 3, result
+
+
+def _hook_beside_fsdp2s(rank: int) -> str:
+    model = RootHeldHead(flip_gradient=True).double()
+    x, _ = _local(rank, *_union_batch(torch.float64))
+    sharded = _shard_with_parameters_at_the_root(model, False, {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with pytest.raises(bkcompile.PrivacyError) as info:
+        sharded(x)
+    return str(info.value)
+
+
+def test_a_gradient_hook_beside_fsdp2s_is_refused(ranks) -> None:
+    """Only FSDP2's own pre-backward hook passes between the graphs: another hook on that tensor is refused."""
+    for message in ranks.run(_hook_beside_fsdp2s):
+        assert "with a gradient hook (Tensor.register_hook)" in message, message
+
+
+@pytest.mark.parametrize("wrapping, micro", [("blocks, compiled whole", 1), ("blocks, compiled each", 2)])
+def test_noised_steps_with_parameters_at_the_root(ranks, wrapping: str, micro: int) -> None:
+    first, second = ranks.run(_fsdp_steps, wrapping, None, micro, 2, "aot_eager", True)
+    for result in (first, second):
+        assert max(result["errors"]) <= 1e-8
+    for mine, theirs in zip(first["params"], second["params"]):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))  # the full parameters, bit-identical
+
+
+@pytest.mark.slow
+def test_inductor_with_parameters_at_the_root(ranks) -> None:
+    for result in ranks.run(_root_holds_parameters, False, "inductor"):
+        assert result["error"] <= TOL[torch.float64] and result["graphs"] == 3, result
+
+
+def _layers_the_root_runs_itself(rank: int, compiled_each: bool) -> str:
+    model = RootHeld().double()
+    x, y = _local(rank, *_union_batch(torch.float64))
+    sharded = _shard_with_parameters_at_the_root(model, compiled_each, {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    with pytest.raises(bkcompile.UnclippedGradientError) as info:
+        F.cross_entropy(sharded(x), y).backward()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("compiled_each", [False, True], ids=["compiled whole", "compiled each"])
+def test_layers_the_root_runs_itself_are_refused_with_the_cause(ranks, compiled_each: bool) -> None:
+    """The root's forward calls the sharded blocks in a loop: dynamo skips it whole (FSDP2's hooks are graph
+    breaks), so its own norm and head (torch modules, whose frames dynamo never compiles) run eagerly."""
+    for message in ranks.run(_layers_the_root_runs_itself, compiled_each):
+        assert "'out.bias' received a gradient that no bk_dp clip wrote: no bk_dp graph received it" in message
+        assert "FSDP2 holds it in RootHeld's own parameter group" in message and "(Linear 'out') ran eagerly" in message
+        assert "a graph break in a loop" in message and "Linear is torch's own module" in message
+        assert "Move those layers into a module of your own code" in message
