@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
+from bkcompile.names import user_path
 from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
@@ -53,10 +53,8 @@ _EMITTED = [aten.im2col.default, aten.zeros.default]
 
 
 def _param_name(source_name: str) -> str:
-    keys = re.findall(r"\['([^']+)'\]|\.(\w+)", source_name)
-    parts = [a or b for a, b in keys]
-    parts = [p for p in parts[1:] if p not in ("_modules", "_parameters", "_buffers")]
-    return ".".join(parts) or source_name
+    """The name ``named_parameters()`` (or ``named_buffers()``) of the root module gives the input."""
+    return user_path(source_name) or source_name
 
 
 def _source_name(node: torch.fx.Node) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch.fx
+
+from bkcompile.frames import is_library
+from bkcompile.names import user_path
 
 
 class BKError(Exception):
@@ -81,30 +85,61 @@ class PassInvariantError(BKError):
     """A pass left the graph in a state the next one cannot trust (a bug of bkcompile: please report it)."""
 
 
-def module_of(node: torch.fx.Node) -> str | None:
+def module_path(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(the user's dotted path, the class name) of the innermost module ``node`` was traced in
+    (``node.meta["nn_module_stack"]``; the path is "" for the root module), or None outside any module."""
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", str(path))
-    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path).lstrip(
-        "."
-    )
-    name = getattr(cls, "__name__", str(cls))
+    return user_path(str(path)), getattr(cls, "__name__", str(cls))
+
+
+def module_of(node: torch.fx.Node) -> str | None:
+    """``module 'encoder.layer.0.attention.query' (Linear)``: the module ``node`` was traced in, as errors name it."""
+    found = module_path(node)
+    if found is None:
+        return None
+    path, name = found
     return f"module '{path}' ({name})" if path else f"module {name}"
 
 
-def source_line(node: torch.fx.Node) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One frame of a node's ``meta["stack_trace"]``: file, line number, function and the line's code."""
+
+    file: str
+    line: int
+    function: str
+    code: str
+
+
+_FRAME = re.compile(r'File "(.*)", line (\d+), in (.*)$')
+
+
+def user_frame(node: torch.fx.Node) -> Frame | None:
+    """The innermost frame of ``node``'s stack trace in the user's code: torch's and bkcompile's frames (the entry
+    of ``bkcompile.explain``, ``nn.Sequential``'s forward) are no place to fix a model. None when there is none."""
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
     lines = [line for line in trace.strip().splitlines() if line.strip()]
-    files = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
-    if not files:
-        return lines[-1].strip()
-    last = files[-1]
-    code = lines[last + 1].strip() if last + 1 < len(lines) else ""
-    return f"{lines[last].strip()}: {code}" if code else lines[last].strip()
+    found = None
+    for i, line in enumerate(lines):
+        match = _FRAME.match(line.strip())
+        if match is not None and not is_library(match.group(1)):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1].strip()) else ""
+            found = Frame(match.group(1), int(match.group(2)), match.group(3), code)
+    return found
+
+
+def source_line(node: torch.fx.Node) -> str | None:
+    """``File "model.py", line 12, in forward: return self.fc(x)``: the user's line ``node`` comes from, or None."""
+    frame = user_frame(node)
+    if frame is None:
+        return None
+    where = f'File "{frame.file}", line {frame.line}, in {frame.function}'
+    return f"{where}: {frame.code}" if frame.code else where
 
 
 def user_location(node: torch.fx.Node | None) -> str:
