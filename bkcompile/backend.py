@@ -106,7 +106,9 @@ def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
     broken = bool(reason is not None and reason.graph_break)
     resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in frames)
     nested = _called_from_untraced_code()
-    where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else "an unknown location"
+    users = [f for f in frames if not is_library(f.filename)]  # not bkcompile.explain's entry, nor nn.Sequential's
+    last = users[-1] if users else frames[-1] if frames else None
+    where = f"{last.filename}:{last.lineno} ({last.name})" if last is not None else "an unknown location"
     number = next(_GRAPH_NUMBERS)
     if broken:
         label = f"bk_dp graph #{number}, cut at the graph break at {where}"
@@ -114,8 +116,10 @@ def _graph_role(gm: torch.fx.GraphModule, options: BKOptions) -> GraphRole:
         label = f"bk_dp graph #{number}, resumed after a graph break, ending at {where}"
     elif nested:
         label = f"bk_dp graph #{number}, called from code outside the graphs (after a graph break), ending at {where}"
-    else:
+    elif users:
         label = f"bk_dp graph #{number}, ending at {where}"
+    else:
+        label = f"bk_dp graph #{number}"
     piece = broken or resumed or nested or options.graphs == "several"
     return GraphRole(piece=piece, label=label, ends_at_break=broken)
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
+import re
+import sys
 import types
 from typing import Any
 
 import sympy
 import torch
+import torch.fx
 
 from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
-from bkcompile.errors import BKError, module_of, source_line
+from bkcompile.errors import BKError, module_of, module_path, user_frame
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
@@ -24,12 +28,16 @@ _LAST: list[CostReport] = []
 _EXPLAINED = itertools.count()  # names the code object of each explain() call
 
 
+WIDTH = 120  # columns of the printed report; to_markdown() and to_dict() hold every column
+
+
 @dataclasses.dataclass
 class SiteRow:
-    param: str
+    param: str  # the name named_parameters() gives
     kind: str
-    module: str
-    source: str
+    module: str  # the user's dotted path of the module the site is in ("" the root module, "-" none)
+    module_type: str  # the module's class ("-" none)
+    source: str  # the user's line of code ("models.py:12 in forward: ..."), else the module
     sizes: dict[str, str]  # symbol -> size at this site
     strategy: str
     reason: str
@@ -66,21 +74,23 @@ class CostReport:
 
     def _header(self) -> list[str]:
         batch = f"B = {self.batch}" + (
-            " (dynamic: values below count B = 1, the choice does not depend on B)" if self.batch_dynamic else ""
+            " (dynamic: the costs count B = 1, the choice does not depend on B)" if self.batch_dynamic else ""
         )
-        return [
+        lines = [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
             f"loss scale: {self.loss_scale}",
             f"graph: {self.graph}; clipped {self.clipped}",
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
             "clipping groups: "
             + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
-            f"privacy adds {_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
-            f"{_flops(self.backward_flops)} (matrix products and convolutions): estimated overhead "
-            f"{100 * self.overhead:.1f}%",
+            f"estimated overhead {100 * self.overhead:.1f}%: privacy adds {_flops(self.total_flops)} and "
+            f"{_bytes(self.total_bytes)} to a backward of {_flops(self.backward_flops)} (matrix products and "
+            "convolutions)",
         ]
+        return lines
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
+        """Every column, as to_markdown() shows it."""
         head = [
             "parameter",
             "site",
@@ -95,34 +105,117 @@ class CostReport:
         body = []
         for row in self.rows:
             ghost = f"{row.ghost_time} / {row.ghost_memory}" if row.ghost_time else "-"
-            ghost_at = f"{_flops(row.ghost_values[0])}, {_bytes(row.ghost_values[1])}" if row.ghost_values else "-"
-            explicit_at = f"{_flops(row.explicit_values[0])}, {_bytes(row.explicit_values[1])}"
             body.append(
                 [
                     row.param,
                     row.kind,
-                    row.module,
+                    _module(row),
                     ", ".join(f"{k}={v}" for k, v in row.sizes.items()),
-                    f"{row.strategy} ({row.reason})",
+                    _strategy(row),
                     ghost,
                     f"{row.explicit_time} / {row.explicit_memory}",
-                    f"{ghost_at} | {explicit_at}",
+                    f"{_at(row.ghost_values)} | {_at(row.explicit_values)}",
                     row.source,
                 ]
             )
         return head, body
 
     def __str__(self) -> str:
-        head, body = self._table()
-        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
-        return "\n".join([*self._header(), "", lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+        """The report for a person: lines of at most WIDTH columns, long cells wrapped, sources as notes below
+        the table; the symbolic costs and the modules are in to_markdown() and to_dict()."""
+        sources: dict[str, int] = {}
+        head = ["parameter", "site", "sizes", "strategy", "ghost cost", "explicit cost", "src"]
+        body = [
+            [
+                row.param,
+                row.kind,
+                " ".join(f"{k}={v}" for k, v in row.sizes.items() if k != "B"),
+                _strategy(row),
+                _at(row.ghost_values),
+                _at(row.explicit_values),
+                f"[{sources.setdefault(row.source, len(sources) + 1)}]",
+            ]
+            for row in self.rows
+        ]
+        lines = [line for text in self._header() for line in _wrap(text, WIDTH, indent=4)]
+        lines += [
+            "",
+            *_wrap(
+                "costs: FLOPs and bytes each strategy adds at the compiled sizes (symbolic costs and modules: "
+                "to_markdown(), to_dict())",
+                WIDTH,
+                indent=4,
+            ),
+            *_grid(head, body, WIDTH),
+            "sources:",
+        ]
+        for text, number in sources.items():
+            lines += _wrap(f"[{number}] {text}", WIDTH, first="  ", indent=len(f"  [{number}] "))
+        return "\n".join(lines)
 
     def to_markdown(self) -> str:
         head, body = self._table()
         rows = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in [head, *body]]
         rows.insert(1, "|" + "---|" * len(head))
         return "\n\n".join(["  \n".join(self._header()), "\n".join(rows)])
+
+
+def _module(row: SiteRow) -> str:
+    if row.module == "-":
+        return "-"
+    return f"{row.module or '<root>'} ({row.module_type})"
+
+
+def _strategy(row: SiteRow) -> str:
+    return f"{row.strategy} ({row.reason})"
+
+
+def _at(values: tuple[float, float] | None) -> str:
+    return f"{_flops(values[0])}, {_bytes(values[1])}" if values else "-"
+
+
+# --- the printed table: cells wrapped to fit the width -----------------------------------------------------------
+
+_MIN_WIDTH = 8  # no column is wrapped narrower
+_GAP = "  "
+
+
+def _wrap(text: str, width: int, first: str = "", indent: int = 0) -> list[str]:
+    """``text`` in lines of at most ``width`` columns (``first`` before the first, ``indent`` spaces before the
+    others), broken after a space, a dot, a comma or a slash, within a word only when a word is too long."""
+    lines, line, lead = [], first, first
+    for token in re.findall(r"[^ .,/]*[.,/]?\s*", text)[:-1] or [""]:
+        if len(line) > len(lead) and len(line + token.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = lead = " " * indent
+        while len(line + token.rstrip()) > width:  # a word longer than a line
+            room = max(width - len(line), 1)
+            lines.append(line + token[:room])
+            line, token = lead, token[room:]
+        line += token
+    lines.append(line.rstrip())
+    return lines
+
+
+def _grid(head: list[str], body: list[list[str]], width: int) -> list[str]:
+    """A table of at most ``width`` columns: the widest columns are narrowed, their cells wrapped, until it fits."""
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    room = width - len(_GAP) * (len(head) - 1)
+    while sum(widths) > room:
+        widest = max(range(len(widths)), key=lambda i: widths[i])
+        if widths[widest] <= _MIN_WIDTH:
+            break
+        widths[widest] -= 1
+    lines = []
+    for row in [head, None, *body]:
+        if row is None:
+            lines.append(_GAP.join("-" * w for w in widths))
+            continue
+        cells = [_wrap(cell, w) for cell, w in zip(row, widths)]
+        for i in range(max(len(c) for c in cells)):
+            parts = [(c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, widths)]
+            lines.append(_GAP.join(parts).rstrip())
+    return lines
 
 
 def _flops(value: float) -> str:
@@ -138,6 +231,24 @@ def _si(value: float, unit: str) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
+
+
+def _shown_path(file: str) -> str:
+    """``file`` from the longest entry of ``sys.path`` or the working directory it lies in
+    (``peft/tuners/lora/layer.py``, ``examples/models.py``), else as it is."""
+    path = os.path.abspath(file)
+    roots = {os.path.abspath(p) for p in sys.path if p} | {os.getcwd()}
+    inside = [root for root in roots if path.startswith(root.rstrip(os.sep) + os.sep)]
+    return os.path.relpath(path, max(inside, key=len)) if inside else file
+
+
+def _source(node: torch.fx.Node) -> str:
+    """Where the site is in the user's code, else the module it is in."""
+    frame = user_frame(node)
+    if frame is not None:
+        where = f"{_shown_path(frame.file)}:{frame.line} in {frame.function}"
+        return f"{where}: {frame.code}" if frame.code else where
+    return module_of(node) or "-"
 
 
 def build_report(state: PassState) -> CostReport:
@@ -157,13 +268,14 @@ def build_report(state: PassState) -> CostReport:
                     evaluate(c.memory, site.sizes, cost.compiled_sizes) * itemsize,
                 )
 
-            direct = site.ghost == site.explicit
+            direct, module = site.ghost == site.explicit, module_path(node)
             rows.append(
                 SiteRow(
                     param=plan.param.name,
                     kind=site.site.kind.name,
-                    module=module_of(node) or "-",
-                    source=source_line(node) or "-",
+                    module=module[0] if module else "-",
+                    module_type=module[1] if module else "-",
+                    source=_source(node),
                     sizes={str(k): str(v) for k, v in site.sizes.items()},
                     strategy="direct" if direct else plan.strategy.value,
                     reason="per-sample sums" if direct else plan.describe(),
