@@ -18,9 +18,12 @@ from typing import Any
 import sympy
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
+from bkcompile.batch import mark_batch_dynamic
 from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
 from bkcompile.errors import BKError, module_of, module_path, user_frame
+from bkcompile.options import parse_options
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
 
@@ -330,22 +333,68 @@ def _call(model: torch.nn.Module, *inputs: Any) -> Any:
     return model(*inputs)
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> CostReport:
+def _entry(tag: str = "") -> Any:
+    """``_call`` with a code object and a name of its own (see :func:`explain`)."""
+    name = f"bkcompile_explain_{next(_EXPLAINED)}{tag}"
+    return types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
+
+
+def _loader_batch(inputs: tuple, batch_dim: int, dynamic: bool) -> tuple:
+    """Aliases of ``inputs`` (the caller's tensors stay unmarked) with the batch dim of every per-sample tensor
+    marked dynamic as :class:`bkcompile.PoissonLoader` marks it: the tensors with as many rows as the first."""
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() > batch_dim]
+    rows = tensors[0].shape[batch_dim] if tensors else None
+
+    def alias(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        copy_ = leaf.detach().requires_grad_(leaf.requires_grad)
+        if dynamic and leaf.dim() > batch_dim and leaf.shape[batch_dim] == rows:
+            mark_batch_dynamic(copy_, dim=batch_dim)
+        return copy_
+
+    return pytree.tree_map(alias, inputs)
+
+
+def _backend_error(error: BaseException) -> BKError | None:
+    """The bkcompile error dynamo wrapped (``BackendCompilerFailed``), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BKError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, dynamic_batch: bool = True, **options: Any) -> CostReport:
     """Privatize a copy of ``model`` for ``example_inputs`` and return the cost-model report, without training.
 
-    ``options`` are the backend's (``max_grad_norm`` defaults to 1.0, ``compiler`` to "aot_eager"). Dynamo
-    keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
+    ``options`` are the backend's (``max_grad_norm`` defaults to 1.0). The copy is compiled as training compiles
+    the model: with the backend's compiler (Inductor unless ``compiler="aot_eager"``) and, with ``dynamic_batch``,
+    the batch dim of the example's per-sample tensors marked dynamic, as :class:`bkcompile.PoissonLoader` marks
+    each batch (``dynamic_batch=False``: the sizes of the example, as a first compile of a static batch). A model
+    training refuses is refused here with the same error (a :class:`bkcompile.PrivacyError`, not dynamo's
+    wrapper of it).
+
+    Dynamo keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
     through a function with a code object and a name of its own, so it neither reuses nor evicts the graphs
-    of the user's compiled models (no ``torch._dynamo.reset``), and each call starts from static sizes.
+    of the user's compiled models (no ``torch._dynamo.reset``), and each call starts afresh.
     """
-    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", **options}
+    options = {"max_grad_norm": 1.0, **options}
+    parsed = parse_options(options)
     twin = copy.deepcopy(model)
-    name = f"bkcompile_explain_{next(_EXPLAINED)}"
-    entry = types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
+    inputs = _loader_batch(example_inputs, parsed.batch_dim, dynamic_batch)
     _LAST.clear()
-    compiled = torch.compile(entry, backend="bk_dp", options=options, fullgraph=True)
-    with torch.enable_grad():
-        compiled(twin, *example_inputs)
+    compiled = torch.compile(_entry(), backend="bk_dp", options=options, fullgraph=True)
+    try:
+        with torch.enable_grad():
+            compiled(twin, *inputs)
+    except torch._dynamo.exc.BackendCompilerFailed as failed:
+        refusal = _backend_error(failed)
+        if refusal is None:
+            raise
+        raise refusal from None
     report = last_report()
     if report is None:
         raise BKError(
