@@ -3,7 +3,9 @@
 ``python -m bkcompile explain path/to/file.py:factory --input-shape 8,3,32,32 [options]`` builds the model
 with ``factory()`` (a function or class in a Python file, or in an importable module:
 ``package.module:factory``), privatizes it for a random input of the given shape (floats, or token ids
-below ``--int-input``) and prints the cost-model report.
+below ``--int-input``) as training would (``--compiler``, a dynamic batch unless ``--static-batch``) and prints
+the cost-model report (``--measure``: with a private step timed against a non-private one), or the refusal
+training would meet (exit status 1).
 
 ``python -m bkcompile audit --noise-multiplier S --steps T --canaries M --seed K [--sample-rate Q]`` plays
 the canary game of :mod:`bkcompile.audit` (a progress bar on stderr) and prints, last,
@@ -65,14 +67,39 @@ def _explain_parser(commands) -> None:
         metavar="KEY=VALUE",
         help="a bk_dp option, e.g. strategy=explicit (repeatable)",
     )
+    cmd.add_argument(
+        "--compiler",
+        choices=("inductor", "aot_eager"),
+        help="the inner compiler (default: training's, inductor); the same as --option compiler=...",
+    )
+    cmd.add_argument(
+        "--measure", action="store_true", help="also time a private step against a non-private one (same compiler)"
+    )
+    cmd.add_argument(
+        "--static-batch",
+        action="store_true",
+        help="compile for the example's batch size (default: a dynamic batch, as bkcompile.PoissonLoader gives)",
+    )
     cmd.add_argument("--markdown", action="store_true", help="print the report as markdown")
 
 
-def _explain(args: argparse.Namespace) -> None:
+def _explain(args: argparse.Namespace) -> int:
     shape = [int(s) for s in args.input_shape.split(",")]
     example = torch.randint(0, args.int_input, shape) if args.int_input else torch.randn(shape)
-    report = explain(_factory(args.factory)(), example, **dict(_option(o) for o in args.option))
+    options = dict(_option(o) for o in args.option)
+    if args.compiler is not None:
+        if options.get("compiler", args.compiler) != args.compiler:
+            raise SystemExit(f"--compiler {args.compiler} and --option compiler={options['compiler']!r} disagree")
+        options["compiler"] = args.compiler
+    try:
+        report = explain(
+            _factory(args.factory)(), example, measure=args.measure, dynamic_batch=not args.static_batch, **options
+        )
+    except BKError as error:  # the refusal training would meet: what, where, why, the fix
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     print(report.to_markdown() if args.markdown else report)
+    return 0
 
 
 def _audit_parser(commands) -> None:
@@ -135,15 +162,14 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; the exit status is 1 when an audit falsifies the claimed epsilon."""
+    """Run a command; the exit status is 1 when explain meets a refusal or an audit falsifies the claimed epsilon."""
     parser = argparse.ArgumentParser(prog="python -m bkcompile", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _explain_parser(commands)
     _audit_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "explain":
-        _explain(args)
-        return 0
+        return _explain(args)
     try:
         return _audit(args)
     except BKError as error:

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
 from bkcompile.errors import BKError, module_of, module_path, user_frame
+from bkcompile.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
 from bkcompile.options import parse_options
 from bkcompile.passes import PassState
 from bkcompile.passes.cost import evaluate, plan_cost
@@ -52,6 +53,25 @@ class SiteRow:
     explicit_values: tuple[float, float]
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """A private step (forward and backward) timed against a non-private one, compiled alike, in one process."""
+
+    private_s: float  # median seconds of a private step
+    non_private_s: float  # median seconds of a non-private step (torch.compile with the same compiler)
+    steps: int  # timed steps of each, interleaved, after warm-up steps
+    compiler: str
+
+    @property
+    def ratio(self) -> float:
+        return self.private_s / self.non_private_s
+
+    @property
+    def overhead(self) -> float:
+        """Measured extra time of a private step: private / non-private - 1."""
+        return self.ratio - 1
+
+
 @dataclasses.dataclass
 class CostReport:
     rows: list[SiteRow]
@@ -66,6 +86,7 @@ class CostReport:
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
     graph: str = "the whole model"  # which graph of the model this is
     clipped: str = "in this graph"  # or: at the end of the backward, with the model's other graphs
+    measured: Measurement | None = None  # explain(..., measure=True)
 
     @property
     def overhead(self) -> float:
@@ -73,7 +94,10 @@ class CostReport:
         return self.total_flops / self.backward_flops if self.backward_flops else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "overhead": self.overhead}
+        data = {**dataclasses.asdict(self), "overhead": self.overhead}
+        if self.measured is not None:
+            data["measured"].update(ratio=self.measured.ratio, overhead=self.measured.overhead)
+        return data
 
     def _header(self) -> list[str]:
         batch = f"B = {self.batch}" + (
@@ -90,6 +114,13 @@ class CostReport:
             f"{_bytes(self.total_bytes)} to a backward of {_flops(self.backward_flops)} (matrix products and "
             "convolutions)",
         ]
+        if self.measured is not None:
+            m = self.measured
+            lines.append(
+                f"measured forward+backward ({m.compiler}, median of {m.steps}): private {_seconds(m.private_s)}, "
+                f"non-private {_seconds(m.non_private_s)}: {m.ratio:.2f}x, overhead {100 * m.overhead:.1f}% "
+                f"(estimated {100 * self.overhead:.1f}%)"
+            )
         return lines
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
@@ -227,6 +258,10 @@ def _flops(value: float) -> str:
 
 def _bytes(value: float) -> str:
     return _si(value, "B")
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
 
 def _si(value: float, unit: str) -> str:
@@ -367,7 +402,9 @@ def _backend_error(error: BaseException) -> BKError | None:
     return None
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, dynamic_batch: bool = True, **options: Any) -> CostReport:
+def explain(
+    model: torch.nn.Module, *example_inputs: Any, measure: bool = False, dynamic_batch: bool = True, **options: Any
+) -> CostReport:
     """Privatize a copy of ``model`` for ``example_inputs`` and return the cost-model report, without training.
 
     ``options`` are the backend's (``max_grad_norm`` defaults to 1.0). The copy is compiled as training compiles
@@ -375,7 +412,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, dynamic_batch: bool = 
     the batch dim of the example's per-sample tensors marked dynamic, as :class:`bkcompile.PoissonLoader` marks
     each batch (``dynamic_batch=False``: the sizes of the example, as a first compile of a static batch). A model
     training refuses is refused here with the same error (a :class:`bkcompile.PrivacyError`, not dynamo's
-    wrapper of it).
+    wrapper of it). ``measure=True`` also times a private step (forward and backward) against a non-private one
+    (a second copy, plain ``torch.compile``, the same compiler; :mod:`bkcompile.measure`): ``report.measured``.
 
     Dynamo keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
     through a function with a code object and a name of its own, so it neither reuses nor evicts the graphs
@@ -401,4 +439,15 @@ def explain(model: torch.nn.Module, *example_inputs: Any, dynamic_batch: bool = 
             "the model has no trainable parameter that receives a per-sample gradient, or a batch of "
             "one sample (clipped whole): there is no site to report"
         )
+    if measure:
+        plain_model = copy.deepcopy(model)
+        plain = torch.compile(_entry("_non_private"), fullgraph=True, **non_private_compile(parsed))
+        first = next(twin.parameters(), None)
+        private_s, plain_s = time_steps(
+            training_step(compiled, twin, inputs),
+            training_step(plain, plain_model, _loader_batch(example_inputs, parsed.batch_dim, dynamic_batch)),
+            first.device if first is not None else torch.device("cpu"),
+        )
+        report = dataclasses.replace(report, measured=Measurement(private_s, plain_s, TIMED_STEPS, parsed.compiler))
+        _LAST[:] = [report]
     return report

@@ -1,11 +1,15 @@
 """The printed report is for a person: lines fit 120 columns, parameters and modules carry the user's names, source
-cells point to the user's code (else to the module); every column is in to_markdown() and to_dict()."""
+cells point to the user's code (else to the module), a measured step stands beside the estimate; every column is
+in to_markdown() and to_dict(); the command line takes --compiler and --measure."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the transformers model is built from a config
 
@@ -15,7 +19,8 @@ import torch
 from torch import nn
 
 import bkcompile
-from bkcompile.report import WIDTH
+from bkcompile.__main__ import main
+from bkcompile.report import WIDTH, _seconds
 
 FAST = {"compiler": "aot_eager"}
 
@@ -134,3 +139,59 @@ def test_peft_lora_on_bert_fits_and_names_the_attention_modules() -> None:
     assert re.search(r"^base_model\.model\.bert\.encoder\. +matmul", text, re.M)
     assert re.search(r"^layer\.0\.attention\.self\.query\. *$", text, re.M)
     assert "peft/tuners/lora/layer.py:" in text
+
+
+def test_measure_times_a_private_step_against_a_non_private_one() -> None:
+    report = bkcompile.explain(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(6, 4),
+                               measure=True, **FAST)  # fmt: skip
+    measured = report.measured
+    assert measured.compiler == "aot_eager" and measured.steps == 5
+    assert measured.private_s > 0 and measured.non_private_s > 0
+    assert measured.ratio == measured.private_s / measured.non_private_s
+    assert measured.overhead == measured.ratio - 1
+    data = report.to_dict()["measured"]
+    assert data == {
+        "private_s": measured.private_s,
+        "non_private_s": measured.non_private_s,
+        "steps": 5,
+        "compiler": "aot_eager",
+        "ratio": measured.ratio,
+        "overhead": measured.overhead,
+    }
+    _fits(report)
+    text = " ".join(str(report).split())  # wrapped lines joined
+    assert (
+        f"measured forward+backward (aot_eager, median of 5): private {_seconds(measured.private_s)}, non-private "
+        f"{_seconds(measured.non_private_s)}: {measured.ratio:.2f}x, overhead {100 * measured.overhead:.1f}% "
+        f"(estimated {100 * report.overhead:.1f}%)"
+    ) in text
+    assert bkcompile.last_report() is report
+    assert bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST).measured is None
+
+
+def test_command_line_takes_compiler_and_measure(capsys: pytest.CaptureFixture) -> None:
+    argv = ["explain", "examples/models.py:small_cnn", "--input-shape", "2,3,8,8", "--compiler", "aot_eager"]
+    assert main([*argv, "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "compiler='aot_eager'" in out and "measured forward+backward (aot_eager, median of 5): private " in out
+    assert max(len(line) for line in out.splitlines()) <= 120
+    with pytest.raises(SystemExit, match=re.escape("--compiler aot_eager and --option compiler='inductor' disagree")):
+        main([*argv, "--option", "compiler='inductor'"])
+
+
+@pytest.mark.slow  # a fresh interpreter: the README shows the first graph of a process
+def test_the_readmes_example_output_is_what_the_command_prints() -> None:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Cost model and report", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\npython -m bkcompile (explain .*?) \[", section).group(1).split()
+    shown = re.search(r"```text\n(.*?)```", section, re.S).group(1).splitlines()
+    done = subprocess.run(
+        [sys.executable, "-m", "bkcompile", *command], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout.splitlines()
+    at = 0
+    for line in shown:  # in order; "..." stands for lines left out
+        if line.strip() != "...":
+            assert line in printed[at:], f"the README shows {line!r}; printed:\n{done.stdout}"
+            at = printed.index(line, at) + 1
