@@ -23,6 +23,7 @@ from bkcompile.__main__ import main
 from bkcompile.report import WIDTH, _seconds
 
 FAST = {"compiler": "aot_eager"}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _fits(report: bkcompile.CostReport) -> None:
@@ -142,8 +143,8 @@ def test_peft_lora_on_bert_fits_and_names_the_attention_modules() -> None:
 
 
 def test_measure_times_a_private_step_against_a_non_private_one() -> None:
-    report = bkcompile.explain(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(6, 4),
-                               measure=True, **FAST)  # fmt: skip
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    report = bkcompile.explain(model, torch.randn(6, 4), measure=True, **FAST)
     measured = report.measured
     assert measured.compiler == "aot_eager" and measured.steps == 5
     assert measured.private_s > 0 and measured.non_private_s > 0
@@ -170,7 +171,8 @@ def test_measure_times_a_private_step_against_a_non_private_one() -> None:
 
 
 def test_command_line_takes_compiler_and_measure(capsys: pytest.CaptureFixture) -> None:
-    argv = ["explain", "examples/models.py:small_cnn", "--input-shape", "2,3,8,8", "--compiler", "aot_eager"]
+    factory = f"{ROOT / 'examples' / 'models.py'}:small_cnn"
+    argv = ["explain", factory, "--input-shape", "2,3,8,8", "--compiler", "aot_eager"]
     assert main([*argv, "--measure"]) == 0
     out = capsys.readouterr().out
     assert "compiler='aot_eager'" in out and "measured forward+backward (aot_eager, median of 5): private " in out
@@ -181,12 +183,11 @@ def test_command_line_takes_compiler_and_measure(capsys: pytest.CaptureFixture) 
 
 @pytest.mark.slow  # a fresh interpreter: the README shows the first graph of a process
 def test_the_readmes_example_output_is_what_the_command_prints() -> None:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    section = (root / "README.md").read_text().split("## Cost model and report", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "README.md").read_text().split("## Cost model and report", 1)[1].split("\n## ", 1)[0]
     command = re.search(r"```bash\npython -m bkcompile (explain .*?) \[", section).group(1).split()
     shown = re.search(r"```text\n(.*?)```", section, re.S).group(1).splitlines()
     done = subprocess.run(
-        [sys.executable, "-m", "bkcompile", *command], capture_output=True, text=True, timeout=300, cwd=root
+        [sys.executable, "-m", "bkcompile", *command], capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr[-2000:]
     printed = done.stdout.splitlines()
