@@ -18,7 +18,7 @@ from bkcompile import rows, shared
 from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
-from bkcompile.ledger import GraphRecord, StepLedger, ledger_for
+from bkcompile.ledger import GraphRecord, StepLedger, know_module, ledger_for
 from bkcompile.names import user_path
 from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
@@ -300,8 +300,14 @@ def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False,
 
     ``options`` are the backend's (:class:`BKOptions`: ``max_grad_norm`` is required; ``mode`` and ``inductor``
     choose Inductor's compile mode and config); ``dynamic`` and ``fullgraph`` are ``torch.compile``'s. Returns
-    what ``torch.compile`` does: for a module, the compiled module (its parameters are the model's)."""
+    what ``torch.compile`` does: for a module, the compiled module (its parameters are the model's).
+
+    A module's trainable parameters are known to the step ledger from here on, before any graph compiles: if
+    dynamo runs the model eagerly instead (a graph break it skips the frame for, an eager fallback), the backward
+    that accumulates an unclipped gradient into one of them is refused, on the plain path too."""
     parse_options(options)
+    if isinstance(model, torch.nn.Module):
+        know_module(model)
     return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
 
 

@@ -156,7 +156,7 @@ class GraphRecord:
                 binding = self.binding = self.bind(params)
             where, modules = _caller()
             for module in modules:
-                _know_module(module)
+                know_module(module)
             sync_under_ddp(params)  # DDP's reducer sees no gradient of a bk_dp graph: bkcompile all-reduces them
             if self.others is None:
                 self.others = tuple(i for i in range(len(args)) if i not in self.trainable)
@@ -659,7 +659,7 @@ def _know(params: Sequence[torch.nn.Parameter], names: Sequence[str]) -> None:
         ledger_for(params).adopt(params, names)
 
 
-def _know_module(module: torch.nn.Module) -> None:
+def know_module(module: torch.nn.Module) -> None:
     """Adopt every trainable parameter of the module, also those its graphs do not use: one used only
     outside them (``cm(x) * cm.temperature``, an eager head after compiled blocks) is then refused in the
     backward too."""

@@ -12,6 +12,7 @@ from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
 from bkcompile.data import PoissonLoader
 from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
 from bkcompile.errors import BKError, SamplingError
+from bkcompile.ledger import know_module
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.options import parse_options
 from bkcompile.randomness import child_generators
@@ -87,6 +88,7 @@ def make_private(
         worker_generator=data_loader.generator,
         **_worker_options(data_loader),
     )
+    know_module(model.module if isinstance(model, DistributedDataParallel) else model)  # eager runs are refused
     compiled = torch.compile(model, backend="bk_dp", options=options)
     if world_size() > 1 and not isinstance(model, DistributedDataParallel) and not is_fully_sharded(model):
         compiled = DistributedDataParallel(compiled)  # starts from rank 0's parameters on every rank

@@ -539,3 +539,24 @@ def test_a_disabled_submodule_of_the_compiled_model_is_refused(with_optimizer: b
     if optimizer is not None:
         with pytest.raises(bkcompile.UnclippedGradientError, match=r"'head.fc.(weight|bias)'"):
             optimizer.step()
+
+
+@pytest.mark.parametrize("through", ["bkcompile.compile", "make_private"])
+def test_a_model_dynamo_runs_eagerly_from_its_first_call_is_refused_on_every_path(through: str) -> None:
+    """Training-mode BatchNorm with a dynamic batch: torch's batch-size check breaks the graph and dynamo runs
+    the frame eagerly, so no bk_dp graph ever runs. The parameters are known from bkcompile.compile (and
+    make_private) on, so the eager backward is refused even with no optimizer and no graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = _batch(5, torch.float32)
+    if through == "bkcompile.compile":
+        cm = bkcompile.compile(model, max_grad_norm=R, compiler="aot_eager", loss_reduction="mean")
+    else:
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+        cm, _, _ = bkcompile.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), data, max_grad_norm=R, target_delta=1e-5,
+            noise_multiplier=1.0, compiler="aot_eager", loss_reduction="mean",
+        )  # fmt: skip
+    bkcompile.mark_batch_dynamic(x, y)
+    with pytest.raises(bkcompile.UnclippedGradientError, match=r"'2.(weight|bias)' received a gradient that no"):
+        F.cross_entropy(cm(x), y).backward()
