@@ -774,6 +774,7 @@ def take_release(owner: Any, params: Sequence[torch.nn.Parameter], released: Wea
     sums: list[torch.Tensor | None] = []
     clips: set[Clip] = set()
     held = WeakIdKeyDictionary()
+    taken: list[_Entry] = []  # the entries whose sums this step takes
     for index, p in enumerate(params):
         held[p] = True
         ledger = _LEDGERS.get(p)
@@ -798,6 +799,7 @@ def take_release(owner: Any, params: Sequence[torch.nn.Parameter], released: Wea
         sums.append(entry.sealed if entry is not None else None)
         if entry is not None and entry.sealed is not None:
             clips |= entry.clips
+            taken.append(entry)
     for ledger in _distinct_ledgers(params):
         for p, entry in list(ledger.entries.items()):
             if entry.sealed is not None and p not in held and owner_of(p) is owner:
@@ -807,10 +809,8 @@ def take_release(owner: Any, params: Sequence[torch.nn.Parameter], released: Wea
                 )
     if problems:
         raise refuse_step(problems)
-    for p in params:
-        entry = _LEDGERS[p].entries.get(p) if p in _LEDGERS else None
-        if entry is not None:
-            entry.sealed = None
+    for entry in taken:
+        entry.sealed = None
     return Release(sums, clips)
 
 
