@@ -30,6 +30,7 @@ from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
+from bkcompile.recurrent import unfuse_recurrent
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -272,6 +273,7 @@ def bk_dp(
             "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
             "role": role,
         }
+        unfuse_recurrent(gm)
         compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, opts, context, device))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that

@@ -1,0 +1,144 @@
+"""torch recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) against the oracle, on both compilers.
+
+The oracle loops over samples (``looped_clipped_sum``: torch.func.vmap cannot batch these layers). Covered: an
+LSTM in float32 on CPU (which torch would trace into oneDNN's fused layer, ``bkcompile.recurrent``),
+bidirectional layers (a flip of the time axis: ``aten.flip``, ``prims.rev`` under Inductor), two layers with
+dropout between them in eval mode, a time-major input (``batch_first=False``, the batch on dim 1 of the input:
+option ``batch_dim=1``), the last step's output and every step's output. Under ``aot_eager`` with a static and a
+dynamic batch; on the default path (Inductor, a dynamic batch marked by ``bkcompile.mark_batch_dynamic``) in two
+compiles that group the cases.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import TOL, assert_matches
+from oracle import looped_clipped_sum
+from torch._dynamo.utils import counters
+
+import bkcompile
+from bkcompile.ledger import ledger_of
+
+IN, HIDDEN, CLASSES = 4, 5, 3
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer and a linear head: logits of the last step (B, 3) or of every step (B, T, 3).
+
+    With ``batch_first=False`` the layer is time-major; the model takes (T, B, 4) when ``time_major_input`` is set
+    (the compiled twin, with ``batch_dim=1``), else (B, T, 4), which it transposes (the oracle's twin, which slices
+    samples on dim 0)."""
+
+    def __init__(self, kind: type, steps: str = "last", **layer) -> None:
+        super().__init__()
+        self.rnn = kind(IN, HIDDEN, **layer)
+        self.head = nn.Linear(HIDDEN * (2 if self.rnn.bidirectional else 1), CLASSES)
+        self.steps, self.time_major_input = steps, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time_major = not self.rnn.batch_first
+        if time_major and not self.time_major_input:
+            x = x.transpose(0, 1)
+        out, _ = self.rnn(x)
+        if self.steps == "last":
+            return self.head(out[-1] if time_major else out[:, -1])
+        logits = self.head(out)
+        return logits.transpose(0, 1) if time_major else logits
+
+
+def last_step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def every_step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of every step, summed over each sample's steps, averaged over the batch."""
+    b, t, c = logits.shape
+    return F.cross_entropy(logits.reshape(b * t, c), labels.reshape(b * t), reduction="none").view(b, t).sum(1).mean()
+
+
+def batch(model: Recurrent, size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(size, length, IN)
+    labels = torch.randint(0, CLASSES, (size,) if model.steps == "last" else (size, length))
+    return x, labels
+
+
+def check(model: Recurrent, *, compiler: str | None, dynamic: bool, sizes=(5, 3), length: int = 6) -> None:
+    """bk_dp (``compiler``; None: the default, Inductor) trains ``model`` in float32 exactly as the oracle clips,
+    R = the median per-sample norm of the first batch: the recorded per-sample norms and the clipped sums, for
+    each batch size of ``sizes`` (with a dynamic batch: one compile for all; else the first size only)."""
+    sizes = sizes if dynamic else sizes[:1]
+    loss = last_step_loss if model.steps == "last" else every_step_loss
+    batches = [batch(model, size, length) for size in sizes]
+    _, norms = looped_clipped_sum(model, loss, (batches[0][0],), (batches[0][1],), max_grad_norm=float("inf"))
+    radius = norms.quantile(0.5).item()
+    assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
+    time_major = not model.rnn.batch_first
+    twin = copy.deepcopy(model)
+    twin.time_major_input = time_major
+    options = {"max_grad_norm": radius, "loss_reduction": "mean", "batch_dim": int(time_major)}
+    if compiler is not None:
+        options["compiler"] = compiler
+    compiled = torch.compile(twin, backend="bk_dp", options=options)
+    counters.clear()
+    for x, labels in batches:
+        want, norms = looped_clipped_sum(model, loss, (x,), (labels,), max_grad_norm=radius)
+        x = x.transpose(0, 1).contiguous() if time_major else x
+        if dynamic:
+            bkcompile.mark_batch_dynamic(x, dim=int(time_major))
+        twin.zero_grad(set_to_none=True)
+        loss(compiled(x), labels).backward()
+        ledger = ledger_of(compiled)
+        assert ledger is not None and ledger.last_state().backwards == 1, "no bk_dp backward ran"
+        tol = 1e-4 if compiler is None else TOL[torch.float32]
+        torch.testing.assert_close(bkcompile.last_per_sample_norms(compiled), norms, rtol=tol, atol=0)
+        assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float32, tol)
+    assert counters["stats"]["unique_graphs"] == 1, "recompiled"
+
+
+CASES = {
+    # torch would trace an LSTM in float32 on CPU into oneDNN's fused layer: bk_dp traces it step by step
+    "lstm": lambda: Recurrent(nn.LSTM, batch_first=True),
+    # a bidirectional layer flips the time axis (aten.flip), per sample
+    "rnn-bidirectional": lambda: Recurrent(nn.RNN, batch_first=True, bidirectional=True),
+    "gru-bidirectional": lambda: Recurrent(nn.GRU, batch_first=True, bidirectional=True),
+    "lstm-bidirectional": lambda: Recurrent(nn.LSTM, batch_first=True, bidirectional=True),
+    # two time-major layers, dropout between them (eval: the identity), the output of every step
+    "lstm-2-layers-time-major-dropout-eval-every-step": lambda: Recurrent(
+        nn.LSTM, "every", num_layers=2, dropout=0.5
+    ).eval(),
+    "gru-2-layers-bidirectional-time-major": lambda: Recurrent(nn.GRU, num_layers=2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recurrent_layers_on_aot_eager(case: str) -> None:
+    torch.manual_seed(0)
+    check(CASES[case](), compiler="aot_eager", dynamic=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_recurrent_layers_on_aot_eager_with_a_dynamic_batch(case: str) -> None:
+    torch.manual_seed(0)
+    check(CASES[case](), compiler="aot_eager", dynamic=True)
+
+
+@pytest.mark.slow
+def test_lstm_two_layers_bidirectional_on_the_default_path() -> None:
+    """Inductor, a dynamic batch: the LSTM unfused; its reverse direction's flip is ``prims.rev``; dropout between
+    the layers in eval mode."""
+    torch.manual_seed(0)
+    model = Recurrent(nn.LSTM, num_layers=2, bidirectional=True, dropout=0.5, batch_first=True).eval()
+    check(model, compiler=None, dynamic=True, length=2)
+
+
+@pytest.mark.slow
+def test_gru_bidirectional_time_major_every_step_on_the_default_path() -> None:
+    """Inductor, a dynamic batch on dim 1 of a time-major input, the output of every step."""
+    torch.manual_seed(0)
+    check(Recurrent(nn.GRU, "every", bidirectional=True), compiler=None, dynamic=True, length=3)
