@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TOL, assert_matches
+from helpers import TOL, assert_matches, raises_bk
 from oracle import looped_clipped_sum
 from torch._dynamo.utils import counters
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import bkcompile
 from bkcompile.ledger import ledger_of
@@ -85,7 +86,7 @@ def check(model: Recurrent, *, compiler: str | None, dynamic: bool, sizes=(5, 3)
         options["compiler"] = compiler
     compiled = torch.compile(twin, backend="bk_dp", options=options)
     counters.clear()
-    for x, labels in batches:
+    for step, (x, labels) in enumerate(batches, 1):
         want, norms = looped_clipped_sum(model, loss, (x,), (labels,), max_grad_norm=radius)
         x = x.transpose(0, 1).contiguous() if time_major else x
         if dynamic:
@@ -93,7 +94,7 @@ def check(model: Recurrent, *, compiler: str | None, dynamic: bool, sizes=(5, 3)
         twin.zero_grad(set_to_none=True)
         loss(compiled(x), labels).backward()
         ledger = ledger_of(compiled)
-        assert ledger is not None and ledger.last_state().backwards == 1, "no bk_dp backward ran"
+        assert ledger is not None and ledger.last_state().backwards == step, "no bk_dp backward ran"
         tol = 1e-4 if compiler is None else TOL[torch.float32]
         torch.testing.assert_close(bkcompile.last_per_sample_norms(compiled), norms, rtol=tol, atol=0)
         assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float32, tol)
@@ -126,6 +127,58 @@ def test_recurrent_layers_on_aot_eager(case: str) -> None:
 def test_recurrent_layers_on_aot_eager_with_a_dynamic_batch(case: str) -> None:
     torch.manual_seed(0)
     check(CASES[case](), compiler="aot_eager", dynamic=True)
+
+
+class LastValidStep(nn.Module):
+    """Sequences of different lengths, padded (the unpacked default): the output at each sample's last valid step,
+    ``out[arange(B), lengths - 1]`` (a forward layer's output there never reads the padding). ``packed``: the same
+    through ``pack_padded_sequence`` and the final hidden state."""
+
+    def __init__(self, packed: bool = False) -> None:
+        super().__init__()
+        self.rnn, self.head, self.packed = nn.LSTM(IN, HIDDEN, batch_first=True), nn.Linear(HIDDEN, CLASSES), packed
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            _, (h, _) = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return self.head(h[-1])
+        out, _ = self.rnn(x)
+        return self.head(out[torch.arange(x.shape[0]), lengths - 1])
+
+
+def lengths_batch(size: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor]]:
+    return (torch.randn(size, 6, IN), torch.randint(1, 7, (size,))), (torch.randint(0, CLASSES, (size,)),)
+
+
+@pytest.mark.parametrize("dynamic", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["static", "dynamic"])
+def test_padded_sequences_of_different_lengths_match_the_oracle(dynamic: bool) -> None:
+    torch.manual_seed(0)
+    model = LastValidStep()
+    (x, lengths), (labels,) = lengths_batch(5)
+    _, norms = looped_clipped_sum(model, last_step_loss, (x, lengths), (labels,), max_grad_norm=float("inf"))
+    radius = norms.quantile(0.5).item()
+    twin = copy.deepcopy(model)
+    options = {"max_grad_norm": radius, "loss_reduction": "mean", "compiler": "aot_eager"}
+    compiled = torch.compile(twin, backend="bk_dp", options=options)
+    for size in (5, 3) if dynamic else (5,):
+        (x, lengths), (labels,) = lengths_batch(size)
+        want, norms = looped_clipped_sum(model, last_step_loss, (x, lengths), (labels,), max_grad_norm=radius)
+        if dynamic:
+            bkcompile.mark_batch_dynamic(x, lengths)
+        twin.zero_grad(set_to_none=True)
+        last_step_loss(compiled(x, lengths), labels).backward()
+        torch.testing.assert_close(bkcompile.last_per_sample_norms(compiled), norms, rtol=TOL[torch.float32], atol=0)
+        assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float32)
+
+
+def test_packed_sequences_are_refused() -> None:
+    """``pack_padded_sequence`` stops dynamo's graph (its batch sizes are data), so the layer runs eagerly on the
+    packed rows, outside every bk_dp graph: refused, never trained unclipped."""
+    (x, lengths), (labels,) = lengths_batch(5)
+    options = {"max_grad_norm": 1.0, "loss_reduction": "mean", "compiler": "aot_eager"}
+    compiled = torch.compile(LastValidStep(packed=True), backend="bk_dp", options=options)
+    with raises_bk(bkcompile.PrivacyError, "computed outside the bk_dp graphs"):
+        last_step_loss(compiled(x, lengths), labels).backward()
 
 
 @pytest.mark.slow
