@@ -195,3 +195,39 @@ def test_gru_bidirectional_time_major_every_step_on_the_default_path() -> None:
     """Inductor, a dynamic batch on dim 1 of a time-major input, the output of every step."""
     torch.manual_seed(0)
     check(Recurrent(nn.GRU, "every", bidirectional=True), compiler=None, dynamic=True, length=2)
+
+
+# --- torch functions that branch on the batch size (under a dynamic batch) ---------------------------------------
+
+
+class Branching(nn.Module):
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.conv, self.layer, self.head = nn.Conv2d(2, 3, 3, padding=1), layer, nn.Linear(3 * 16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "name", "source"),
+    [
+        (lambda h: F.local_response_norm(h, 2), "local_response_norm", "torch/nn/functional.py"),
+        (lambda h: F.dropout2d(h, 0.5, training=True), "dropout2d", "torch/nn/functional.py"),
+    ],
+    ids=["local_response_norm", "dropout2d-train"],
+)
+def test_a_torch_function_that_branches_on_a_dynamic_batch_size_is_refused(layer, name: str, source: str) -> None:
+    """``input.numel() == 0`` in torch's code: dynamo would cut the graph and run the function eagerly."""
+    x, labels = torch.randn(5, 2, 4, 4), torch.randint(0, CLASSES, (5,))
+    bkcompile.mark_batch_dynamic(x)
+    options = {"max_grad_norm": 1.0, "loss_reduction": "mean", "compiler": "aot_eager"}
+    compiled = torch.compile(Branching(layer), backend="bk_dp", options=options)
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        f"torch's {name} ({source}:",
+        "test_recurrent.py:",
+        "it branches on the batch size",
+        "fix: compile with a static batch size (leave out mark_batch_dynamic)",
+    ):
+        last_step_loss(compiled(x), labels).backward()
