@@ -22,7 +22,7 @@ from torch.utils.data._utils.collate import default_collate
 from bkcompile.accountant import steps_per_epoch
 from bkcompile.batch import map_rows, mark_rows_dynamic
 from bkcompile.draws import note_draw
-from bkcompile.errors import BKError, PrivacyError, SamplingError
+from bkcompile.errors import BKError, PrivacyError, SamplingError, run_error
 from bkcompile.randomness import secret_generator
 
 # DataLoader arguments that choose the samples, which Poisson sampling replaces: (why, fix) of their refusal. Their
@@ -68,13 +68,14 @@ class OneBatchPerStep:
 
     def draw(self, rows: int) -> None:
         if self.pending:
-            raise PrivacyError(
-                "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first; "
+            raise run_error(
+                PrivacyError,
+                "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first",
                 "the accountant records one step at the loader's sample rate q per step(), and two batches per "
-                "step are a sample of rate about 2q. Fix: call optimizer.step() once per loader batch (an empty "
-                "batch too: it adds noise); to accumulate gradients, split ONE batch with "
-                "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step (to "
-                "evaluate on the training data, iterate your original DataLoader)"
+                "step are a sample of rate about 2q",
+                "call optimizer.step() once per loader batch (an empty batch too: it adds noise); to accumulate "
+                "gradients, split ONE batch with bkcompile.micro_batches(batch, max_size) and run a backward per "
+                "micro-batch before the step (to evaluate on the training data, iterate your original DataLoader)",
             )
         self.pending, self.rows = True, rows
 
@@ -158,7 +159,7 @@ class PoissonLoader:
             value = loader_options.pop(name, None)
             if value is not None and value is not False:
                 shown = repr(value) if isinstance(value, (bool, int, float, str)) else f"<{type(value).__name__}>"
-                raise SamplingError(f"PoissonLoader cannot take {name}={shown}\n  why: {why}\n  fix: {fix}")
+                raise run_error(SamplingError, f"PoissonLoader cannot take {name}={shown}", why, fix)
         if (sample_rate is None) == (batch_size is None):
             raise SamplingError(
                 "PoissonLoader takes one of sample_rate (q) and batch_size (the expected batch size, "

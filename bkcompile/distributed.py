@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.data import PoissonLoader
-from bkcompile.errors import NotSupportedYetError, PrivacyError
+from bkcompile.errors import NotSupportedYetError, PrivacyError, run_error
 from bkcompile.randomness import secret_generator
 
 
@@ -101,13 +101,14 @@ def sum_of_clipped_sums(params: list[torch.Tensor], sums: list[torch.Tensor | No
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if any(not torch.equal(other, mine) for other in every):
-        raise PrivacyError(
-            "the clipped gradients differ between ranks at DPOptimizer.step()\n"
-            "  why: in a process group every rank must hold the all-reduced clipped sums of the union batch; "
-            "noising each rank's own gradients would not be one private step of the whole batch\n"
-            "  fix: wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
+        raise run_error(
+            PrivacyError,
+            "the clipped gradients differ between ranks at DPOptimizer.step()",
+            "in a process group every rank must hold the all-reduced clipped sums of the union batch; noising "
+            "each rank's own gradients would not be one private step of the whole batch",
+            "wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
             "DDP(torch.compile(model, backend='bk_dp'))) or shard it with fully_shard, and run forward and "
-            "backward on every rank at every step, with an empty batch where a rank has no sample"
+            "backward on every rank at every step, with an empty batch where a rank has no sample",
         )
     for s in replicated:
         if s is not None:
@@ -121,12 +122,13 @@ def _divisor(p: torch.Tensor) -> float:
     group = _SHARDS.get(p)
     mesh = p.device_mesh
     if group is None or mesh.size() != world_size():
-        raise NotSupportedYetError(
+        raise run_error(
+            NotSupportedYetError,
             f"a sharded parameter of shape {tuple(p.shape)} on a device mesh of {mesh.size()} of the "
-            f"{world_size()} ranks at DPOptimizer.step()\n"
-            "  why: bkcompile proves FSDP2 gradients reduce-scattered over the whole process group (fully_shard on "
-            "a one-dimensional mesh of every rank); other meshes (tensor parallel, a sub-mesh) hold other sums\n"
-            "  fix: fully_shard(module, mesh=init_device_mesh(device_type, (world_size,))), or DDP"
+            f"{world_size()} ranks at DPOptimizer.step()",
+            "bkcompile proves FSDP2 gradients reduce-scattered over the whole process group (fully_shard on a "
+            "one-dimensional mesh of every rank); other meshes (tensor parallel, a sub-mesh) hold other sums",
+            "fully_shard(module, mesh=init_device_mesh(device_type, (world_size,))), or DDP",
         )
     return float(group.gradient_divide_factor or mesh.size())
 
