@@ -19,6 +19,7 @@ from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
+    InternalError,
     LossReductionError,
     LossReductionWarning,
     NotSupportedYetError,
@@ -66,6 +67,7 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
+    "InternalError",
     "LossReductionError",
     "LossReductionWarning",
     "NotSupportedYetError",
