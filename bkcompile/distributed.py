@@ -12,17 +12,15 @@ must release
 the single-process update on the union batch: one Gaussian draw per coordinate, not one per rank (W
 draws would add W times the variance to the sum of the ranks' updates, or, averaged, leave the
 replicas apart). So every rank draws the *same* noise from a generator whose state rank 0 owns and
-broadcasts once (:func:`shared_generator`), undoes the average (times W), adds that noise and
+broadcasts once (``randomness.shared_generator``), undoes the average (times W), adds that noise and
 divides by the global expected batch size: the replicas apply bit-identical updates and stay equal.
 Before adding noise :func:`sum_of_clipped_sums` checks that every rank holds the same gradients
 (a fingerprint all-gathered): gradients that no all-reduce combined (a model not wrapped in DDP)
 would otherwise be released at the wrong scale and leave the replicas apart.
 
-Poisson sampling of the union (:class:`DistributedPoissonLoader`): every rank draws the same global
-mask from a shared generator and keeps every W-th selected row, so the global batch is exactly the
-single-process one and the local batches differ in size by at most one (they may be empty; the batch
-axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
-still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
+Poisson sampling of the union is the data's (``bkcompile.data.DistributedPoissonLoader``), the shared
+generator the randomness's (``bkcompile.randomness.shared_generator``): this module is the run time's
+collectives and FSDP2 bookkeeping alone, so the step ledger does not depend on the data loader.
 
 FSDP2 (``fully_shard``): the bk_dp graphs run on the unsharded parameters FSDP2 all-gathers, and the
 step ledger writes their clipped sums into those; FSDP2 reduce-scatters them into the sharded (DTensor)
@@ -41,7 +39,6 @@ rank draws the whole parameter's noise from the shared generator and keeps its s
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,30 +51,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.data import PoissonLoader
 from bkcompile.errors import NotSupportedYetError, PrivacyError, run_error
-from bkcompile.randomness import secret_generator
 
 
 def world_size() -> int:
     """The number of ranks of the default process group (1 when none is initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def shared_generator(generator: torch.Generator | None) -> torch.Generator:
-    """A generator in the same state on every rank: rank 0's ``generator`` (OS entropy when None).
-
-    Outside a process group the generator is returned as it is (seeded from OS entropy when None).
-    The state is broadcast into ``generator`` itself, so an object shared by the loader and the
-    optimizer stays one stream.
-    """
-    if generator is None:
-        generator = secret_generator()  # OS entropy: only rank 0's survives the broadcast
-    if world_size() > 1:
-        state = [generator.get_state()]
-        dist.broadcast_object_list(state, src=0)
-        generator.set_state(state[0])
-    return generator
 
 
 def is_dtensor(value: object) -> bool:
@@ -323,19 +302,3 @@ def sum_over_ranks(counts: torch.Tensor) -> None:
     dist.all_reduce(on_device)
     if on_device is not counts:
         counts.copy_(on_device)
-
-
-class DistributedPoissonLoader(PoissonLoader):
-    """Poisson sampling of the union of the ranks' data: each rank yields its part of one global batch.
-
-    Every rank passes the same whole dataset (and the same options as to :class:`PoissonLoader`). Each
-    step draws one global mask (each of the N examples in with probability ``sample_rate``) from a
-    generator shared by all ranks, and rank r keeps the selected examples ``r, r + W, r + 2W, ...``.
-    ``expected_batch_size`` is the global ``q * N``; ``state_dict`` (the shared generator and the
-    position in the epoch) is the same on every rank.
-    """
-
-    def __init__(self, *data: Any, generator: torch.Generator | None = None, **options: Any) -> None:
-        super().__init__(*data, generator=shared_generator(generator), **options)  # sample_rate, steps, ...
-        if world_size() > 1:
-            self.batch_sampler.part = slice(dist.get_rank(), None, world_size())

@@ -18,13 +18,13 @@ from bkcompile.distributed import (
     like_parameter,
     local,
     local_part,
-    shared_generator,
     sum_of_clipped_sums,
     sum_over_ranks,
 )
 from bkcompile.errors import BKError, PrivacyError, release_error, run_error
 from bkcompile.ledger import Clip, ledger_for, ledger_of_params, own, owner_of, start_step, take_release
 from bkcompile.norms import ClipState
+from bkcompile.randomness import shared_generator
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
-from bkcompile.data import PoissonLoader
-from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
+from bkcompile.data import DistributedPoissonLoader, PoissonLoader
+from bkcompile.distributed import is_fully_sharded, world_size
 from bkcompile.errors import BKError, SamplingError, run_error
 from bkcompile.ledger import know_module
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
