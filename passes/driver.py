@@ -10,7 +10,9 @@ produces. After each pass the driver
   and call that returns something has a ``meta["val"]`` of a known type, no graph output aliases an input
   or another output that it did not alias before, no mutating op was added), or raises
   :class:`PassInvariantError`;
-- with ``dump``: writes the graph to ``<dump>/<n>-<label>/<i>-<pass>.txt`` (``00-input.txt`` first).
+- with ``dump``: writes the graph to ``<dump>/<n>-<label>/<i>-<pass>.txt`` (``00-input.txt`` first). Not
+  torch's ``GraphTransformObserver``: it draws dot graphs (pydot, graphviz) into Inductor's process-wide
+  ``trace.log_url_for_graph_xform``, where this is readable text per compiled graph, chosen by an option.
 """
 
 from __future__ import annotations
