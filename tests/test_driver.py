@@ -208,3 +208,11 @@ def test_a_foreign_exception_of_the_pipeline_reaches_the_user_as_an_internal_err
     compiled = torch.compile(model, backend="bk_dp", options=options)
     with raises_bk(InternalError, "failed with AssertionError: a bkcompile bug", "\n  pass: sites"):
         compiled(torch.randn(5, 4)).sum().backward()
+
+
+def test_run_error_is_what_why_and_fix_of_the_type_asked_for() -> None:
+    from bkcompile.errors import ClipOnceError, ReleaseError, release_error, run_error
+
+    error = run_error(ClipOnceError, "a second backward", "a reason", "a fix")
+    assert type(error) is ClipOnceError and str(error) == "a second backward\n  why: a reason\n  fix: a fix"
+    assert type(release_error("w", "y", "f")) is ReleaseError
