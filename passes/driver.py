@@ -85,14 +85,16 @@ def named(pass_name: str) -> Iterator[None]:
 
 
 def _node_at(traceback: types.TracebackType | None) -> torch.fx.Node | None:
-    """The fx node the innermost frame of a failed pass was working on: a local ``node``, else any local node."""
+    """The fx node the innermost bkcompile frame of a failed pass was working on: a local ``node``, else any local
+    node (torch's frames below it work on graphs of their own)."""
     found = None
     while traceback is not None:
-        local = traceback.tb_frame.f_locals
-        node = local.get("node")
-        if not isinstance(node, torch.fx.Node):
-            node = next((v for v in local.values() if isinstance(v, torch.fx.Node)), None)
-        found = node if node is not None else found
+        frame = traceback.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("bkcompile."):
+            node = frame.f_locals.get("node")
+            if not isinstance(node, torch.fx.Node):
+                node = next((v for v in frame.f_locals.values() if isinstance(v, torch.fx.Node)), None)
+            found = node if node is not None else found
         traceback = traceback.tb_next
     return found
 
