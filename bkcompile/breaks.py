@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from bkcompile.errors import NotSupportedYetError
+from bkcompile.errors import NotSupportedYetError, run_error
 
 _BRANCH = re.compile(r"Could not guard on data-dependent expression (?P<expr>.+?) \(unhinted")
 # dynamo's "Caused by: <line>  # <user file>:<line> in <function> (<torch file>:<line> in <torch function>)"
@@ -49,12 +49,13 @@ def refuse_batch_size_branch(gm: torch.fx.GraphModule, batched: Sequence[bool], 
         return  # not torch's code (a branch of the user's own code, evaluated by dynamo)
     if not any(re.search(rf"\b{symbol}\b", branch["expr"]) for symbol in _batch_symbols(gm, batched, dim)):
         return
-    raise NotSupportedYetError(
+    raise run_error(
+        NotSupportedYetError,
         f"torch's {cause['fn']} (torch/{cause['file']}:{cause['line']}) at {cause['user']}: it branches on the "
-        f"batch size ({branch['expr']}, an empty batch)\n"
-        "  why: with a dynamic batch (bkcompile.mark_batch_dynamic, the Poisson loader: any size, 0 included) "
-        "dynamo cannot decide the branch, so it cuts the graph there and runs the function eagerly, outside the "
-        "bk_dp graphs, where nothing proves that it keeps samples apart\n"
-        f"  fix: compile with a static batch size (leave out mark_batch_dynamic), or replace {cause['fn']} by ops "
-        "that do not test the batch size"
+        f"batch size ({branch['expr']}, an empty batch)",
+        "with a dynamic batch (bkcompile.mark_batch_dynamic, the Poisson loader: any size, 0 included) dynamo "
+        "cannot decide the branch, so it cuts the graph there and runs the function eagerly, outside the bk_dp "
+        "graphs, where nothing proves that it keeps samples apart",
+        f"compile with a static batch size (leave out mark_batch_dynamic), or replace {cause['fn']} by ops that do "
+        "not test the batch size",
     )
