@@ -9,7 +9,8 @@ what it produces:
 4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
                    (groups.py)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
-6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py)
+6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py), each group's
+                   placed as soon as the backward has its norms (schedule.py)
 
 A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
 ``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
@@ -37,6 +38,7 @@ from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale, warn_assumed_mean
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
+from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
 
 from bkcompile.norms import ClipState
@@ -116,6 +118,7 @@ def _sorted(state: PassState) -> PassState:
 
 
 def _clipping(state: PassState) -> PassState:
+    before = set(state.joint.gm.graph.nodes)
     insert_clipping(
         state.joint,
         list(state.cost.plans),
@@ -126,6 +129,7 @@ def _clipping(state: PassState) -> PassState:
         state.options,
         state.fake_mode,
     )
+    place_early(state.joint, appended(state.joint.gm.graph, before))  # each group's clip as soon as its norms are
     return _sorted(state)
 
 
