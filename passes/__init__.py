@@ -103,9 +103,11 @@ def _groups(state: PassState) -> PassState:
 
 
 def _cost(state: PassState) -> PassState:
-    sizes = compiled_sizes(state.fake_mode)
+    sizes = compiled_sizes(state.fake_mode, state.joint.batch, state.options)
     dtype = acc_dtype(state.params)
-    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize)
+    # a piece holds its per-sample values until the end of the backward: its groups are not freed one by one
+    groups = () if state.role.piece else state.grouping.members
+    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, groups)
     flops = backward_flops(state.joint, backward_nodes(state.joint), sizes)
     return dataclasses.replace(state, cost=CostPlan(tuple(plans), sizes, flops, dtype))
 

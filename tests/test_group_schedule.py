@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zoo
-from helpers import assert_matches, expected_groups
+from bkcompile.passes.cost import Reason
+from helpers import assert_matches, expected_groups, raises_bk
 from joint_graphs import run_until
 from oracle import clipped_sum, compiled_grads
 from torch import nn
+
+import bkcompile
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default)
@@ -135,3 +138,59 @@ def test_no_per_sample_gradients_are_held_across_groups(style: str, groups: int)
     overlapping = sum(1 for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False) if start < end)
     layer_pairs = 4  # a layer's weight and bias are formed together
     assert overlapping == {"layer-wise": layer_pairs, "param-wise": 0, "all-layer": 7}[style]
+
+
+# --- the cost model with several groups ---------------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """Two linear layers over T tokens of width 64: p = d = 64 each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).tanh()).sum(1)
+
+
+FAST = {"compiler": "aot_eager"}
+STATIC = {"compiler": "aot_eager", "dynamic_batch": False}
+
+
+def _strategies(report) -> dict[str, tuple[str, str]]:
+    return {row.param: (row.strategy, row.reason) for row in report.rows if row.param.endswith("weight")}
+
+
+def test_auto_with_several_groups_picks_the_fewer_flops() -> None:
+    """At T = 16 ghost norms hold fewer values (2T^2 = 512 against pd = 4096 per sample) and explicit costs fewer
+    FLOPs (3pd against 2T^2(p + d) + T^2): all-layer "auto" holds every parameter's values until the clip and picks
+    ghost; with a group per layer nothing is held across groups and it picks explicit."""
+    x = torch.randn(8, 16, 64)
+    assert set(_strategies(bkcompile.explain(Tokens(), x, **FAST)).values()) == {("ghost", "less memory")}
+    for style in ("layer-wise", "param-wise"):
+        report = bkcompile.explain(Tokens(), x, clipping=style, **FAST)
+        assert set(_strategies(report).values()) == {("explicit", Reason.GROUP_FASTER.value)}
+
+
+def test_memory_budget_with_several_groups_bounds_the_largest_group() -> None:
+    """A weight's per-sample gradients are 8 x 64 x 64 float32 (131 kB), a bias's 8 x 64 (2 kB), the ghost Grams
+    2 x 8 x 16^2 (16 kB): a 160 kB budget holds one layer's per-sample gradients, not two."""
+    x = torch.randn(8, 16, 64)
+    options = {"strategy": "fastest", "memory_budget": 160_000, **STATIC}
+    assert set(_strategies(bkcompile.explain(Tokens(), x, clipping="layer-wise", **options)).values()) == {
+        ("explicit", "faster")
+    }
+    assert sorted(_strategies(bkcompile.explain(Tokens(), x, **options)).values()) == [
+        ("explicit", "faster"),
+        ("ghost", "memory_budget"),
+    ]
+
+
+def test_memory_budget_under_a_dynamic_batch_is_evaluated_at_the_expected_batch_size() -> None:
+    x = torch.randn(8, 16, 64)
+    with raises_bk(bkcompile.OptionError, "expected_batch_size"):
+        bkcompile.explain(Tokens(), x, strategy="fastest", memory_budget=160_000, **FAST)
+    # at E = 8 as at the static batch of 8: one layer's per-sample gradients fit, not two; at E = 1 both would
+    report = bkcompile.explain(Tokens(), x, strategy="fastest", memory_budget=160_000, expected_batch_size=8, **FAST)
+    assert sorted(_strategies(report).values()) == [("explicit", "faster"), ("ghost", "memory_budget")]
