@@ -131,7 +131,8 @@ def _clipping(state: PassState) -> PassState:
         state.options,
         state.fake_mode,
     )
-    place_early(state.joint, appended(state.joint.gm.graph, before))  # each group's clip as soon as its norms are
+    if len(state.grouping.members) > 1:  # one group's clip waits for every norm: it stays at the end
+        place_early(state.joint, appended(state.joint.gm.graph, before))  # each group's clip as soon as its norms are
     return _sorted(state)
 
 

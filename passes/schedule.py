@@ -11,9 +11,11 @@ and its ghost sites re-emitted with weighted operands can run as soon as the bac
              G2 = ...; n2 = ||G2||; w2 = clip(n2); sum_i w2_i G2_i
 
 so no more than one group's per-sample gradients (B x the group's parameters) are live at once, and a ghost
-site's operands are freed at its group. The order is data order only: each moved node goes right after the
-latest of its inputs (never before the first node of the backward, so the forward graph is unchanged), moved
-nodes keep their relative order, and nothing else moves.
+site's operands are freed at its group. With one group (all-layer clipping) the clip waits for every norm and
+nothing is moved: moving the weighted sums before the rest of the backward would only hold their results longer.
+The order is data order only: each moved node goes right after the latest of its inputs (never before the first
+node of the backward, so the forward graph is unchanged), moved nodes keep their relative order, and nothing
+else moves.
 """
 
 from __future__ import annotations
