@@ -32,7 +32,15 @@ import torch.fx
 from bkcompile.passes.batch_axis import analyze, backward_nodes
 from bkcompile.passes.buffers import refuse_buffer_writes
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
-from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, choose, compiled_sizes
+from bkcompile.passes.cost import (
+    CostPlan,
+    Reason,
+    Strategy,
+    backward_flops,
+    choose,
+    compiled_sizes,
+    with_expected_batch,
+)
 from bkcompile.passes.driver import Pass, named, run_passes
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
@@ -103,7 +111,7 @@ def _groups(state: PassState) -> PassState:
 
 
 def _cost(state: PassState) -> PassState:
-    sizes = compiled_sizes(state.fake_mode, state.joint.batch, state.options)
+    sizes = with_expected_batch(compiled_sizes(state.fake_mode), state.joint.batch, state.options)
     dtype = acc_dtype(state.params)
     # a piece holds its per-sample values until the end of the backward: its groups are not freed one by one
     groups = () if state.role.piece else state.grouping.members

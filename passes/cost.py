@@ -64,24 +64,29 @@ def site_cost(joint: JointGraph, site: Site) -> SiteCost:
 # --- evaluating at the compiled sizes ----------------------------------------------------------------
 
 
-def compiled_sizes(fake_mode, batch: sympy.Expr, options: BKOptions) -> dict[sympy.Symbol, int]:
-    """Values of the shape symbols at the sizes the graph was compiled for (backed symbols only); a ``batch``
-    symbol without one (unbacked) at ``options.expected_batch_size``. A ``memory_budget`` needs a batch size."""
+def compiled_sizes(fake_mode) -> dict[sympy.Symbol, int]:
+    """Values of the shape symbols at the sizes the graph was compiled for (backed symbols only)."""
     shape_env = getattr(fake_mode, "shape_env", None)
-    values = {}
-    if shape_env is not None:
-        values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
-    values = dict(values)
-    if isinstance(batch, sympy.Symbol) and batch not in values:
-        if options.expected_batch_size is not None:
-            values[batch] = max(1, round(options.expected_batch_size))
-        elif options.memory_budget is not None:
-            raise OptionError(
-                "option 'memory_budget' is in bytes at a batch size, and the batch size is dynamic: give "
-                "options={'expected_batch_size': E} (make_private and the Trainer integration set it from the "
-                "Poisson loader), or compile with dynamic_batch=False"
-            )
-    return values
+    if shape_env is None:
+        return {}
+    values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
+    return dict(values)
+
+
+def with_expected_batch(sizes: dict[sympy.Symbol, int], batch: sympy.Expr, options: BKOptions) -> dict:
+    """``sizes`` with a ``batch`` symbol that has no value (unbacked) at ``options.expected_batch_size``. A
+    ``memory_budget`` needs a batch size."""
+    if not isinstance(batch, sympy.Symbol) or batch in sizes:
+        return sizes
+    if options.expected_batch_size is not None:
+        return {**sizes, batch: max(1, round(options.expected_batch_size))}
+    if options.memory_budget is not None:
+        raise OptionError(
+            "option 'memory_budget' is in bytes at a batch size, and the batch size is dynamic: give "
+            "options={'expected_batch_size': E} (make_private and the Trainer integration set it from the "
+            "Poisson loader), or compile with dynamic_batch=False"
+        )
+    return sizes
 
 
 def evaluate(expr: sympy.Expr, sizes: dict, compiled: dict) -> float:
