@@ -22,11 +22,13 @@ and, with --methods only (the default run stays within 15 minutes on a 2-core CP
 
 Throughput: in this process, the methods of a model take turns over rounds (the order rotated each round), each
 turn about half a second of steps (at least one); samples/s is the median over the rounds. Compile seconds: the
-first step in this process (Inductor's on-disk cache starts empty for each run; a tiny compile first takes
-Inductor's one-time start). Peak memory: each method in a subprocess of its own, over steady-state steps, above
-the model and its batch: on CUDA torch.cuda.max_memory_allocated; on CPU the peak of live tensors from the profiler's
-allocation events (the same measure for the CPU allocator), and apart, in the JSON, the peak resident set size
-(Linux VmHWM, reset after the warm-up steps through /proc/self/clear_refs), which also counts what compiling keeps.
+first step in the memory probe's process, whose Inductor cache is its own and starts empty (a tiny compile first
+takes Inductor's one-time start), so no method reuses another's kernels; with --no-memory, the first step in this
+process, whose cache the methods share. Peak memory: each method in a subprocess of its own, over steady-state
+steps, above the model and its batch: on CUDA torch.cuda.max_memory_allocated; on CPU the peak of live tensors
+from the profiler's allocation events (the same measure for the CPU allocator), and apart, in the JSON, the peak
+resident set size (Linux VmHWM, reset after the warm-up steps through /proc/self/clear_refs), which also counts what
+compiling keeps.
 A method that fails on a model is a row "failed: <ExceptionType>: <first line>".
 
 Run: pip install -e ".[bench]" && OMP_NUM_THREADS=1 python benchmarks/throughput.py [--quick] [--models ...]
@@ -390,6 +392,7 @@ def probe_memory(name: str, method: str, quick: bool) -> dict:
     for module in PRELOADED:
         if importlib.util.find_spec(module.partition(".")[0]) is not None:  # opacus: the bench extra
             importlib.import_module(module)
+    warm_up_inductor()
     torch.manual_seed(0)
     model = spec.build().to(DEVICE).train()
     batch = spec.batch(DEVICE)
@@ -398,22 +401,27 @@ def probe_memory(name: str, method: str, quick: bool) -> dict:
     start = torch.cuda.memory_allocated() if cuda else status_bytes("VmRSS")
     try:
         step = METHODS[method](model, batch)
-        timed(step, WARMUP_STEPS)
+        compiled = {"cold_compile_s": timed(step)}  # this process's Inductor cache starts empty (measure_memory)
+        timed(step, WARMUP_STEPS - 1)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             timed(step, MEMORY_STEPS)
-            return {"peak_mb": (torch.cuda.max_memory_allocated() - start) / MB}
+            return {"peak_mb": (torch.cuda.max_memory_allocated() - start) / MB, **compiled}
         reset_rss_peak()
         timed(step, MEMORY_STEPS)
-        return {"peak_mb": cpu_tensor_peak(step) / MB, "rss_peak_mb": (status_bytes("VmHWM") - start) / MB}
+        peak = cpu_tensor_peak(step) / MB
+        return {"peak_mb": peak, "rss_peak_mb": (status_bytes("VmHWM") - start) / MB, **compiled}
     except Exception as error:
         return {"memory_error": describe_failure(error)}
 
 
 def measure_memory(name: str, method: str, quick: bool) -> dict:
-    """probe_memory in a subprocess (this script with ``--probe``); its last line of output is the JSON result."""
+    """probe_memory in a subprocess (this script with ``--probe``) with an Inductor cache of its own, empty: its
+    first step is the method's cold compile. Its last line of output is the JSON result."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", name, method] + ["--quick"] * quick
-    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or [""])[-1]
@@ -439,6 +447,9 @@ def add_ratios(rows: list[dict]) -> None:
             row["throughput_ratio"] = row["samples_per_s"] / base_rate
         if row.get("peak_mb") and base_peak:
             row["memory_ratio"] = row["peak_mb"] / base_peak
+        base_compile = result(row["model"], BASELINE, "cold_compile_s")
+        if row.get("cold_compile_s") and base_compile:
+            row["compile_ratio"] = row["cold_compile_s"] / base_compile
         if row["method"] in DP_BASELINES and row.get("samples_per_s") and bk_rate:
             row["bk_dp_speedup"] = bk_rate / row["samples_per_s"]
 
@@ -483,8 +494,8 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "| model | method | samples/s (rounds' range) | × non-private | peak memory (MB) | memory × "
-        "| compile (s) | bk_dp-inductor speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| compile (s) | compile × | bk_dp-inductor speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict, key: str, form: str) -> str:
@@ -492,19 +503,22 @@ def markdown(results: dict) -> str:
 
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['method']} | {row['error']} | | | | | |")
+            lines.append(f"| {row['model']} | {row['method']} | {row['error']} | | | | | | |")
             continue
         memory = cell(row, "peak_mb", ".0f") or row.get("memory_error", "")
         spread = f"{min(row['rounds']):.1f}–{max(row['rounds']):.1f}"
         lines.append(
             f"| {row['model']} | {row['method']} | {row['samples_per_s']:.1f} ({spread}) | "
             f"{cell(row, 'throughput_ratio', '.2f')} | {memory} | {cell(row, 'memory_ratio', '.2f')} | "
-            f"{row['compile_s']:.1f} | {cell(row, 'bk_dp_speedup', '.2f')} |"
+            f"{row.get('cold_compile_s', row['compile_s']):.1f} | {cell(row, 'compile_ratio', '.2f')} | "
+            f"{cell(row, 'bk_dp_speedup', '.2f')} |"
         )
     lines += [
         "",
         f"× non-private and memory ×: over the `{BASELINE}` row of the model; bk_dp-inductor speed-up: its "
-        "samples/s over the row's; compile: the first step's seconds; peak memory: "
+        "samples/s over the row's; compile: the first step's seconds, in the memory probe's process with an "
+        "Inductor cache of its own, empty (in the throughput process, whose cache the methods share, without the "
+        "probes); compile ×: over the non-private row's; peak memory: "
         f"{MEMORY_NOTE[DEVICE.type]}.",
     ]
     return "\n".join(lines)

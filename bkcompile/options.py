@@ -51,10 +51,12 @@ class BKOptions:
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
     strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the
         site has a ghost norm), "explicit" (per-sample gradients, reused for the clipped sum), "auto"
-        (per parameter, the one that holds less memory by the cost model, the faster on a tie), or
+        (per parameter, the one that holds less memory by the cost model, the faster on a tie; with several
+        clipping groups, whose values are freed group by group, the fewer FLOPs), or
         "fastest" (per parameter, the fewer FLOPs by the cost model, within memory_budget).
-    memory_budget: bytes the per-sample norm work may use at the compiled batch size ("fastest" then trades
-        time for memory until it fits); None: no limit. Only with strategy "fastest".
+    memory_budget: bytes the per-sample norm work may hold at once at the compiled batch size, or at
+        expected_batch_size under a dynamic batch; with several clipping groups, the largest group's ("fastest"
+        then trades time for memory until it fits); None: no limit. Only with strategy "fastest".
     report: print the cost-model report when the backend compiles.
     clipping: how parameters are grouped for clipping, each group with its own per-sample norm and
         threshold: "all-layer" (one group), "layer-wise" (one per module owning parameters),

@@ -9,7 +9,8 @@ what it produces:
 4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
                    (groups.py)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
-6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py)
+6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py), each group's
+                   placed as soon as the backward has its norms (schedule.py)
 
 A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
 ``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
@@ -31,12 +32,21 @@ import torch.fx
 from bkcompile.passes.batch_axis import analyze, backward_nodes
 from bkcompile.passes.buffers import refuse_buffer_writes
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
-from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, choose, compiled_sizes
+from bkcompile.passes.cost import (
+    CostPlan,
+    Reason,
+    Strategy,
+    backward_flops,
+    choose,
+    compiled_sizes,
+    with_expected_batch,
+)
 from bkcompile.passes.driver import Pass, named, run_passes
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale, warn_assumed_mean
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
+from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
 
 from bkcompile.norms import ClipState
@@ -101,9 +111,11 @@ def _groups(state: PassState) -> PassState:
 
 
 def _cost(state: PassState) -> PassState:
-    sizes = compiled_sizes(state.fake_mode)
+    sizes = with_expected_batch(compiled_sizes(state.fake_mode), state.joint.batch, state.options)
     dtype = acc_dtype(state.params)
-    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize)
+    # a piece holds its per-sample values until the end of the backward: its groups are not freed one by one
+    groups = () if state.role.piece else state.grouping.members
+    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, groups)
     flops = backward_flops(state.joint, backward_nodes(state.joint), sizes)
     return dataclasses.replace(state, cost=CostPlan(tuple(plans), sizes, flops, dtype))
 
@@ -116,6 +128,7 @@ def _sorted(state: PassState) -> PassState:
 
 
 def _clipping(state: PassState) -> PassState:
+    before = set(state.joint.gm.graph.nodes)
     insert_clipping(
         state.joint,
         list(state.cost.plans),
@@ -126,6 +139,8 @@ def _clipping(state: PassState) -> PassState:
         state.options,
         state.fake_mode,
     )
+    if len(state.grouping.members) > 1:  # one group's clip waits for every norm: it stays at the end
+        place_early(state.joint, appended(state.joint.gm.graph, before))  # each group's clip as soon as its norms are
     return _sorted(state)
 
 

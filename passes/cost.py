@@ -16,6 +16,11 @@ the per-sample sums, and they give the clipped sum too, so the operand is not re
 forced strategy; for "auto", the one that holds fewer values at the
 compiled sizes, the fewer FLOPs on a tie (for a matmul site Bu et al.'s mixed rule, ghost when 2T^2 < pd); for
 "fastest", the fewer FLOPs, then, under ``memory_budget``, it trades time for memory where the budget is exceeded.
+With several clipping groups (layer-wise, param-wise, custom groups) in one graph, each group's per-sample values
+are formed, used and freed before the next group's (``schedule.py``): nothing is held across groups, so "auto"
+picks the fewer FLOPs too, and ``memory_budget`` bounds the largest group's values, not their sum. A batch size
+without a value at compile time (the unbacked batch of a dynamic batch) is evaluated at ``expected_batch_size``
+(what make_private and the Trainer set from the Poisson loader); a ``memory_budget`` needs one of the two.
 FLOPs leave out what a per-sample gradient costs beyond them: B small products run below one large product's
 rate, and the B x p x d values are written and read twice more. On the benchmark models (CPU), "auto" trains as
 fast as "fastest" with 1.3-1.9x less peak memory, so it is the default.
@@ -37,6 +42,7 @@ from bkcompile.passes.ops.table import schema_arg
 from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
 
+from bkcompile.errors import OptionError
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -65,6 +71,22 @@ def compiled_sizes(fake_mode) -> dict[sympy.Symbol, int]:
         return {}
     values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
     return dict(values)
+
+
+def with_expected_batch(sizes: dict[sympy.Symbol, int], batch: sympy.Expr, options: BKOptions) -> dict:
+    """``sizes`` with a ``batch`` symbol that has no value (unbacked) at ``options.expected_batch_size``. A
+    ``memory_budget`` needs a batch size."""
+    if not isinstance(batch, sympy.Symbol) or batch in sizes:
+        return sizes
+    if options.expected_batch_size is not None:
+        return {**sizes, batch: max(1, round(options.expected_batch_size))}
+    if options.memory_budget is not None:
+        raise OptionError(
+            "option 'memory_budget' is in bytes at a batch size, and the batch size is dynamic: give "
+            "options={'expected_batch_size': E} (make_private and the Trainer integration set it from the "
+            "Poisson loader), or compile with dynamic_batch=False"
+        )
+    return sizes
 
 
 def evaluate(expr: sympy.Expr, sizes: dict, compiled: dict) -> float:
@@ -97,6 +119,7 @@ class Reason(enum.Enum):
     FORCED = "forced"  # options.strategy is "ghost" or "explicit"
     LESS_MEMORY = "less memory"  # "auto"
     FASTER = "faster"  # "fastest"
+    GROUP_FASTER = "faster: per-sample values live within their clipping group"  # "auto", several groups
     MEMORY_BUDGET = "memory_budget"  # "fastest", switched to fit options.memory_budget
     DEFERRED = "deferred: per-sample gradients kept until the end of the backward"  # a piece of the model
     DEFERRED_GHOST = "deferred: ghost norm, site operands kept until the end of the backward"  # a piece, ghost
@@ -153,9 +176,18 @@ def plan_cost(plan: ParamPlan, strategy: Strategy, compiled: dict) -> tuple[floa
     )
 
 
-def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, compiled: dict, itemsize: int):
+def choose(
+    joint: JointGraph,
+    params: list[ParamGrad],
+    options: BKOptions,
+    compiled: dict,
+    itemsize: int,
+    groups: tuple[tuple[str, ...], ...] = (),
+):
     """One plan per parameter: its site costs and the strategy the options and the cost model pick
-    (``compiled``: the ``compiled_sizes``)."""
+    (``compiled``: the ``compiled_sizes``; ``groups``: the clipping groups' members when each group's values are
+    freed before the next group's, else empty)."""
+    grouped = len(groups) > 1
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
@@ -169,36 +201,45 @@ def choose(joint: JointGraph, params: list[ParamGrad], options: BKOptions, compi
         else:
             plan = ParamPlan(param, costs, Strategy.GHOST, Reason.LESS_MEMORY)
             ghost, explicit = plan_cost(plan, Strategy.GHOST, compiled), plan_cost(plan, Strategy.EXPLICIT, compiled)
-            if options.strategy == "fastest":
-                plan.reason = Reason.FASTER
+            if options.strategy == "fastest" or grouped:
+                plan.reason = Reason.FASTER if options.strategy == "fastest" else Reason.GROUP_FASTER
                 plan.strategy = Strategy.GHOST if ghost[0] <= explicit[0] else Strategy.EXPLICIT
             else:  # fewer values held, then fewer FLOPs
                 lean = (ghost[1], ghost[0]) <= (explicit[1], explicit[0])
                 plan.strategy = Strategy.GHOST if lean else Strategy.EXPLICIT
             plans.append(plan)
     if options.memory_budget is not None:
-        _fit_budget(plans, options.memory_budget, compiled, itemsize)
+        _fit_budget(plans, options.memory_budget, compiled, itemsize, groups if grouped else ())
     return plans
 
 
-def _fit_budget(plans: list[ParamPlan], budget: int, compiled: dict, itemsize: int) -> None:
+def held_bytes(plans: list[ParamPlan], compiled: dict, itemsize: int, groups: tuple[tuple[str, ...], ...]) -> float:
+    """The bytes the per-sample norm work holds at once: all parameters' values, or with ``groups`` (each group's
+    freed before the next's) the largest group's."""
+    values = {plan.param.name: plan_cost(plan, plan.strategy, compiled)[1] for plan in plans}
+    if not groups:
+        return sum(values.values()) * itemsize
+    return max(sum(values.get(name, 0.0) for name in members) for members in groups) * itemsize
+
+
+def _fit_budget(plans: list[ParamPlan], budget: int, compiled: dict, itemsize: int, groups) -> None:
     """Switch parameters to their other strategy, least time lost per byte saved first, until it fits."""
-    used = sum(plan_cost(plan, plan.strategy, compiled)[1] for plan in plans) * itemsize
+    used = held_bytes(plans, compiled, itemsize, groups)
     options = []
     for plan in plans:
-        if plan.reason is not Reason.FASTER:
+        if plan.reason not in (Reason.FASTER, Reason.GROUP_FASTER):
             continue
         other = plan.strategy.other
         time_now, mem_now = plan_cost(plan, plan.strategy, compiled)
         time_other, mem_other = plan_cost(plan, other, compiled)
         if mem_other < mem_now:
             saved = (mem_now - mem_other) * itemsize
-            options.append(((time_other - time_now) / saved, saved, plan, other))
-    for _, saved, plan, other in sorted(options, key=operator.itemgetter(0)):
+            options.append(((time_other - time_now) / saved, plan, other))
+    for _, plan, other in sorted(options, key=operator.itemgetter(0)):
         if used <= budget:
             return
         plan.strategy, plan.reason = other, Reason.MEMORY_BUDGET
-        used -= saved
+        used = held_bytes(plans, compiled, itemsize, groups)
     if used > budget:
         warnings.warn(
             f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={budget} "
