@@ -57,7 +57,7 @@ def check_matches_oracle(
     want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
     if len(norms) > 1:
         assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
-    options = {"max_grad_norm": radius, "compiler": "aot_eager", **(options or {})}
+    options = {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": _reduction(loss), **(options or {})}
     got, compiled = compiled_grads(model, inputs, loss, targets, options)
     # one bk_dp backward ran (not an eager fallback of dynamo's) and recorded the oracle's per-sample norms
     ledger = ledger_of(compiled)
@@ -78,7 +78,9 @@ def check_default_path(model: nn.Module, make_batch, loss, sizes=(5, 3), oracle=
     _, norms = oracle(model, loss, *batches[0], max_grad_norm=float("inf"))
     radius = norms.quantile(0.5).item()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": radius})
+    compiled = torch.compile(
+        twin, backend="bk_dp", options={"max_grad_norm": radius, "loss_reduction": _reduction(loss)}
+    )
     counters.clear()
     for inputs, targets in batches:
         want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
@@ -93,6 +95,12 @@ def check_default_path(model: nn.Module, make_batch, loss, sizes=(5, 3), oracle=
 
 def returned_loss(out, *targets):
     return out
+
+
+def _reduction(loss) -> str:
+    """The loss_reduction option of ``loss``: the losses these tests compute outside the model are means over the
+    batch; a loss the model returns (``returned_loss``) is recognised."""
+    return "auto" if loss is returned_loss else "mean"
 
 
 def per_sample_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
