@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,11 @@ def test_a_loss_outside_without_loss_reduction_is_refused_when_it_compiles(name:
     with pytest.raises(Exception) as info:
         compiled(*inputs)
     assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+
+
+def test_the_readme_shows_the_refusal() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert all(line in readme for line in f"LossReductionError: {WHOLE_UNSET}".splitlines())
 
 
 def test_a_batch_of_one_needs_no_loss_reduction() -> None:
