@@ -14,12 +14,12 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.backend import bk_dp, compile
 from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
-from bkcompile.data import PoissonLoader
+from bkcompile.data import DistributedPoissonLoader, PoissonLoader
 from bkcompile.deferred import last_clip_spans
-from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
+    InternalError,
     LossReductionError,
     NotSupportedYetError,
     OptionError,
@@ -46,6 +46,12 @@ torch._dynamo.config.fail_on_recompile_limit_hit = True
 # backward); all-layer clipping needs every norm before any clipped sum, so a split gains no overlap and
 # each piece would clip alone (refused). One graph, with DDP's reducer all-reducing its gradients.
 torch._dynamo.config.optimize_ddp = False
+# A Python side effect inside torch.utils.checkpoint breaks the graph there unless dynamo may skip replaying it in
+# the backward's recompute: the checkpointed layers then run eagerly between the graphs (refused, their rows
+# unproven). transformers >= 5.25 sets and resets a module global in every attention forward (the `kernels`
+# package's use_kernelized_func), so HF gradient checkpointing needs this. The recompute is the compiled graph's
+# own, so the gradients are those of the forward traced once; only a Python side effect is not applied again.
+torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 # The torch_dynamo_backends entry point registers bk_dp when torch.compile first looks it up; register
 # here only when that has not happened (a plain ``import bkcompile`` before any lookup).
@@ -66,6 +72,7 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
+    "InternalError",
     "LossReductionError",
     "NotSupportedYetError",
     "OptionError",

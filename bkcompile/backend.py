@@ -15,6 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from bkcompile import rows, shared
+from bkcompile.breaks import refuse_batch_size_branch
 from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
@@ -31,6 +32,7 @@ from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
+from bkcompile.recurrent import unfuse_recurrent
 from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
@@ -272,6 +274,7 @@ def bk_dp(
         record.batch_dim = opts.batch_dim
         data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
                 for x, e in zip(inputs, example_inputs)]  # fmt: skip
+        refuse_batch_size_branch(gm, [isinstance(x.fact, Batched) for x in inputs], opts.batch_dim)
         tagged = shared.shared_outputs(gm, data) if role.piece else ()
         context = {
             "inputs": inputs,
@@ -279,6 +282,7 @@ def bk_dp(
             "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
             "role": role,
         }
+        unfuse_recurrent(gm)
         compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, opts, context, device))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that

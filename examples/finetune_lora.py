@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor"])
+    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the layers in the backward")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

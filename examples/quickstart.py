@@ -51,7 +51,6 @@ def make_private_sgd(
         target_delta=DELTA,
         epochs=epochs,
         generator=generator,
-        compiler="aot_eager",
         loss_reduction="mean",  # the training loop's F.cross_entropy(model(x), y): a mean over the batch
     )
 

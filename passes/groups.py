@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 
-from bkcompile.errors import OptionError
+from bkcompile.errors import OptionError, PassInvariantError
 from bkcompile.options import BKOptions
 
 
@@ -18,7 +18,11 @@ class Grouping:
     shared: tuple[bool, ...] = ()  # per group: its threshold is a share of max_grad_norm (none of its own)
 
     def group_of(self, param: str) -> int:
-        return next(g for g, members in enumerate(self.members) if param in members)
+        """The group of the clipped parameter ``param``."""
+        for g, members in enumerate(self.members):
+            if param in members:
+                return g
+        raise PassInvariantError(f"parameter {param!r} is in no clipping group of {self.members} (a bkcompile bug)")
 
 
 def _selects(selector, name: str) -> bool:

@@ -37,7 +37,7 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
-from bkcompile.errors import LossReductionError, node_error, user_location
+from bkcompile.errors import LossReductionError, node_error, run_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -74,16 +74,17 @@ class LossScale:
 def unset_loss_reduction(what: str) -> LossReductionError:
     """The refusal of a loss computed outside the compiled graphs with ``loss_reduction`` not given; ``what``
     says which graphs return no loss."""
-    return LossReductionError(
-        f"{what}: the loss is computed outside, and the option loss_reduction is not given\n"
-        "  why: each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum "
-        "and a mean are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them "
-        "send it the same gradient); a wrong guess scales every per-sample norm by B and makes each clipped "
-        "gradient depend on the batch size, which breaks the per-sample bound R the privacy accounting relies on\n"
-        "  fix: say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, "
-        "loss.mean()) or 'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
+    return run_error(
+        LossReductionError,
+        f"{what}: the loss is computed outside, and the option loss_reduction is not given",
+        "each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum and a mean "
+        "are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them send it the "
+        "same gradient); a wrong guess scales every per-sample norm by B and makes each clipped gradient depend on "
+        "the batch size, which breaks the per-sample bound R the privacy accounting relies on",
+        "say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, loss.mean()) or "
+        "'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
         "options={'loss_reduction': 'mean', ...} or make_private(..., loss_reduction='mean'); or return the loss "
-        "from the compiled model"
+        "from the compiled model",
     )
 
 
@@ -95,10 +96,13 @@ def _found(node: torch.fx.Node, what: str) -> str:
 def same_count(count: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """``batch``, once checked equal to ``count`` (a loss normaliser that must be the batch size)."""
     if int(count.item()) != int(batch.item()):
-        raise LossReductionError(
+        raise run_error(
+            LossReductionError,
             f"the loss adds a batch mean to a mean over the {int(count.item())} non-ignored labels of a batch of "
-            f"{int(batch.item())}: with ignored labels no per-sample loss is defined. Give every sample a label, "
-            "or reduce every term of the loss per sample (reduction='none'), then .mean() over the batch"
+            f"{int(batch.item())}",
+            "with ignored labels no per-sample loss is defined",
+            "give every sample a label, or reduce every term of the loss per sample (reduction='none'), then "
+            ".mean() over the batch",
         )
     return batch.clone()
 

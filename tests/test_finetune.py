@@ -25,6 +25,7 @@ from test_models import (
     per_sample_token_loss,
     returned_loss,
 )
+from torch._dynamo.utils import counters
 
 import bkcompile
 
@@ -113,6 +114,7 @@ def test_llama_sequence_classification_on_the_default_path() -> None:
         lambda b: (padded_batch(b), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -136,6 +138,7 @@ def test_per_sample_ops_on_the_default_path() -> None:
         lambda b: ((torch.randn(b, 4, 6),), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -207,13 +210,34 @@ def test_gradient_checkpointing(reentrant: bool, use_cache: bool) -> None:
         assert len(spans) == 1 and len(spans[0].graphs) == 2
 
 
+class Mark:
+    block: nn.Module | None = None
+
+
+MARK = Mark()
+
+
+class Marked(nn.Sequential):
+    """A block that sets a module-global mark while it runs and resets it after: a Python side effect inside the
+    checkpoint, as transformers >= 5.25 has in every attention forward (the ``kernels`` package's
+    ``use_kernelized_func``)."""
+
+    def forward(self, x):
+        previous, MARK.block = MARK.block, self
+        try:
+            return super().forward(x)
+        finally:
+            MARK.block = previous
+
+
 class CheckpointedBlocks(nn.Module):
     """Blocks run through torch.utils.checkpoint inside a model compiled whole: dynamo traces the checkpoint."""
 
-    def __init__(self, reentrant: bool) -> None:
+    def __init__(self, reentrant: bool, marked: bool = False) -> None:
         super().__init__()
         self.stem, self.head, self.reentrant, self.checkpointed = nn.Linear(4, 6), nn.Linear(6, 3), reentrant, True
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)) for _ in range(2)])
+        block = Marked if marked else nn.Sequential
+        self.blocks = nn.ModuleList([block(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6)) for _ in range(2)])
 
     def forward(self, x):
         h = self.stem(x)
@@ -225,16 +249,26 @@ class CheckpointedBlocks(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.parametrize("marked", [False, True], ids=["pure", "side_effect"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-def test_checkpoint_inside_a_model_compiled_whole(reentrant: bool) -> None:
+def test_checkpoint_inside_a_model_compiled_whole(reentrant: bool, marked: bool) -> None:
+    """With a Python side effect in the checkpointed block dynamo still traces the checkpoint into the graph
+    (bkcompile lets it skip replaying the side effect in the recompute) instead of breaking the graph there."""
     torch.manual_seed(4)
-    model = CheckpointedBlocks(reentrant)
+    model = CheckpointedBlocks(reentrant, marked)
     plain = copy.deepcopy(model).double()
     plain.checkpointed = False  # the oracle: the same maths without checkpointing (vmap refuses the reentrant kind)
     inputs, targets = (torch.randn(5, 4),), (torch.randint(0, 3, (5,)),)
+    counters.clear()
     check_matches_oracle(
-        model, inputs, targets, F.cross_entropy, oracle=lambda _, *args, **kwargs: clipped_sum(plain, *args, **kwargs)
+        model,
+        inputs,
+        targets,
+        F.cross_entropy,
+        options={"loss_reduction": "mean"},
+        oracle=lambda _, *args, **kwargs: clipped_sum(plain, *args, **kwargs),
     )
+    assert counters["stats"]["unique_graphs"] == 1  # one graph: no break at the checkpoint
 
 
 # --- losses -------------------------------------------------------------------------------------------------

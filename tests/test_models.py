@@ -4,7 +4,6 @@ summed), and on the default path (Inductor, a dynamic batch) too."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -17,9 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from helpers import TOL, assert_matches, raises_bk
+from helpers import TOL, assert_matches_model, check_default_path, raises_bk
 from oracle import clipped_sum, compiled_grads, looped_clipped_sum
-from torch._dynamo.utils import counters
 
 import bkcompile
 from bkcompile.ledger import ledger_of
@@ -28,20 +26,6 @@ pytestmark = pytest.mark.slow  # real transformers models: seconds each
 
 BATCH, LENGTH, VOCAB = 4, 8, 50
 F64 = torch.float64
-
-
-def assert_matches_model(got: dict, want: dict, dtype: torch.dtype, tol: float | None = None) -> None:
-    """assert_matches, except for an attention key's bias, whose gradient is zero in exact arithmetic (softmax is
-    invariant to shifting a row of scores): its oracle value is rounding noise, so its error is measured against
-    the largest gradient of the model instead of against itself."""
-    assert set(got) == set(want), (set(got), set(want))
-    top = max(ref.abs().max().item() for ref in want.values())
-    tol = tol or TOL[dtype]
-    zero = {k for k in want if k.endswith(("key.bias", "k_proj.bias"))}  # transformers 4.x and 5.x names
-    for name in zero:
-        err = (got[name] - want[name]).abs().max().item() / top
-        assert err <= tol, f"{name} (zero in exact arithmetic): error {err:.3g} of the largest gradient"
-    assert_matches({k: got[k] for k in got if k not in zero}, {k: want[k] for k in want if k not in zero}, dtype, tol)
 
 
 def check_matches_oracle(
@@ -66,31 +50,6 @@ def check_matches_oracle(
     torch.testing.assert_close(recorded.to(dtype), norms, rtol=tol or TOL[dtype], atol=0)
     assert_matches_model(got, want, dtype, tol)
     return compiled
-
-
-def check_default_path(model: nn.Module, make_batch, loss, sizes=(5, 3), oracle=clipped_sum, tol: float = 1e-4):
-    """The default path: bk_dp with its default compiler (Inductor), float32, the batch marked dynamic as the
-    PoissonLoader marks it (``bkcompile.mark_batch_dynamic``). One compile serves each batch size of ``sizes``
-    (``make_batch(size) -> (inputs, targets)``); each step's per-sample norms and clipped sum equal the oracle's
-    to ``tol``, R = the median per-sample norm of the first batch."""
-    model = model.float()
-    batches = [make_batch(size) for size in sizes]
-    _, norms = oracle(model, loss, *batches[0], max_grad_norm=float("inf"))
-    radius = norms.quantile(0.5).item()
-    twin = copy.deepcopy(model)
-    compiled = torch.compile(
-        twin, backend="bk_dp", options={"max_grad_norm": radius, "loss_reduction": _reduction(loss)}
-    )
-    counters.clear()
-    for inputs, targets in batches:
-        want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
-        bkcompile.mark_batch_dynamic(*inputs)
-        twin.zero_grad(set_to_none=True)
-        loss(compiled(*inputs), *targets).backward()
-        torch.testing.assert_close(bkcompile.last_per_sample_norms(compiled), norms, rtol=tol, atol=0)
-        got = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
-        assert_matches_model(got, want, torch.float32, tol)
-    assert counters["stats"]["unique_graphs"] == 1, "a new batch size recompiled"
 
 
 def returned_loss(out, *targets):
@@ -341,6 +300,7 @@ def test_bert_with_padding_on_the_default_path() -> None:
         lambda b: ((token_ids(b), padding_mask(b)), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -358,7 +318,10 @@ def test_small_cnn_with_max_pool_on_the_default_path() -> None:
     its gradient a ``scatter_add`` along each (sample, channel) plane; the per-sample convolution weight gradients
     (the cost model's choice at these sizes) are one grouped convolution with the symbolic batch as groups."""
     check_default_path(
-        small_cnn(), lambda b: ((torch.randn(b, 3, 8, 8),), (torch.randint(0, 3, (b,)),)), F.cross_entropy
+        small_cnn(),
+        lambda b: ((torch.randn(b, 3, 8, 8),), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -371,4 +334,5 @@ def test_recurrent_last_step_on_the_default_path() -> None:
         lambda b: ((torch.randn(b, 6, 4),), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,  # vmap cannot batch nn.GRU
+        options={"loss_reduction": "mean"},
     )

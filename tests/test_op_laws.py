@@ -181,6 +181,8 @@ CASES: dict[Any, Case] = {
     aten.unbind.int: C(X, 1),
     aten.cat.default: C([X, S(4, 2)], 2),
     aten.stack.default: C([X, S(4, 5)], 1),
+    aten.flip.default: C(X, [2]),  # along a per-sample dim (a bidirectional RNN's time axis)
+    prims.rev.default: C(X, [1, 2]),  # flip as Inductor's decompositions spell it
     # reductions
     aten.sum.dim_IntList: C(X, [0]),
     aten.mean.dim: C(X, [0, 2]),
@@ -336,6 +338,8 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
     ),
     # max_pool2d_with_indices_backward as Inductor decomposes it: scattered into zeros along each flat plane
     "scatter_add-into-zeros": (aten.scatter_add.default, C(Zeros((4, 9)), 2, S(4, 3, make=ints(9)), S(4, 3))),
+    "flip-along-batch": (aten.flip.default, Case((X, [0, 1]), refused=bkcompile.SampleMixingError)),
+    "rev-along-batch": (prims.rev.default, Case((X, [0]), refused=bkcompile.SampleMixingError)),
     "sort-along-batch": (aten.sort.default, Case((X, 0), refused=bkcompile.SampleMixingError)),
     "triu-over-batch": (aten.triu.default, Case((S(5),), refused=bkcompile.SampleMixingError)),
     # all/any over the batch read by assertions alone (F.one_hot's range checks): no computation reads the value,

@@ -317,3 +317,19 @@ def cat(r: RuleInput) -> Fact:
 @law(aten.stack.default)
 def stack(r: RuleInput) -> Fact:
     return _join(r, stacked=True)
+
+
+# a flip reverses the order along per-sample dims (a bidirectional RNN's time axis); along the sample axis it
+# would hand sample i's rows to sample B - 1 - i
+@law([aten.flip.default, torch.ops.prims.rev.default])
+def flip(r: RuleInput) -> Fact:
+    source = r.arg("self" if r.node.target is aten.flip.default else "a")
+    fact = r.fact(source)
+    if not isinstance(fact, Batched):
+        return fact
+    ndim = source.meta["val"].dim()
+    if fact.dim not in {norm_dim(d, ndim) for d in r.arg("dims")}:
+        return fact
+    if r.batch == 1:  # a batch of one owns every row, in any order
+        return Batched(fact.dim, r.out_shape()[fact.dim])
+    raise index_on_batch(r)
