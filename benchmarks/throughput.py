@@ -7,7 +7,7 @@ backward and the optimizer step, with torch.optim.SGD. Clipping threshold R = 1,
 unless a method says otherwise.
 
   compile                     non-private torch.compile (Inductor): the baseline of every ratio
-  bk_dp-inductor              torch.compile(backend="bk_dp", options={"max_grad_norm": 1.0}), plain SGD
+  bk_dp-inductor              bk_dp with options={"max_grad_norm": 1.0, "loss_reduction": "mean"}, plain SGD
   bk_dp-aot_eager             bk_dp with options={..., "compiler": "aot_eager"}, plain SGD
   opacus-hooks                Opacus PrivacyEngine.make_private, GradSampleModule hooks, flat clipping, sigma = 1
   opacus-ghost                Opacus fast gradient clipping (grad_sample_mode="ghost", DPLossFastGradientClipping)
@@ -141,9 +141,8 @@ def nonprivate_compile(model: nn.Module, batch: Batch, *, backend: str) -> Step:
 def bk_dp(model: nn.Module, batch: Batch, *, compiler: str, dp_optimizer: bool, clipping: str = "all-layer") -> Step:
     """bk_dp with ``compiler`` inside; plain SGD on the clipped sums, or bkcompile.DPOptimizer (noise) around it.
     A step in which no bk_dp backward ran (dynamo fell back to eager, which is not private) is an error."""
-    compiled = torch.compile(
-        model, backend="bk_dp", options={"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler, "clipping": clipping}
-    )
+    options = {"max_grad_norm": MAX_GRAD_NORM, "compiler": compiler, "clipping": clipping, "loss_reduction": "mean"}
+    compiled = torch.compile(model, backend="bk_dp", options=options)  # PerSampleCrossEntropy: a batch mean
     optimizer = sgd(model)
     if dp_optimizer:
         optimizer = bkcompile.DPOptimizer(

@@ -1,8 +1,9 @@
 """bkcompile: differentially private training of any PyTorch model through ``torch.compile``.
 
-``bkcompile.compile(model, max_grad_norm=1.0)`` (``torch.compile(model, backend="bk_dp", options={...})`` with
-the options checked first) makes ``loss.backward()`` produce the sum of per-sample-clipped gradients (DP-SGD's
-clipping, book-keeping style).
+``bkcompile.compile(model, max_grad_norm=1.0, loss_reduction="mean")`` (``torch.compile(model, backend="bk_dp",
+options={...})`` with the options checked first) makes ``loss.backward()`` produce the sum of per-sample-clipped
+gradients (DP-SGD's clipping, book-keeping style); ``loss_reduction`` says how a loss computed outside the model
+reduces over the batch.
 """
 
 import torch
@@ -20,7 +21,6 @@ from bkcompile.errors import (
     ClipOnceError,
     InternalError,
     LossReductionError,
-    LossReductionWarning,
     NotSupportedYetError,
     OptionError,
     PrivacyError,
@@ -74,7 +74,6 @@ __all__ = [
     "CostReport",
     "InternalError",
     "LossReductionError",
-    "LossReductionWarning",
     "NotSupportedYetError",
     "OptionError",
     "PrivacyError",

@@ -27,6 +27,7 @@ from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
+from bkcompile.passes.loss import unset_loss_reduction
 from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
@@ -153,7 +154,9 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 
 
 def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
-    """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
+    """Privatize the joint graph once; other graphs (inference, forward, backward) pass through. A whole graph
+    whose loss scale is unset (a loss computed outside, no ``loss_reduction``) is refused once its report is
+    recorded, which ``bkcompile.explain`` returns."""
     if context.get("done"):
         return
     state = privatize(
@@ -167,6 +170,10 @@ def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -
     )
     if state.cost is not None and state.cost.plans:
         record(build_report(state), show=context["options"].report)
+    if state.scale is not None and state.scale.unset and not state.role.piece:
+        refusal = unset_loss_reduction("the compiled function returns no loss")
+        refusal.in_pass("loss_scale")
+        raise refusal
     context["state"] = state
     context["done"] = True
 

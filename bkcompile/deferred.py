@@ -53,7 +53,6 @@ class PieceGraph:
     loss: str  # "sum" | "mean" | "weight"
     from_loss: bool  # the scale comes from a loss computed in this graph (not from the loss_reduction option)
     kept: tuple[KeptSite, ...] = ()  # the last len(kept) parameters: ghost norms and site operands, not gradients
-    warned: bool = False  # its clip has said that a loss computed outside is taken as a mean (once)
 
 
 _GRAPHS: dict[int, PieceGraph] = {}  # by the id the pass wrote into the graph's defer_grads call
@@ -151,17 +150,16 @@ def _agree(pieces: list[Piece]) -> BKOptions:
 
 
 def _scale(pieces: list[Piece]) -> torch.Tensor:
-    """s: from the loss computed in a graph when there is one (every piece's share is of that loss), else
-    from the loss_reduction option; with "auto" in every piece a mean, which the first such clip warns of."""
+    """s: from the loss computed in a graph when there is one (every piece's share is of that loss), else from the
+    loss_reduction option; with neither, a batch of more than one sample is refused (``passes/loss.py``)."""
     losses = [p for p in pieces if p.graph.from_loss]
-    chosen = losses or pieces
-    assumed = not losses and pieces[0].batch > 1 and all(p.graph.options.loss_reduction == "auto" for p in pieces)
-    if assumed and not all(p.graph.warned for p in pieces):
-        from bkcompile.passes.loss import warn_assumed_mean
+    said = [p for p in pieces if p.graph.options.loss_reduction != "auto"]
+    if not losses and not said and pieces[0].batch > 1:
+        from bkcompile.passes.loss import unset_loss_reduction
 
-        warn_assumed_mean()
-        for piece in pieces:
-            piece.graph.warned = True
+        labels = ", ".join(p.graph.label for p in pieces)
+        raise unset_loss_reduction(f"no bk_dp graph of this backward returns a loss ({labels})")
+    chosen = losses or said or pieces
     kinds = {p.graph.loss for p in chosen}
     if len(kinds) > 1 or (kinds == {"weight"} and len(chosen) > 1):
         raise run_error(

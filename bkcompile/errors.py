@@ -55,12 +55,8 @@ class NotSupportedYetError(PrivacyError):
 
 
 class LossReductionError(PrivacyError):
-    """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``."""
-
-
-class LossReductionWarning(UserWarning):
-    """The loss is computed outside the compiled model and ``loss_reduction`` is not given: bk_dp takes it as a
-    mean over the batch, which nothing it sees can confirm (``bkcompile.passes.loss``)."""
+    """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``, or the loss
+    is computed outside the compiled model and ``loss_reduction`` is not given (``bkcompile.passes.loss``)."""
 
 
 class UnclippedGradientError(PrivacyError):

@@ -43,10 +43,11 @@ class BKOptions:
     max_grad_norm: clipping threshold R of the per-sample gradient norm over all trainable
         parameters (required, > 0).
     loss_reduction: how the loss reduces over the batch: "mean" (of per-sample losses, like
-        ``F.cross_entropy``'s default) or "sum"; "auto": a loss returned by the compiled function is
-        recognised from its own reduction (an explicit value that disagrees is an error), and a loss
-        computed outside, which no graph sees, is taken as a mean with a ``LossReductionWarning``
-        (``passes/loss.py`` says why nothing the backward receives can tell a sum from a mean).
+        ``F.cross_entropy``'s default) or "sum"; required when the loss is computed outside the compiled
+        model, which no graph sees (with "auto", the default, that is a ``LossReductionError``:
+        ``passes/loss.py`` says why nothing the backward receives can tell a sum from a mean). "auto": a
+        loss returned by the compiled function is recognised from its own reduction (an explicit value
+        that disagrees is an error).
     compiler: the inner compiler of the forward and backward graphs ("inductor" or "aot_eager").
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
     strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the

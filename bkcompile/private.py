@@ -14,7 +14,7 @@ from bkcompile.distributed import is_fully_sharded, world_size
 from bkcompile.errors import BKError, SamplingError, run_error
 from bkcompile.ledger import know_module
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
-from bkcompile.options import parse_options
+from bkcompile.options import LossReduction, parse_options
 from bkcompile.randomness import child_generators
 
 
@@ -25,6 +25,7 @@ def make_private(
     *,
     max_grad_norm: float,
     target_delta: float,
+    loss_reduction: LossReduction = "auto",
     noise_multiplier: float | None = None,
     target_epsilon: float | None = None,
     epochs: float | None = None,
@@ -44,6 +45,12 @@ def make_private(
     its batches and noise to whoever knows the seed.
     The returned loader and optimizer are coupled: one batch per ``optimizer.step()``.
 
+    ``loss_reduction`` is how your loss reduces over the batch, "mean" (``F.cross_entropy``'s default) or "sum":
+    required when you compute the loss outside the model (``F.cross_entropy(model(x), y)``), where bk_dp cannot
+    see it. Left "auto", such a model is refused (:class:`~bkcompile.LossReductionError`) when it compiles, at its
+    first forward (a model dynamo cuts into pieces: at the end of its first backward), never guessed: Opacus's
+    default "mean" would guess. A loss the model returns is recognised from its own reduction.
+
     Give ``noise_multiplier``, or ``target_epsilon`` with ``epochs`` to have sigma found by the
     accountant. The accountant is ``dp_optimizer.accountant``. ``backend_options`` go to the bk_dp
     backend (``clipping``, ``clip_fn``, ``strategy``, ``mode``, ...), checked before anything else (a bad
@@ -56,7 +63,7 @@ def make_private(
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise BKError("the model is already compiled; pass the plain nn.Module, make_private compiles it with bk_dp")
-    options = {"max_grad_norm": max_grad_norm, **backend_options}
+    options = {"max_grad_norm": max_grad_norm, "loss_reduction": loss_reduction, **backend_options}
     parse_options(options)  # here, not at the first forward
     if (noise_multiplier is None) == (target_epsilon is None):
         raise BKError("give exactly one of noise_multiplier and target_epsilon")

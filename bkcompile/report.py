@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 
 from bkcompile.batch import mark_batch_dynamic
 from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
-from bkcompile.errors import BKError, module_of, module_path, user_frame
+from bkcompile.errors import BKError, LossReductionError, module_of, module_path, user_frame
 from bkcompile.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
 from bkcompile.options import parse_options
 from bkcompile.passes import PassState
@@ -414,8 +414,11 @@ def explain(
     the batch dim of the example's per-sample tensors marked dynamic, as :class:`bkcompile.PoissonLoader` marks
     each batch (``dynamic_batch=False``: the sizes of the example, as a first compile of a static batch). A model
     training refuses is refused here with the same error (a :class:`bkcompile.PrivacyError`, not dynamo's
-    wrapper of it). ``measure=True`` also times a private step (forward and backward) against a non-private one
-    (a second copy, plain ``torch.compile``, the same compiler; :mod:`bkcompile.measure`): ``report.measured``.
+    wrapper of it), except a loss computed outside with no ``loss_reduction``: the report says that its scale is
+    unknown (the costs do not depend on it). ``measure=True`` also times a private step (forward and backward)
+    against a non-private one (a second copy, plain ``torch.compile``, the same compiler; :mod:`bkcompile.measure`):
+    ``report.measured``; a step with no loss returned differentiates the sum of the outputs, as
+    ``loss_reduction="sum"``.
 
     Dynamo keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
     through a function with a code object and a name of its own, so it neither reuses nor evicts the graphs
@@ -426,15 +429,7 @@ def explain(
     twin = copy.deepcopy(model)
     inputs = _loader_batch(example_inputs, parsed.batch_dim, dynamic_batch)
     _LAST.clear()
-    compiled = torch.compile(_entry(), backend="bk_dp", options=options, fullgraph=True)
-    try:
-        with torch.enable_grad():
-            compiled(twin, *inputs)
-    except torch._dynamo.exc.BackendCompilerFailed as failed:
-        refusal = _backend_error(failed)
-        if refusal is None:
-            raise
-        raise refusal from None
+    compiled = _privatized(twin, inputs, options)
     report = last_report()
     if report is None:
         raise BKError(
@@ -442,6 +437,8 @@ def explain(
             "one sample (clipped whole): there is no site to report"
         )
     if measure:
+        if compiled is None:  # the timed step differentiates the sum of the outputs (measure.loss_of)
+            compiled = _privatized(twin, inputs, {**options, "loss_reduction": "sum"})
         plain_model = copy.deepcopy(model)
         plain = torch.compile(_entry("_non_private"), fullgraph=True, **non_private_compile(parsed))
         first = next(twin.parameters(), None)
@@ -451,5 +448,23 @@ def explain(
             first.device if first is not None else torch.device("cpu"),
         )
         report = dataclasses.replace(report, measured=Measurement(private_s, plain_s, TIMED_STEPS, parsed.compiler))
-        _LAST[:] = [report]
+    _LAST[:] = [report]
     return report
+
+
+def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> Any:
+    """``model`` compiled with bk_dp for ``inputs`` (its report recorded), or None when the only refusal is a loss
+    computed outside with no ``loss_reduction``: the backend refuses that after recording the report (the one
+    refusal after it), and the report says so. Any other refusal is raised as itself."""
+    compiled = torch.compile(_entry(), backend="bk_dp", options=options, fullgraph=True)
+    try:
+        with torch.enable_grad():
+            compiled(model, *inputs)
+    except torch._dynamo.exc.BackendCompilerFailed as failed:
+        refusal = _backend_error(failed)
+        if refusal is None:
+            raise
+        if isinstance(refusal, LossReductionError) and last_report() is not None:
+            return None
+        raise refusal from None
+    return compiled

@@ -5,7 +5,8 @@ what it produces:
 
 1. ``batch_axis``  ``joint.facts``: every value batched on dim k / replicated / reduced (batch_axis.py, ops/)
 2. ``sites``       ``params``: each parameter's gradient and the ops reducing samples into it (sites.py)
-3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s (loss.py)
+3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s, or unset: a loss
+                   computed outside with no ``loss_reduction``, which the backend refuses after the report (loss.py)
 4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
                    (groups.py)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
@@ -44,7 +45,7 @@ from bkcompile.passes.cost import (
 from bkcompile.passes.driver import Pass, named, run_passes
 from bkcompile.passes.groups import Grouping, clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
-from bkcompile.passes.loss import LossScale, find_loss_scale, warn_assumed_mean
+from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
 from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
@@ -91,10 +92,7 @@ def _sites(state: PassState) -> PassState:
 
 
 def _loss_scale(state: PassState) -> PassState:
-    scale = find_loss_scale(state.joint, state.options)
-    if scale.assumed and not state.role.piece:  # a piece's loss may be in another piece: its clip warns
-        warn_assumed_mean()
-    return dataclasses.replace(state, scale=scale)
+    return dataclasses.replace(state, scale=find_loss_scale(state.joint, state.options))
 
 
 def _groups(state: PassState) -> PassState:

@@ -9,11 +9,13 @@ A loss computed outside is never seen, and the gradient the backward receives (t
 outputs) cannot stand in for it: ``sum_i l_i`` and ``mean_i (B * l_i)`` send the same tangent, yet their
 per-sample losses differ by the factor B, and so do their norms and clip factors (``F.cross_entropy(out, y,
 reduction="sum")`` and ``(6 * F.cross_entropy(out, y, reduction="none")).mean()`` at B = 6). Which one the
-user means is how the loss is written, not a value the graph holds. So with ``loss_reduction="auto"`` (the
-default) a loss computed outside is taken as a mean, the common case, and a :class:`LossReductionWarning`
-says so and names the fix; an explicit "mean" or "sum" is the user's word for it. A whole graph warns when
-it compiles; a piece cannot know whether another piece of its backward computes the loss, so the clip at
-the end of the backward warns instead (``bkcompile.deferred``).
+user means is how the loss is written, not a value the graph holds, and a wrong guess is not only mis-scaled:
+each clipped gradient then depends on the batch size, so one sample can move the clipped sum by up to 2R.
+So a loss computed outside needs ``loss_reduction`` ("mean" or "sum"): with "auto" (the default) and no loss
+in the graph the scale is *unset* (:func:`unset_loss_reduction`). A whole graph is refused when it compiles,
+once its cost report is recorded (``bkcompile.explain`` reports it); a piece cannot know whether another piece
+of its backward computes the loss, so the clip at the end of the backward refuses instead
+(``bkcompile.deferred``). A graph for a batch of one sample, where a sum is a mean, needs neither.
 
 A mean whose normaliser is a count of labels (cross entropy's non-ignored targets; the smoothing term of
 ``label_smoothing`` divides by the same count) has s = that count, a graph value: every division by a count
@@ -27,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-import warnings
 
 import torch
 import torch.fx
@@ -36,7 +37,7 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
-from bkcompile.errors import LossReductionError, LossReductionWarning, node_error, run_error, user_location
+from bkcompile.errors import LossReductionError, node_error, run_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -57,33 +58,34 @@ class LossScale:
     node: torch.fx.Node | None = None  # the total weight, for ScaleKind.WEIGHT
     checks: tuple[torch.fx.Node, ...] = ()  # counts that must equal B when the graph runs (ScaleKind.MEAN)
     from_option: bool = False  # no loss in the graph: the scale is the loss_reduction option's
-    assumed: bool = False  # no loss in the graph and loss_reduction "auto": a mean, which nothing checks
+    unset: bool = False  # no loss in the graph and loss_reduction "auto": no scale (kind a stand-in), refused
 
     @property
     def reduction(self) -> str:
         return "sum" if self.kind is ScaleKind.SUM else "mean"
 
     def describe(self) -> str:
+        if self.unset:
+            return f"unknown: {self.source}"
         s = {ScaleKind.SUM: "1", ScaleKind.MEAN: "B", ScaleKind.WEIGHT: "the loss's total weight"}[self.kind]
         return f"s = {s}, from {self.source}"
 
 
-ASSUMED_MEAN = (
-    "bk_dp takes the loss as a mean over the batch, as F.cross_entropy's default: it is computed outside the "
-    "compiled model, where bk_dp cannot see how it reduces, and the gradient the backward receives cannot tell "
-    "a sum from a mean (a sum of per-sample losses and a mean of B times them send the same gradient but clip "
-    "differently). If it is a sum (reduction='sum', loss.sum()), the per-sample norms are B times too large, "
-    "the gradients clipped B times too hard, and each sample's clipped gradient depends on the batch size: one "
-    "sample added to the batch can move the sum by up to 2R, not R, which the privacy accounting does not allow "
-    "for.\n"
-    "  fix: say how the loss reduces over the batch: options={'loss_reduction': 'mean'} or 'sum' "
-    "(bkcompile.compile(model, ..., loss_reduction='mean')), or compute the loss in the compiled model"
-)
-
-
-def warn_assumed_mean() -> None:
-    """Say that a loss computed outside is taken as a mean (``loss_reduction="auto"``)."""
-    warnings.warn(ASSUMED_MEAN, LossReductionWarning, stacklevel=2)
+def unset_loss_reduction(what: str) -> LossReductionError:
+    """The refusal of a loss computed outside the compiled graphs with ``loss_reduction`` not given; ``what``
+    says which graphs return no loss."""
+    return run_error(
+        LossReductionError,
+        f"{what}: the loss is computed outside, and the option loss_reduction is not given",
+        "each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum and a mean "
+        "are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them send it the "
+        "same gradient); a wrong guess scales every per-sample norm by B and makes each clipped gradient depend on "
+        "the batch size, which breaks the per-sample bound R the privacy accounting relies on",
+        "say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, loss.mean()) or "
+        "'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
+        "options={'loss_reduction': 'mean', ...} or make_private(..., loss_reduction='mean'); or return the loss "
+        "from the compiled model",
+    )
 
 
 def _found(node: torch.fx.Node, what: str) -> str:
@@ -245,10 +247,10 @@ def find_loss_scale(joint: JointGraph, options: BKOptions) -> LossScale:
         kind = options.loss_reduction
         if kind == "auto":
             what = (
-                "loss_reduction='auto' (the default): the loss is computed outside the compiled model and taken as "
-                "a mean over the batch, unchecked (LossReductionWarning)"
+                "the loss is computed outside the compiled model and loss_reduction is not given, which training "
+                "refuses (LossReductionError); the costs do not depend on it"
             )
-            return LossScale(ScaleKind.MEAN, what, from_option=True, assumed=True)
+            return LossScale(ScaleKind.MEAN, what, from_option=True, unset=True)
         return LossScale(
             ScaleKind(kind),
             f"option loss_reduction={kind!r}: the loss is computed outside the compiled model",

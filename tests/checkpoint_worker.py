@@ -32,6 +32,7 @@ def build(seed: int = 0):
         max_grad_norm=1.0,
         target_delta=1e-5,
         noise_multiplier=1.1,
+        loss_reduction="mean",  # train's F.cross_entropy
         generator=torch.Generator().manual_seed(seed),
         adaptive_clipping=bkcompile.AdaptiveClipping(count_noise=2.0),
         compiler="aot_eager",

@@ -47,7 +47,9 @@ def _setup(dtype, scaler, lr=0.0, noise_multiplier=0.0, compiler="aot_eager", ma
         grad_scaler=scaler,
         **optimizer_kwargs,
     )
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": radius, "compiler": compiler})
+    compiled = torch.compile(
+        twin, backend="bk_dp", options={"max_grad_norm": radius, "compiler": compiler, "loss_reduction": "mean"}
+    )
     return twin, compiled, optimizer, (x, y), want, norms
 
 

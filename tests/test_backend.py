@@ -25,7 +25,8 @@ def test_backend_name_works_without_importing_bkcompile() -> None:
         import sys, torch
         model = torch.nn.Linear(3, 2)
         assert "bkcompile" not in sys.modules
-        compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1e-3, "compiler": "aot_eager"})
+        options = {"max_grad_norm": 1e-3, "compiler": "aot_eager", "loss_reduction": "sum"}
+        compiled = torch.compile(model, backend="bk_dp", options=options)
         compiled(torch.randn(4, 3)).sum(1).sum().backward()
         total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
         assert total <= 4 * 1e-3 + 1e-9, total   # four samples, each clipped to norm 1e-3
@@ -39,7 +40,9 @@ def test_backend_name_works_without_importing_bkcompile() -> None:
 def test_changed_batch_size_does_not_recompile() -> None:
     model = zoo.PreNormBlock().double()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.05, "compiler": "aot_eager"})
+    compiled = torch.compile(
+        twin, backend="bk_dp", options={"max_grad_norm": 0.05, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     counters.clear()
     for batch in (7, 1, 32, 3):
         x = torch.randn(batch, 4, 8, dtype=torch.float64)
@@ -71,7 +74,8 @@ def test_inductor_loss_inside_with_dynamic_batch_and_inference(monkeypatch: pyte
 
 def test_inference_returns_the_model_outputs() -> None:
     model = zoo.PreNormBlock()
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}  # eval with grad: compiled
+    compiled = torch.compile(model, backend="bk_dp", options=options)  # for training, a loss outside
     x = torch.randn(5, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
@@ -94,7 +98,9 @@ class WithConstant(torch.nn.Module):
 def test_plain_tensor_attributes_are_replicated() -> None:
     model = torch.nn.Sequential(WithConstant()).double()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.2, "compiler": "aot_eager"})
+    compiled = torch.compile(
+        twin, backend="bk_dp", options={"max_grad_norm": 0.2, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     x = torch.randn(5, 3, dtype=torch.float64)
     loss = lambda out: out.sum(1).mean()  # noqa: E731
     loss(compiled(x)).backward()

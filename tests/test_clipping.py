@@ -60,6 +60,7 @@ def test_clipping_style_matches_the_oracle(model_name: str, style: str, clip_fn:
         {
             "max_grad_norm": radius,
             "compiler": "aot_eager",
+            "loss_reduction": "mean",
             "clipping": _option(style, PREFIX[model_name]),
             "clip_fn": clip_fn,
         },
@@ -79,7 +80,13 @@ def test_each_sample_contributes_at_most_its_group_threshold(style: str, clip_fn
     compiled = torch.compile(
         twin,
         backend="bk_dp",
-        options={"max_grad_norm": 1.0, "compiler": "aot_eager", "clipping": style, "clip_fn": clip_fn},
+        options={
+            "max_grad_norm": 1.0,
+            "compiler": "aot_eager",
+            "loss_reduction": "sum",
+            "clipping": style,
+            "clip_fn": clip_fn,
+        },
     )
     scales = torch.logspace(-3, 3, 13, dtype=torch.float64)  # gradients from 1e-3 to 1e3 times the usual
     x = torch.randn(13, 6, dtype=torch.float64) * scales[:, None]
@@ -127,6 +134,7 @@ def test_noise_scale_is_sigma_times_the_groups_sensitivity() -> None:
     options = {
         "max_grad_norm": 1.0,
         "compiler": "aot_eager",
+        "loss_reduction": "mean",
         "clipping": [{"params": "0.*", "max_grad_norm": 0.3}, {"params": "1.*", "max_grad_norm": 0.4}],
     }
     compiled = torch.compile(model, backend="bk_dp", options=options)

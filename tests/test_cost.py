@@ -151,14 +151,17 @@ def test_report_as_text_markdown_dict_and_on_compile(capsys: pytest.CaptureFixtu
     assert "net.0.weight" in text and "| net.0.weight | matmul |" in markdown
     assert data["rows"][0]["param"] == "net.0.weight" and data["overhead"] == report.overhead > 0
     compiled = torch.compile(
-        zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager", "report": True}
+        zoo.MLP(),
+        backend="bk_dp",
+        options={"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean", "report": True},
     )
     compiled(torch.randn(8, 6))
     assert "bk_dp cost model: 6 sites, B = 8" in capsys.readouterr().out
 
 
 def test_dynamic_batch_report_keeps_b_symbolic() -> None:
-    compiled = torch.compile(zoo.MLP(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    compiled = torch.compile(zoo.MLP(), backend="bk_dp", options=options)
     x = torch.randn(8, 6)
     bkcompile.mark_batch_dynamic(x)
     compiled(x)

@@ -79,7 +79,7 @@ def _ddp_grads(rank: int, order: str, several: bool, dtype: torch.dtype, optimiz
         elif clipping == "param-wise":
             groups = [([n], radius / math.sqrt(len(names))) for n in names]
         want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius, groups=groups)
-        options = {"max_grad_norm": radius, "compiler": "aot_eager", "clipping": clipping}
+        options = {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "mean", "clipping": clipping}
         caps = [1e-4] * 6 if several and not optimize_ddp else None  # buckets of 100 bytes
         wrapped = _wrap(model, order, options, caps)
         F.cross_entropy(wrapped(*_local(rank, x)), *_local(rank, y)).backward()
@@ -136,7 +136,7 @@ def _noisy_steps(rank: int, steps: int) -> dict:
     sigma, radius = 1.3, 0.7
     model = Net().double()
     x, y = _union_batch(torch.float64)
-    wrapped = _wrap(model, "compile(DDP)", {"max_grad_norm": radius, "compiler": "aot_eager"})
+    wrapped = _wrap(model, "compile(DDP)", {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "mean"})
     batch = WORLD * PER_RANK
     generator = torch.Generator().manual_seed(5 if rank == 0 else 99)  # rank 0's state is the one used
     optimizer = bkcompile.DPOptimizer(
@@ -195,7 +195,9 @@ def test_noise_std_is_sigma_r_over_the_global_batch(ranks) -> None:
 
 def _without_ddp(rank: int) -> str:
     model = Net().double()
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    compiled = torch.compile(
+        model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     x, y = _local(rank, *_union_batch(torch.float64))
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8
@@ -213,7 +215,7 @@ def test_gradients_no_all_reduce_combined_are_refused(ranks) -> None:
 
 def _sequential_in_compiled_ddp(rank: int) -> str:
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    wrapped = _wrap(model, "compile(DDP)", {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    wrapped = _wrap(model, "compile(DDP)", {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"})
     x, y = _local(rank, *_union_batch(torch.float64))
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8
@@ -272,6 +274,7 @@ def _make_private_steps(rank: int) -> dict:
         max_grad_norm=1.0,
         noise_multiplier=1.0,
         target_delta=1e-3,
+        loss_reduction="mean",
         compiler="aot_eager",
     )
     from torch._dynamo.utils import counters
@@ -326,6 +329,7 @@ def _private_training(rank: int, seed: int, checkpoint: str, steps: int, resume:
         max_grad_norm=1.0,
         noise_multiplier=1.0,
         target_delta=1e-3,
+        loss_reduction="mean",
         compiler="aot_eager",
     )
     if resume:
@@ -371,7 +375,7 @@ def adaptive_steps(rank: int, model: nn.Module, wrap) -> dict:
     _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
     halves = norms.view(WORLD, PER_RANK)
     radius = next(r for r in norms.sort().values.tolist() if len({int((h <= r).sum()) for h in halves}) > 1)
-    wrapped = wrap(model, {"max_grad_norm": radius, "compiler": "aot_eager"})
+    wrapped = wrap(model, {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "mean"})
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
         noise_multiplier=1.0,

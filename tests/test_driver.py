@@ -82,14 +82,15 @@ def test_the_pipeline_names_the_pass_of_a_user_facing_error() -> None:
     from bkcompile.errors import SampleMixingError
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum"}
+    compiled = torch.compile(model, backend="bk_dp", options=options)
     with raises_bk(SampleMixingError, "aten._native_batch_norm_legit_functional.default at ", "\n  pass: buffers"):
         compiled(torch.randn(5, 4)).sum().backward()
 
 
 def test_the_dump_option_writes_every_pass_of_the_pipeline(tmp_path) -> None:
     model = torch.nn.Linear(4, 3)
-    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "dump": str(tmp_path)}
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum", "dump": str(tmp_path)}
     torch.compile(model, backend="bk_dp", options=options)(torch.randn(5, 4)).sum().backward()
     (folder,) = tmp_path.iterdir()
     names = ["input", "buffers", "batch_axis", "sites", "loss_scale", "groups", "cost", "clipping"]

@@ -21,11 +21,11 @@ def _mlp() -> torch.nn.Module:
 
 def test_explain_keeps_the_users_compiled_model_and_compiles_its_own_copy() -> None:
     model, x = _mlp(), torch.randn(5, 4)
-    options = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum"}
     compiled = torch.compile(model, backend="bk_dp", options=options)
     compiled(x).sum().backward()
     graphs = counters["stats"]["unique_graphs"]
-    reports = [bkcompile.explain(model, x, **FAST) for _ in range(10)]  # more than dynamo's recompile limit (8)
+    reports = [bkcompile.explain(model, x, loss_reduction="sum", **FAST) for _ in range(10)]  # > recompile limit 8
     assert all([row.param for row in r.rows] == ["0.weight", "0.bias", "2.weight", "2.bias"] for r in reports)
     assert counters["stats"]["unique_graphs"] == graphs + 10  # each explain traced its own copy
     reference = copy.deepcopy(model)
@@ -50,12 +50,15 @@ class _MeanLoss(torch.nn.Module):
 
 def test_the_report_says_how_the_loss_scale_was_found() -> None:
     x = torch.randn(5, 4)
-    outside = bkcompile.explain(_mlp(), x, **FAST)
+    outside = bkcompile.explain(_mlp(), x, **FAST)  # what training refuses, explain reports
     assert outside.loss_scale == (
-        "s = B, from loss_reduction='auto' (the default): the loss is computed outside the compiled model and "
-        "taken as a mean over the batch, unchecked (LossReductionWarning)"
+        "unknown: the loss is computed outside the compiled model and loss_reduction is not given, which training "
+        "refuses (LossReductionError); the costs do not depend on it"
     )
-    assert "loss scale: s = B, from loss_reduction='auto' (the default)" in str(outside)
+    assert "loss scale: unknown: the loss is computed outside the compiled model" in str(outside)
+    said = bkcompile.explain(_mlp(), x, loss_reduction="sum", **FAST)
+    assert said.loss_scale == "s = 1, from option loss_reduction='sum': the loss is computed outside the compiled model"
+    assert said.rows == outside.rows  # the same costs
     inside = bkcompile.explain(_MeanLoss(), x, torch.tensor([0, 1, 2, 0, 1]), **FAST)
     assert inside.loss_scale.startswith(
         "s = the loss's total weight, from cross-entropy/nll loss, reduction='mean' (divided by its total weight) at "
@@ -67,7 +70,7 @@ def test_the_report_says_how_the_loss_scale_was_found() -> None:
 def _training_refusal(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loader: bool, **options):
     """The error a DP training step meets: the model compiled by bkcompile.compile, a batch of PoissonLoader (its
     batch dim dynamic) or ``x`` itself (static)."""
-    compiled = bkcompile.compile(model, max_grad_norm=1.0, **options)
+    compiled = bkcompile.compile(model, max_grad_norm=1.0, loss_reduction="mean", **options)
     if loader:
         batches = bkcompile.PoissonLoader(x, y, batch_size=len(x) - 1, generator=torch.Generator().manual_seed(3))
         x, y = next(batch for batch in batches if len(batch[0]) > 1)

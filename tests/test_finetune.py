@@ -114,6 +114,7 @@ def test_llama_sequence_classification_on_the_default_path() -> None:
         lambda b: (padded_batch(b), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -137,6 +138,7 @@ def test_per_sample_ops_on_the_default_path() -> None:
         lambda b: ((torch.randn(b, 4, 6),), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -441,7 +443,8 @@ def test_embedding_bag_with_irregular_offsets_is_refused_when_run() -> None:
         def forward(self, ids):
             return self.bag(ids.flatten(), self.offsets)
 
-    compiled = torch.compile(FlatBag(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum"}
+    compiled = torch.compile(FlatBag(), backend="bk_dp", options=options)
     with pytest.raises(bkcompile.NotSupportedYetError, match="unequal length") as info:
         compiled(torch.randint(0, 20, (3, 2))).sum().backward()
     assert "test_finetune.py" in str(info.value) and "fix: pass the indices as a 2-D (B, L) tensor" in str(info.value)

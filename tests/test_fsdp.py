@@ -105,7 +105,9 @@ def _blocks_compiled_as_several(rank: int) -> dict:
     x, y = _union_batch(torch.float64)
     want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.5)
     sharded = _shard(
-        model, "blocks, compiled whole", {"max_grad_norm": 0.5, "compiler": "aot_eager", "graphs": "several"}
+        model,
+        "blocks, compiled whole",
+        {"max_grad_norm": 0.5, "compiler": "aot_eager", "loss_reduction": "mean", "graphs": "several"},
     )
     F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
     got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -124,7 +126,7 @@ def _fsdp_grads(rank: int, wrapping: str, dtype: torch.dtype, clipping: str) -> 
     radius = norms.median().item()  # half the samples are clipped
     groups = _layer_groups(model, radius) if clipping == "layer-wise" else None
     want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius, groups=groups)
-    options = {"max_grad_norm": radius, "compiler": "aot_eager", "clipping": clipping}
+    options = {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "mean", "clipping": clipping}
     sharded = _shard(model, wrapping, options)
     F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
     got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -183,7 +185,7 @@ def _fsdp_steps(
     reference_model = kind().double()
     reference_model.load_state_dict(model.state_dict())
     x, y = _union_batch(torch.float64)
-    options = {"max_grad_norm": radius, "compiler": compiler}
+    options = {"max_grad_norm": radius, "compiler": compiler, "loss_reduction": "mean"}
     if at_the_root:
         sharded = _shard_with_parameters_at_the_root(model, wrapping == "blocks, compiled each", options)
     else:
@@ -268,7 +270,7 @@ def _unclipped(rank: int, road: str) -> str:
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
         sharded = model
     else:
-        sharded = _shard(model, "root", {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+        sharded = _shard(model, "root", {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"})
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8
     )
@@ -313,7 +315,9 @@ def _sharded_on_each_rank_alone(rank: int) -> str:
     model = Tower().double()
     own = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("ranks", "shard"))["shard"]
     fully_shard(model, mesh=own)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    compiled = torch.compile(
+        model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     optimizer = _dp_sgd(model, 1.0, 1.0, 8, 0)
     x, y = _local(rank, *_union_batch(torch.float64))
     F.cross_entropy(compiled(x), y).backward()
@@ -337,7 +341,9 @@ def _mixed_precision_step(rank: int) -> dict:
     radius = norms.median().item()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)), mp_policy=policy)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager"})
+    compiled = torch.compile(
+        model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     optimizer = _dp_sgd(model, sigma, radius, batch, 5)
     want = _expected_update(reference_model, x, y, radius, sigma, torch.Generator().manual_seed(5), batch)
     before = _full(model)
@@ -445,7 +451,7 @@ def _root_holds_parameters(rank: int, compiled_each: bool, compiler: str = "aot_
     _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
     radius = norms.median().item()  # half the samples are clipped
     want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=radius)
-    options = {"max_grad_norm": radius, "compiler": compiler}
+    options = {"max_grad_norm": radius, "compiler": compiler, "loss_reduction": "mean"}
     sharded = _shard_with_parameters_at_the_root(model, compiled_each, options)
     F.cross_entropy(sharded(*_local(rank, x)), *_local(rank, y)).backward()
     got = {n: WORLD * p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -463,7 +469,9 @@ def test_blocks_sharded_one_by_one_with_parameters_at_the_root(ranks, compiled_e
 def _hook_beside_fsdp2s(rank: int) -> str:
     model = RootHeldHead(flip_gradient=True).double()
     x, _ = _local(rank, *_union_batch(torch.float64))
-    sharded = _shard_with_parameters_at_the_root(model, False, {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    sharded = _shard_with_parameters_at_the_root(
+        model, False, {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     with pytest.raises(bkcompile.PrivacyError) as info:
         sharded(x)
     return str(info.value)
@@ -493,7 +501,9 @@ def test_inductor_with_parameters_at_the_root(ranks) -> None:
 def _layers_the_root_runs_itself(rank: int, compiled_each: bool) -> str:
     model = RootHeld().double()
     x, y = _local(rank, *_union_batch(torch.float64))
-    sharded = _shard_with_parameters_at_the_root(model, compiled_each, {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    sharded = _shard_with_parameters_at_the_root(
+        model, compiled_each, {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     with pytest.raises(bkcompile.UnclippedGradientError) as info:
         F.cross_entropy(sharded(x), y).backward()
     return str(info.value)

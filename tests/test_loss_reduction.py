@@ -1,24 +1,24 @@
 """The loss's reduction over the batch never silently mis-scales the clip (issue 25, item 4).
 
-A loss returned by the compiled model is recognised from its own reduction; a loss computed outside is the
-``loss_reduction`` option's ("mean" or "sum"), and with the default "auto" it is taken as a mean with a
-``LossReductionWarning`` that names the fix: the gradient the backward receives cannot tell a sum from a mean
-(``passes/loss.py``). Each case is checked against the oracle (clipped per-sample gradients of the same loss on
-batches of one) for classification (sum, mean) and a sequence model (per-token means), inside and outside.
+A loss returned by the compiled model is recognised from its own reduction (an option that disagrees is refused);
+a loss computed outside is the ``loss_reduction`` option's ("mean" or "sum"), and with the default "auto" it is a
+``LossReductionError`` that says why and names the fix: the gradient the backward receives cannot tell a sum from
+a mean (``passes/loss.py``). Each case is checked against the oracle (clipped per-sample gradients of the same loss
+on batches of one) for classification (sum, mean) and a sequence model (per-token means), inside and outside.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_matches, raises_bk
+from helpers import assert_matches, backend_error, raises_bk
 from oracle import clipped_sum
 
 import bkcompile
@@ -99,26 +99,35 @@ class Case:
     inside: bool
     options: dict = dataclasses.field(default_factory=dict)
 
-    def warns(self, batch: int) -> bool:
-        """Only a loss computed outside with no loss_reduction is assumed (a batch of one: a sum is a mean)."""
-        return not self.inside and "loss_reduction" not in self.options and batch > 1
-
 
 MEAN, SUM = {"loss_reduction": "mean"}, {"loss_reduction": "sum"}
 CASES = {
     "mean-outside": Case(Classifier, F.cross_entropy, _classes, False, MEAN),
-    "mean-outside-auto": Case(Classifier, F.cross_entropy, _classes, False),
     "sum-outside": Case(Classifier, ce_sum, _classes, False, SUM),
     "mean-inside": Case(Classifier, F.cross_entropy, _classes, True),
+    "mean-inside-said": Case(Classifier, F.cross_entropy, _classes, True, MEAN),
     "sum-inside": Case(Classifier, ce_sum, _classes, True),
     "sum-inside-said": Case(Classifier, ce_sum, _classes, True, SUM),
     "token-mean-outside": Case(Tagger, sample_token_mean, _tokens, False, MEAN),
-    "token-mean-outside-auto": Case(Tagger, sample_token_mean, _tokens, False),
     "token-mean-summed-outside": Case(Tagger, sample_token_mean_summed, _tokens, False, SUM),
     "token-mean-inside": Case(Tagger, sample_token_mean, _tokens, True),
     "token-mean-summed-inside": Case(Tagger, sample_token_mean_summed, _tokens, True),
     "batch-token-mean-outside": Case(Tagger, batch_token_mean, _tokens, False, MEAN),
 }
+# What a loss computed outside with loss_reduction not given meets (after the first line, which says which graphs
+# return no loss): the README's text.
+UNSET = (
+    ": the loss is computed outside, and the option loss_reduction is not given\n"
+    "  why: each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum and a "
+    "mean are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them send it "
+    "the same gradient); a wrong guess scales every per-sample norm by B and makes each clipped gradient depend on "
+    "the batch size, which breaks the per-sample bound R the privacy accounting relies on\n"
+    "  fix: say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, "
+    "loss.mean()) or 'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
+    "options={'loss_reduction': 'mean', ...} or make_private(..., loss_reduction='mean'); or return the loss from "
+    "the compiled model"
+)
+WHOLE_UNSET = "the compiled function returns no loss" + UNSET + "\n  pass: loss_scale"
 
 
 def _oracle(case: Case, model: nn.Module, inputs: tuple, targets: tuple, radius: float):
@@ -128,19 +137,12 @@ def _oracle(case: Case, model: nn.Module, inputs: tuple, targets: tuple, radius:
 
 
 def _step(case: Case, model: nn.Module, inputs: tuple, targets: tuple, options: dict) -> tuple:
-    """One backward through a bk_dp copy of ``model``: its gradients, per-sample norms and LossReductionWarnings."""
+    """One backward through a bk_dp copy of ``model``: its gradients and per-sample norms."""
     twin = copy.deepcopy(model)
     compiled = torch.compile(WithLoss(twin, case.loss) if case.inside else twin, backend="bk_dp", options=options)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loss = compiled(*inputs, *targets) if case.inside else case.loss(compiled(*inputs), *targets)
-        loss.backward()
-    grads = {k: p.grad for k, p in twin.named_parameters()}
-    return (
-        grads,
-        bkcompile.last_per_sample_norms(),
-        [str(w.message) for w in caught if issubclass(w.category, bkcompile.LossReductionWarning)],
-    )
+    loss = compiled(*inputs, *targets) if case.inside else case.loss(compiled(*inputs), *targets)
+    loss.backward()
+    return {k: p.grad for k, p in twin.named_parameters()}, bkcompile.last_per_sample_norms()
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -153,37 +155,88 @@ def test_each_reduction_matches_the_oracle(name: str, batch: int) -> None:
     radius = norms.median().item()  # some samples clipped, some not
     want, norms = _oracle(case, model, inputs, targets, radius)
     options = {"max_grad_norm": radius, "compiler": "aot_eager", **case.options}
-    got, got_norms, warned = _step(case, model, inputs, targets, options)
+    got, got_norms = _step(case, model, inputs, targets, options)
     assert_matches(got, {k.removeprefix("inner."): v for k, v in want.items()}, torch.float64)
     torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=1e-12)
-    assert len(warned) == case.warns(batch)
+
+
+@pytest.mark.parametrize("name", ["mean-outside", "sum-outside", "token-mean-outside", "token-mean-summed-outside"])
+def test_a_loss_outside_without_loss_reduction_is_refused_when_it_compiles(name: str) -> None:
+    """Whatever the loss (a mean, a sum, per-token means), the first forward refuses it, before any backward."""
+    case = CASES[name]
+    inputs, targets = case.data(5)
+    compiled = torch.compile(
+        case.make().double(), backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"}
+    )
+    with pytest.raises(Exception) as info:
+        compiled(*inputs)
+    assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+
+
+def test_the_readme_shows_the_refusal() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert all(line in readme for line in f"LossReductionError: {WHOLE_UNSET}".splitlines())
+
+
+def test_a_batch_of_one_needs_no_loss_reduction() -> None:
+    """A graph compiled for one sample clips its whole gradient: a sum is a mean there."""
+    case = CASES["sum-outside"]
+    model = case.make().double()
+    inputs, targets = case.data(1)
+    want, norms = _oracle(case, model, inputs, targets, 0.1)
+    got, got_norms = _step(case, model, inputs, targets, {"max_grad_norm": 0.1, "compiler": "aot_eager"})
+    assert_matches(got, want, torch.float64)
+    torch.testing.assert_close(got_norms, norms)
 
 
 def test_a_sum_outside_the_model_is_never_silently_taken_as_a_mean() -> None:
-    """The issue's case: F.cross_entropy(cm(x), y, reduction="sum") with the default options. Nothing the graph
-    sees tells this sum from a mean, so bk_dp takes a mean and says so, with the fix; the fix gives the oracle."""
+    """The issue's case: F.cross_entropy(cm(x), y, reduction="sum") with the default options was clipped as a mean
+    (norms B times too large). It is refused now with the fix, and the fix gives the oracle."""
     model = Classifier().double()
     (x,), (y,) = _classes(6)
     options = {"max_grad_norm": 10.0, "compiler": "aot_eager"}
     case = CASES["sum-outside"]
-    got, norms, warned = _step(case, model, (x,), (y,), options)
-    assert warned == [
-        "bk_dp takes the loss as a mean over the batch, as F.cross_entropy's default: it is computed outside the "
-        "compiled model, where bk_dp cannot see how it reduces, and the gradient the backward receives cannot tell "
-        "a sum from a mean (a sum of per-sample losses and a mean of B times them send the same gradient but clip "
-        "differently). If it is a sum (reduction='sum', loss.sum()), the per-sample norms are B times too large, "
-        "the gradients clipped B times too hard, and each sample's clipped gradient depends on the batch size: one "
-        "sample added to the batch can move the sum by up to 2R, not R, which the privacy accounting does not allow "
-        "for.\n"
-        "  fix: say how the loss reduces over the batch: options={'loss_reduction': 'mean'} or 'sum' "
-        "(bkcompile.compile(model, ..., loss_reduction='mean')), or compute the loss in the compiled model"
-    ]
+    with raises_bk(bkcompile.LossReductionError) as info:
+        _step(case, model, (x,), (y,), options)
+    assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
     want, true_norms = clipped_sum(model, ce_sum, (x,), (y,), max_grad_norm=10.0)
-    torch.testing.assert_close(norms, 6 * true_norms)  # what the warning says: taken as a mean, B times too large
-    got, norms, warned = _step(case, model, (x,), (y,), {**options, "loss_reduction": "sum"})
-    assert warned == []
+    got, norms = _step(case, model, (x,), (y,), {**options, "loss_reduction": "sum"})
     assert_matches(got, want, torch.float64)
     torch.testing.assert_close(norms, true_norms)
+
+
+def test_make_private_takes_loss_reduction() -> None:
+    """make_private's loss_reduction is the option: left out with a loss outside, the first forward refuses."""
+    (x,), (y,) = _classes(6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    for reduction in ("auto", "sum"):
+        model = Classifier().double()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        private, _, _ = bkcompile.make_private(
+            model, sgd, loader, max_grad_norm=0.5, target_delta=1e-5, noise_multiplier=1.0,
+            loss_reduction=reduction, compiler="aot_eager",
+        )  # fmt: skip
+        if reduction == "auto":
+            with raises_bk(bkcompile.LossReductionError, "the compiled function returns no loss", "make_private"):
+                private(x)
+            continue
+        ce_sum(private(x), y).backward()
+        _, norms = clipped_sum(model, ce_sum, (x,), (y,), max_grad_norm=0.5)
+        torch.testing.assert_close(bkcompile.last_per_sample_norms(), norms)
+
+
+def test_dp_trainer_sets_loss_reduction_itself() -> None:
+    """DPTrainer computes a mean of per-sample losses outside the model: backend_options cannot say otherwise."""
+    pytest.importorskip("transformers")
+    from bkcompile.integrations.transformers import PrivacyArguments
+
+    PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, backend_options={"loss_reduction": "mean"})
+    with pytest.raises(bkcompile.OptionError) as info:
+        PrivacyArguments(target_delta=1e-5, noise_multiplier=1.0, backend_options={"loss_reduction": "sum"})
+    assert str(info.value) == (
+        "backend_options loss_reduction='sum': DPTrainer computes the loss itself, a mean over the batch of "
+        "per-sample losses (loss_fn), and sets loss_reduction='mean'. Fix: leave loss_reduction out"
+    )
 
 
 class _Broken(nn.Module):
@@ -200,10 +253,13 @@ class _Broken(nn.Module):
         return out if self.loss is None else self.loss(out, *targets)
 
 
+@pytest.mark.parametrize("said", [False, True], ids=["unset", "said"])
 @pytest.mark.parametrize("inside", [False, True], ids=["outside", "inside"])
-def test_pieces_warn_at_the_clip_only_when_no_piece_computes_the_loss(inside: bool) -> None:
+def test_pieces_refuse_at_the_clip_only_when_no_piece_computes_the_loss_and_no_option_says(
+    inside: bool, said: bool
+) -> None:
     """A piece cannot know at compile time whether another piece computes the loss: the clip at the end of the
-    backward warns (once), and not when the loss is in the last piece."""
+    backward refuses a loss outside with no loss_reduction, and takes one in the last piece or the option's."""
     model = _Broken(ce_sum if inside else None).double()
     (x,), (y,) = _classes(5)
     if inside:
@@ -211,16 +267,25 @@ def test_pieces_warn_at_the_clip_only_when_no_piece_computes_the_loss(inside: bo
     else:
         want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.5)
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.5, "compiler": "aot_eager"})
-    for step in range(2):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = compiled(x, y) if inside else compiled(x)
-            twin.zero_grad(set_to_none=True)
+    options = {
+        "max_grad_norm": 0.5,
+        "compiler": "aot_eager",
+        **({"loss_reduction": "sum" if inside else "mean"} if said else {}),
+    }
+    compiled = torch.compile(twin, backend="bk_dp", options=options)
+    for _ in range(2):
+        out = compiled(x, y) if inside else compiled(x)
+        twin.zero_grad(set_to_none=True)
+        if inside or said:
             (out if inside else F.cross_entropy(out, y)).backward()
-        warned = [w for w in caught if issubclass(w.category, bkcompile.LossReductionWarning)]
-        assert len(warned) == (not inside and step == 0)
-        assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+            assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+            continue
+        with pytest.raises(bkcompile.LossReductionError) as info:
+            F.cross_entropy(out, y).backward()
+        message = str(info.value)
+        assert message.startswith("no bk_dp graph of this backward returns a loss (bk_dp graph #"), message
+        assert message.endswith(")" + UNSET), message
+        assert all(p.grad is None for p in twin.parameters())  # nothing released
 
 
 @pytest.mark.parametrize(
@@ -265,19 +330,27 @@ def test_a_token_mean_over_the_whole_batch_inside_the_model_is_refused() -> None
 
 @pytest.mark.slow
 def test_inductor_per_token_mean_outside_with_a_dynamic_batch() -> None:
-    """Under Inductor, one graph for two batch sizes (s = B is the symbolic batch size), sum and mean."""
+    """Under Inductor, one graph for two batch sizes (s = B is the symbolic batch size), sum and mean; with no
+    loss_reduction, Inductor's joint-graph pass refuses the graph when it compiles."""
     model = Tagger().double()
-    for loss, reduction in ((sample_token_mean, "mean"), (sample_token_mean_summed, "sum")):
+    for loss, reduction in ((sample_token_mean, "mean"), (sample_token_mean_summed, "sum"), (sample_token_mean, None)):
         torch._dynamo.reset()
         twin = copy.deepcopy(model)
-        compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.3, "loss_reduction": reduction})
+        options = {"max_grad_norm": 0.3, **({"loss_reduction": reduction} if reduction else {})}
+        compiled = torch.compile(twin, backend="bk_dp", options=options)
         torch._dynamo.utils.counters.clear()
         for batch in (6, 3):
             (ids,), targets = _tokens(batch)
             bkcompile.mark_batch_dynamic(ids, *targets)
             twin.zero_grad(set_to_none=True)
+            if reduction is None:
+                with pytest.raises(Exception) as info:
+                    compiled(ids)
+                assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+                break
             loss(compiled(ids), *targets).backward()
             want, norms = clipped_sum(model, loss, (ids,), targets, max_grad_norm=0.3)
             assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
             torch.testing.assert_close(bkcompile.last_per_sample_norms(), norms)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        else:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -41,7 +41,7 @@ def check_matches_oracle(
     want, norms = oracle(model, loss, inputs, targets, max_grad_norm=radius)
     if len(norms) > 1:
         assert (norms > radius).any() and (norms < radius).any()  # some samples are clipped and some are not
-    options = {"max_grad_norm": radius, "compiler": "aot_eager", **(options or {})}
+    options = {"max_grad_norm": radius, "compiler": "aot_eager", "loss_reduction": _reduction(loss), **(options or {})}
     got, compiled = compiled_grads(model, inputs, loss, targets, options)
     # one bk_dp backward ran (not an eager fallback of dynamo's) and recorded the oracle's per-sample norms
     ledger = ledger_of(compiled)
@@ -54,6 +54,12 @@ def check_matches_oracle(
 
 def returned_loss(out, *targets):
     return out
+
+
+def _reduction(loss) -> str:
+    """The loss_reduction option of ``loss``: the losses these tests compute outside the model are means over the
+    batch; a loss the model returns (``returned_loss``) is recognised."""
+    return "auto" if loss is returned_loss else "mean"
 
 
 def per_sample_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -294,6 +300,7 @@ def test_bert_with_padding_on_the_default_path() -> None:
         lambda b: ((token_ids(b), padding_mask(b)), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -311,7 +318,10 @@ def test_small_cnn_with_max_pool_on_the_default_path() -> None:
     its gradient a ``scatter_add`` along each (sample, channel) plane; the per-sample convolution weight gradients
     (the cost model's choice at these sizes) are one grouped convolution with the symbolic batch as groups."""
     check_default_path(
-        small_cnn(), lambda b: ((torch.randn(b, 3, 8, 8),), (torch.randint(0, 3, (b,)),)), F.cross_entropy
+        small_cnn(),
+        lambda b: ((torch.randn(b, 3, 8, 8),), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        options={"loss_reduction": "mean"},
     )
 
 
@@ -324,4 +334,5 @@ def test_recurrent_last_step_on_the_default_path() -> None:
         lambda b: ((torch.randn(b, 6, 4),), (torch.randint(0, 3, (b,)),)),
         F.cross_entropy,
         oracle=looped_clipped_sum,  # vmap cannot batch nn.GRU
+        options={"loss_reduction": "mean"},
     )

@@ -16,7 +16,7 @@ from torch import nn
 import bkcompile
 from bkcompile.names import user_path
 
-OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
+OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum"}  # _train_step's loss
 
 # what torch 2.13's dynamo writes: parameters' sources (grapharg.source.name) and nn_module_stack paths
 SOURCES = [

@@ -25,7 +25,7 @@ def test_the_global_inductor_config_cannot_turn_the_pass_off() -> None:
     among them: the bk_dp graphs turn them on for themselves, so the gradients are still clipped."""
     model, x, y = zoo.MLP().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.1})
+    compiled = torch.compile(twin, backend="bk_dp", options={"max_grad_norm": 0.1, "loss_reduction": "mean"})
     with torch._inductor.config.patch(use_joint_graph_passes=False):
         F.cross_entropy(compiled(x), y).backward()
     want, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.1)
@@ -55,7 +55,7 @@ def test_compile_checks_the_options_before_it_returns() -> None:
 def test_compile_trains_like_torch_compile_with_the_backend() -> None:
     model, x, y = zoo.MLP().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     twin = copy.deepcopy(model)
-    compiled = bkcompile.compile(twin, max_grad_norm=0.1, compiler="aot_eager")
+    compiled = bkcompile.compile(twin, max_grad_norm=0.1, compiler="aot_eager", loss_reduction="mean")
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is twin
     F.cross_entropy(compiled(x), y).backward()
     want, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=0.1)
@@ -200,7 +200,11 @@ def test_a_compile_mode_reaches_inductor_and_trains_as_the_oracle(monkeypatch: p
     twin = copy.deepcopy(model)
     # ATen's GEMMs only: max_autotune has one choice per matrix product and benchmarks nothing (quick on a CPU)
     compiled = bkcompile.compile(
-        twin, max_grad_norm=0.1, mode="max-autotune-no-cudagraphs", inductor={"max_autotune_gemm_backends": "ATEN"}
+        twin,
+        max_grad_norm=0.1,
+        loss_reduction="mean",
+        mode="max-autotune-no-cudagraphs",
+        inductor={"max_autotune_gemm_backends": "ATEN"},
     )
     F.cross_entropy(compiled(x), y).backward()
     assert seen == [(True, True, "ATEN")]

@@ -78,7 +78,8 @@ def run_case(case: Case, batch: int, dtype: torch.dtype, compiler: str, threshol
     _, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=float("inf"))
     radius = norms.quantile(threshold_quantile).item()
     want, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=radius)
-    options = {"max_grad_norm": radius, "compiler": compiler, **case.options}
+    said = {} if case.loss_inside else {"loss_reduction": "mean"}  # a loss outside: a mean unless options say
+    options = {"max_grad_norm": radius, "compiler": compiler, **said, **case.options}
     got, _ = compiled_grads(model, inputs, case.loss, targets, options)
     return got, want, norms, radius
 
@@ -103,7 +104,9 @@ def test_clips_some_samples_and_not_others(name: str) -> None:
 def test_frozen_parameters_get_no_gradient_and_no_norm_work() -> None:
     model = zoo.PartlyFrozen().double()
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    got, compiled = compiled_grads(model, (x,), F.cross_entropy, (y,), {"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    got, compiled = compiled_grads(
+        model, (x,), F.cross_entropy, (y,), {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    )
     assert set(got) == {"net.2.bias", "net.3.weight", "net.3.bias"}
     assert all(p.grad is None for p in compiled._orig_mod.parameters() if not p.requires_grad)
 

@@ -22,7 +22,9 @@ LOG = logging.getLogger("bkcompile.tests.pieces")
 
 
 def _options(**extra) -> dict:
-    return {"max_grad_norm": R, "compiler": "aot_eager", **extra}
+    """The tests' options: their losses are computed outside the model, means over the batch, unless ``extra``
+    says otherwise."""
+    return {"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean", **extra}
 
 
 class Broken(nn.Module):
@@ -97,7 +99,7 @@ def test_graph_break_with_inductor() -> None:
     model = Broken()
     x, y = _data(torch.float32, 7)
     want, _ = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=R)
-    got, _ = compiled_grads(model, (x,), F.cross_entropy, (y,), options={"max_grad_norm": R})
+    got, _ = compiled_grads(model, (x,), F.cross_entropy, (y,), options={"max_grad_norm": R, "loss_reduction": "mean"})
     assert_matches(got, want, torch.float32)
 
 
@@ -306,7 +308,7 @@ def test_loss_in_the_last_graph_scales_every_graph(reduction: str) -> None:
     factors = (R / (norms + 1e-6)).clamp(max=1.0)
     want = {k: torch.einsum("b,b...->...", factors, g) for k, g in grads.items()}
     twin = copy.deepcopy(model)
-    torch.compile(twin, backend="bk_dp", options=_options())(x, y).backward()
+    torch.compile(twin, backend="bk_dp", options=_options(loss_reduction="auto"))(x, y).backward()  # recognised
     assert_matches({k: v.grad for k, v in twin.named_parameters()}, want, torch.float64)
 
 
@@ -577,7 +579,7 @@ def test_rows_regrouped_between_graphs_are_refused() -> None:
     model = EagerBetween(lambda h: h.reshape(2 * h.shape[0], h.shape[1] // 2, h.shape[2]))
     ids = torch.randint(0, 11, (7, 4))
     compiled = copy.deepcopy(model)
-    compiled.compile_regions(**_options(graphs="several"))
+    compiled.compile_regions(**_options(graphs="several", loss_reduction="sum"))
     with pytest.raises(bkcompile.PrivacyError, match=r"different batch sizes \[7, 14"):
         compiled(ids).sum().backward()
 

@@ -154,6 +154,7 @@ def test_map_style_dataset_with_a_padding_collate_fn_trains_as_eager_dp_sgd() ->
         target_delta=1e-5,
         noise_multiplier=1e-12,  # noise far below the tolerance: the clipped sums are compared
         generator=torch.Generator().manual_seed(2),
+        loss_reduction="mean",
         **OPTIONS,
     )
     reference_opt = torch.optim.SGD(reference.parameters(), lr=lr)
@@ -193,6 +194,7 @@ def test_workers_and_pinning_carry_over_and_sample_the_same_batches() -> None:
                 target_delta=1e-5,
                 noise_multiplier=1.0,
                 generator=torch.Generator().manual_seed(4),
+                loss_reduction="sum",
                 **OPTIONS,
             )
             assert (loader.num_workers, loader.pin_memory) == (workers, pin)
@@ -216,6 +218,7 @@ def _make_private(loader: torch.utils.data.DataLoader, **kwargs):
         max_grad_norm=1.0,
         target_delta=1e-5,
         noise_multiplier=1.0,
+        loss_reduction="sum",  # the tests' loss: compiled(batch).sum()
         **OPTIONS,
         **kwargs,
     )
@@ -353,7 +356,9 @@ def test_micro_batches_accumulate_one_batch_exactly() -> None:
         torch.manual_seed(4)
         model = nn.Linear(5, 3).double()
         loader = bkcompile.PoissonLoader(data, sample_rate=0.3, steps=1, generator=torch.Generator().manual_seed(1))
-        compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 0.2, **OPTIONS})
+        compiled = torch.compile(
+            model, backend="bk_dp", options={"max_grad_norm": 0.2, "loss_reduction": "mean", **OPTIONS}
+        )
         optimizer = bkcompile.DPOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=0.2, data_loader=loader
         )

@@ -12,7 +12,7 @@ from oracle import clipped_sum
 
 import bkcompile
 
-OPTIONS = {"max_grad_norm": 0.5, "compiler": "aot_eager"}
+OPTIONS = {"max_grad_norm": 0.5, "compiler": "aot_eager", "loss_reduction": "mean"}
 
 
 @pytest.mark.parametrize(

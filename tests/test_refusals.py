@@ -10,13 +10,13 @@ from helpers import raises_bk
 
 import bkcompile
 
-OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}
+OPTIONS = {"max_grad_norm": 1.0, "compiler": "aot_eager"}  # a loss the model returns: recognised
+TRAIN = {**OPTIONS, "loss_reduction": "mean"}  # _train_step's loss, a batch mean outside the model
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, options: dict = OPTIONS) -> None:
+def _train_step(model: nn.Module, x: torch.Tensor, options: dict = TRAIN) -> None:
     compiled = torch.compile(model, backend="bk_dp", options=options)
-    out = compiled(x)
-    (out if out.dim() == 0 else out.sum(1).mean()).backward()
+    compiled(x).sum(1).mean().backward()
 
 
 def test_batch_norm_in_training_mode() -> None:
@@ -88,7 +88,7 @@ def test_registered_rule_makes_a_custom_op_work() -> None:
     twin = copy.deepcopy(model)
     bkcompile.register_batch_rule(torch.ops.bktest.mystery.default)(bkcompile.rules.pointwise)
     try:
-        _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager"})
+        _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager", "loss_reduction": "mean"})
     finally:
         from bkcompile.passes.ops import LAWS
 
@@ -188,7 +188,7 @@ def test_bad_options_are_named(options: dict, fragment: str) -> None:
 def test_recompile_limit_is_an_error_not_an_eager_run() -> None:
     # past the limit dynamo would run the model eagerly (unclipped); importing bkcompile makes that an error
     model = nn.Linear(3, 2)
-    compiled = torch.compile(model, backend="bk_dp", options=OPTIONS, dynamic=False)
+    compiled = torch.compile(model, backend="bk_dp", options=TRAIN, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=1):
         compiled(torch.randn(4, 3)).sum(1).mean().backward()
         model.double()
@@ -227,7 +227,7 @@ def test_a_buffer_written_from_the_batch_is_refused_at_every_batch_size(make, bu
     model = make().double()
     x = torch.randn(size, 2, 4, 4, dtype=torch.float64) if buffer != "ema" else torch.randn(size, 4).double()
     before = {k: v.clone() for k, v in model.named_buffers()}
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    compiled = torch.compile(model, backend="bk_dp", options={**OPTIONS, "loss_reduction": "sum"})
     with raises_bk(bkcompile.SampleMixingError, f"it writes the buffer {buffer!r} from the batch", "pass: buffers"):
         compiled(x).sum().backward()
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())  # nothing reached the buffers
@@ -245,7 +245,7 @@ def test_a_buffer_counter_of_steps_is_allowed() -> None:
             return self.fc(x)
 
     model = Counting().double()
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": 1.0, "compiler": "aot_eager"})
+    compiled = torch.compile(model, backend="bk_dp", options={**OPTIONS, "loss_reduction": "sum"})
     for size in (1, 3):
         compiled(torch.randn(size, 4).double()).sum().backward()
     assert model.steps.item() == 2

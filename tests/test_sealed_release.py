@@ -15,7 +15,7 @@ from oracle import clipped_sum
 import bkcompile
 
 R = 0.5
-OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager"}
+OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean"}  # the losses here: batch means
 B = 4
 
 
@@ -323,7 +323,7 @@ def test_the_readme_accumulation_recipe_under_inductor_with_a_dynamic_batch() ->
     optimizer = bkcompile.DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=R, data_loader=loader
     )
-    cm = bkcompile.compile(model, max_grad_norm=R)
+    cm = bkcompile.compile(model, max_grad_norm=R, loss_reduction="mean")
     for step, (xb, yb) in enumerate(loader):
         assert len(xb) > 5
         for xs, ys in bkcompile.micro_batches((xb, yb), 5):

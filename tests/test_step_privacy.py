@@ -16,7 +16,7 @@ import bkcompile
 from bkcompile.ledger import ledger_of
 
 R = 0.5
-OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager"}
+OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean"}  # the losses here: batch means
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -106,7 +106,9 @@ def test_the_fix_for_two_calls_is_exact() -> None:
 def test_inductor_and_dynamic_batch_go_through_the_ledger(broken: bool) -> None:
     model = _mlp(torch.float32)
     target = _Broken(model) if broken else model
-    compiled = torch.compile(target, backend="bk_dp", options={"max_grad_norm": R}, dynamic=True)
+    compiled = torch.compile(
+        target, backend="bk_dp", options={"max_grad_norm": R, "loss_reduction": "mean"}, dynamic=True
+    )
     optimizer = _optimizer(model)
     for size in (5, 9):
         x, y = _batch(size, torch.float32, seed=size)

@@ -73,7 +73,8 @@ def _train(game: CanaryGame, included: torch.Tensor, generator: torch.Generator,
     m, radius = game.canaries, game.max_grad_norm
     model = torch.nn.Linear(m, 1, bias=False, dtype=torch.float64)
     torch.nn.init.zeros_(model.weight)
-    compiled = torch.compile(model, backend="bk_dp", options={"max_grad_norm": radius, "compiler": game.compiler})
+    options = {"max_grad_norm": radius, "compiler": game.compiler, "loss_reduction": "mean"}  # the loop's .mean()
+    compiled = torch.compile(model, backend="bk_dp", options=options)
     rows = CANARY_SCALE * radius * torch.eye(m, dtype=torch.float64)[included]
     loader = PoissonLoader(rows, sample_rate=game.sample_rate, steps=game.steps, generator=generator)
     noisy = game.noise_multiplier > 0

@@ -31,7 +31,7 @@ import transformers
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier, steps_per_epoch
 from bkcompile.batch import mark_batch_dynamic
-from bkcompile.errors import BKError
+from bkcompile.errors import BKError, OptionError
 from bkcompile.optimizer import DPOptimizer
 from bkcompile.options import parse_options
 
@@ -44,7 +44,8 @@ class PrivacyArguments:
 
     ``target_epsilon`` calibrates the noise for the Trainer's ``num_train_epochs`` (or ``max_steps``).
     ``seed`` seeds sampling and noise (None: OS entropy). ``backend_options`` go to ``bk_dp``
-    (``clipping``, ``strategy``, ...), checked here (a bad one is an :class:`~bkcompile.OptionError`).
+    (``clipping``, ``strategy``, ...), checked here (a bad one is an :class:`~bkcompile.OptionError`). They do not
+    set ``loss_reduction``: :class:`DPTrainer` computes the loss itself, a mean of per-sample losses, and says so.
     """
 
     target_delta: float
@@ -62,6 +63,12 @@ class PrivacyArguments:
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise BKError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         parse_options({"max_grad_norm": self.max_grad_norm, **self.backend_options})
+        if self.backend_options.get("loss_reduction", "mean") != "mean":
+            raise OptionError(
+                f"backend_options loss_reduction={self.backend_options['loss_reduction']!r}: DPTrainer computes the "
+                "loss itself, a mean over the batch of per-sample losses (loss_fn), and sets loss_reduction='mean'. "
+                "Fix: leave loss_reduction out"
+            )
 
 
 def _default(args: transformers.TrainingArguments, name: str) -> Any:
@@ -231,8 +238,8 @@ class DPTrainer(transformers.Trainer):
             options = {
                 "max_grad_norm": self.privacy.max_grad_norm,
                 "expected_batch_size": self.expected_batch_size,
-                "loss_reduction": "mean",  # compute_loss: a mean over the batch of per-sample losses
                 **self.privacy.backend_options,
+                "loss_reduction": "mean",  # compute_loss: a mean over the batch of per-sample losses
             }
             self._compiled[id(model)] = torch.compile(_Logits(model), backend="bk_dp", options=options)
         return self._compiled[id(model)]
