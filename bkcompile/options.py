@@ -12,14 +12,15 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from bkcompile.errors import OptionError
+from bkcompile.policy import STYLES
 
 LossReduction = Literal["auto", "mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
-ClipFn = Literal["abadi", "automatic"]
+ClipFn = Literal["abadi", "automatic"]  # the keys of bkcompile.policy.CLIP_FUNCTIONS
 Graphs = Literal["auto", "several"]
 Mode = Literal["default", "max-autotune-no-cudagraphs"]
-CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise", "per-device")
+CLIPPING_STYLES = tuple(STYLES)  # bkcompile.policy
 MODES = ("default", "max-autotune-no-cudagraphs")
 # Inductor's other modes, and why bk_dp refuses them.
 _REFUSED_MODES = {

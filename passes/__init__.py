@@ -6,14 +6,18 @@ what it produces:
 1. ``batch_axis``  ``joint.facts``: every value batched on dim k / replicated / reduced (batch_axis.py, ops/)
 2. ``sites``       ``params``: each parameter's gradient and the ops reducing samples into it (sites.py)
 3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s (loss.py)
-4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
-                   (groups.py)
+4. ``groups``      ``grouping``: clipping groups (by graph input) and their thresholds, by the clipping policy
+                   (groups.py, ``bkcompile.policy``)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py)
 
 A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
 ``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
 gradients to the clip at the end of the backward (pieces.py, ``bkcompile.deferred``).
+
+:func:`privatize` returns the :class:`bkcompile.plan.GraphPlan` of the graph: its clipping groups, policy, piece
+spec and report, which the graph's run-time record owns. The graph reaches its record at run time by the integer
+``key`` the backend gives the pass.
 
 Invariants after each pass (checked with the ``check_passes`` option): the graph lints, every node keeps
 a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove privacy raises a
@@ -23,7 +27,6 @@ a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove pri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,17 +36,16 @@ from bkcompile.passes.buffers import refuse_buffer_writes
 from bkcompile.passes.clip import acc_dtype, clip_single_sample, insert_clipping, trainable_grads
 from bkcompile.passes.cost import CostPlan, Reason, Strategy, backward_flops, choose, compiled_sizes
 from bkcompile.passes.driver import Pass, named, run_passes
-from bkcompile.passes.groups import Grouping, clip_groups
+from bkcompile.passes.groups import clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale, warn_assumed_mean
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
+from bkcompile.passes.report import build_report
 from bkcompile.passes.sites import ParamGrad, find_sites
 
-from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions
-
-# The backend's way to the model's step ledger: the shared clip state of a graph's clipping groups.
-ClipStates = Callable[[Grouping], ClipState]
+from bkcompile.plan import GraphPlan, Grouping, PieceSpec
+from bkcompile.policy import ClipPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +55,13 @@ class PassState:
     joint: JointGraph
     options: BKOptions
     fake_mode: Any
-    clip_states: ClipStates  # the backend's way to the model's step ledger
+    key: int  # the graph's run-time record, named in its calls of the run-time ops
     role: GraphRole = WHOLE  # the whole model, or one piece of it
     params: tuple[ParamGrad, ...] = ()  # sites
     scale: LossScale | None = None  # loss_scale
     grouping: Grouping | None = None  # groups: the clipping groups and their initial thresholds
-    clip: ClipState | None = None  # groups: the groups' clip state, in the model's step ledger (not for a piece)
     cost: CostPlan | None = None  # cost
+    piece: PieceSpec | None = None  # defer: what a piece hands over to the clip at the end of the backward
 
 
 def _batch_axis(state: PassState) -> PassState:
@@ -88,16 +90,9 @@ def _loss_scale(state: PassState) -> PassState:
 
 
 def _groups(state: PassState) -> PassState:
-    params = [name for _, name, _ in trainable_grads(state.joint)]
-    devices = {
-        graph_input.name: str(node.meta["val"].device)
-        for node, graph_input in zip(state.joint.primals, state.joint.inputs, strict=True)
-        if isinstance(node.meta["val"], torch.Tensor)
-    }
-    grouping = clip_groups(params, devices, state.options)
-    if state.role.piece:  # the groups of a piece join those of the other pieces at the end of the backward
-        return dataclasses.replace(state, grouping=grouping)
-    return dataclasses.replace(state, grouping=grouping, clip=state.clip_states(grouping))
+    primals = state.joint.primals
+    params = [(index, name, str(primals[index].meta["val"].device)) for index, name, _ in trainable_grads(state.joint)]
+    return dataclasses.replace(state, grouping=clip_groups(params, ClipPolicy.of(state.options)))
 
 
 def _cost(state: PassState) -> PassState:
@@ -122,7 +117,7 @@ def _clipping(state: PassState) -> PassState:
         state.cost.norm_dtype,
         state.scale,
         state.grouping,
-        state.clip.key,
+        state.key,
         state.options,
         state.fake_mode,
     )
@@ -130,23 +125,22 @@ def _clipping(state: PassState) -> PassState:
 
 
 def _single_sample(state: PassState) -> PassState:
-    clip_single_sample(state.joint, state.grouping, state.clip.key, state.options, state.fake_mode)
+    clip_single_sample(state.joint, state.grouping, state.key, state.options, state.fake_mode)
     return state
 
 
 def _defer(state: PassState) -> PassState:
-    kept = defer_clipping(state)
+    kept, piece = defer_clipping(state)
     for plan in state.cost.plans:  # what the piece keeps until the clip at the end of the backward
-        if plan.param.name in kept:
+        if plan.param.index in kept:
             plan.reason = Reason.DEFERRED_GHOST
         else:
             plan.strategy, plan.reason = Strategy.EXPLICIT, Reason.DEFERRED
-    return _sorted(state)
+    return _sorted(dataclasses.replace(state, piece=piece))
 
 
 def _defer_single_sample(state: PassState) -> PassState:
-    defer_single_sample(state)
-    return state
+    return dataclasses.replace(state, piece=defer_single_sample(state))
 
 
 PIPELINE: list[Pass[PassState]] = [
@@ -188,19 +182,26 @@ def privatize(
     inputs: tuple[GraphInput, ...],
     options: BKOptions,
     fake_mode: Any,
-    clip_states: ClipStates,
+    key: int,
     role: GraphRole = WHOLE,
-) -> PassState:
-    """Run the pipeline on a joint graph in place; return what the passes found."""
+) -> GraphPlan:
+    """Run the pipeline on a joint graph in place; return the graph's plan for its run time. ``key``: the graph's
+    run-time record, which the graph names in its calls of the run-time ops."""
     with named("inputs"):
         joint = joint_graph(gm, num_fwd_outputs, inputs)
     if role.piece:
         passes = PIECE_SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIECE_PIPELINE
     else:
         passes = SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIPELINE
-    state = PassState(joint, options, fake_mode, clip_states, role)
+    state = PassState(joint, options, fake_mode, key, role)
     label = "piece" if role.piece else "joint"
     state = run_passes(passes, state, gm, check=options.check_passes, dump=options.dump, label=label)
     gm.graph.lint()
     gm.recompile()
-    return state
+    return GraphPlan(
+        role.label,
+        ClipPolicy.of(options),
+        state.grouping,
+        state.piece,
+        build_report(state) if state.cost is not None and state.cost.plans else None,
+    )
