@@ -127,7 +127,7 @@ def join_piece(piece, finalize: Callable[[Backward], None]) -> None:
     """A piece hands over its per-sample gradients; ``finalize`` runs once at the end of the backward."""
     if torch._C._current_graph_task_id() < 0:
         raise PrivacyError(
-            f"the backward of {piece.graph.label} ran outside an autograd backward; bkcompile clips in "
+            f"the backward of {piece.label} ran outside an autograd backward; bkcompile clips in "
             "loss.backward() (or torch.autograd.backward)"
         )
     open_backward(finalize).pieces.append(piece)

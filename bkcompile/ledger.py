@@ -336,6 +336,7 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
         call = ctx.call
         _WATCH.enter(call)
+        call.aliases = ()  # the graph's backward has run: they held this node alive (their grad_fn), in a cycle
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
         if ledger.released_by_optimizer():  # the plain path keeps no steps
@@ -357,12 +358,22 @@ def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
 _BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
 
 
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """What the watch keeps of a call: enough to tell two calls apart, nothing that keeps a model alive."""
+
+    graph: weakref.ref[GraphRecord]
+    piece: bool
+    params: tuple[int, ...]  # the identities of its parameters (alive while their backward runs)
+    where: str
+
+
 class _BackwardWatch:
     """The calls whose clipped gradients the running autograd backward (graph task) has written."""
 
     def __init__(self) -> None:
         self.task = -1
-        self.calls: list[CallRecord] = []
+        self.calls: list[_Seen] = []
 
     def enter(self, call: CallRecord) -> None:
         if call.backwards:
@@ -376,9 +387,10 @@ class _BackwardWatch:
         task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
         if task != self.task:
             self.task, self.calls = task, []
-        if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
+        params = tuple(map(id, call.params))
+        if self.calls and not (call.graph.piece and all(c.piece for c in self.calls)):
             first = self.calls[0]
-            if first.graph is call.graph and all(p is q for p, q in zip(first.params, call.params)):
+            if first.graph() is call.graph and first.params == params:
                 raise ClipOnceError(
                     f"the compiled model was called twice before one backward: first call at {first.where}, "
                     f"second call at {call.where}\n"
@@ -397,7 +409,7 @@ class _BackwardWatch:
                 "and head too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, "
                 "once per sample; or compile the model as one graph"
             )
-        self.calls.append(call)
+        self.calls.append(_Seen(weakref.ref(call.graph), call.graph.piece, params, call.where))
 
 
 _WATCH = _BackwardWatch()
