@@ -13,12 +13,12 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.backend import bk_dp, compile
 from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
-from bkcompile.data import PoissonLoader
+from bkcompile.data import DistributedPoissonLoader, PoissonLoader
 from bkcompile.deferred import last_clip_spans
-from bkcompile.distributed import DistributedPoissonLoader
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
+    InternalError,
     LossReductionError,
     LossReductionWarning,
     NotSupportedYetError,
@@ -66,6 +66,7 @@ __all__ = [
     "BKOptions",
     "ClipOnceError",
     "CostReport",
+    "InternalError",
     "LossReductionError",
     "LossReductionWarning",
     "NotSupportedYetError",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from bkcompile.errors import PrivacyError
+from bkcompile.errors import PrivacyError, run_error
 
 
 def storage_key(tensor: torch.Tensor) -> tuple | None:
@@ -126,8 +126,10 @@ def nested_in_this_backward(outputs) -> None:
 def join_piece(piece, finalize: Callable[[Backward], None]) -> None:
     """A piece hands over its per-sample gradients; ``finalize`` runs once at the end of the backward."""
     if torch._C._current_graph_task_id() < 0:
-        raise PrivacyError(
-            f"the backward of {piece.label} ran outside an autograd backward; bkcompile clips in "
-            "loss.backward() (or torch.autograd.backward)"
+        raise run_error(
+            PrivacyError,
+            f"the backward of {piece.label} ran outside an autograd backward",
+            "bkcompile clips the pieces of one backward together, which only autograd's engine runs",
+            "call loss.backward() (or torch.autograd.backward)",
         )
     open_backward(finalize).pieces.append(piece)

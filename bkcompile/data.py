@@ -7,6 +7,12 @@ work as usual. Batches vary in size and may be empty: an empty batch still goes 
 (it collates two copies of example 0 and keeps zero rows of each per-sample leaf, so shapes past dim 0
 and dtypes are right). Coupled to a ``DPOptimizer`` (``make_private`` does it), the loader refuses to hand
 out a batch before ``step()`` consumed the previous one: each step is one Poisson sample at rate q.
+
+Poisson sampling of the union of the ranks' data (``DistributedPoissonLoader``): every rank draws the same
+global mask from a shared generator and keeps every W-th selected row, so the global batch is exactly the
+single-process one and the local batches differ in size by at most one (they may be empty; the batch axis is
+dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank still runs its
+backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from bkcompile.accountant import steps_per_epoch
 from bkcompile.batch import map_rows, mark_rows_dynamic
+from bkcompile.distributed import world_size
 from bkcompile.draws import note_draw
-from bkcompile.errors import BKError, PrivacyError, SamplingError
-from bkcompile.randomness import secret_generator
+from bkcompile.errors import BKError, PrivacyError, SamplingError, run_error
+from bkcompile.randomness import secret_generator, shared_generator
 
 # DataLoader arguments that choose the samples, which Poisson sampling replaces: (why, fix) of their refusal. Their
 # DataLoader defaults (None, and False: no sampler, no batch sampler, no shuffling asked for, no batch dropped)
@@ -68,13 +76,14 @@ class OneBatchPerStep:
 
     def draw(self, rows: int) -> None:
         if self.pending:
-            raise PrivacyError(
-                "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first; "
+            raise run_error(
+                PrivacyError,
+                "a second batch was drawn from the Poisson loader before optimizer.step() consumed the first",
                 "the accountant records one step at the loader's sample rate q per step(), and two batches per "
-                "step are a sample of rate about 2q. Fix: call optimizer.step() once per loader batch (an empty "
-                "batch too: it adds noise); to accumulate gradients, split ONE batch with "
-                "bkcompile.micro_batches(batch, max_size) and run a backward per micro-batch before the step (to "
-                "evaluate on the training data, iterate your original DataLoader)"
+                "step are a sample of rate about 2q",
+                "call optimizer.step() once per loader batch (an empty batch too: it adds noise); to accumulate "
+                "gradients, split ONE batch with bkcompile.micro_batches(batch, max_size) and run a backward per "
+                "micro-batch before the step (to evaluate on the training data, iterate your original DataLoader)",
             )
         self.pending, self.rows = True, rows
 
@@ -158,7 +167,7 @@ class PoissonLoader:
             value = loader_options.pop(name, None)
             if value is not None and value is not False:
                 shown = repr(value) if isinstance(value, (bool, int, float, str)) else f"<{type(value).__name__}>"
-                raise SamplingError(f"PoissonLoader cannot take {name}={shown}\n  why: {why}\n  fix: {fix}")
+                raise run_error(SamplingError, f"PoissonLoader cannot take {name}={shown}", why, fix)
         if (sample_rate is None) == (batch_size is None):
             raise SamplingError(
                 "PoissonLoader takes one of sample_rate (q) and batch_size (the expected batch size, "
@@ -282,3 +291,19 @@ def _as_dataset(data: Sequence[Dataset | torch.Tensor]) -> Dataset:
     if len(dataset) == 0:
         raise BKError("PoissonLoader needs a non-empty dataset")
     return dataset
+
+
+class DistributedPoissonLoader(PoissonLoader):
+    """Poisson sampling of the union of the ranks' data: each rank yields its part of one global batch.
+
+    Every rank passes the same whole dataset (and the same options as to :class:`PoissonLoader`). Each
+    step draws one global mask (each of the N examples in with probability ``sample_rate``) from a
+    generator shared by all ranks, and rank r keeps the selected examples ``r, r + W, r + 2W, ...``.
+    ``expected_batch_size`` is the global ``q * N``; ``state_dict`` (the shared generator and the
+    position in the epoch) is the same on every rank.
+    """
+
+    def __init__(self, *data: Any, generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(*data, generator=shared_generator(generator), **options)  # sample_rate, steps, ...
+        if world_size() > 1:
+            self.batch_sampler.part = slice(dist.get_rank(), None, world_size())

@@ -12,17 +12,15 @@ must release
 the single-process update on the union batch: one Gaussian draw per coordinate, not one per rank (W
 draws would add W times the variance to the sum of the ranks' updates, or, averaged, leave the
 replicas apart). So every rank draws the *same* noise from a generator whose state rank 0 owns and
-broadcasts once (:func:`shared_generator`), undoes the average (times W), adds that noise and
+broadcasts once (``randomness.shared_generator``), undoes the average (times W), adds that noise and
 divides by the global expected batch size: the replicas apply bit-identical updates and stay equal.
 Before adding noise :func:`sum_of_clipped_sums` checks that every rank holds the same gradients
 (a fingerprint all-gathered): gradients that no all-reduce combined (a model not wrapped in DDP)
 would otherwise be released at the wrong scale and leave the replicas apart.
 
-Poisson sampling of the union (:class:`DistributedPoissonLoader`): every rank draws the same global
-mask from a shared generator and keeps every W-th selected row, so the global batch is exactly the
-single-process one and the local batches differ in size by at most one (they may be empty; the batch
-axis is dynamic, so an empty local batch runs the compiled graph without a recompile, and every rank
-still runs its backward, which DDP's all-reduce needs). The accountant sees the global sample rate.
+Poisson sampling of the union is the data's (``bkcompile.data.DistributedPoissonLoader``), the shared
+generator the randomness's (``bkcompile.randomness.shared_generator``): this module is the run time's
+collectives and FSDP2 bookkeeping alone, so the step ledger does not depend on the data loader.
 
 FSDP2 (``fully_shard``): the bk_dp graphs run on the unsharded parameters FSDP2 all-gathers, and the
 step ledger writes their clipped sums into those; FSDP2 reduce-scatters them into the sharded (DTensor)
@@ -41,7 +39,6 @@ rank draws the whole parameter's noise from the shared generator and keeps its s
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,30 +51,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.data import PoissonLoader
-from bkcompile.errors import NotSupportedYetError, PrivacyError
-from bkcompile.randomness import secret_generator
+from bkcompile.errors import NotSupportedYetError, PrivacyError, run_error
 
 
 def world_size() -> int:
     """The number of ranks of the default process group (1 when none is initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def shared_generator(generator: torch.Generator | None) -> torch.Generator:
-    """A generator in the same state on every rank: rank 0's ``generator`` (OS entropy when None).
-
-    Outside a process group the generator is returned as it is (seeded from OS entropy when None).
-    The state is broadcast into ``generator`` itself, so an object shared by the loader and the
-    optimizer stays one stream.
-    """
-    if generator is None:
-        generator = secret_generator()  # OS entropy: only rank 0's survives the broadcast
-    if world_size() > 1:
-        state = [generator.get_state()]
-        dist.broadcast_object_list(state, src=0)
-        generator.set_state(state[0])
-    return generator
 
 
 def is_dtensor(value: object) -> bool:
@@ -101,13 +80,14 @@ def sum_of_clipped_sums(params: list[torch.Tensor], sums: list[torch.Tensor | No
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if any(not torch.equal(other, mine) for other in every):
-        raise PrivacyError(
-            "the clipped gradients differ between ranks at DPOptimizer.step()\n"
-            "  why: in a process group every rank must hold the all-reduced clipped sums of the union batch; "
-            "noising each rank's own gradients would not be one private step of the whole batch\n"
-            "  fix: wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
+        raise run_error(
+            PrivacyError,
+            "the clipped gradients differ between ranks at DPOptimizer.step()",
+            "in a process group every rank must hold the all-reduced clipped sums of the union batch; noising "
+            "each rank's own gradients would not be one private step of the whole batch",
+            "wrap the model in DistributedDataParallel (DDP(model) compiled with backend='bk_dp', or "
             "DDP(torch.compile(model, backend='bk_dp'))) or shard it with fully_shard, and run forward and "
-            "backward on every rank at every step, with an empty batch where a rank has no sample"
+            "backward on every rank at every step, with an empty batch where a rank has no sample",
         )
     for s in replicated:
         if s is not None:
@@ -121,12 +101,13 @@ def _divisor(p: torch.Tensor) -> float:
     group = _SHARDS.get(p)
     mesh = p.device_mesh
     if group is None or mesh.size() != world_size():
-        raise NotSupportedYetError(
+        raise run_error(
+            NotSupportedYetError,
             f"a sharded parameter of shape {tuple(p.shape)} on a device mesh of {mesh.size()} of the "
-            f"{world_size()} ranks at DPOptimizer.step()\n"
-            "  why: bkcompile proves FSDP2 gradients reduce-scattered over the whole process group (fully_shard on "
-            "a one-dimensional mesh of every rank); other meshes (tensor parallel, a sub-mesh) hold other sums\n"
-            "  fix: fully_shard(module, mesh=init_device_mesh(device_type, (world_size,))), or DDP"
+            f"{world_size()} ranks at DPOptimizer.step()",
+            "bkcompile proves FSDP2 gradients reduce-scattered over the whole process group (fully_shard on a "
+            "one-dimensional mesh of every rank); other meshes (tensor parallel, a sub-mesh) hold other sums",
+            "fully_shard(module, mesh=init_device_mesh(device_type, (world_size,))), or DDP",
         )
     return float(group.gradient_divide_factor or mesh.size())
 
@@ -321,19 +302,3 @@ def sum_over_ranks(counts: torch.Tensor) -> None:
     dist.all_reduce(on_device)
     if on_device is not counts:
         counts.copy_(on_device)
-
-
-class DistributedPoissonLoader(PoissonLoader):
-    """Poisson sampling of the union of the ranks' data: each rank yields its part of one global batch.
-
-    Every rank passes the same whole dataset (and the same options as to :class:`PoissonLoader`). Each
-    step draws one global mask (each of the N examples in with probability ``sample_rate``) from a
-    generator shared by all ranks, and rank r keeps the selected examples ``r, r + W, r + 2W, ...``.
-    ``expected_batch_size`` is the global ``q * N``; ``state_dict`` (the shared generator and the
-    position in the epoch) is the same on every rank.
-    """
-
-    def __init__(self, *data: Any, generator: torch.Generator | None = None, **options: Any) -> None:
-        super().__init__(*data, generator=shared_generator(generator), **options)  # sample_rate, steps, ...
-        if world_size() > 1:
-            self.batch_sampler.part = slice(dist.get_rank(), None, world_size())

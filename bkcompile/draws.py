@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bkcompile.errors import ClipOnceError
+from bkcompile.errors import ClipOnceError, run_error
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,12 +92,13 @@ class StepRows:
         for span in spans:
             for seen, seen_where in self.done:
                 if span.overlaps(seen):
-                    raise ClipOnceError(
+                    raise run_error(
+                        ClipOnceError,
                         f"the compiled call at {where} clips rows that a backward earlier in this step clipped "
-                        f"already (the call at {seen_where})\n"
-                        "  why: a row clipped in two backwards of one step contributes up to 2R to the update\n"
-                        "  fix: split the batch into disjoint micro-batches (bkcompile.micro_batches(batch, "
-                        "max_size)), one backward each, and step once; or add the losses and call backward() once"
+                        f"already (the call at {seen_where})",
+                        "a row clipped in two backwards of one step contributes up to 2R to the update",
+                        "split the batch into disjoint micro-batches (bkcompile.micro_batches(batch, max_size)), "
+                        "one backward each, and step once; or add the losses and call backward() once",
                     )
             self.now.append((span, where))
             loader = drawn_by(span)

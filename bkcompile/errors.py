@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TypeVar
 
 import torch.fx
 
@@ -12,7 +13,15 @@ from bkcompile.names import user_path
 
 
 class BKError(Exception):
-    """Base class of every error bkcompile raises."""
+    """Base class of every error bkcompile raises. One raised inside a pass names it (:meth:`in_pass`)."""
+
+    pass_name: str | None = None
+
+    def in_pass(self, name: str) -> None:
+        """Name the pass the error comes from (once: the innermost pass wins)."""
+        if self.pass_name is None:
+            self.pass_name = name
+            self.args = (f"{self.args[0] if self.args else ''}\n  pass: {name}", *self.args[1:])
 
 
 class OptionError(BKError, ValueError):
@@ -28,16 +37,8 @@ class PrivacyError(BKError):
     """The graph cannot be privatized exactly; training it would not be differentially private.
 
     Raised by the passes through :func:`node_error` (the op, the user's source line, why, the fix); the
-    pass driver adds the name of the pass (:meth:`in_pass`).
+    pass driver adds the name of the pass (:meth:`BKError.in_pass`).
     """
-
-    pass_name: str | None = None
-
-    def in_pass(self, name: str) -> None:
-        """Name the pass the error comes from (once: the innermost pass wins)."""
-        if self.pass_name is None:
-            self.pass_name = name
-            self.args = (f"{self.args[0] if self.args else ''}\n  pass: {name}", *self.args[1:])
 
 
 class UnsupportedOpError(PrivacyError):
@@ -76,9 +77,23 @@ class ReleaseError(PrivacyError):
     accounted loader, a release the accountant would not count."""
 
 
+E = TypeVar("E", bound=BKError)
+
+
+def run_error(cls: type[E], what: str, why: str, fix: str) -> E:
+    """The one builder of run-time errors (no graph node: a call, a backward, a step): what happened, why it is
+    refused, the fix; the twin of :func:`node_error` for what the passes refuse."""
+    return cls(f"{what}\n  why: {why}\n  fix: {fix}")
+
+
 def release_error(what: str, why: str, fix: str) -> ReleaseError:
-    """The one builder of release refusals (run time, no graph node): what happened, why it is refused, the fix."""
-    return ReleaseError(f"{what}\n  why: {why}\n  fix: {fix}")
+    """A release refusal (:class:`ReleaseError`) through :func:`run_error`."""
+    return run_error(ReleaseError, what, why, fix)
+
+
+class InternalError(PrivacyError):
+    """A pass failed with an exception of its own code or of torch (a bug of bkcompile: please report it). The
+    pass driver wraps it, naming the pass and the op the pass was at; the graph is refused, never run unclipped."""
 
 
 class PassInvariantError(BKError):

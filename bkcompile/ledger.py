@@ -65,7 +65,7 @@ from bkcompile.distributed import (
     used_eagerly_in_sharded_model,
 )
 from bkcompile.draws import Span, StepRows, span_of
-from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error
+from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error, run_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.norms import ClipState, latest_norms
 from bkcompile.plan import GraphPlan
@@ -257,12 +257,12 @@ def running_state(record: GraphRecord) -> ClipState:
         if isinstance(edge, tap) and edge.call.graph is record:
             return edge.call.binding.clip.state
     groups = record.plan.grouping.names if record.plan is not None else ()
-    raise PrivacyError(
+    raise run_error(
+        PrivacyError,
         f"the backward of a bk_dp graph (clipping groups {', '.join(groups)}) ran outside the call that "
-        "produced it, so bkcompile cannot tell which model's clip state it clips with\n"
-        "  why: clipping with another model's thresholds would not match the noise of that model's optimizer\n"
-        "  fix: run the backward through torch's autograd engine (not compiled autograd) after calling the "
-        "compiled model"
+        "produced it, so bkcompile cannot tell which model's clip state it clips with",
+        "clipping with another model's thresholds would not match the noise of that model's optimizer",
+        "run the backward through torch's autograd engine (not compiled autograd) after calling the compiled model",
     )
 
 
@@ -377,11 +377,12 @@ class _BackwardWatch:
 
     def enter(self, call: CallRecord) -> None:
         if call.backwards:
-            raise ClipOnceError(
-                f"a second backward runs through the compiled call at {call.where}\n"
-                "  why: each backward would clip the samples of that call again, so one sample could contribute "
-                "up to 2R to the step\n"
-                "  fix: add the losses and call backward() once (loss = loss1 + loss2; loss.backward())"
+            raise run_error(
+                ClipOnceError,
+                f"a second backward runs through the compiled call at {call.where}",
+                "each backward would clip the samples of that call again, so one sample could contribute up to 2R "
+                "to the step",
+                "add the losses and call backward() once (loss = loss1 + loss2; loss.backward())",
             )
         call.backwards += 1
         task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
@@ -391,23 +392,24 @@ class _BackwardWatch:
         if self.calls and not (call.graph.piece and all(c.piece for c in self.calls)):
             first = self.calls[0]
             if first.graph() is call.graph and first.params == params:
-                raise ClipOnceError(
+                raise run_error(
+                    ClipOnceError,
                     f"the compiled model was called twice before one backward: first call at {first.where}, "
-                    f"second call at {call.where}\n"
-                    "  why: each call is clipped on its own, so a sample in both could contribute up to 2R to the "
-                    "step\n"
-                    "  fix: put every use of the model in one compiled function (compile a module whose forward "
-                    "computes both passes and returns the summed per-sample loss); when the calls hold different "
-                    "samples, run forward and backward per micro-batch before step()"
+                    f"second call at {call.where}",
+                    "each call is clipped on its own, so a sample in both could contribute up to 2R to the step",
+                    "put every use of the model in one compiled function (compile a module whose forward computes "
+                    "both passes and returns the summed per-sample loss); when the calls hold different samples, "
+                    "run forward and backward per micro-batch before step()",
                 )
-            raise ClipOnceError(
+            raise run_error(
+                ClipOnceError,
                 f"two bk_dp graphs ran in one backward (calls at {first.where} and {call.where}), and one of "
-                "them was compiled as the whole model\n"
-                "  why: a graph compiled as the whole model clips its own part of each sample's gradient, so a "
-                "sample in both could contribute up to 2R to the step\n"
-                "  fix: for modules compiled one by one (regional compilation), compile every one of them, stem "
-                "and head too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, "
-                "once per sample; or compile the model as one graph"
+                "them was compiled as the whole model",
+                "a graph compiled as the whole model clips its own part of each sample's gradient, so a sample in "
+                "both could contribute up to 2R to the step",
+                "for modules compiled one by one (regional compilation), compile every one of them, stem and head "
+                "too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, once per "
+                "sample; or compile the model as one graph",
             )
         self.calls.append(_Seen(weakref.ref(call.graph), call.graph.piece, params, call.where))
 
@@ -474,10 +476,11 @@ class StepLedger:
     def refuse_upstream(self, call: CallRecord) -> None:
         if call.upstream:
             labels = ", ".join(_label(p) for p in call.upstream)
-            raise UnclippedGradientError(
-                f"{labels} computed the inputs of the compiled call at {call.where} outside any bk_dp graph\n"
-                "  why: their gradients would not be clipped, so the step would not be private\n"
-                "  fix: compile the whole model with backend='bk_dp' (the stem too), or freeze those parameters"
+            raise run_error(
+                UnclippedGradientError,
+                f"{labels} computed the inputs of the compiled call at {call.where} outside any bk_dp graph",
+                "their gradients would not be clipped, so the step would not be private",
+                "compile the whole model with backend='bk_dp' (the stem too), or freeze those parameters",
             )
 
     def write(self, call: CallRecord, grads: Sequence) -> None:
@@ -610,11 +613,12 @@ def _eager_accumulation(p: torch.nn.Parameter) -> None:
         return
     road = ledger.road_of(p)
     ledger.entries[p].road = road
-    raise UnclippedGradientError(
-        f"parameter {_label(p)} received a gradient that no bk_dp clip wrote: {road}\n"
-        "  why: an unclipped gradient makes the step not private\n"
-        "  fix: run every use of the parameter inside the bk_dp-compiled model (or detach it outside), with "
-        "dynamo's default stance and suppress_errors off"
+    raise run_error(
+        UnclippedGradientError,
+        f"parameter {_label(p)} received a gradient that no bk_dp clip wrote: {road}",
+        "an unclipped gradient makes the step not private",
+        "run every use of the parameter inside the bk_dp-compiled model (or detach it outside), with dynamo's "
+        "default stance and suppress_errors off",
     )
 
 
@@ -915,9 +919,12 @@ def start_step(params: Sequence[torch.nn.Parameter]) -> None:
         ledger.start_step(params)
 
 
-def refuse_step(problems: list[str]) -> PrivacyError:
-    return UnclippedGradientError(
-        "the gradients were not produced by a bk_dp backward alone since the last zero_grad(); stepping them "
-        "would not be private:\n  " + "\n  ".join(problems) + "\n  fix: compile the model with backend='bk_dp', "
-        "use its parameters only inside the compiled call, and call zero_grad() before each logical batch"
+def refuse_step(problems: list[str]) -> UnclippedGradientError:
+    return run_error(
+        UnclippedGradientError,
+        "the gradients were not produced by a bk_dp backward alone since the last zero_grad():\n  "
+        + "\n  ".join(problems),
+        "stepping them would not be private",
+        "compile the model with backend='bk_dp', use its parameters only inside the compiled call, and call "
+        "zero_grad() before each logical batch",
     )

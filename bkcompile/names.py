@@ -7,7 +7,9 @@ Dynamo names what a graph reads by the Python expression that reaches it from th
 (``L['models'][0].fc``). :func:`user_path` turns all of them into the name ``named_modules()`` and
 ``named_parameters()`` of the root module give: ``fc.weight``, ``encoder.layer.0``,
 ``base_model.model.bert.encoder.layer.0.attention.self.query``. The report, the errors and the parameter names of
-the backend all use it, so each shows one name for one module.
+the backend all use it, so each shows one name for one module. It parses strings rather than walking
+``torch._dynamo.source`` objects: ``nn_module_stack`` keeps only a source's name (torch 2.13), so one parser
+serves the modules and the parameters.
 """
 
 from __future__ import annotations

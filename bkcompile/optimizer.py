@@ -18,13 +18,13 @@ from bkcompile.distributed import (
     like_parameter,
     local,
     local_part,
-    shared_generator,
     sum_of_clipped_sums,
     sum_over_ranks,
 )
-from bkcompile.errors import BKError, PrivacyError, release_error
+from bkcompile.errors import BKError, PrivacyError, release_error, run_error
 from bkcompile.ledger import Clip, ledger_for, ledger_of_params, own, owner_of, start_step, take_release
 from bkcompile.norms import ClipState
+from bkcompile.randomness import shared_generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +64,13 @@ def gradient_noise_multiplier(noise_multiplier: float, count_noise: float, group
         return 0.0
     budget = noise_multiplier**-2 - (2 * count_noise / math.sqrt(groups)) ** -2
     if budget <= 0:
-        raise PrivacyError(
+        raise run_error(
+            PrivacyError,
             f"the count noise {count_noise:.3g} of adaptive clipping over {groups} groups spends more than the whole "
-            f"noise multiplier {noise_multiplier:.3g}; raise count_noise above "
-            f"{math.sqrt(groups) * noise_multiplier / 2:.3g}"
+            f"noise multiplier {noise_multiplier:.3g}",
+            "the counts' noise and the gradients' noise together make one Gaussian mechanism of that noise multiplier; "
+            "the counts alone would spend all of it",
+            f"raise count_noise above {math.sqrt(groups) * noise_multiplier / 2:.3g}",
         )
     return budget**-0.5
 
@@ -260,9 +263,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def _take_clip_state(self, clips: set[Clip]) -> None:
         """The clip state of this step's clipped sums (one clipping of one model per optimizer)."""
         if len({(clip.state, clip.params) for clip in clips}) > 1:
-            raise PrivacyError(
+            raise run_error(
+                PrivacyError,
                 "gradients from graphs with different clipping groups reached one DP optimizer step (several "
-                "models, or blocks compiled one by one); use one optimizer per bk_dp model, compiled as one graph"
+                "models, or blocks compiled one by one)",
+                "the step's noise is scaled to one clipping's thresholds",
+                "use one optimizer per bk_dp model, compiled as one graph",
             )
         if clips:
             self._clip_state = next(iter(clips)).state

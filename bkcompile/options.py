@@ -9,10 +9,9 @@ import math
 import os
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from bkcompile.errors import OptionError
-from bkcompile.policy import STYLES
 
 LossReduction = Literal["auto", "mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
@@ -20,8 +19,9 @@ Strategy = Literal["auto", "fastest", "ghost", "explicit"]
 ClipFn = Literal["abadi", "automatic"]  # the keys of bkcompile.policy.CLIP_FUNCTIONS
 Graphs = Literal["auto", "several"]
 Mode = Literal["default", "max-autotune-no-cudagraphs"]
-CLIPPING_STYLES = tuple(STYLES)  # bkcompile.policy
-MODES = ("default", "max-autotune-no-cudagraphs")
+ClippingStyle = Literal["all-layer", "layer-wise", "param-wise", "per-device"]  # the keys of bkcompile.policy.STYLES
+CLIPPING_STYLES = get_args(ClippingStyle)
+MODES = get_args(Mode)
 # Inductor's other modes, and why bk_dp refuses them.
 _REFUSED_MODES = {
     "reduce-overhead": "it turns on CUDA graphs (triton.cudagraphs), which bk_dp does not support yet",
@@ -93,7 +93,7 @@ class BKOptions:
     strategy: Strategy = "auto"
     memory_budget: int | None = None
     report: bool = False
-    clipping: str | tuple = "all-layer"
+    clipping: ClippingStyle | tuple = "all-layer"
     clip_fn: ClipFn = "abadi"
     clip_gamma: float = 0.01
     check_passes: bool = False
@@ -105,13 +105,13 @@ class BKOptions:
 
 
 _CHOICES = {
-    "loss_reduction": ("auto", "mean", "sum"),
-    "compiler": ("inductor", "aot_eager"),
-    "strategy": ("auto", "fastest", "ghost", "explicit"),
+    "loss_reduction": get_args(LossReduction),
+    "compiler": get_args(Compiler),
+    "strategy": get_args(Strategy),
     "report": (True, False),
     "check_passes": (True, False),
-    "clip_fn": ("abadi", "automatic"),
-    "graphs": ("auto", "several"),
+    "clip_fn": get_args(ClipFn),
+    "graphs": get_args(Graphs),
 }
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
 
 import torch.fx
 
+from bkcompile.errors import PassInvariantError
 from bkcompile.policy import ClipPolicy
-
-if TYPE_CHECKING:
-    from bkcompile.report import CostReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +43,7 @@ class Grouping:
         for g, group in enumerate(self.groups):
             if member in group.members:
                 return g
-        raise ValueError(f"graph input {member} is in no clipping group")
+        raise PassInvariantError(f"graph input {member} is in no clipping group of {self.groups} (a bkcompile bug)")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -88,4 +85,6 @@ class GraphPlan:
     policy: ClipPolicy
     grouping: Grouping  # empty for a graph with nothing to clip
     piece: PieceSpec | None = None  # None: the whole model, clipped in the graph
-    report: CostReport | None = None  # None: no site to report (a batch of one, no trainable parameter)
+    # its bkcompile.report.CostReport (the compile side's type: the run time only hands it back); None: no site to
+    # report (a batch of one, no trainable parameter)
+    report: object | None = None

@@ -9,9 +9,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
-from bkcompile.data import PoissonLoader
-from bkcompile.distributed import DistributedPoissonLoader, is_fully_sharded, world_size
-from bkcompile.errors import BKError, SamplingError
+from bkcompile.data import DistributedPoissonLoader, PoissonLoader
+from bkcompile.distributed import is_fully_sharded, world_size
+from bkcompile.errors import BKError, SamplingError, run_error
 from bkcompile.ledger import know_module
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
 from bkcompile.options import parse_options
@@ -112,31 +112,40 @@ def _check_sampling(data_loader: torch.utils.data.DataLoader, generator: torch.G
             f"IterableDataset ({type(data_loader.dataset).__name__}); Poisson sampling picks examples by index"
         )
     if data_loader.batch_size is None:
-        raise SamplingError(
+        raise run_error(
+            SamplingError,
             "make_private needs a DataLoader with a batch_size (the expected batch size of Poisson sampling); "
-            "a batch_sampler cannot be honoured: build the DataLoader with batch_size=... instead"
+            "a batch_sampler cannot be honoured",
+            "Poisson sampling forms the batches",
+            "build the DataLoader with batch_size=... instead",
         )
     sampler = data_loader.sampler
     default = type(sampler) is SequentialSampler or (
         type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None
     )
     if not default:
-        raise SamplingError(
-            f"the DataLoader's sampler {type(sampler).__name__} cannot be honoured: Poisson sampling draws every "
-            "example of the dataset with probability batch_size / len(dataset). Fix: to train on a subset, pass "
-            "torch.utils.data.Subset(dataset, indices) as the dataset and drop the sampler; weighted or repeated "
-            "sampling has no Poisson accounting here"
+        raise run_error(
+            SamplingError,
+            f"the DataLoader's sampler {type(sampler).__name__} cannot be honoured",
+            "Poisson sampling draws every example of the dataset with probability batch_size / len(dataset)",
+            "to train on a subset, pass torch.utils.data.Subset(dataset, indices) as the dataset and drop the "
+            "sampler; weighted or repeated sampling has no Poisson accounting here",
         )
     if type(data_loader.batch_sampler) is not BatchSampler or data_loader.batch_sampler.sampler is not sampler:
-        raise SamplingError(
-            f"the DataLoader's batch_sampler {type(data_loader.batch_sampler).__name__} cannot be honoured: Poisson "
-            "sampling forms the batches. Fix: build the DataLoader with batch_size=... and no batch_sampler"
+        raise run_error(
+            SamplingError,
+            f"the DataLoader's batch_sampler {type(data_loader.batch_sampler).__name__} cannot be honoured",
+            "Poisson sampling forms the batches",
+            "build the DataLoader with batch_size=... and no batch_sampler",
         )
     if data_loader.generator is not None and generator is None:
-        raise BKError(
+        raise run_error(
+            BKError,
             "the DataLoader has a generator, and make_private samples batches from a secret OS-entropy generator "
-            "unless given one. Fix: drop the DataLoader's generator (secret sampling, the private choice), or pass "
-            "generator=... to make_private to reproduce a run (whoever knows its seed knows every batch)"
+            "unless given one",
+            "the DataLoader's generator would not choose the batches, so a seed set there would not reproduce them",
+            "drop the DataLoader's generator (secret sampling, the private choice), or pass generator=... to "
+            "make_private to reproduce a run (whoever knows its seed knows every batch)",
         )
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import secrets
 
 import torch
+import torch.distributed as dist
+
+from bkcompile.distributed import world_size
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -29,3 +32,19 @@ def child_generators(parent: torch.Generator | None, count: int) -> list[torch.G
         return [secret_generator() for _ in range(count)]
     seeds = torch.randint(2**62, (count,), generator=parent, device=parent.device).tolist()
     return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def shared_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator in the same state on every rank: rank 0's ``generator`` (OS entropy when None).
+
+    Outside a process group the generator is returned as it is (seeded from OS entropy when None).
+    The state is broadcast into ``generator`` itself, so an object shared by the loader and the
+    optimizer stays one stream.
+    """
+    if generator is None:
+        generator = secret_generator()  # OS entropy: only rank 0's survives the broadcast
+    if world_size() > 1:
+        state = [generator.get_state()]
+        dist.broadcast_object_list(state, src=0)
+        generator.set_state(state[0])
+    return generator

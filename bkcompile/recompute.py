@@ -32,7 +32,7 @@ import torch
 
 from bkcompile import backwards
 from bkcompile.deferred import finalize
-from bkcompile.errors import ClipOnceError
+from bkcompile.errors import ClipOnceError, run_error
 
 
 def recomputed(
@@ -40,11 +40,12 @@ def recomputed(
 ) -> Any:
     """Run a piece's forward called inside a backward: a recomputation of a call seen, else refused."""
     if not backwards.CALLS.take(params, inputs):
-        raise ClipOnceError(
-            f"{label} runs its forward inside a backward on inputs that no earlier call of it had\n"
-            "  why: only a recomputation of a call of this step (activation checkpointing) may run there; another "
-            "call holds rows not known to be the same samples, and its gradient would be clipped as theirs\n"
-            "  fix: call the compiled module in the forward pass only; checkpoint it with torch.utils.checkpoint"
+        raise run_error(
+            ClipOnceError,
+            f"{label} runs its forward inside a backward on inputs that no earlier call of it had",
+            "only a recomputation of a call of this step (activation checkpointing) may run there; another call "
+            "holds rows not known to be the same samples, and its gradient would be clipped as theirs",
+            "call the compiled module in the forward pass only; checkpoint it with torch.utils.checkpoint",
         )
     backwards.open_backward(finalize)
     outputs = compiled(*args)

@@ -279,7 +279,9 @@ def _call(model: torch.nn.Module, *inputs: Any) -> Any:
 def _entry(tag: str = "") -> Any:
     """``_call`` with a code object and a name of its own (see :func:`explain`)."""
     name = f"bkcompile_explain_{next(_EXPLAINED)}{tag}"
-    return types.FunctionType(_call.__code__.replace(co_name=name, co_qualname=name), _call.__globals__, name)
+    entry = types.FunctionType(_call.__code__.replace(co_name=name), _call.__globals__, name)
+    entry.__qualname__ = name
+    return entry
 
 
 def _loader_batch(inputs: tuple, batch_dim: int, dynamic: bool) -> tuple:

@@ -25,7 +25,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
 from bkcompile import backwards, recompute
 from bkcompile.batch import mark_batch_dynamic
-from bkcompile.errors import PrivacyError
+from bkcompile.errors import PrivacyError, run_error
 from bkcompile.ledger import parameter_of
 
 _MARK = "bkcompile_piece"
@@ -84,13 +84,14 @@ def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
 
 
 def _refuse_written(label: str, what: str, where: str) -> PrivacyError:
-    return PrivacyError(
-        f"{label} takes a batch {what} {where}\n"
-        "  why: the graphs of one backward are clipped together row by row; an in-place write or a gradient "
-        "hook between them is outside autograd's record, so bkcompile cannot prove that it keeps rows per "
-        "sample (h.add_(h.flip(0)) under torch.no_grad() mixes them unseen)\n"
-        "  fix: write it out of place (h = h + ...), or compile that code into the bk_dp graphs; register "
-        "gradient hooks on the loss or the parameters, not on tensors passed between compiled modules"
+    return run_error(
+        PrivacyError,
+        f"{label} takes a batch {what} {where}",
+        "the graphs of one backward are clipped together row by row; an in-place write or a gradient hook "
+        "between them is outside autograd's record, so bkcompile cannot prove that it keeps rows per sample "
+        "(h.add_(h.flip(0)) under torch.no_grad() mixes them unseen)",
+        "write it out of place (h = h + ...), or compile that code into the bk_dp graphs; register gradient "
+        "hooks on the loss or the parameters, not on tensors passed between compiled modules",
     )
 
 
@@ -177,13 +178,14 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         if node.name() == _CHECKPOINT:
             _check_when_recomputed(node, label)
         elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES) or _untraced_operand(node):
-            raise PrivacyError(
-                f"{label} takes a batch computed outside the bk_dp graphs by {_untraced_operand(node) or node.name()}\n"
-                "  why: the graphs of one backward are clipped together row by row, so row i of every graph's "
-                "batch must be sample i; this op may move or mix rows (or is an eager layer), and bkcompile "
-                "passes only what it can prove between the graphs\n"
-                "  fix: compile that code too (into a bk_dp graph), or keep only elementwise maths of the graphs' "
-                "outputs and the data between the compiled modules"
+            raise run_error(
+                PrivacyError,
+                f"{label} takes a batch computed outside the bk_dp graphs by {_untraced_operand(node) or node.name()}",
+                "the graphs of one backward are clipped together row by row, so row i of every graph's batch must "
+                "be sample i; this op may move or mix rows (or is an eager layer), and bkcompile passes only what "
+                "it can prove between the graphs",
+                "compile that code too (into a bk_dp graph), or keep only elementwise maths of the graphs' outputs "
+                "and the data between the compiled modules",
             )
         stack.extend(next_node for next_node, _ in node.next_functions)
 

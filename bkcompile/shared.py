@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from bkcompile.errors import PrivacyError
+from bkcompile.errors import PrivacyError, run_error
 
 _TAG = "_bk_shared"
 _SIZE_METHODS = frozenset({"size", "dim", "stride", "numel"})
@@ -90,12 +90,13 @@ def checking(compiled: Callable, indices: list[int], names: Sequence[str], label
     def run(*args: Any) -> Any:
         for k, name in checks:
             if not is_shared(args[k]):
-                raise PrivacyError(
+                raise run_error(
+                    PrivacyError,
                     f"{label} was compiled with input {name!r} shared by every sample (computed without sample data "
-                    "in an earlier bk_dp graph), but this call passes a tensor that no bk_dp graph computed so\n"
-                    "  why: a tensor of the same shape may hold a sample's data, which every row would then see\n"
-                    "  fix: compute it inside the compiled model from sizes and constants (e.g. torch.arange of the "
-                    "sequence length), or pass a per-sample tensor with the batch on dim 0"
+                    "in an earlier bk_dp graph), but this call passes a tensor that no bk_dp graph computed so",
+                    "a tensor of the same shape may hold a sample's data, which every row would then see",
+                    "compute it inside the compiled model from sizes and constants (e.g. torch.arange of the "
+                    "sequence length), or pass a per-sample tensor with the batch on dim 0",
                 )
         return compiled(*args)
 

@@ -33,6 +33,7 @@ import torch
 import torch.fx
 from bkcompile.passes.facts import product, shape_exprs
 from bkcompile.passes.joint import JointGraph
+from bkcompile.passes.ops.table import schema_arg
 from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
 
@@ -210,14 +211,20 @@ def _fit_budget(plans: list[ParamPlan], budget: int, compiled: dict, itemsize: i
 
 
 def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], compiled: dict) -> float:
-    """FLOPs of the matrix products and convolutions of the backward (what privacy is measured against)."""
+    """FLOPs of the matrix products and convolutions of the backward (what privacy is measured against).
+
+    Counted here, in sympy, rather than by ``torch.utils.flop_counter``'s formulas: those count the weight
+    gradient of a grouped convolution ``groups`` times over (a depthwise convolution's, C times). Each gradient
+    of a convolution costs its forward: 2 * (the output's elements, a transposed convolution's input's) * (the
+    weight's elements past its first dim)."""
     total = 0.0
     for node in backward:
         if node.target in (aten.mm.default, aten.bmm.default):
             a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
             total += evaluate(2 * product(a) * b[-1], {}, compiled)
         elif node.target == aten.convolution_backward.default:
-            grad_out, weight = shape_exprs(node.args[0].meta["val"]), shape_exprs(node.args[2].meta["val"])
-            per_output = 2 * product(grad_out) * product(weight[1:])
-            total += evaluate(per_output * sum(node.args[10][:2]), {}, compiled)
+            transposed = schema_arg(node, "transposed")
+            larger = shape_exprs(node.args[1 if transposed else 0].meta["val"])  # the input, else grad_out
+            per_output = 2 * product(larger) * product(shape_exprs(node.args[2].meta["val"])[1:])
+            total += evaluate(per_output * sum(schema_arg(node, "output_mask")[:2]), {}, compiled)
     return total

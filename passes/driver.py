@@ -3,12 +3,16 @@
 A :class:`Pass` is a name and a function ``state -> state`` that returns the state with what the pass
 produces. After each pass the driver
 
-- names the pass in any :class:`~bkcompile.errors.PrivacyError` it raised (``pass: <name>``);
+- names the pass in any bkcompile error it raised (``pass: <name>``), and wraps any other exception (a
+  ``KeyError`` of a bkcompile bug, a torch error) in an :class:`~bkcompile.errors.InternalError` naming the
+  pass and the op the pass was at, the original chained: no foreign exception reaches a user from a pass;
 - with ``check``: checks the invariants every later pass relies on (the graph lints, every placeholder
   and call that returns something has a ``meta["val"]`` of a known type, no graph output aliases an input
   or another output that it did not alias before, no mutating op was added), or raises
   :class:`PassInvariantError`;
-- with ``dump``: writes the graph to ``<dump>/<n>-<label>/<i>-<pass>.txt`` (``00-input.txt`` first).
+- with ``dump``: writes the graph to ``<dump>/<n>-<label>/<i>-<pass>.txt`` (``00-input.txt`` first). Not
+  torch's ``GraphTransformObserver``: it draws dot graphs (pydot, graphviz) into Inductor's process-wide
+  ``trace.log_url_for_graph_xform``, where this is readable text per compiled graph, chosen by an option.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
@@ -23,7 +28,7 @@ import torch
 import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from bkcompile.errors import PassInvariantError, PrivacyError, op_name
+from bkcompile.errors import BKError, InternalError, PassInvariantError, node_error, op_name
 
 State = TypeVar("State")
 
@@ -60,12 +65,38 @@ def run_passes(
 
 @contextlib.contextmanager
 def named(pass_name: str) -> Iterator[None]:
-    """Name ``pass_name`` in a :class:`PrivacyError` raised inside (for checks run outside ``run_passes``)."""
+    """Name ``pass_name`` in a bkcompile error raised inside (for checks run outside ``run_passes`` too); any
+    other exception becomes an :class:`InternalError` naming the pass and the op it was at."""
     try:
         yield
-    except PrivacyError as error:
+    except BKError as error:
         error.in_pass(pass_name)
         raise
+    except Exception as error:
+        internal = node_error(
+            InternalError,
+            _node_at(error.__traceback__),
+            f"bkcompile's pass failed with {type(error).__name__}: {error} (a bug of bkcompile; the graph is "
+            "refused, not trained unclipped)",
+            "please report it with this message and the model; until then, compute that line with other ops",
+        )
+        internal.in_pass(pass_name)
+        raise internal from error
+
+
+def _node_at(traceback: types.TracebackType | None) -> torch.fx.Node | None:
+    """The fx node the innermost bkcompile frame of a failed pass was working on: a local ``node``, else any local
+    node (torch's frames below it work on graphs of their own)."""
+    found = None
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("bkcompile."):
+            node = frame.f_locals.get("node")
+            if not isinstance(node, torch.fx.Node):
+                node = next((v for v in frame.f_locals.values() if isinstance(v, torch.fx.Node)), None)
+            found = node if node is not None else found
+        traceback = traceback.tb_next
+    return found
 
 
 # --- invariants ----------------------------------------------------------------------------------------

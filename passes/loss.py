@@ -36,7 +36,7 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
-from bkcompile.errors import LossReductionError, LossReductionWarning, node_error, user_location
+from bkcompile.errors import LossReductionError, LossReductionWarning, node_error, run_error, user_location
 from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
@@ -94,10 +94,13 @@ def _found(node: torch.fx.Node, what: str) -> str:
 def same_count(count: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """``batch``, once checked equal to ``count`` (a loss normaliser that must be the batch size)."""
     if int(count.item()) != int(batch.item()):
-        raise LossReductionError(
+        raise run_error(
+            LossReductionError,
             f"the loss adds a batch mean to a mean over the {int(count.item())} non-ignored labels of a batch of "
-            f"{int(batch.item())}: with ignored labels no per-sample loss is defined. Give every sample a label, "
-            "or reduce every term of the loss per sample (reduction='none'), then .mean() over the batch"
+            f"{int(batch.item())}",
+            "with ignored labels no per-sample loss is defined",
+            "give every sample a label, or reduce every term of the loss per sample (reduction='none'), then "
+            ".mean() over the batch",
         )
     return batch.clone()
 

@@ -205,3 +205,26 @@ def test_command_line_prints_the_table() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^bk_dp cost model: 10 sites, B = u\d+ \(dynamic: the costs count B = 1", done.stdout, re.M)
     assert "0.weight   conv" in done.stdout and "explicit (strategy='explicit')" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "conv, weight, groups, stride, flops",
+    [
+        # the weight's gradient alone (the data needs none): 2 * output elements * (C_in / groups * k^2)
+        (torch.nn.functional.conv2d, (8, 3, 3, 3), 2, 2, 2 * (4 * 8 * 4 * 4) * (3 * 9)),
+        # transposed: 2 * input elements * (C_out / groups * k^2)
+        (torch.nn.functional.conv_transpose2d, (6, 5, 3, 3), 1, 2, 2 * (4 * 6 * 9 * 9) * (5 * 9)),
+    ],
+    ids=["grouped-strided", "transposed"],
+)
+def test_backward_flops_count_each_convolution_gradient_as_its_forward(conv, weight, groups, stride, flops) -> None:
+    from bkcompile.passes.batch_axis import backward_nodes
+    from bkcompile.passes.cost import backward_flops, compiled_sizes
+    from joint_graphs import capture
+
+    def fn(w, x):
+        return conv(x, w, stride=stride, groups=groups).sum()
+
+    channels = weight[0] if conv is torch.nn.functional.conv_transpose2d else weight[1] * groups
+    joint, fake_mode = capture(fn, {"w": torch.randn(weight, requires_grad=True)}, torch.randn(4, channels, 9, 9))
+    assert backward_flops(joint, backward_nodes(joint), compiled_sizes(fake_mode)) == flops

@@ -128,3 +128,91 @@ def test_node_error_without_a_node_speaks_of_the_compiled_function() -> None:
     error.in_pass("inputs")
     error.in_pass("outer")  # the innermost pass wins
     assert str(error) == "the compiled function\n  why: why\n  fix: fix\n  pass: inputs"
+
+
+def test_a_foreign_exception_in_a_pass_is_an_internal_error_naming_the_pass_and_the_op() -> None:
+    import sympy
+    from bkcompile.passes.ops.table import RuleInput
+
+    from bkcompile.errors import InternalError
+
+    joint, _ = _mlp_joint()
+    mm = joint.gm.graph.find_nodes(op="call_function", target=aten.mm.default)[0]
+
+    def buggy(state):  # a bkcompile bug: the pass asks a rule input for the fact of a node it has none of
+        return RuleInput(mm, sympy.Integer(5), {}).fact(mm)
+
+    with pytest.raises(InternalError) as info:
+        run_passes([Pass("first", lambda state: state), Pass("buggy", buggy)], None, joint.gm)
+    message = str(info.value)
+    assert message.startswith("aten.mm.default at ")
+    assert f"\n  why: bkcompile's pass failed with KeyError: {mm.name} (a bug of bkcompile" in message
+    assert message.endswith("\n  pass: buggy")
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_stop_iteration_outside_any_node_speaks_of_the_compiled_function() -> None:
+    from bkcompile.errors import InternalError
+
+    joint, _ = _mlp_joint()
+    with pytest.raises(InternalError, match=r"^the compiled function\n  why: .* StopIteration") as info:
+        run_passes([Pass("empty", lambda state: next(iter(())))], None, joint.gm)
+    assert isinstance(info.value.__cause__, StopIteration)
+
+
+def test_an_option_error_raised_in_a_pass_names_the_pass_and_stays_an_option_error() -> None:
+    from bkcompile.errors import OptionError
+
+    joint, _ = _mlp_joint()
+
+    def refuses(state):
+        raise OptionError("option 'clipping': parameter 'x' is in no clipping group")
+
+    with pytest.raises(OptionError) as info:
+        run_passes([Pass("groups", refuses)], None, joint.gm)
+    assert str(info.value) == "option 'clipping': parameter 'x' is in no clipping group\n  pass: groups"
+
+
+def test_a_rule_reading_an_argument_the_schema_lacks_is_an_internal_error() -> None:
+    from bkcompile.passes.ops.table import schema_arg
+
+    from bkcompile.errors import InternalError
+
+    graph, neg, _ = _one_op(aten.neg.default)
+    with pytest.raises(InternalError, match=r"(?s)aten.neg.default at .*reads the argument 'dim', which the op"):
+        schema_arg(neg, "dim")
+    assert schema_arg(neg, "self") is neg.args[0]
+
+
+def test_a_parameter_in_no_group_is_a_pass_invariant_error() -> None:
+    from bkcompile.plan import ClipGroup, Grouping
+
+    grouping = Grouping((ClipGroup("all", "all", (0,), 1.0, True),))
+    assert grouping.group_of(0) == 0
+    with pytest.raises(PassInvariantError, match="graph input 1 is in no clipping group"):
+        grouping.group_of(1)
+
+
+def test_a_foreign_exception_of_the_pipeline_reaches_the_user_as_an_internal_error(monkeypatch) -> None:
+    import bkcompile.passes as pipeline
+    from helpers import raises_bk
+
+    from bkcompile.errors import InternalError
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a bkcompile bug")
+
+    monkeypatch.setattr(pipeline, "find_sites", broken)
+    model = torch.nn.Linear(4, 3)
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum"}
+    compiled = torch.compile(model, backend="bk_dp", options=options)
+    with raises_bk(InternalError, "failed with AssertionError: a bkcompile bug", "\n  pass: sites"):
+        compiled(torch.randn(5, 4)).sum().backward()
+
+
+def test_run_error_is_what_why_and_fix_of_the_type_asked_for() -> None:
+    from bkcompile.errors import ClipOnceError, ReleaseError, release_error, run_error
+
+    error = run_error(ClipOnceError, "a second backward", "a reason", "a fix")
+    assert type(error) is ClipOnceError and str(error) == "a second backward\n  why: a reason\n  fix: a fix"
+    assert type(release_error("w", "y", "f")) is ReleaseError

@@ -33,7 +33,7 @@ import torch
 import torch.fx
 from bkcompile.passes.facts import REPLICATED, Batched, Fact, Reduced, same, shape_exprs
 
-from bkcompile.errors import SampleMixingError, node_error
+from bkcompile.errors import InternalError, SampleMixingError, node_error
 
 aten = torch.ops.aten
 FactOut = Fact | tuple
@@ -131,7 +131,12 @@ def schema_arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
             if index < len(node.args):
                 return node.args[index]
             return argument.default_value if argument.has_default_value() else default
-    raise KeyError(f"{node.target} has no argument {name!r}")
+    raise node_error(
+        InternalError,
+        node,
+        f"a batch-axis rule reads the argument {name!r}, which the op's schema does not have",
+        "name an argument of the op's schema (torch.ops.<ns>.<op>.<overload>._schema) in the rule",
+    )
 
 
 @dataclasses.dataclass
