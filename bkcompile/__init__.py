@@ -30,7 +30,7 @@ from bkcompile.errors import (
     UnclippedGradientError,
     UnsupportedOpError,
 )
-from bkcompile.norms import last_per_sample_norms
+from bkcompile.ledger import last_per_sample_norms
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
 from bkcompile.options import BKOptions
 from bkcompile.passes.ops import register_batch_rule

@@ -19,21 +19,18 @@ from bkcompile.breaks import refuse_batch_size_branch
 from bkcompile.distributed import sharded_per_module
 from bkcompile.errors import BKError, OptionError
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
-from bkcompile.ledger import GraphRecord, StepLedger, know_module, ledger_for
+from bkcompile.ledger import GraphRecord, know_module, ledger_for
 from bkcompile.names import user_path
-from bkcompile.norms import ClipState
 from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
 from bkcompile.passes.joint import GraphInput, InputKind
-from bkcompile.passes.loss import unset_loss_reduction
 from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
 from bkcompile.recurrent import unfuse_recurrent
-from bkcompile.report import build_report, record
 
 aten = torch.ops.aten
 
@@ -153,49 +150,44 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
     return torch._guards.detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
 
 
-def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, context: dict) -> None:
-    """Privatize the joint graph once; other graphs (inference, forward, backward) pass through. A whole graph
-    whose loss scale is unset (a loss computed outside, no ``loss_reduction``) is refused once its report is
-    recorded, which ``bkcompile.explain`` returns."""
-    if context.get("done"):
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What the joint-graph hook needs to privatize one graph, and the record that receives its plan."""
+
+    inputs: tuple[GraphInput, ...]
+    options: BKOptions
+    role: GraphRole
+    record: GraphRecord
+
+
+def _joint_pass(gm: torch.fx.GraphModule, num_fwd_outputs: int, job: _Job) -> None:
+    """Privatize the joint graph once; other graphs (inference, forward, backward) pass through."""
+    if job.record.plan is not None:
         return
-    state = privatize(
-        gm,
-        num_fwd_outputs,
-        context["inputs"],
-        context["options"],
-        _fake_mode(gm),
-        context["clip_states"],
-        context["role"],
-    )
-    if state.cost is not None and state.cost.plans:
-        record(build_report(state), show=context["options"].report)
-    if state.scale is not None and state.scale.unset and not state.role.piece:
-        refusal = unset_loss_reduction("the compiled function returns no loss")
-        refusal.in_pass("loss_scale")
-        raise refusal
-    context["state"] = state
-    context["done"] = True
+    plan = privatize(gm, num_fwd_outputs, job.inputs, job.options, _fake_mode(gm), job.record.key, job.role)
+    if plan.report is not None and job.options.report:
+        print(plan.report)
+    job.record.plan = plan
 
 
-def _partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, context: dict, **kwargs: Any):
-    _joint_pass(joint, kwargs["num_fwd_outputs"], context)
+def _partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, job: _Job, **kwargs: Any):
+    _joint_pass(joint, kwargs["num_fwd_outputs"], job)
     return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
 
 class _InductorJointPass:
     """Inductor's ``joint_custom_pre_pass`` hook: privatize the joint graph before Inductor partitions it."""
 
-    def __init__(self, context: dict) -> None:
-        self.context = context
+    def __init__(self, job: _Job) -> None:
+        self.job = job
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
-        primals = len(self.context["inputs"])
+        primals = len(self.job.inputs)
         # Inductor runs this hook on inference graphs too (no tangents: nothing to clip); a joint graph
         # returns the forward outputs, then one gradient per primal
         if len(graph.find_nodes(op="placeholder")) > primals:
-            _joint_pass(gm, len(graph.output_node().args[0]) - primals, self.context)
+            _joint_pass(gm, len(graph.output_node().args[0]) - primals, self.job)
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
 
@@ -214,16 +206,6 @@ def _full_inductor_decompositions() -> dict:
 def _inductor_decompositions() -> dict:
     kept = {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
     return {**kept, **DECOMPOSITIONS}
-
-
-def _clip_states(ledger: StepLedger, params: dict[str, torch.nn.Parameter], device: torch.device):
-    """The pass's way to the ledger: the clip state of a grouping of this graph's parameters (by name)."""
-
-    def clip_state(grouping) -> ClipState:
-        members = tuple(tuple(params[name] for name in group) for group in grouping.members)
-        return ledger.clip_state(grouping.names, members, grouping.members, grouping.thresholds, device)
-
-    return clip_state
 
 
 class _OptionErrorPastDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
@@ -268,22 +250,15 @@ def bk_dp(
         role = _graph_role(gm, opts)
         device = params[0].device if params else torch.device("cpu")
         anchor = torch.zeros((), device=device, requires_grad=True)  # the taps' anchor, on the model's device
-        record = GraphRecord(indices, names, piece=role.piece, anchor=anchor)
         inputs = _classify_inputs(gm, example_inputs, opts)
-        record.samples = tuple(i for i, x in enumerate(inputs) if x.kind is InputKind.SAMPLES)
-        record.batch_dim = opts.batch_dim
+        samples = tuple(i for i, x in enumerate(inputs) if x.kind is InputKind.SAMPLES)
+        record = GraphRecord(indices, names, piece=role.piece, anchor=anchor, samples=samples, batch_dim=opts.batch_dim)
         data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
                 for x, e in zip(inputs, example_inputs)]  # fmt: skip
         refuse_batch_size_branch(gm, [isinstance(x.fact, Batched) for x in inputs], opts.batch_dim)
         tagged = shared.shared_outputs(gm, data) if role.piece else ()
-        context = {
-            "inputs": inputs,
-            "options": opts,
-            "clip_states": _clip_states(ledger, dict(zip(names, params)), device),
-            "role": role,
-        }
         unfuse_recurrent(gm)
-        compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, opts, context, device))
+        compiled = refuse_uneven_bags(gm, _compile(gm, example_inputs, _Job(inputs, opts, role, record), device))
     except BKError as error:
         if torch._dynamo.config.suppress_errors:  # dynamo will run the model eagerly: the ledger refuses that
             ledger.refusal = str(error).splitlines()[0]
@@ -291,11 +266,8 @@ def bk_dp(
         if isinstance(error, OptionError):
             raise _OptionErrorPastDynamo(error).with_traceback(error.__traceback__) from None
         raise
-    state = context.get("state")
-    if state is not None and state.clip is not None:
-        position = {id(p): i for i, p in enumerate(params)}
-        record.state = state.clip
-        record.groups = tuple(tuple(position[id(p)] for p in group) for group in state.clip.members)
+    if params and record.plan is not None and not role.piece:  # the clip state of the compiling instance
+        record.state = record.clip_of(params).state
     ledger.adopt(params, names)
     if role.piece:
         batched = [i for i, x in enumerate(inputs) if isinstance(x.fact, Batched)]
@@ -322,7 +294,7 @@ def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False,
     return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
 
 
-def _inductor_config(context: dict, device: torch.device) -> dict:
+def _inductor_config(job: _Job, device: torch.device) -> dict:
     """Inductor's options for a bk_dp graph: bk_dp's defaults, the entries of the ``mode`` option, the user's
     ``inductor`` entries, then what bk_dp needs: its joint-graph pass, with the joint-graph passes on whatever
     the global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
@@ -334,20 +306,18 @@ def _inductor_config(context: dict, device: torch.device) -> dict:
     (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW)."""
     from torch._inductor import list_mode_options
 
-    options: BKOptions = context["options"]
+    options = job.options
     config: dict[str, Any] = {"trace.provenance_tracking_level": 1}
     if device.type == "cpu":
         config["layout_optimization"] = False
     config.update(list_mode_options(options.mode))
     config.update(options.inductor)
-    config.update({"joint_custom_pre_pass": _InductorJointPass(context), "use_joint_graph_passes": True})
+    config.update({"joint_custom_pre_pass": _InductorJointPass(job), "use_joint_graph_passes": True})
     return config
 
 
-def _compile(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BKOptions, context: dict, device: torch.device
-):
-    if opts.compiler == "aot_eager":
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job, device: torch.device):
+    if job.options.compiler == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._decomp import get_decompositions
 
@@ -357,7 +327,7 @@ def _compile(
         return aot_autograd(
             fw_compiler=boxed,
             bw_compiler=boxed,
-            partition_fn=functools.partial(_partition, context=context),
+            partition_fn=functools.partial(_partition, job=job),
             decompositions={**get_decompositions(_DECOMPOSE), **DECOMPOSITIONS},
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
@@ -367,6 +337,6 @@ def _compile(
         gm,
         example_inputs,
         # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
-        config_patches=_inductor_config(context, device),
+        config_patches=_inductor_config(job, device),
         decompositions=_inductor_decompositions(),
     )

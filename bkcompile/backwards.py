@@ -128,7 +128,7 @@ def join_piece(piece, finalize: Callable[[Backward], None]) -> None:
     if torch._C._current_graph_task_id() < 0:
         raise run_error(
             PrivacyError,
-            f"the backward of {piece.graph.label} ran outside an autograd backward",
+            f"the backward of {piece.label} ran outside an autograd backward",
             "bkcompile clips the pieces of one backward together, which only autograd's engine runs",
             "call loss.backward() (or torch.autograd.backward)",
         )

@@ -4,15 +4,17 @@ A *piece* is a bk_dp graph that is one of several graphs of the model: a graph d
 break, or a graph compiled with ``options={"graphs": "several"}`` (regional compilation). A piece's
 backward does not clip. Through ``bkcompile::defer_grads`` it hands over its trainable parameters (the
 tensors themselves: parameters are keyed by identity), the per-sample gradients (B, n) of each one's
-share of the loss, and the loss scale s; it returns zero gradients. When the autograd backward ends
-(``bkcompile.backwards``), :func:`finalize`, once for all its pieces:
+share of the loss, and the loss scale s; it returns zero gradients. The call names the graph's run-time
+record (``bkcompile.ledger.GraphRecord``), whose plan says what was handed over (``bkcompile.plan.PieceSpec``).
+When the autograd backward ends (``bkcompile.backwards``), :func:`finalize`, once for all its pieces:
 
 1. adds a parameter's per-sample gradients over the pieces (a tied embedding used by the first and the
    last piece gets its cross terms exactly: sample i's gradient is the sum of its parts);
-2. groups the parameters by the clipping option across the pieces (a group may span pieces);
+2. joins the pieces' clipping groups across the pieces (a group may span pieces), by the clipping policy
+   (``bkcompile.policy``), and gives each its threshold by the policy;
 3. forms each group's per-sample norms ``n_ig = s ||G_ig|| / S`` (S: a GradScaler's scale, 1 without one),
    records them in the group's clip state
-   (adaptive thresholds, ``last_per_sample_norms``), and the clip factors ``C_ig`` once;
+   (adaptive thresholds, ``last_per_sample_norms``), and the policy's clip factors ``C_ig`` once;
 4. adds ``sum_i s C_ig G_i`` to each parameter's ``.grad``.
 
 The rows of every piece are the same samples: row i of each piece's batch is sample i (the pieces of one
@@ -23,54 +25,22 @@ second call, refused).
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from bkcompile.backwards import Backward, join_piece
 from bkcompile.distributed import average_over_ranks, reduce_to_shards
-from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError, run_error
-from bkcompile.ledger import Clip, ledger_for, parameter_of
-from bkcompile.options import BKOptions
-
-if TYPE_CHECKING:
-    from bkcompile.passes.bookkeeping import KeptSite
-    from bkcompile.passes.groups import Grouping
-
-EPS = 1e-6
-
-
-@dataclasses.dataclass
-class PieceGraph:
-    """What the pass knows of one piece, read again when its backward hands over its gradients."""
-
-    label: str  # e.g. "bk_dp graph #2, resumed after a graph break, ending at model.py:14 (...)"
-    options: BKOptions
-    names: tuple[str, ...]  # the trainable parameters in the order defer_grads receives them
-    grouping: Grouping  # the clipping groups of this piece's parameters (names as above)
-    loss: str  # "sum" | "mean" | "weight"
-    from_loss: bool  # the scale comes from a loss computed in this graph (not from the loss_reduction option)
-    kept: tuple[KeptSite, ...] = ()  # the last len(kept) parameters: ghost norms and site operands, not gradients
-
-
-_GRAPHS: dict[int, PieceGraph] = {}  # by the id the pass wrote into the graph's defer_grads call
-_IDS = itertools.count()
-
-
-def register_piece(piece: PieceGraph) -> int:
-    """The id the piece's graph passes to ``defer_grads``."""
-    graph = next(_IDS)
-    _GRAPHS[graph] = piece
-    return graph
+from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError, run_error, unset_loss_reduction
+from bkcompile.ledger import Clip, GraphRecord, ledger_for, ledger_of, live_ledgers, parameter_of, record_of
+from bkcompile.plan import KeptGraphs, PieceSpec
+from bkcompile.policy import ClipPolicy
 
 
 @dataclasses.dataclass
 class Kept:
     """A kept parameter's part in one backward run of a piece: its ghost norm and its site's operands."""
 
-    site: KeptSite
+    site: KeptGraphs
     norms: torch.Tensor  # (B,) squared norms of the per-sample gradients (the share of the loss)
     operands: list[torch.Tensor]
 
@@ -85,7 +55,7 @@ class Kept:
 class Piece:
     """One backward run of a piece: its parameters, their per-sample gradients or kept sites."""
 
-    graph: PieceGraph
+    record: GraphRecord  # the piece's graph (its plan says what it handed over)
     params: list[torch.Tensor]
     grads: list[torch.Tensor | Kept]  # per parameter: (B, numel), unscaled share of the loss, or its kept site
     factor: torch.Tensor  # the loss scale s (0-dim)
@@ -95,23 +65,35 @@ class Piece:
         first = self.grads[0]
         return int((first.norms if isinstance(first, Kept) else first).shape[0])
 
+    @property
+    def label(self) -> str:
+        return self.record.plan.label
+
+    @property
+    def policy(self) -> ClipPolicy:
+        return self.record.plan.policy
+
+    @property
+    def spec(self) -> PieceSpec:
+        return self.record.plan.piece
+
 
 @torch.library.custom_op("bkcompile::defer_grads", mutates_args=())
 def defer_grads(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     factor: torch.Tensor,
-    graph: int,
+    key: int,
     norms: list[torch.Tensor],
     operands: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    piece = _GRAPHS[graph]
+    record = record_of(key)
     # the op declares no aliasing, so a compiler may reuse its inputs' memory once it returns: keep copies
     parts: list[torch.Tensor | Kept] = [_own(g) for g in grads]
     values = iter(operands)
-    for site, norm in zip(piece.kept, norms):
-        parts.append(Kept(site, _own(norm), [_own(next(values)) for _ in site.operands]))
-    join_piece(Piece(piece, [parameter_of(p) for p in params], parts, _own(factor)), finalize)
+    for site, norm in zip(record.plan.piece.kept, norms):
+        parts.append(Kept(site, _own(norm), [_own(next(values)) for _ in range(site.operands)]))
+    join_piece(Piece(record, [parameter_of(p) for p in params], parts, _own(factor)), finalize)
     return [torch.zeros_like(p) for p in params]  # the ledger takes no gradient from a piece's call
 
 
@@ -121,23 +103,22 @@ def _own(value: torch.Tensor) -> torch.Tensor:
 
 
 @defer_grads.register_fake
-def _defer_grads_fake(params, grads, factor, graph, norms, operands):
+def _defer_grads_fake(params, grads, factor, key, norms, operands):
     return [torch.empty_like(p) for p in params]
 
 
-def _agree(pieces: list[Piece]) -> BKOptions:
+def _agree(pieces: list[Piece]) -> ClipPolicy:
     """The pieces of one backward must clip alike."""
-    first = pieces[0].graph
+    first = pieces[0]
     for piece in pieces[1:]:
-        for key in ("max_grad_norm", "clipping", "clip_fn", "clip_gamma"):
-            if getattr(piece.graph.options, key) != getattr(first.options, key):
-                raise run_error(
-                    PrivacyError,
-                    f"{piece.graph.label} and {first.label} run in one backward but clip differently "
-                    f"({key}={getattr(piece.graph.options, key)!r} against {getattr(first.options, key)!r})",
-                    "one sample's gradient spans both graphs and is clipped once",
-                    "compile every bk_dp module of the model with the same options",
-                )
+        differs = piece.policy.differs(first.policy)
+        if differs is not None:
+            raise run_error(
+                PrivacyError,
+                f"{piece.label} and {first.label} run in one backward but clip differently ({differs})",
+                "one sample's gradient spans both graphs and is clipped once",
+                "compile every bk_dp module of the model with the same options",
+            )
     sizes = {p.batch for p in pieces}
     if len(sizes) > 1:
         raise run_error(
@@ -146,26 +127,24 @@ def _agree(pieces: list[Piece]) -> BKOptions:
             "their rows cannot be the same samples",
             "pass the same batch through every compiled module",
         )
-    return first.options
+    return first.policy
 
 
 def _scale(pieces: list[Piece]) -> torch.Tensor:
     """s: from the loss computed in a graph when there is one (every piece's share is of that loss), else from the
     loss_reduction option; with neither, a batch of more than one sample is refused (``passes/loss.py``)."""
-    losses = [p for p in pieces if p.graph.from_loss]
-    said = [p for p in pieces if p.graph.options.loss_reduction != "auto"]
+    losses = [p for p in pieces if p.spec.from_loss]
+    said = [p for p in pieces if not p.spec.reduction_unset]
     if not losses and not said and pieces[0].batch > 1:
-        from bkcompile.passes.loss import unset_loss_reduction
-
-        labels = ", ".join(p.graph.label for p in pieces)
+        labels = ", ".join(p.label for p in pieces)
         raise unset_loss_reduction(f"no bk_dp graph of this backward returns a loss ({labels})")
     chosen = losses or said or pieces
-    kinds = {p.graph.loss for p in chosen}
+    kinds = {p.spec.loss for p in chosen}
     if len(kinds) > 1 or (kinds == {"weight"} and len(chosen) > 1):
         raise run_error(
             LossReductionError,
             f"the graphs of one backward reduce their loss over the batch differently ({sorted(kinds)}: "
-            f"{', '.join(p.graph.label for p in chosen)})",
+            f"{', '.join(p.label for p in chosen)})",
             "no per-sample loss is defined",
             "reduce every loss term the same way (all .mean() or all .sum() over the batch)",
         )
@@ -196,7 +175,7 @@ class _Param:
     name: str
     grad: torch.Tensor | Kept  # (B, numel): the sum of its pieces' per-sample gradients, or its one kept site
     pieces: list[str]  # labels of the graphs it has sites in
-    key: object = None  # its global group
+    key: object = None  # its global group (the root of its local groups)
 
 
 def _combine(pieces: list[Piece]) -> dict[int, _Param]:
@@ -204,23 +183,23 @@ def _combine(pieces: list[Piece]) -> dict[int, _Param]:
     params: dict[int, _Param] = {}
     seen: set[tuple[int, int]] = set()
     for piece in pieces:
-        for tensor, grad, name in zip(piece.params, piece.grads, piece.graph.names):
-            if (id(piece.graph), id(tensor)) in seen:
+        for tensor, grad, name in zip(piece.params, piece.grads, piece.spec.names):
+            if (id(piece.record), id(tensor)) in seen:
                 raise run_error(
                     ClipOnceError,
-                    f"{piece.graph.label} ran twice over parameter {name!r} before one backward",
+                    f"{piece.label} ran twice over parameter {name!r} before one backward",
                     "the two calls' rows are not known to be the same samples, so neither clipping each call nor "
                     "adding them per row is private",
                     "one call of the compiled model per backward (put both inputs in one batch)",
                 )
-            seen.add((id(piece.graph), id(tensor)))
+            seen.add((id(piece.record), id(tensor)))
             entry = params.get(id(tensor))
             if entry is None:
-                params[id(tensor)] = _Param(tensor, name, grad, [piece.graph.label])
+                params[id(tensor)] = _Param(tensor, name, grad, [piece.label])
             else:
                 entry.grad = _dense(entry.grad) + _dense(grad)  # the cross terms of its norm come with the sum
-                if piece.graph.label not in entry.pieces:
-                    entry.pieces.append(piece.graph.label)
+                if piece.label not in entry.pieces:
+                    entry.pieces.append(piece.label)
     return params
 
 
@@ -228,65 +207,42 @@ def _dense(grad: torch.Tensor | Kept) -> torch.Tensor:
     return grad.per_sample() if isinstance(grad, Kept) else grad
 
 
-def _group_keys(pieces: list[Piece], params: dict[int, _Param], options: BKOptions) -> None:
-    """Each parameter's global group key: by style, and by the local groups joined through shared parameters
-    (a tied parameter joins the groups of its modules). Layer-wise: the pieces dynamo cut from one compiled
-    module name parameters from its root, so one module path is one group across them; a module compiled
-    on its own (``graphs="several"``) names them from itself, so its groups are its own."""
-    style = options.clipping
+def _groups(pieces: list[Piece], params: dict[int, _Param], policy: ClipPolicy):
+    """(group names, members, thresholds) across the pieces; sets each parameter's ``key``: its global group.
+
+    A parameter's global group is its local groups joined through shared parameters (a tied parameter joins the
+    groups of its modules); local groups meet across pieces by their key, except where the policy's style says
+    that the names they are keyed by are relative to a graph compiled on its own (a module path, a parameter
+    name) or that a parameter is its own group."""
+    style = policy.style
     union = _Union()
+    names: dict = {}  # local key -> the group's name
+    own: dict = {}  # local key -> its own threshold (None: a share of max_grad_norm)
     for index, piece in enumerate(pieces):
-        grouping = piece.graph.grouping
-        for tensor, name in zip(piece.params, piece.graph.names):
-            group = grouping.group_of(name)
-            if style == "all-layer":
-                local = "all"
-            elif style == "param-wise":
+        grouping = piece.record.plan.grouping
+        for tensor, member in zip(piece.params, piece.spec.inputs):
+            group = grouping.groups[grouping.group_of(member)]
+            if style is not None and style.own:  # named by its parameter (made unique across the pieces)
                 local = ("param", id(tensor))
-            elif style == "per-device":
-                local = ("device", str(tensor.device))
-            elif style == "layer-wise":  # names are the model's when dynamo cut it, a block's when compiled apart
-                scope = None if piece.graph.options.graphs == "auto" else index
-                local = ("layer", scope, grouping.names[group])
-            else:  # a list of groups: the same selector in every piece
-                local = ("custom", grouping.names[group], grouping.thresholds[group], grouping.shared[group])
+            else:
+                scope = index if style is not None and style.relative and piece.spec.relative_names else None
+                local = ("group", scope, group.key)
+                names[local] = group.name
+            own[local] = None if group.shared else group.threshold
             union.join(("param", id(tensor)), local)
+    order: list = []
     for key, param in params.items():
         param.key = union.find(("param", key))
-
-
-def _groups(pieces: list[Piece], params: dict[int, _Param], options: BKOptions):
-    """(group names, members, thresholds, the parameters of each group) across the pieces."""
-    order: list = []
-    for param in params.values():
         if param.key not in order:
             order.append(param.key)
     members = [[p for p in params.values() if p.key == key] for key in order]
-    explicit: dict[int, float] = {}  # parameter id -> the threshold of its group in the option's list
-    for piece in pieces:
-        grouping = piece.graph.grouping
-        for tensor, name in zip(piece.params, piece.graph.names):
-            g = grouping.group_of(name)
-            if not grouping.shared[g]:
-                explicit[id(tensor)] = grouping.thresholds[g]
-    own = [next((explicit[id(p.tensor)] for p in group if id(p.tensor) in explicit), None) for group in members]
-    shared = sum(1 for threshold in own if threshold is None)
-    share = options.max_grad_norm / math.sqrt(shared) if shared else options.max_grad_norm
-    thresholds = [share if threshold is None else threshold for threshold in own]
-    names = []
-    for key in order:
-        base = _group_name(key, params)
-        names.append(base if base not in names else f"{base}#{len(names)}")
-    return names, members, thresholds
-
-
-def _group_name(key, params: dict[int, _Param]) -> str:
-    if key == "all":
-        return "all"
-    kind, *rest = key
-    if kind == "param":
-        return params[rest[0]].name
-    return str(rest[-1] if kind == "layer" else rest[0])  # a module path, a device, a group of the option's list
+    explicit = {union.find(local): threshold for local, threshold in own.items() if threshold is not None}
+    thresholds = policy.thresholds([explicit.get(key) for key in order])
+    labels: list[str] = []
+    for key, group in zip(order, members):
+        base = names.get(key, group[0].name)
+        labels.append(base if base not in labels else f"{base}#{len(labels)}")
+    return labels, members, thresholds
 
 
 def _unique_names(params: dict[int, _Param]) -> None:
@@ -315,16 +271,15 @@ class ClipSpan:
         )
 
 
-_SPANS: list[list[ClipSpan]] = []
-
-
-def record_spans(spans: list[ClipSpan]) -> None:
-    _SPANS[:] = [spans]
-
-
-def last_clip_spans() -> list[ClipSpan] | None:
-    """For the last backward clipped over several graphs: each clipping group and the graphs it spans."""
-    return _SPANS[0] if _SPANS else None
+def last_clip_spans(model: torch.nn.Module | None = None) -> list[ClipSpan] | None:
+    """For the last backward clipped over several graphs (of ``model``; without, of the models whose compiled
+    graphs are alive): each clipping group and the graphs it spans."""
+    if model is None:
+        ledgers = live_ledgers()
+    else:
+        ledgers = [ledger for ledger in [ledger_of(model)] if ledger is not None]
+    states = [state for ledger in ledgers for state in ledger.states if state.spans is not None]
+    return max(states, key=lambda s: s.task).spans if states else None
 
 
 def _norms(grad: torch.Tensor | Kept) -> torch.Tensor:
@@ -344,12 +299,11 @@ def finalize(backward: Backward) -> None:
     pieces = [p for p in reversed(backward.pieces) if p.grads]  # forward order: the backward runs them last first
     if not pieces:
         return
-    options = _agree(pieces)
+    policy = _agree(pieces)
     scale = _scale(pieces)
     params = _combine(pieces)
-    _group_keys(pieces, params, options)
     _unique_names(params)
-    names, members, thresholds = _groups(pieces, params, options)
+    names, members, thresholds = _groups(pieces, params, policy)
     tensors = [p.tensor for p in params.values()]
     ledger = ledger_for(tensors)  # pieces compiled one by one join one ledger, as an optimizer's would
     state = ledger.clip_state(
@@ -366,16 +320,11 @@ def finalize(backward: Backward) -> None:
     spans = []
     for group, group_params in enumerate(members):
         norms = torch.stack([_norms(p.grad).to(dtype) for p in group_params]).sum(0).sqrt() * scale / amp
-        threshold = state.record(norms, group)
-        if options.clip_fn == "automatic":
-            clip = threshold / (norms + options.clip_gamma)
-        else:
-            clip = (threshold / (norms + EPS)).clamp(max=1.0)
-        weights = clip * scale
+        weights = policy.factor(norms, state.record(norms, group)) * scale
         for param in group_params:
             ledger.accumulate(param.tensor, _clipped(param, weights), clip_record)
         graphs = list(dict.fromkeys(label for p in group_params for label in p.pieces))
         spans.append(ClipSpan(names[group], [p.name for p in group_params], graphs, state.thresholds[group].clone()))
     average_over_ranks(tensors, ledger.gradients(tensors))  # under DDP: as DDP's all-reduce would leave them
     reduce_to_shards([p.tensor for p in params.values()])  # under FSDP2: its post-backward ran before the clip
-    record_spans(spans)
+    state.spans = spans

@@ -58,6 +58,8 @@ class LossReductionError(PrivacyError):
     """The loss's reduction over the batch is unknown, ambiguous, or disagrees with ``loss_reduction``, or the loss
     is computed outside the compiled model and ``loss_reduction`` is not given (``bkcompile.passes.loss``)."""
 
+    report: object | None = None  # the graph's cost report, when the only refusal is a loss_reduction not given
+
 
 class UnclippedGradientError(PrivacyError):
     """A parameter's gradient holds something no bk_dp clip wrote (eager use, eager fallback, eager stem)."""
@@ -173,3 +175,20 @@ def node_error(cls: type[PrivacyError], node: torch.fx.Node | None, why: str, fi
     driver adds the pass). ``node`` None: the error is about the whole compiled function."""
     what = "the compiled function" if node is None else f"{op_name(node)} at {user_location(node)}"
     return cls(f"{what}\n  why: {why}\n  fix: {fix}")
+
+
+def unset_loss_reduction(what: str) -> LossReductionError:
+    """The refusal of a loss computed outside the compiled graphs with ``loss_reduction`` not given; ``what``
+    says which graphs return no loss."""
+    return run_error(
+        LossReductionError,
+        f"{what}: the loss is computed outside, and the option loss_reduction is not given",
+        "each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum and a mean "
+        "are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them send it the "
+        "same gradient); a wrong guess scales every per-sample norm by B and makes each clipped gradient depend on "
+        "the batch size, which breaks the per-sample bound R the privacy accounting relies on",
+        "say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, loss.mean()) or "
+        "'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
+        "options={'loss_reduction': 'mean', ...} or make_private(..., loss_reduction='mean'); or return the loss "
+        "from the compiled model",
+    )

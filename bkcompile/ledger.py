@@ -30,12 +30,19 @@ A model's ledger is found from any of its parameters (a weak table keyed by para
 graphs of one model (recompiles, blocks compiled one by one) share it once an optimizer holds them all.
 A call's ledger and clip state are those of the parameters it passes (found once per parameter list),
 never those of the instance that compiled the graph: dynamo reuses a graph for every instance of a class.
+
+Each compiled graph has one :class:`GraphRecord`, which owns the graph's :class:`bkcompile.plan.GraphPlan` and
+lives as long as the compiled graph. The graph names its record by an integer in its calls of the run-time ops
+(``bkcompile::record_norms``, ``bkcompile::loss_scale`` here, ``bkcompile::defer_grads`` in
+``bkcompile.deferred``): :func:`record_of` finds it in a table of weak references, so a model dropped (and
+``torch._dynamo.reset()``) leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -60,8 +67,11 @@ from bkcompile.distributed import (
 from bkcompile.draws import Span, StepRows, span_of
 from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error, run_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
-from bkcompile.norms import ClipState
+from bkcompile.norms import ClipState, latest_norms
+from bkcompile.plan import GraphPlan
 
+_RECORDS: weakref.WeakValueDictionary[int, GraphRecord] = weakref.WeakValueDictionary()  # by key, in compile order
+_KEYS = itertools.count()
 _LEDGERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref to the DP optimizer releasing it
 _MODULES: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # compiled modules whose parameters are known
@@ -121,13 +131,14 @@ class _Entry:
 
 @dataclasses.dataclass(eq=False)
 class GraphRecord:
-    """One compiled bk_dp graph: where its trainable parameters sit among its inputs."""
+    """One compiled bk_dp graph at run time: where its trainable parameters sit among its inputs, its plan, and
+    what its calls have bound."""
 
     indices: tuple[int, ...]
     names: tuple[str, ...]
     piece: bool = False  # one of several graphs of the model: clipped with the others at the end of the backward
-    state: ClipState | None = None  # the clip state it was compiled with (set once the pass has run; None for a piece)
-    groups: tuple[tuple[int, ...], ...] = ()  # each clipping group's parameters, as positions among ``indices``
+    plan: GraphPlan | None = None  # what the pass decided (set once the pass has run)
+    state: ClipState | None = None  # the clip state it was compiled with (None for a piece)
     # the taps' only input that needs a gradient: the parameters enter detached, so autograd keeps no edge
     # to their gradient accumulators and never touches p.grad for a bk_dp graph
     anchor: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), requires_grad=True))
@@ -137,6 +148,11 @@ class GraphRecord:
     others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
     samples: tuple[int, ...] = ()  # the indices of the inputs that hold the batch (forward arguments)
     batch_dim: int = 0
+    key: int = dataclasses.field(init=False)  # the graph's name for its record in the run-time ops
+
+    def __post_init__(self) -> None:
+        self.key = next(_KEYS)
+        _RECORDS[self.key] = self
 
     @functools.cached_property
     def trainable(self) -> frozenset[int]:
@@ -192,40 +208,83 @@ class GraphRecord:
         return binding
 
     def clip_of(self, params: Sequence[torch.nn.Parameter]) -> Clip | None:
-        """The clip of a call with these parameters: the clip state of the graph's groups over them, in their
-        ledger. The compiled graph records its norms into the state it was compiled with (``compiled``);
-        :func:`running_state` redirects each backward to the state of its own call's parameters."""
-        compiled = self.state
-        if compiled is None:
+        """The clip of a call with these parameters: the clip state of the plan's groups over them, in their
+        ledger (None for a piece, clipped at the end of the backward). The compiled graph records its norms
+        into its record; :func:`running_state` finds the state of each backward's own call's parameters."""
+        plan = self.plan
+        if plan is None or self.piece:
             return None
-        members = tuple(tuple(params[i] for i in group) for group in self.groups)
-        ledger = ledger_for(params)
-        state = ledger.clip_state(compiled.groups, members, compiled.names, compiled.initial, compiled.device)
+        position = {index: k for k, index in enumerate(self.indices)}
+        groups = plan.grouping.groups
+        members = tuple(tuple(params[position[m]] for m in group.members) for group in groups)
+        names = tuple(tuple(self.names[position[m]] for m in group.members) for group in groups)
+        state = ledger_for(params).clip_state(
+            plan.grouping.names, members, names, plan.grouping.thresholds, params[0].device
+        )
         return Clip(state, tuple(map(id, params)))
 
 
-def running_state(compiled: ClipState) -> ClipState:
-    """The clip state of the call whose backward is running a graph compiled with the state ``compiled``.
+def record_of(key: int) -> GraphRecord:
+    """The live record a graph names by ``key`` (its graph is alive while it runs, and holds its record)."""
+    return _RECORDS[key]
+
+
+def live_records() -> list[GraphRecord]:
+    """The records of the compiled graphs alive now, in compile order."""
+    return [record for _, record in sorted(_RECORDS.items())]
+
+
+def records_of(model: torch.nn.Module) -> list[GraphRecord]:
+    """The live records of the graphs whose calls passed parameters of ``model``, in compile order."""
+    params = {id(p) for p in model.parameters()}
+    return [r for r in live_records() if any(not params.isdisjoint(key) for key in r.bindings)]
+
+
+def running_state(record: GraphRecord) -> ClipState:
+    """The clip state of the call whose backward is running the graph of ``record``.
 
     Dynamo reuses one compiled graph for every instance of a model class (the parameters are graph inputs),
-    so the state baked into the graph is only the state of the instance that compiled it. The running
-    autograd node is the graph's backward; among its inputs' edges is the tap of its call, which holds the
-    clip of the parameters that call passed. A graph run outside any autograd backward (a joint graph called
-    as a function, as the passes' unit tests do) has no call but its own: it keeps ``compiled``."""
+    so the graph's record is shared by all of them. The running autograd node is the graph's backward; among
+    its inputs' edges is the tap of its call, which holds the clip of the parameters that call passed. A graph
+    run outside any autograd backward (a joint graph called as a function, as the passes' unit tests do) has
+    no call but its own: it keeps the state it was compiled with."""
     if torch._C._current_graph_task_id() < 0:
-        return compiled
+        return record.state
     node = torch._C._current_autograd_node()
     tap = _Tap._backward_cls
     for edge, _ in node.next_functions if node is not None else ():
-        if isinstance(edge, tap) and edge.call.graph.state is compiled:
+        if isinstance(edge, tap) and edge.call.graph is record:
             return edge.call.binding.clip.state
+    groups = record.plan.grouping.names if record.plan is not None else ()
     raise run_error(
         PrivacyError,
-        f"the backward of a bk_dp graph (clipping groups {', '.join(compiled.groups)}) ran outside the call that "
+        f"the backward of a bk_dp graph (clipping groups {', '.join(groups)}) ran outside the call that "
         "produced it, so bkcompile cannot tell which model's clip state it clips with",
         "clipping with another model's thresholds would not match the noise of that model's optimizer",
         "run the backward through torch's autograd engine (not compiled autograd) after calling the compiled model",
     )
+
+
+@torch.library.custom_op("bkcompile::record_norms", mutates_args=())
+def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
+    """Record a clipping group's per-sample norms (B,) of this backward; its current threshold R_g."""
+    return running_state(record_of(key)).record(norms, group)
+
+
+@record_norms.register_fake
+def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
+    return norms.new_empty(())
+
+
+@torch.library.custom_op("bkcompile::loss_scale", mutates_args=())
+def loss_scale(like: torch.Tensor, key: int) -> torch.Tensor:
+    """The GradScaler's scale S in this backward's gradients (1 without one), like ``like``."""
+    return running_state(record_of(key)).loss_scale(like)
+
+
+@loss_scale.register_fake
+def _loss_scale_fake(like: torch.Tensor, key: int) -> torch.Tensor:
+    return like.new_empty(())
 
 
 @dataclasses.dataclass(eq=False)
@@ -276,6 +335,7 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None]:
         call = ctx.call
         _WATCH.enter(call)
+        call.aliases = ()  # the graph's backward has run: they held this node alive (their grad_fn), in a cycle
         ledger = _LEDGERS[call.params[0]]
         ledger.refuse_upstream(call)
         if ledger.released_by_optimizer():  # the plain path keeps no steps
@@ -297,12 +357,22 @@ def parameter_of(tensor: torch.Tensor) -> torch.Tensor:
 _BY_STORAGE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the pieces' parameters by storage
 
 
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """What the watch keeps of a call: enough to tell two calls apart, nothing that keeps a model alive."""
+
+    graph: weakref.ref[GraphRecord]
+    piece: bool
+    params: tuple[int, ...]  # the identities of its parameters (alive while their backward runs)
+    where: str
+
+
 class _BackwardWatch:
     """The calls whose clipped gradients the running autograd backward (graph task) has written."""
 
     def __init__(self) -> None:
         self.task = -1
-        self.calls: list[CallRecord] = []
+        self.calls: list[_Seen] = []
 
     def enter(self, call: CallRecord) -> None:
         if call.backwards:
@@ -317,9 +387,10 @@ class _BackwardWatch:
         task = current_task()  # a reentrant recomputation's nested backward counts as the outer one
         if task != self.task:
             self.task, self.calls = task, []
-        if self.calls and not (call.graph.piece and all(c.graph.piece for c in self.calls)):
+        params = tuple(map(id, call.params))
+        if self.calls and not (call.graph.piece and all(c.piece for c in self.calls)):
             first = self.calls[0]
-            if first.graph is call.graph and all(p is q for p, q in zip(first.params, call.params)):
+            if first.graph() is call.graph and first.params == params:
                 raise run_error(
                     ClipOnceError,
                     f"the compiled model was called twice before one backward: first call at {first.where}, "
@@ -339,7 +410,7 @@ class _BackwardWatch:
                 "too, with options={..., 'graphs': 'several'}: the graphs are then clipped together, once per "
                 "sample; or compile the model as one graph",
             )
-        self.calls.append(call)
+        self.calls.append(_Seen(weakref.ref(call.graph), call.graph.piece, params, call.where))
 
 
 _WATCH = _BackwardWatch()
@@ -399,7 +470,7 @@ class StepLedger:
 
     def last_state(self) -> ClipState | None:
         recorded = [s for s in self.states if s.latest is not None]
-        return max(recorded, key=lambda s: s._task) if recorded else None
+        return max(recorded, key=lambda s: s.task) if recorded else None
 
     def refuse_upstream(self, call: CallRecord) -> None:
         if call.upstream:
@@ -733,6 +804,29 @@ def ledger_of(model_or_param: torch.nn.Module | torch.nn.Parameter) -> StepLedge
 def ledger_of_params(params: Sequence[torch.nn.Parameter]) -> StepLedger | None:
     """The ledger of the first of these parameters that has one (an optimizer's parameters share one)."""
     return next((_LEDGERS[p] for p in params if p in _LEDGERS), None)
+
+
+def live_ledgers() -> list[StepLedger]:
+    """The ledgers of the parameters that the live compiled graphs were called with."""
+    found: list[StepLedger] = []
+    for record in live_records():
+        for binding in record.bindings.values():
+            params = [p for p in (ref() for ref in binding.refs) if p is not None]
+            found += [ledger for ledger in _distinct_ledgers(params) if all(ledger is not f for f in found)]
+    return found
+
+
+def last_per_sample_norms(model: torch.nn.Module | None = None) -> torch.Tensor | None:
+    """Per-sample gradient norms of the most recent bk_dp backward, before clipping (None before any).
+
+    With all-layer clipping a (B,) tensor of ||g_i|| over all trainable parameters (the fraction of
+    clipped samples is ``(norms > max_grad_norm).float().mean()``); with clipping groups (B, G), one
+    column per group. On the model's device, float32 (float64 for a float64 model). With ``model``,
+    that model's most recent backward; without, that of the models whose compiled graphs are alive.
+    """
+    ledgers = live_ledgers() if model is None else [ledger for ledger in [ledger_of(model)] if ledger is not None]
+    states = [state for ledger in ledgers if (state := ledger.last_state()) is not None]
+    return latest_norms(max(states, key=lambda s: s.task) if states else None)
 
 
 def owner_of(p: torch.Tensor) -> Any:

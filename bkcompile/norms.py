@@ -1,11 +1,12 @@
 """Clip state: the thresholds, per-sample norms and adaptive-clipping counts of one model's clipping groups.
 
-Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` on the per-sample norms
-(B,) of each clipping group, before clipping. The op records them, counts the samples under the
-group's threshold (for adaptive clipping), and returns the group's current threshold, which the
-graph's clip factors use: thresholds are runtime values, so the DP optimizer can adapt them without a
-recompile, and the op's result feeds the gradients, so no compiler removes it. One call per group
-keeps the groups independent: a group's weighted reductions need only its own norms.
+Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` (``bkcompile.ledger``) on the
+per-sample norms (B,) of each clipping group, before clipping. The op finds the clip state of the running call
+and :meth:`ClipState.record` records them, counts the samples under the group's threshold (for adaptive
+clipping), and returns the group's current threshold, which the graph's clip factors use: thresholds are
+runtime values, so the DP optimizer can adapt them without a recompile, and the op's result feeds the
+gradients, so no compiler removes it. One call per group keeps the groups independent: a group's weighted
+reductions need only its own norms.
 
 Mixed precision: under ``torch.amp.GradScaler`` the loss scale S multiplies every per-sample gradient in
 the backward. Each graph divides its per-sample norms by ``bkcompile::loss_scale(like, key)`` before
@@ -15,24 +16,18 @@ automatic clipping too), the weighted sums stay scaled by S, and ``scaler.step(d
 them before the noise.
 
 Everything stays on the model's device: the op reads and writes device tensors only (no ``.cpu()``,
-no ``.item()``, no host synchronisation); the optimizer and :func:`last_per_sample_norms` copy when
+no ``.item()``, no host synchronisation); the optimizer and ``last_per_sample_norms`` copy when
 asked. A :class:`ClipState` belongs to the step ledger of its model (``bkcompile.ledger``), keyed by
-the identity of its parameters. A custom op takes no Python objects, so ``key`` is the state's number
-in a weak table (alive as long as the compiled graphs and the ledger hold the state).
+the identity of its parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import weakref
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-_BY_KEY: weakref.WeakValueDictionary[int, ClipState] = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,14 +41,14 @@ class ClipState:
     names: tuple[tuple[str, ...], ...]  # their names
     initial: tuple[float, ...]  # the thresholds the options gave
     device: torch.device
-    key: int = dataclasses.field(init=False)
     thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64 on the device: the current R_g
     below: torch.Tensor = dataclasses.field(init=False)  # (G,) samples with group norm <= R_g since the reset
     rows: torch.Tensor = dataclasses.field(init=False)  # (G,) samples recorded since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     grad_scaler: Any = None  # the torch.amp.GradScaler whose scale multiplies the gradients, if any
+    spans: list | None = None  # a clip over several graphs: its groups' ClipSpans (bkcompile.deferred)
     backwards: int = 0  # backwards that recorded norms
-    _task: int = -1  # the autograd graph task of ``latest``
+    task: int = -1  # the autograd graph task of ``latest`` (tasks are numbered in order)
     _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded
 
     def __post_init__(self) -> None:
@@ -61,8 +56,6 @@ class ClipState:
             self.thresholds = torch.tensor(self.initial, dtype=torch.float64, device=self.device)
             self.below = torch.zeros_like(self.thresholds)
             self.rows = torch.zeros_like(self.thresholds)
-        self.key = next(_KEYS)
-        _BY_KEY[self.key] = self
 
     def same_groups(self, groups: tuple[str, ...], members: tuple[tuple, ...], initial) -> bool:
         return (
@@ -97,11 +90,10 @@ class ClipState:
         """Keep a group's norms of this backward, count those under its threshold; return the threshold."""
         values = norms.detach() if norms.dtype == torch.float64 else norms.detach().float()
         task = torch._C._current_graph_task_id()
-        if self.latest is None or task != self._task or group in self._recorded:  # a new backward (or call)
-            self._task, self._recorded = task, set()
+        if self.latest is None or task != self.task or group in self._recorded:  # a new backward (or call)
+            self.task, self._recorded = task, set()
             self.backwards += 1
             self.latest = values.new_zeros(len(values), len(self.groups))
-            _LAST[0] = weakref.ref(self)
         self._recorded.add(group)
         self.latest[:, group] = values
         threshold = self.thresholds[group].to(values.device)
@@ -110,55 +102,8 @@ class ClipState:
         return threshold.to(dtype=norms.dtype, copy=True)  # not a view of the state
 
 
-def _running(key: int) -> ClipState:
-    """The state the running backward records into: the graph names the state it was compiled with (``key``);
-    the call's own parameters decide (a graph dynamo reuses for another instance of the model)."""
-    from bkcompile.ledger import running_state
-
-    return running_state(_BY_KEY[key])
-
-
-_LAST: list[weakref.ref[ClipState] | None] = [None]  # the state that recorded the most recent backward
-
-
-@torch.library.custom_op("bkcompile::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
-    return _running(key).record(norms, group)
-
-
-@record_norms.register_fake
-def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
-    return norms.new_empty(())
-
-
-@torch.library.custom_op("bkcompile::loss_scale", mutates_args=())
-def loss_scale(like: torch.Tensor, key: int) -> torch.Tensor:
-    return _running(key).loss_scale(like)
-
-
-@loss_scale.register_fake
-def _loss_scale_fake(like: torch.Tensor, key: int) -> torch.Tensor:
-    return like.new_empty(())
-
-
 def latest_norms(state: ClipState | None) -> torch.Tensor | None:
     if state is None or state.latest is None:
         return None
     latest = state.latest
     return latest[:, 0].clone() if latest.shape[1] == 1 else latest.clone()
-
-
-def last_per_sample_norms(model: torch.nn.Module | None = None) -> torch.Tensor | None:
-    """Per-sample gradient norms of the most recent bk_dp backward, before clipping (None before any).
-
-    With all-layer clipping a (B,) tensor of ||g_i|| over all trainable parameters (the fraction of
-    clipped samples is ``(norms > max_grad_norm).float().mean()``); with clipping groups (B, G), one
-    column per group. On the model's device, float32 (float64 for a float64 model). With ``model``,
-    that model's most recent backward; without, the process's.
-    """
-    if model is None:
-        return latest_norms(_LAST[0]() if _LAST[0] is not None else None)
-    from bkcompile.ledger import ledger_of
-
-    ledger = ledger_of(model)
-    return latest_norms(ledger.last_state() if ledger is not None else None)

@@ -16,10 +16,10 @@ from bkcompile.errors import OptionError
 LossReduction = Literal["auto", "mean", "sum"]
 Compiler = Literal["inductor", "aot_eager"]
 Strategy = Literal["auto", "fastest", "ghost", "explicit"]
-ClipFn = Literal["abadi", "automatic"]
+ClipFn = Literal["abadi", "automatic"]  # the keys of bkcompile.policy.CLIP_FUNCTIONS
 Graphs = Literal["auto", "several"]
 Mode = Literal["default", "max-autotune-no-cudagraphs"]
-ClippingStyle = Literal["all-layer", "layer-wise", "param-wise", "per-device"]
+ClippingStyle = Literal["all-layer", "layer-wise", "param-wise", "per-device"]  # the keys of bkcompile.policy.STYLES
 CLIPPING_STYLES = get_args(ClippingStyle)
 MODES = get_args(Mode)
 # Inductor's other modes, and why bk_dp refuses them.

@@ -9,26 +9,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import os
 import re
-import sys
 import types
 from typing import Any
 
-import sympy
 import torch
-import torch.fx
 import torch.utils._pytree as pytree
 
 from bkcompile.batch import mark_batch_dynamic
-from bkcompile.deferred import ClipSpan, last_clip_spans  # noqa: F401  (the report of a clip over several graphs)
-from bkcompile.errors import BKError, LossReductionError, module_of, module_path, user_frame
+from bkcompile.errors import BKError, LossReductionError
+from bkcompile.ledger import live_records, records_of
 from bkcompile.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
 from bkcompile.options import parse_options
-from bkcompile.passes import PassState
-from bkcompile.passes.cost import evaluate, plan_cost
 
-_LAST: list[CostReport] = []
 _EXPLAINED = itertools.count()  # names the code object of each explain() call
 
 
@@ -271,97 +264,12 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _shown_path(file: str) -> str:
-    """``file`` from the longest entry of ``sys.path`` or the working directory it lies in
-    (``peft/tuners/lora/layer.py``, ``examples/models.py``), else as it is."""
-    path = os.path.abspath(file)
-    roots = {os.path.abspath(p) for p in sys.path if p} | {os.getcwd()}
-    inside = [root for root in roots if path.startswith(root.rstrip(os.sep) + os.sep)]
-    return os.path.relpath(path, max(inside, key=len)) if inside else file
-
-
-def _source(node: torch.fx.Node) -> str:
-    """Where the site is in the user's code, else the module it is in."""
-    frame = user_frame(node)
-    if frame is not None:
-        where = f"{_shown_path(frame.file)}:{frame.line} in {frame.function}"
-        return f"{where}: {frame.code}" if frame.code else where
-    return module_of(node) or "-"
-
-
-def build_report(state: PassState) -> CostReport:
-    """The report of one privatized graph (``state``: what the passes found)."""
-    cost = state.cost
-    itemsize = cost.norm_dtype.itemsize
-    rows, total_flops, total_bytes = [], 0.0, 0.0
-    for plan in cost.plans:
-        flops, values = plan_cost(plan, plan.strategy, cost.compiled_sizes)
-        total_flops, total_bytes = total_flops + flops, total_bytes + values * itemsize
-        for site in plan.costs:
-            node = site.site.node
-
-            def at(c, site=site):
-                return (
-                    evaluate(c.time, site.sizes, cost.compiled_sizes),
-                    evaluate(c.memory, site.sizes, cost.compiled_sizes) * itemsize,
-                )
-
-            direct, module = site.ghost == site.explicit, module_path(node)
-            rows.append(
-                SiteRow(
-                    param=plan.param.name,
-                    kind=site.site.kind.name,
-                    module=module[0] if module else "-",
-                    module_type=module[1] if module else "-",
-                    source=_source(node),
-                    sizes={str(k): str(v) for k, v in site.sizes.items()},
-                    strategy="direct" if direct else plan.strategy.value,
-                    reason="per-sample sums" if direct else plan.describe(),
-                    ghost_time=str(site.ghost.time) if site.ghost else None,
-                    ghost_memory=str(site.ghost.memory * itemsize) if site.ghost else None,
-                    explicit_time=str(site.explicit.time),
-                    explicit_memory=str(site.explicit.memory * itemsize),
-                    ghost_values=at(site.ghost) if site.ghost else None,
-                    explicit_values=at(site.explicit),
-                )
-            )
-    batch = state.joint.batch
-    options = {
-        k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
-    }
-    piece = state.role.piece
-    thresholds = list(state.grouping.thresholds) if piece else state.clip.thresholds.tolist()
-    groups = [
-        {"name": name, "params": list(members), "threshold": threshold}
-        for name, members, threshold in zip(state.grouping.names, state.grouping.members, thresholds)
-    ]
-    return CostReport(
-        rows=rows,
-        batch=str(batch),
-        batch_dynamic=not isinstance(batch, sympy.Integer),
-        norm_dtype=str(cost.norm_dtype).removeprefix("torch."),
-        loss_scale=state.scale.describe(),
-        options=options,
-        backward_flops=cost.backward_flops,
-        total_flops=total_flops,
-        total_bytes=total_bytes,
-        groups=groups,
-        graph=state.role.label,
-        clipped="at the end of the backward, once for all the model's graphs (see last_clip_spans())"
-        if piece
-        else "in this graph",
-    )
-
-
-def record(report: CostReport, show: bool) -> None:
-    _LAST[:] = [report]
-    if show:
-        print(report)
-
-
-def last_report() -> CostReport | None:
-    """The report of the graph bk_dp privatized last (None before any)."""
-    return _LAST[0] if _LAST else None
+def last_report(model: torch.nn.Module | None = None) -> CostReport | None:
+    """The report of the graph bk_dp privatized last (of ``model``; without, of the compiled graphs alive now),
+    None before any. Each graph's report is in its plan, owned by its run-time record."""
+    records = live_records() if model is None else records_of(model)
+    reports = [r.plan.report for r in records if r.plan is not None and r.plan.report is not None]
+    return reports[-1] if reports else None
 
 
 def _call(model: torch.nn.Module, *inputs: Any) -> Any:
@@ -428,9 +336,7 @@ def explain(
     parsed = parse_options(options)
     twin = copy.deepcopy(model)
     inputs = _loader_batch(example_inputs, parsed.batch_dim, dynamic_batch)
-    _LAST.clear()
-    compiled = _privatized(twin, inputs, options)
-    report = last_report()
+    compiled, report = _privatized(twin, inputs, options)
     if report is None:
         raise BKError(
             "the model has no trainable parameter that receives a per-sample gradient, or a batch of "
@@ -438,7 +344,7 @@ def explain(
         )
     if measure:
         if compiled is None:  # the timed step differentiates the sum of the outputs (measure.loss_of)
-            compiled = _privatized(twin, inputs, {**options, "loss_reduction": "sum"})
+            compiled, _ = _privatized(twin, inputs, {**options, "loss_reduction": "sum"})
         plain_model = copy.deepcopy(model)
         plain = torch.compile(_entry("_non_private"), fullgraph=True, **non_private_compile(parsed))
         first = next(twin.parameters(), None)
@@ -447,15 +353,14 @@ def explain(
             training_step(plain, plain_model, _loader_batch(example_inputs, parsed.batch_dim, dynamic_batch)),
             first.device if first is not None else torch.device("cpu"),
         )
-        report = dataclasses.replace(report, measured=Measurement(private_s, plain_s, TIMED_STEPS, parsed.compiler))
-    _LAST[:] = [report]
+        report.measured = Measurement(private_s, plain_s, TIMED_STEPS, parsed.compiler)
     return report
 
 
-def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> Any:
-    """``model`` compiled with bk_dp for ``inputs`` (its report recorded), or None when the only refusal is a loss
-    computed outside with no ``loss_reduction``: the backend refuses that after recording the report (the one
-    refusal after it), and the report says so. Any other refusal is raised as itself."""
+def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> tuple[Any, CostReport | None]:
+    """(``model`` compiled with bk_dp for ``inputs``, its report), or (None, the report) when the only refusal is a
+    loss computed outside with no ``loss_reduction``: the pass refuses that once the report is built, and hands it
+    over with the refusal; the report says that the scale is unknown. Any other refusal is raised as itself."""
     compiled = torch.compile(_entry(), backend="bk_dp", options=options, fullgraph=True)
     try:
         with torch.enable_grad():
@@ -464,7 +369,7 @@ def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> Any:
         refusal = _backend_error(failed)
         if refusal is None:
             raise
-        if isinstance(refusal, LossReductionError) and last_report() is not None:
-            return None
+        if isinstance(refusal, LossReductionError) and refusal.report is not None:
+            return None, refusal.report
         raise refusal from None
-    return compiled
+    return compiled, last_report(model)

@@ -7,8 +7,8 @@ what it produces:
 2. ``sites``       ``params``: each parameter's gradient and the ops reducing samples into it (sites.py)
 3. ``loss_scale``  ``scale``: how the loss reduces over the batch, the per-sample scale s, or unset: a loss
                    computed outside with no ``loss_reduction``, which the backend refuses after the report (loss.py)
-4. ``groups``      ``grouping``, ``clip``: clipping groups and thresholds, a clip state in the model's step ledger
-                   (groups.py)
+4. ``groups``      ``grouping``: clipping groups (by graph input) and their thresholds, by the clipping policy
+                   (groups.py, ``bkcompile.policy``)
 5. ``cost``        ``cost``: per parameter, ghost or explicit norms by the options and the cost model (cost.py)
 6. ``clipping``    the graph: per-sample norms, clip factors, C-weighted reductions (clip.py), each group's
                    placed as soon as the backward has its norms (schedule.py)
@@ -16,6 +16,10 @@ what it produces:
 A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
 ``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
 gradients to the clip at the end of the backward (pieces.py, ``bkcompile.deferred``).
+
+:func:`privatize` returns the :class:`bkcompile.plan.GraphPlan` of the graph: its clipping groups, policy, piece
+spec and report, which the graph's run-time record owns. The graph reaches its record at run time by the integer
+``key`` the backend gives the pass.
 
 Invariants after each pass (checked with the ``check_passes`` option): the graph lints, every node keeps
 a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove privacy raises a
@@ -25,7 +29,6 @@ a valid ``meta["val"]``, and no pass adds aliasing. A pass that cannot prove pri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,18 +46,18 @@ from bkcompile.passes.cost import (
     with_expected_batch,
 )
 from bkcompile.passes.driver import Pass, named, run_passes
-from bkcompile.passes.groups import Grouping, clip_groups
+from bkcompile.passes.groups import clip_groups
 from bkcompile.passes.joint import GraphInput, JointGraph, joint_graph
 from bkcompile.passes.loss import LossScale, find_loss_scale
 from bkcompile.passes.pieces import WHOLE, GraphRole, defer_clipping, defer_single_sample, refuse_batch_outputs
+from bkcompile.passes.report import build_report
 from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
 
-from bkcompile.norms import ClipState
+from bkcompile.errors import unset_loss_reduction
 from bkcompile.options import BKOptions
-
-# The backend's way to the model's step ledger: the shared clip state of a graph's clipping groups.
-ClipStates = Callable[[Grouping], ClipState]
+from bkcompile.plan import GraphPlan, Grouping, PieceSpec
+from bkcompile.policy import ClipPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +67,13 @@ class PassState:
     joint: JointGraph
     options: BKOptions
     fake_mode: Any
-    clip_states: ClipStates  # the backend's way to the model's step ledger
+    key: int  # the graph's run-time record, named in its calls of the run-time ops
     role: GraphRole = WHOLE  # the whole model, or one piece of it
     params: tuple[ParamGrad, ...] = ()  # sites
     scale: LossScale | None = None  # loss_scale
     grouping: Grouping | None = None  # groups: the clipping groups and their initial thresholds
-    clip: ClipState | None = None  # groups: the groups' clip state, in the model's step ledger (not for a piece)
     cost: CostPlan | None = None  # cost
+    piece: PieceSpec | None = None  # defer: what a piece hands over to the clip at the end of the backward
 
 
 def _batch_axis(state: PassState) -> PassState:
@@ -96,23 +99,17 @@ def _loss_scale(state: PassState) -> PassState:
 
 
 def _groups(state: PassState) -> PassState:
-    params = [name for _, name, _ in trainable_grads(state.joint)]
-    devices = {
-        graph_input.name: str(node.meta["val"].device)
-        for node, graph_input in zip(state.joint.primals, state.joint.inputs, strict=True)
-        if isinstance(node.meta["val"], torch.Tensor)
-    }
-    grouping = clip_groups(params, devices, state.options)
-    if state.role.piece:  # the groups of a piece join those of the other pieces at the end of the backward
-        return dataclasses.replace(state, grouping=grouping)
-    return dataclasses.replace(state, grouping=grouping, clip=state.clip_states(grouping))
+    primals = state.joint.primals
+    params = [(index, name, str(primals[index].meta["val"].device)) for index, name, _ in trainable_grads(state.joint)]
+    return dataclasses.replace(state, grouping=clip_groups(params, ClipPolicy.of(state.options)))
 
 
 def _cost(state: PassState) -> PassState:
     sizes = with_expected_batch(compiled_sizes(state.fake_mode), state.joint.batch, state.options)
     dtype = acc_dtype(state.params)
     # a piece holds its per-sample values until the end of the backward: its groups are not freed one by one
-    groups = () if state.role.piece else state.grouping.members
+    names = state.joint.inputs
+    groups = () if state.role.piece else tuple(tuple(names[m].name for m in g.members) for g in state.grouping.groups)
     plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, groups)
     flops = backward_flops(state.joint, backward_nodes(state.joint), sizes)
     return dataclasses.replace(state, cost=CostPlan(tuple(plans), sizes, flops, dtype))
@@ -133,33 +130,32 @@ def _clipping(state: PassState) -> PassState:
         state.cost.norm_dtype,
         state.scale,
         state.grouping,
-        state.clip.key,
+        state.key,
         state.options,
         state.fake_mode,
     )
-    if len(state.grouping.members) > 1:  # one group's clip waits for every norm: it stays at the end
+    if len(state.grouping.groups) > 1:  # one group's clip waits for every norm: it stays at the end
         place_early(state.joint, appended(state.joint.gm.graph, before))  # each group's clip as soon as its norms are
     return _sorted(state)
 
 
 def _single_sample(state: PassState) -> PassState:
-    clip_single_sample(state.joint, state.grouping, state.clip.key, state.options, state.fake_mode)
+    clip_single_sample(state.joint, state.grouping, state.key, state.options, state.fake_mode)
     return state
 
 
 def _defer(state: PassState) -> PassState:
-    kept = defer_clipping(state)
+    kept, piece = defer_clipping(state)
     for plan in state.cost.plans:  # what the piece keeps until the clip at the end of the backward
-        if plan.param.name in kept:
+        if plan.param.index in kept:
             plan.reason = Reason.DEFERRED_GHOST
         else:
             plan.strategy, plan.reason = Strategy.EXPLICIT, Reason.DEFERRED
-    return _sorted(state)
+    return _sorted(dataclasses.replace(state, piece=piece))
 
 
 def _defer_single_sample(state: PassState) -> PassState:
-    defer_single_sample(state)
-    return state
+    return dataclasses.replace(state, piece=defer_single_sample(state))
 
 
 PIPELINE: list[Pass[PassState]] = [
@@ -201,19 +197,33 @@ def privatize(
     inputs: tuple[GraphInput, ...],
     options: BKOptions,
     fake_mode: Any,
-    clip_states: ClipStates,
+    key: int,
     role: GraphRole = WHOLE,
-) -> PassState:
-    """Run the pipeline on a joint graph in place; return what the passes found."""
+) -> GraphPlan:
+    """Run the pipeline on a joint graph in place; return the graph's plan for its run time. ``key``: the graph's
+    run-time record, which the graph names in its calls of the run-time ops."""
     with named("inputs"):
         joint = joint_graph(gm, num_fwd_outputs, inputs)
     if role.piece:
         passes = PIECE_SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIECE_PIPELINE
     else:
         passes = SINGLE_SAMPLE_PIPELINE if joint.batch == 1 else PIPELINE
-    state = PassState(joint, options, fake_mode, clip_states, role)
+    state = PassState(joint, options, fake_mode, key, role)
     label = "piece" if role.piece else "joint"
     state = run_passes(passes, state, gm, check=options.check_passes, dump=options.dump, label=label)
     gm.graph.lint()
     gm.recompile()
-    return state
+    plan = GraphPlan(
+        role.label,
+        ClipPolicy.of(options),
+        state.grouping,
+        state.piece,
+        build_report(state) if state.cost is not None and state.cost.plans else None,
+    )
+    if state.scale is not None and state.scale.unset and not role.piece:
+        # refused once the report is built: bkcompile.explain returns the report of a model refused only for this
+        refusal = unset_loss_reduction("the compiled function returns no loss")
+        refusal.report = plan.report
+        refusal.in_pass("loss_scale")
+        raise refusal
+    return plan

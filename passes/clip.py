@@ -15,9 +15,10 @@ one of two strategies:
   and the gradient becomes ``sum_i w_i G_i``, one weighted sum over the rows.
 
 Clipping, per clipping group g: ``n_ig = s * sqrt(sum over the group's parameters ||G_i||^2) / S`` (s: the
-loss scale of the reduction, S: a GradScaler's loss scale, read at run time), ``C_ig = min(1, R_g / (n_ig +
-1e-6))`` (or automatic clipping), ``w_i = s * C_ig`` for the group's parameters (the sum stays scaled by S).
-Norms are accumulated in float32 (float64 when the model is float64).
+loss scale of the reduction, S: a GradScaler's loss scale, read at run time), ``C_ig = f(n_ig, R_g)`` (the
+policy's clip factor, ``bkcompile.policy``, traced into the graph), ``w_i = s * C_ig`` for the group's
+parameters (the sum stays scaled by S). Norms are accumulated in float32 (float64 when the model is float64).
+Parameters are keyed by their graph input (``ParamGrad.index``), never by name.
 """
 
 from __future__ import annotations
@@ -29,19 +30,19 @@ import torch.fx
 from bkcompile.passes.cost import ParamPlan, Strategy
 from bkcompile.passes.emit import Emitter, static_shape
 from bkcompile.passes.facts import Reduced
-from bkcompile.passes.groups import Grouping
 from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.loss import LossScale, ScaleKind
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds.common import Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
 
-import bkcompile.norms  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
+import bkcompile.ledger  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
 from bkcompile.errors import NotSupportedYetError, OptionError, node_error
 from bkcompile.options import BKOptions
+from bkcompile.plan import Grouping
+from bkcompile.policy import ClipPolicy
 
 aten = torch.ops.aten
-EPS = 1e-6
 
 
 def acc_dtype(params: list[ParamGrad]) -> torch.dtype:
@@ -114,23 +115,26 @@ def _drop_unread_outputs(graph: torch.fx.Graph, conv: torch.fx.Node) -> None:
 
 def clip_weights(
     emit: Emitter,
-    squares: dict[str, torch.fx.Node],
+    squares: dict[int, torch.fx.Node],
     grouping: Grouping,
     key: int,
     factor: torch.fx.Node | None,
-    options: BKOptions,
-) -> dict[str, torch.fx.Node]:
-    """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients.
+    policy: ClipPolicy,
+) -> dict[int, torch.fx.Node]:
+    """Each parameter's weights w_i = s * C_i^g (B,) from the squared norms of its per-sample gradients (by graph
+    input).
 
     Group norms ``n_ig = s * sqrt(sum over the group's parameters) / S`` (S: ``loss_scale``, the
     GradScaler's scale or 1) go through ``record_norms``, which returns the group's current threshold
-    R_g; ``C_ig = min(1, R_g / (n_ig + 1e-6))`` ("abadi") or ``R_g / (n_ig + gamma)`` ("automatic").
+    R_g; ``C_ig = policy.factor(n_ig, R_g)``, its torch ops traced into the graph. ``key``: the graph's run-time
+    record.
     """
     columns = []
     # the scale read off the squared norms computed first: a group's clip factors wait for its own norms only
     position = {node: index for index, node in enumerate(emit.graph.nodes)}
     scaled = emit(torch.ops.bkcompile.loss_scale.default, min(squares.values(), key=position.__getitem__), key)
-    for group, members in enumerate(grouping.members):  # each group on its own: no group waits for another
+    for group, clip_group in enumerate(grouping.groups):  # each group on its own: no group waits for another
+        members = clip_group.members
         total = squares[members[0]]
         if len(members) > 1:
             stacked = emit(aten.cat.default, [squares[m] for m in members])
@@ -140,12 +144,7 @@ def clip_weights(
         if factor is not None:
             norms = emit(aten.mul.Tensor, norms, factor)
         threshold = emit(torch.ops.bkcompile.record_norms.default, norms, key, group)
-        if options.clip_fn == "automatic":
-            clip = emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, options.clip_gamma))
-        else:
-            clip = emit(
-                aten.clamp_max.default, emit(aten.div.Tensor, threshold, emit(aten.add.Scalar, norms, EPS)), 1.0
-            )
+        clip = emit.trace(policy.factor, norms, threshold)
         columns.append(emit(aten.mul.Tensor, clip, factor) if factor is not None else clip)
     return {param: columns[grouping.group_of(param)] for param in squares}
 
@@ -181,17 +180,18 @@ def free_scale(options: BKOptions, name: str) -> float:
     return options.expected_batch_size
 
 
-def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions) -> dict[str, list[torch.fx.Node]]:
+def scale_free_terms(emit: Emitter, params: list[ParamGrad], options: BKOptions) -> dict[int, list[torch.fx.Node]]:
     """Multiply each data-independent gradient term by the expected batch size E, in place: it has no
     sensitivity (no sample reaches it), so it is neither clipped nor noised, and after the DP optimizer's
-    division by E it acts exactly as in non-private training. Returns each parameter's scaled terms."""
-    scaled_terms: dict[str, list[torch.fx.Node]] = {}
+    division by E it acts exactly as in non-private training. Returns each parameter's scaled terms (by graph
+    input)."""
+    scaled_terms: dict[int, list[torch.fx.Node]] = {}
     for param in params:
         for add, term in param.free:
             with emit.graph.inserting_before(add):
                 scaled = emit(aten.mul.Tensor, term, free_scale(options, param.name))
             add.replace_input_with(term, scaled)
-            scaled_terms.setdefault(param.name, []).append(scaled)
+            scaled_terms.setdefault(param.index, []).append(scaled)
     return scaled_terms
 
 
@@ -206,7 +206,7 @@ def insert_clipping(
     fake_mode,
 ) -> None:
     """Insert norms, clip factors and the weighted reductions, each parameter by its plan's strategy; norms in
-    ``dtype`` (``acc_dtype``)."""
+    ``dtype`` (``acc_dtype``); ``key``: the graph's run-time record."""
     graph = joint.gm.graph
     emit = Emitter(graph, fake_mode)
     if not plans:
@@ -222,30 +222,32 @@ def insert_clipping(
         if plan.strategy is Strategy.GHOST:
             site = param.sites[0]
             with graph.inserting_before(site.node):
-                squares[param.name] = site.kind.sq_norm(emit, joint, site.node, batch, dtype)
+                squares[param.index] = site.kind.sq_norm(emit, joint, site.node, batch, dtype)
             continue
         with graph.inserting_before(param.grad):  # where the gradient is complete: its operands are not held
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
             flat = emit(aten.reshape.default, grads, [batch, param_numel(param.grad)])
-            squares[param.name] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
-            explicit[param.name] = flat
+            squares[param.index] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
+            explicit[param.index] = flat
     with graph.inserting_before(graph.output_node()):
-        weights = clip_weights(emit, squares, grouping, key, loss_factor(emit, scale, batch, dtype), options)
+        weights = clip_weights(
+            emit, squares, grouping, key, loss_factor(emit, scale, batch, dtype), ClipPolicy.of(options)
+        )
         reduced = {}
         for param in params:
-            if param.name in explicit:
+            if param.index in explicit:
                 # sum_i w_i G_i as a weighted sum over the rows (one fused reduction under Inductor): an mm of (1, B)
                 # weights needs a fixed layout that Inductor cannot order for an unbacked batch size (strides B and 1),
                 # and mv has both a fallback and a decomposition there
-                column = emit(aten.unsqueeze.default, weights[param.name], 1)
-                rows = emit(aten.mul.Tensor, explicit[param.name], column)
+                column = emit(aten.unsqueeze.default, weights[param.index], 1)
+                rows = emit(aten.mul.Tensor, explicit[param.index], column)
                 total = emit(aten.view.default, emit(aten.sum.dim_IntList, rows, [0]), static_shape(param.grad))
                 reduced[param.index] = emit.to_dtype(total, param.grad.meta["val"].dtype)
-                for term in free.get(param.name, []):  # an explicit sum leaves the graph's adds: add them here
+                for term in free.get(param.index, []):  # an explicit sum leaves the graph's adds: add them here
                     reduced[param.index] = emit(aten.add.Tensor, reduced[param.index], term)
                 continue
             site = param.sites[0]
-            weighted = site.kind.reweight(emit, joint, site.node, weights[param.name], batch)
+            weighted = site.kind.reweight(emit, joint, site.node, weights[param.index], batch)
             site.node.replace_all_uses_with(weighted)
             erase_dead(graph, site.node)
     outputs = joint.outputs
@@ -253,7 +255,7 @@ def insert_clipping(
         outputs[joint.num_fwd_outputs + index] = value
     graph.output_node().args = (outputs,)
     for param in params:
-        if param.name in explicit:
+        if param.index in explicit:
             erase_dead(graph, param.grad)
 
 
@@ -271,19 +273,19 @@ def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options:
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
     with graph.inserting_before(graph.output_node()):
         squares, parts = {}, {}
-        for _, name, grad in grads:
+        for index, name, grad in grads:
             rest, free = split_free_terms(joint, grad)
             total = rest[0]
             for term in rest[1:]:
                 total = emit(aten.add.Tensor, total, term)
-            parts[name] = (total, [emit(aten.mul.Tensor, term, free_scale(options, name)) for term in free])
+            parts[index] = (total, [emit(aten.mul.Tensor, term, free_scale(options, name)) for term in free])
             g = emit.to_dtype(total, dtype)
-            squares[name] = emit(aten.view.default, emit(aten.sum.default, emit(aten.mul.Tensor, g, g)), [1])
-        weights = clip_weights(emit, squares, grouping, key, None, options)
+            squares[index] = emit(aten.view.default, emit(aten.sum.default, emit(aten.mul.Tensor, g, g)), [1])
+        weights = clip_weights(emit, squares, grouping, key, None, ClipPolicy.of(options))
         outputs = joint.outputs
-        for index, name, grad in grads:
-            total, free = parts[name]
-            factor = emit(aten.view.default, emit.to_dtype(weights[name], grad.meta["val"].dtype), [])
+        for index, _, grad in grads:
+            total, free = parts[index]
+            factor = emit(aten.view.default, emit.to_dtype(weights[index], grad.meta["val"].dtype), [])
             clipped = emit(aten.mul.Tensor, total, factor)
             for term in free:
                 clipped = emit(aten.add.Tensor, clipped, term)
@@ -292,7 +294,8 @@ def clip_single_sample(joint: JointGraph, grouping: Grouping, key: int, options:
 
 
 def trainable_grads(joint: JointGraph) -> list[tuple[int, str, torch.fx.Node]]:
-    """(output index, parameter name, gradient node) of every trainable parameter with a gradient."""
+    """(graph input, parameter name, gradient node) of every trainable parameter with a gradient (its gradient is
+    the graph's gradient output of the same index)."""
     return [
         (i, graph_input.name, g)
         for i, (g, graph_input) in enumerate(zip(joint.gradient_outputs, joint.inputs, strict=True))

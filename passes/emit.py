@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
@@ -47,6 +49,14 @@ class Emitter:
         node = self.graph.call_function(target, args, kwargs)
         node.meta["val"] = value
         return node
+
+    def trace(self, fn: Callable[..., torch.Tensor], *inputs: torch.fx.Node) -> torch.fx.Node:
+        """The aten ops of ``fn`` (a function of tensors written in torch ops) applied to ``inputs``: ``fn`` traced
+        on their fake values, its nodes copied in (with their ``meta["val"]``)."""
+        with self.fake_mode:
+            traced = make_fx(lambda *values: fn(*values), tracing_mode="real")(*[value.meta["val"] for value in inputs])
+        placeholders = traced.graph.find_nodes(op="placeholder")
+        return self.graph.graph_copy(traced.graph, dict(zip(placeholders, inputs, strict=True)))
 
     def size(self, value: torch.fx.Node, dim: int) -> int | torch.fx.Node:
         """Size of ``value`` along ``dim``: an int when static, else a ``sym_size`` node."""

@@ -1,80 +1,37 @@
-"""Clipping groups: which parameters share a per-sample norm and a threshold (``options.clipping``)."""
+"""Clipping groups: which parameters share a per-sample norm and a threshold (``options.clipping``, by the policy
+of ``bkcompile.policy``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import math
-
-from bkcompile.errors import OptionError, PassInvariantError
-from bkcompile.options import BKOptions
+from bkcompile.errors import OptionError
+from bkcompile.plan import ClipGroup, Grouping
+from bkcompile.policy import ClipPolicy
 
 
-@dataclasses.dataclass(frozen=True)
-class Grouping:
-    names: tuple[str, ...]  # one per group
-    members: tuple[tuple[str, ...], ...]  # the parameters of each group
-    thresholds: tuple[float, ...]  # the initial R_g
-    shared: tuple[bool, ...] = ()  # per group: its threshold is a share of max_grad_norm (none of its own)
-
-    def group_of(self, param: str) -> int:
-        """The group of the clipped parameter ``param``."""
-        for g, members in enumerate(self.members):
-            if param in members:
-                return g
-        raise PassInvariantError(f"parameter {param!r} is in no clipping group of {self.members} (a bkcompile bug)")
-
-
-def _selects(selector, name: str) -> bool:
-    if callable(selector):
-        return bool(selector(name))
-    patterns = (selector,) if isinstance(selector, str) else selector
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def _by_key(params: list[str], key) -> tuple[list[str], list[list[str]]]:
-    names, members = [], []
-    for param in params:
-        group = key(param)
-        if group not in names:
-            names.append(group)
-            members.append([])
-        members[names.index(group)].append(param)
-    return names, members
-
-
-def clip_groups(params: list[str], devices: dict[str, str], options: BKOptions) -> Grouping:
-    """Group the clipped parameters (in graph order) by ``options.clipping``; thresholds R_g."""
-    style, radius = options.clipping, options.max_grad_norm
-    if style == "all-layer" or not params:  # a graph without trainable parameters has one empty group
-        return Grouping(("all",), (tuple(params),), (radius,), (True,))
-    if isinstance(style, str):
-        key = {
-            "layer-wise": lambda p: p.rpartition(".")[0] or "<root>",
-            "param-wise": lambda p: p,
-            "per-device": lambda p: devices[p],
-        }[style]
-        names, members = _by_key(params, key)
-        share = radius / math.sqrt(len(names))
-        return Grouping(tuple(names), tuple(map(tuple, members)), (share,) * len(names), (True,) * len(names))
-    members: list[list[str]] = [[] for _ in style]
-    for param in params:
-        group = next((g for g, (selector, _) in enumerate(style) if _selects(selector, param)), None)
-        if group is None:
+def clip_groups(params: list[tuple[int, str, str]], policy: ClipPolicy) -> Grouping:
+    """Group the clipped parameters (graph input, name, device; in graph order) by the policy's style; each
+    group's initial threshold R_g."""
+    if not params:  # a graph without trainable parameters has one empty group
+        return Grouping((ClipGroup("all", "all", (), policy.max_grad_norm, True),))
+    keys: list = []
+    found: dict = {}  # key -> (name, members, own threshold)
+    for member, name, device in params:
+        grouped = policy.group_key(name, device)
+        if grouped is None:
             raise OptionError(
-                f"parameter {param!r} is in no clipping group; add a group that selects it (e.g. a last group '*')"
+                f"parameter {name!r} is in no clipping group; add a group that selects it (e.g. a last group '*')"
             )
-        members[group].append(param)
-    kept = [g for g, m in enumerate(members) if m]  # a group that selects no clipped parameter is dropped
-    unset = sum(1 for g in kept if style[g][1] is None)
-    share = radius / math.sqrt(unset) if unset else radius
-    names = tuple(
-        s if isinstance(s, str) else ",".join(s) if isinstance(s, tuple) else getattr(s, "__name__", "group")
-        for s, _ in style
-    )
+        key, group, threshold = grouped
+        if key not in found:
+            keys.append(key)
+            found[key] = (group, [], threshold)
+        found[key][1].append(member)
+    if not isinstance(policy.clipping, str):
+        keys.sort()  # the option's list order: a group that selects no clipped parameter is dropped
+    thresholds = policy.thresholds([found[key][2] for key in keys])
     return Grouping(
-        tuple(names[g] for g in kept),
-        tuple(tuple(members[g]) for g in kept),
-        tuple(style[g][1] if style[g][1] is not None else share for g in kept),
-        tuple(style[g][1] is None for g in kept),
+        tuple(
+            ClipGroup(found[key][0], key, tuple(found[key][1]), threshold, found[key][2] is None)
+            for key, threshold in zip(keys, thresholds)
+        )
     )

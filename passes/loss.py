@@ -12,9 +12,9 @@ reduction="sum")`` and ``(6 * F.cross_entropy(out, y, reduction="none")).mean()`
 user means is how the loss is written, not a value the graph holds, and a wrong guess is not only mis-scaled:
 each clipped gradient then depends on the batch size, so one sample can move the clipped sum by up to 2R.
 So a loss computed outside needs ``loss_reduction`` ("mean" or "sum"): with "auto" (the default) and no loss
-in the graph the scale is *unset* (:func:`unset_loss_reduction`). A whole graph is refused when it compiles,
-once its cost report is recorded (``bkcompile.explain`` reports it); a piece cannot know whether another piece
-of its backward computes the loss, so the clip at the end of the backward refuses instead
+in the graph the scale is *unset* (refused by :func:`bkcompile.errors.unset_loss_reduction`). A whole graph is
+refused when it compiles, once its cost report is built (``bkcompile.explain`` reports it); a piece cannot know
+whether another piece of its backward computes the loss, so the clip at the end of the backward refuses instead
 (``bkcompile.deferred``). A graph for a batch of one sample, where a sum is a mean, needs neither.
 
 A mean whose normaliser is a count of labels (cross entropy's non-ignored targets; the smoothing term of
@@ -69,23 +69,6 @@ class LossScale:
             return f"unknown: {self.source}"
         s = {ScaleKind.SUM: "1", ScaleKind.MEAN: "B", ScaleKind.WEIGHT: "the loss's total weight"}[self.kind]
         return f"s = {s}, from {self.source}"
-
-
-def unset_loss_reduction(what: str) -> LossReductionError:
-    """The refusal of a loss computed outside the compiled graphs with ``loss_reduction`` not given; ``what``
-    says which graphs return no loss."""
-    return run_error(
-        LossReductionError,
-        f"{what}: the loss is computed outside, and the option loss_reduction is not given",
-        "each sample's gradient of its own loss depends on how the loss reduces over the batch, and a sum and a mean "
-        "are indistinguishable from the backward (a sum of per-sample losses and a mean of B times them send it the "
-        "same gradient); a wrong guess scales every per-sample norm by B and makes each clipped gradient depend on "
-        "the batch size, which breaks the per-sample bound R the privacy accounting relies on",
-        "say how your loss reduces over the batch, loss_reduction='mean' (F.cross_entropy's default, loss.mean()) or "
-        "'sum' (reduction='sum', loss.sum()): bkcompile.compile(model, ..., loss_reduction='mean'), "
-        "options={'loss_reduction': 'mean', ...} or make_private(..., loss_reduction='mean'); or return the loss "
-        "from the compiled model",
-    )
 
 
 def _found(node: torch.fx.Node, what: str) -> str:

@@ -14,9 +14,11 @@ A piece's backward does not clip: each trainable parameter hands over, with the 
     before:  grad_w = mm(t(grad_out), act)                                       -> output
     after:   g = reshape(bmm(t(act_i), grad_out_i), [B, -1])                    (explicit)
              n = ghost_norm(grad_out, act)                                      (ghost)
-             zeros = defer_grads([w, v], [g], s, graph, [n], [grad_out, act])   -> getitem(zeros, k) -> output
+             zeros = defer_grads([w, v], [g], s, key, [n], [grad_out, act])     -> getitem(zeros, k) -> output
 
-``bkcompile.deferred.finalize`` clips them with the other pieces' at the end of the backward.
+``key`` names the graph's run-time record, which owns the graph's plan with its :class:`bkcompile.plan.PieceSpec`
+(what the call hands over); ``bkcompile.deferred.finalize`` clips them with the other pieces' at the end of the
+backward.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
 from bkcompile.passes.joint import JointGraph
 
-from bkcompile.deferred import PieceGraph, register_piece
+import bkcompile.deferred  # noqa: F401  (registers bkcompile::defer_grads)
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
+from bkcompile.plan import KeptGraphs, PieceSpec
 
 aten = torch.ops.aten
 
@@ -77,13 +80,25 @@ def refuse_batch_outputs(joint: JointGraph, role: GraphRole) -> None:
             )
 
 
-def defer_clipping(state) -> set[str]:
+def _spec(state, inputs: list, names: list[str], loss: str, from_loss: bool, kept=()) -> PieceSpec:
+    return PieceSpec(
+        tuple(inputs),
+        tuple(names),
+        loss,
+        from_loss,
+        state.options.loss_reduction == "auto",
+        state.options.graphs == "several",
+        tuple(kept),
+    )
+
+
+def defer_clipping(state) -> tuple[set[int], PieceSpec | None]:
     """Hand each trainable parameter's part of the clip to ``defer_grads``: its ghost norm and kept site
     operands (``bookkeeping.py``) when the cost model chose ghost, else its per-sample gradients. Returns
-    the names of the parameters kept by book-keeping."""
+    the graph inputs of the parameters kept by book-keeping, and what the call hands over (None: nothing)."""
     joint, params = state.joint, state.params
     if not params:
-        return set()
+        return set(), None
     for param in params:
         if param.free:
             raise node_error(
@@ -102,17 +117,17 @@ def defer_clipping(state) -> set[str]:
         if strategies[param] is Strategy.GHOST:
             site = keep_site(joint, param, dtype, state.fake_mode)
             if site is not None:
-                kept[param.name] = site
+                kept[param.index] = site
     with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         batch = batch_size_value(emit, joint)
     norms = []
     for param in params:
-        if param.name in kept:
+        if param.index in kept:
             site = param.sites[0]
             with graph.inserting_before(site.node):
                 norms.append(site.kind.sq_norm(emit, joint, site.node, batch, dtype))
-    explicit = [p for p in params if p.name not in kept]
-    keeping = [p for p in params if p.name in kept]
+    explicit = [p for p in params if p.index not in kept]
+    keeping = [p for p in params if p.index in kept]
     with graph.inserting_before(graph.output_node()):
         grads = []
         for param in explicit:
@@ -121,41 +136,39 @@ def defer_clipping(state) -> set[str]:
         factor = loss_factor(emit, state.scale, batch, dtype)
         if factor is None:
             factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)
-        sites = tuple(kept[p.name] for p in keeping)
-        names = tuple(p.name for p in explicit + keeping)
-        piece = PieceGraph(
-            state.role.label,
-            state.options,
-            names,
-            state.grouping,
+        sites = [kept[p.index] for p in keeping]
+        handed = [p.index for p in explicit + keeping]
+        spec = _spec(
+            state,
+            handed,
+            [p.name for p in explicit + keeping],
             state.scale.kind.value,
             not state.scale.from_option,
-            sites,
+            [KeptGraphs(len(s.operands), s.reduce, s.per_sample) for s in sites],
         )
-        handed = Handover(
-            [p.index for p in explicit + keeping], grads, factor, norms, [v for s in sites for v in s.operands]
-        )
-        _hand_over(emit, joint, handed, register_piece(piece))
+        operands = [v for s in sites for v in s.operands]
+        _hand_over(emit, joint, Handover(handed, grads, factor, norms, operands), state.key)
     for param in params:
         erase_dead(graph, param.grad)
-    return set(kept)
+    return set(kept), spec
 
 
-def defer_single_sample(state) -> None:
-    """A piece compiled for a batch of one sample: its gradients are that sample's, handed over whole."""
+def defer_single_sample(state) -> PieceSpec | None:
+    """A piece compiled for a batch of one sample: its gradients are that sample's, handed over whole. Returns
+    what the call hands over (None: nothing)."""
     joint = state.joint
     grads = trainable_grads(joint)
     if not grads:
-        return
+        return None
     graph = joint.gm.graph
     emit = Emitter(graph, state.fake_mode)
     dtype = torch.float64 if any(g.meta["val"].dtype == torch.float64 for _, _, g in grads) else torch.float32
     with graph.inserting_before(graph.output_node()):
         flat = [emit(aten.reshape.default, emit.to_dtype(g, dtype), [1, -1]) for _, _, g in grads]
         factor = emit(aten.scalar_tensor.default, 1.0, dtype=dtype)
-        names = tuple(name for _, name, _ in grads)
-        graph_id = register_piece(PieceGraph(state.role.label, state.options, names, state.grouping, "sum", False))
-        _hand_over(emit, joint, Handover([index for index, _, _ in grads], flat, factor), graph_id)
+        handed = [index for index, _, _ in grads]
+        _hand_over(emit, joint, Handover(handed, flat, factor), state.key)
+    return _spec(state, handed, [name for _, name, _ in grads], "sum", False)
 
 
 @dataclasses.dataclass
@@ -171,7 +184,7 @@ class Handover:
     operands: list[torch.fx.Node] = dataclasses.field(default_factory=list)
 
 
-def _hand_over(emit: Emitter, joint: JointGraph, handed: Handover, graph_id: int) -> None:
+def _hand_over(emit: Emitter, joint: JointGraph, handed: Handover, key: int) -> None:
     """Emit ``defer_grads`` and make its zeros the gradient outputs at ``handed.indices``."""
     primals = [joint.primals[i] for i in handed.indices]
     call = emit(
@@ -179,7 +192,7 @@ def _hand_over(emit: Emitter, joint: JointGraph, handed: Handover, graph_id: int
         primals,
         handed.grads,
         handed.factor,
-        graph_id,
+        key,
         handed.norms,
         handed.operands,
     )

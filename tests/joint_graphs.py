@@ -14,8 +14,10 @@ from bkcompile.passes.joint import GraphInput, InputKind, joint_graph
 from functorch.compile import aot_function, make_boxed_func
 from torch._functorch.partitioners import default_partition
 
-from bkcompile.norms import ClipState
+from bkcompile.ledger import GraphRecord
 from bkcompile.options import parse_options
+from bkcompile.plan import GraphPlan
+from bkcompile.policy import ClipPolicy
 
 
 def capture(fn: Callable, params: dict[str, torch.Tensor], *batch: torch.Tensor) -> tuple[Any, Any]:
@@ -42,13 +44,16 @@ def run_until(last: str, fn: Callable, params: dict, *batch: torch.Tensor, **opt
     """The state after the pipeline's passes up to ``last`` (included) on the joint graph of ``fn``."""
     joint, fake_mode = capture(fn, params, *batch)
     names = [p.name for p in PIPELINE]
-
-    def clip_state(grouping):  # what the backend asks of the model's step ledger
-        members = tuple(tuple(params[name] for name in group) for group in grouping.members)
-        return ClipState(grouping.names, members, grouping.members, grouping.thresholds, torch.device("cpu"))
-
-    state = PassState(joint, parse_options({"max_grad_norm": 1.0, **options}), fake_mode, clip_state)
-    return run_passes(PIPELINE[: names.index(last) + 1], state, joint.gm, check=True)
+    indices = tuple(range(len(params)))
+    record = GraphRecord(indices, tuple(params))  # what the backend makes for the graph: its ops find it by key
+    parsed = parse_options({"max_grad_norm": 1.0, **options})
+    state = PassState(joint, parsed, fake_mode, record.key)
+    state = run_passes(PIPELINE[: names.index(last) + 1], state, joint.gm, check=True)
+    if state.grouping is not None:
+        record.plan = GraphPlan("the whole model", ClipPolicy.of(parsed), state.grouping)
+        record.state = record.clip_of(list(params.values())).state
+    joint.gm.bk_record = record  # the graph holds its record (the table of records holds it weakly)
+    return state
 
 
 def node(state: PassState, target: Any) -> torch.fx.Node:

@@ -186,12 +186,12 @@ def test_a_rule_reading_an_argument_the_schema_lacks_is_an_internal_error() -> N
 
 
 def test_a_parameter_in_no_group_is_a_pass_invariant_error() -> None:
-    from bkcompile.passes.groups import Grouping
+    from bkcompile.plan import ClipGroup, Grouping
 
-    grouping = Grouping(("all",), (("fc.weight",),), (1.0,))
-    assert grouping.group_of("fc.weight") == 0
-    with pytest.raises(PassInvariantError, match="parameter 'fc.bias' is in no clipping group"):
-        grouping.group_of("fc.bias")
+    grouping = Grouping((ClipGroup("all", "all", (0,), 1.0, True),))
+    assert grouping.group_of(0) == 0
+    with pytest.raises(PassInvariantError, match="graph input 1 is in no clipping group"):
+        grouping.group_of(1)
 
 
 def test_a_foreign_exception_of_the_pipeline_reaches_the_user_as_an_internal_error(monkeypatch) -> None:

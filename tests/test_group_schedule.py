@@ -132,7 +132,7 @@ def test_no_per_sample_gradients_are_held_across_groups(style: str, groups: int)
     params = _deep_params()
     x = torch.randn(6, 5, 6, dtype=torch.float64)
     state = run_until("clipping", _deep_loss, params, x, clipping=style, strategy="explicit")
-    assert len(state.grouping.members) == groups
+    assert len(state.grouping.groups) == groups
     ranges = _per_sample_live_ranges(state.joint.gm.graph, 6)
     assert len(ranges) == 8  # a weight and a bias per layer
     overlapping = sum(1 for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False) if start < end)

@@ -635,19 +635,20 @@ def test_a_shared_input_is_checked_on_every_call() -> None:
 def test_defer_grads_keeps_copies_of_what_it_is_handed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The op declares no aliasing, so Inductor reuses its inputs' buffers once it returns (a bias's per-sample
     sums were overwritten before the clip under FSDP2 per block): what the piece keeps must be its own."""
-    from bkcompile.passes.groups import Grouping
-
     import bkcompile.deferred as deferred
+    from bkcompile.ledger import GraphRecord
     from bkcompile.options import BKOptions
+    from bkcompile.plan import ClipGroup, GraphPlan, Grouping, PieceSpec
+    from bkcompile.policy import ClipPolicy
 
     joined = []
     monkeypatch.setattr(deferred, "join_piece", lambda piece, finalize: joined.append(piece))
-    grouping = Grouping(("all",), (("b",),), (1.0,))
-    graph = deferred.register_piece(
-        deferred.PieceGraph("piece", BKOptions(max_grad_norm=1.0), ("b",), grouping, "sum", False)
-    )
+    grouping = Grouping((ClipGroup("all", "all", (0,), 1.0, True),))
+    spec = PieceSpec((0,), ("b",), "sum", False, False, False)
+    record = GraphRecord((0,), ("b",), piece=True)
+    record.plan = GraphPlan("piece", ClipPolicy.of(BKOptions(max_grad_norm=1.0)), grouping, spec)
     bias, sums, factor = torch.zeros(3), torch.arange(6.0).reshape(2, 3), torch.tensor(2.0)
-    torch.ops.bkcompile.defer_grads([bias], [sums], factor, graph, [], [])
+    torch.ops.bkcompile.defer_grads([bias], [sums], factor, record.key, [], [])
     sums.fill_(-1.0)  # the buffer reused by a later kernel of the same graph
     factor.fill_(-1.0)
     (piece,) = joined

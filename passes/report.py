@@ -1,0 +1,100 @@
+"""The cost-model report of one privatized graph (:class:`bkcompile.report.CostReport`), from what the passes found."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import sympy
+import torch
+import torch.fx
+from bkcompile.passes.cost import evaluate, plan_cost
+
+from bkcompile.errors import module_of, module_path, user_frame
+from bkcompile.report import CostReport, SiteRow
+
+if TYPE_CHECKING:
+    from bkcompile.passes import PassState
+
+
+def _shown_path(file: str) -> str:
+    """``file`` from the longest entry of ``sys.path`` or the working directory it lies in
+    (``peft/tuners/lora/layer.py``, ``examples/models.py``), else as it is."""
+    path = os.path.abspath(file)
+    roots = {os.path.abspath(p) for p in sys.path if p} | {os.getcwd()}
+    inside = [root for root in roots if path.startswith(root.rstrip(os.sep) + os.sep)]
+    return os.path.relpath(path, max(inside, key=len)) if inside else file
+
+
+def _source(node: torch.fx.Node) -> str:
+    """Where the site is in the user's code, else the module it is in."""
+    frame = user_frame(node)
+    if frame is not None:
+        where = f"{_shown_path(frame.file)}:{frame.line} in {frame.function}"
+        return f"{where}: {frame.code}" if frame.code else where
+    return module_of(node) or "-"
+
+
+def build_report(state: PassState) -> CostReport:
+    """The report of one privatized graph (``state``: what the passes found)."""
+    cost = state.cost
+    itemsize = cost.norm_dtype.itemsize
+    rows, total_flops, total_bytes = [], 0.0, 0.0
+    for plan in cost.plans:
+        flops, values = plan_cost(plan, plan.strategy, cost.compiled_sizes)
+        total_flops, total_bytes = total_flops + flops, total_bytes + values * itemsize
+        for site in plan.costs:
+            node = site.site.node
+
+            def at(c, site=site):
+                return (
+                    evaluate(c.time, site.sizes, cost.compiled_sizes),
+                    evaluate(c.memory, site.sizes, cost.compiled_sizes) * itemsize,
+                )
+
+            direct, module = site.ghost == site.explicit, module_path(node)
+            rows.append(
+                SiteRow(
+                    param=plan.param.name,
+                    kind=site.site.kind.name,
+                    module=module[0] if module else "-",
+                    module_type=module[1] if module else "-",
+                    source=_source(node),
+                    sizes={str(k): str(v) for k, v in site.sizes.items()},
+                    strategy="direct" if direct else plan.strategy.value,
+                    reason="per-sample sums" if direct else plan.describe(),
+                    ghost_time=str(site.ghost.time) if site.ghost else None,
+                    ghost_memory=str(site.ghost.memory * itemsize) if site.ghost else None,
+                    explicit_time=str(site.explicit.time),
+                    explicit_memory=str(site.explicit.memory * itemsize),
+                    ghost_values=at(site.ghost) if site.ghost else None,
+                    explicit_values=at(site.explicit),
+                )
+            )
+    batch = state.joint.batch
+    options = {
+        k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
+    }
+    piece = state.role.piece
+    inputs = state.joint.inputs
+    groups = [
+        {"name": group.name, "params": [inputs[m].name for m in group.members], "threshold": group.threshold}
+        for group in state.grouping.groups
+    ]
+    return CostReport(
+        rows=rows,
+        batch=str(batch),
+        batch_dynamic=not isinstance(batch, sympy.Integer),
+        norm_dtype=str(cost.norm_dtype).removeprefix("torch."),
+        loss_scale=state.scale.describe(),
+        options=options,
+        backward_flops=cost.backward_flops,
+        total_flops=total_flops,
+        total_bytes=total_bytes,
+        groups=groups,
+        graph=state.role.label,
+        clipped="at the end of the backward, once for all the model's graphs (see last_clip_spans())"
+        if piece
+        else "in this graph",
+    )
