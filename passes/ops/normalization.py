@@ -70,31 +70,3 @@ def batch_norm_no_stats(r: RuleInput) -> tuple:
 def batch_norm_eval(r: RuleInput) -> tuple:
     """Batch norm with frozen statistics is an elementwise affine map: per-sample."""
     return _batch_norm(r, training=False, running_stats=False)
-
-
-# --- nn.InstanceNorm under a dynamic batch --------------------------------------------------------------------
-#
-# aten.instance_norm is a C++ composite: it views the input as (1, B*C, ...) and runs batch_norm, whose checks
-# guard on the element count (B*C*H*W == 0). With the unbacked batch of mark_batch_dynamic that guard cannot be
-# decided while dynamo traces, so dynamo breaks the graph and runs the layer eagerly, outside the pass. While
-# tracing (the Python dispatcher is on only then; eager runs keep the native kernel) an instance norm on input
-# statistics without running statistics and with a symbolic batch is written out instead: each sample's and
-# channel's own mean and variance over the spatial dims, the same values.
-
-
-@aten.instance_norm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
-def _instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
-    if not use_input_stats or running_mean is not None or running_var is not None or isinstance(input.shape[0], int):
-        with torch._C._DisablePythonDispatcher():  # the native composite, as without this kernel
-            return aten.instance_norm.default(
-                input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled
-            )
-    spatial = list(range(2, input.dim()))
-    var, mean = torch.var_mean(input, spatial, correction=0, keepdim=True)
-    out = (input - mean) * torch.rsqrt(var + eps)
-    shape = [1, -1] + [1] * len(spatial)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
