@@ -154,13 +154,24 @@ def _gram_of_padded(conv: torch.fx.Node) -> bool:
     return math.prod(shape.padded) ** 2 <= math.prod(shape.kernel) * math.prod(shape.out) ** 2
 
 
+def _by_group(emit: Emitter, value: torch.fx.Node, groups: int, lead: Size, positions: Size) -> torch.fx.Node:
+    """``value`` (B, C, ...) as (B*g, C/g, L), L = ``positions``, by one plain merge or split at a time: Inductor
+    lowers a view that splits and merges in one step by guards on the sizes, which an unbacked batch cannot
+    answer."""
+    batch, channels = emit.size(value, 0), int(value.meta["val"].shape[1])
+    flat = emit(aten.reshape.default, value, [batch, channels, positions])
+    if groups == 1:
+        return flat
+    split = emit(aten.reshape.default, flat, [batch, groups, channels // groups, positions])
+    return emit(aten.reshape.default, split, [lead, channels // groups, positions])
+
+
 def _output_rows(emit: Emitter, conv: torch.fx.Node, lead: Size, dtype) -> torch.fx.Node:
     """grad_out by sample and group: (B*g, C_out/g, L), L output positions; lead = B*g."""
-    grad_out, weight, groups = conv.args[0], conv.args[2], conv.args[9]
+    grad_out, groups = conv.args[0], conv.args[9]
     spatial = list(grad_out.meta["val"].shape[2:])
     positions = math.prod(spatial) if all(isinstance(size, int) for size in spatial) else -1
-    shape = [lead, static_shape(weight)[0] // groups, positions]
-    return emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), shape)
+    return _by_group(emit, emit.to_dtype(grad_out, dtype), groups, lead, positions)
 
 
 def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, lead: Size, dtype) -> torch.fx.Node:
@@ -179,7 +190,7 @@ def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, lead: Size, dtype) -> tor
         _as_2d(conv, stride, 1),
     )  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
-    columns = emit(aten.reshape.default, unfolded, [lead, static_shape(weight)[1] * math.prod(kernel), positions])
+    columns = _by_group(emit, unfolded, conv.args[9], lead, positions)  # (B*g, C_in/g * k, L)
     return emit(aten.bmm.default, emit(aten.permute.default, columns, [0, 2, 1]), columns)
 
 
@@ -205,14 +216,14 @@ def _padded_gram_products(
     """sum_{t,t'} (go go^T)_{tt'} (U^T U)_{tt'} per sample and group, (B*g,), without unfolding:
     (U^T U)_{tt'} = sum_o Xp_{pos(o,t)}^T Xp_{pos(o,t')}, the padded input's Gram matrix (B*g, P, P) read at
     the positions each kernel offset o maps the output positions to."""
-    x, weight, padding = conv.args[1], conv.args[2], conv.args[5]
+    x, padding = conv.args[1], conv.args[5]
     x = emit.to_dtype(x, dtype)
     if x.meta["val"].dim() == 3:
         x = emit(aten.unsqueeze.default, x, 2)
     shape = _geometry(conv)
     pad = _as_2d(conv, padding, 0)
     padded = emit(aten.constant_pad_nd.default, x, [pad[1], pad[1], pad[0], pad[0]], 0.0)
-    flat = emit(aten.reshape.default, padded, [lead, static_shape(weight)[1], math.prod(shape.padded)])
+    flat = _by_group(emit, padded, conv.args[9], lead, math.prod(shape.padded))
     gram_in = emit(aten.bmm.default, emit(aten.permute.default, flat, [0, 2, 1]), flat)  # (B*g, P, P)
     table = _position_table(emit, shape, x.meta["val"].device)
     read = emit(
