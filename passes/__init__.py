@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import bkcompile.passes.tracing  # noqa: F401  (registers the tracing kernels of ops that guard on the batch size)
 import torch
 import torch.fx
 from bkcompile.passes.batch_axis import analyze, backward_nodes

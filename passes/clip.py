@@ -81,6 +81,10 @@ def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites
         return grads[0] if len(grads) == 1 else emit(aten.add.Tensor, *grads)
     if node.target is aten.sub.Tensor:
         return emit(aten.sub.Tensor, *[per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args])
+    if node.target is aten.cat.default:  # blocks of the gradient side by side: each sample's blocks alike
+        blocks = [per_sample_grad(emit, joint, a, sites, batch, dtype) for a in node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return emit(aten.cat.default, blocks, dim % node.meta["val"].dim() + 1)
     term = linear_term(joint, node)
     if term is not None:  # the same linear map for every sample: apply it to each sample's values
         grads = per_sample_grad(emit, joint, term, sites, batch, dtype)

@@ -137,6 +137,10 @@ def _collect(joint: JointGraph, node: torch.fx.Node, name: str, sites: list[Site
             # (weight decay written in the loss) is data-independent: kept apart from clipping
             free_terms.extend((node, a) for a in free)
             return any([_collect(joint, term, name, sites, free_terms) for term in reduced])
+    if node.target is aten.cat.default and all(isinstance(joint.facts.get(a), Reduced) for a in node.args[0]):
+        # the gradients of a parameter's slices put side by side (a packed projection used in parts): the
+        # blocks are disjoint, so the per-sample gradient is the blocks' per-sample gradients joined alike
+        return any([_collect(joint, term, name, sites, free_terms) for term in node.args[0]])
     if (
         node.target is aten.sub.Tensor
         and not node.kwargs

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import REDUCED, REPLICATED, Fact, Reduced
 from bkcompile.passes.ops.table import RuleInput, batched_facts, law
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from bkcompile.errors import NotSupportedYetError, node_error
 
@@ -89,15 +90,16 @@ def _regular(indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample
         and per_sample_weights is None
         and not include_last_offset
         and indices.dim() == 1
-        and bags > 0
-        and indices.shape[0] % bags == 0
+        and guard_or_true(bags > 0)  # a dynamic batch may be empty: the decomposition holds for no bags too
+        and guard_or_false(indices.shape[0] % bags == 0)
     )
 
 
 def _bag_counts(indices: torch.Tensor, bags: int, padding_idx: int) -> torch.Tensor:
     """(bags, 1): each bag's rows that are not padding (at least 1)."""
-    keep = (indices != padding_idx).view(bags, -1) if padding_idx >= 0 else torch.ones_like(indices).view(bags, -1)
-    return keep.sum(1, keepdim=True).clamp(min=1)
+    length = indices.shape[0] // bags
+    keep = (indices != padding_idx) if padding_idx >= 0 else torch.ones_like(indices)
+    return keep.view(bags, length).sum(1, keepdim=True).clamp(min=1)
 
 
 def embedding_bag(

@@ -154,16 +154,29 @@ def _gram_of_padded(conv: torch.fx.Node) -> bool:
     return math.prod(shape.padded) ** 2 <= math.prod(shape.kernel) * math.prod(shape.out) ** 2
 
 
-def _output_rows(emit: Emitter, conv: torch.fx.Node, dtype) -> torch.fx.Node:
-    """grad_out by sample and group: (B*g, C_out/g, L), L output positions."""
-    grad_out, weight, groups = conv.args[0], conv.args[2], conv.args[9]
-    samples = emit.size(grad_out, 0)
-    lead = samples * groups if isinstance(samples, int) else emit(operator.mul, samples, groups)
-    return emit(aten.reshape.default, emit.to_dtype(grad_out, dtype), [lead, static_shape(weight)[0] // groups, -1])
+def _by_group(emit: Emitter, value: torch.fx.Node, groups: int, lead: Size, positions: Size) -> torch.fx.Node:
+    """``value`` (B, C, ...) as (B*g, C/g, L), L = ``positions``, by one plain merge or split at a time: Inductor
+    lowers a view that splits and merges in one step by guards on the sizes, which an unbacked batch cannot
+    answer."""
+    batch, channels = emit.size(value, 0), int(value.meta["val"].shape[1])
+    flat = emit(aten.reshape.default, value, [batch, channels, positions])
+    if groups == 1:
+        return flat
+    split = emit(aten.reshape.default, flat, [batch, groups, channels // groups, positions])
+    return emit(aten.reshape.default, split, [lead, channels // groups, positions])
 
 
-def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, dtype) -> torch.fx.Node:
-    """U^T U of each sample and group, (B*g, L, L), from the unfolded input U (B*g, C_in/g * k, L) (im2col)."""
+def _output_rows(emit: Emitter, conv: torch.fx.Node, lead: Size, dtype) -> torch.fx.Node:
+    """grad_out by sample and group: (B*g, C_out/g, L), L output positions; lead = B*g."""
+    grad_out, groups = conv.args[0], conv.args[9]
+    spatial = list(grad_out.meta["val"].shape[2:])
+    positions = math.prod(spatial) if all(isinstance(size, int) for size in spatial) else -1
+    return _by_group(emit, emit.to_dtype(grad_out, dtype), groups, lead, positions)
+
+
+def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, lead: Size, dtype) -> torch.fx.Node:
+    """U^T U of each sample and group, (B*g, L, L), from the unfolded input U (B*g, C_in/g * k, L) (im2col); lead
+    = B*g (given, not inferred: inferring divides by the other sizes, a guard an unbacked batch cannot answer)."""
     x, weight, _, stride, padding, dilation = conv.args[1:7]
     one_d = x.meta["val"].dim() == 3
     kernel = static_shape(weight)[2:]
@@ -177,7 +190,7 @@ def _unfolded_gram(emit: Emitter, conv: torch.fx.Node, dtype) -> torch.fx.Node:
         _as_2d(conv, stride, 1),
     )  # (B, Cin*k, L)
     positions = emit.size(unfolded, 2)
-    columns = emit(aten.reshape.default, unfolded, [-1, static_shape(weight)[1] * math.prod(kernel), positions])
+    columns = _by_group(emit, unfolded, conv.args[9], lead, positions)  # (B*g, C_in/g * k, L)
     return emit(aten.bmm.default, emit(aten.permute.default, columns, [0, 2, 1]), columns)
 
 
@@ -197,18 +210,20 @@ def _position_table(emit: Emitter, shape: _Geometry, device) -> torch.fx.Node:
     return emit(aten.add.Tensor, offsets, base)
 
 
-def _padded_gram_products(emit: Emitter, conv: torch.fx.Node, gram_out: torch.fx.Node, dtype) -> torch.fx.Node:
+def _padded_gram_products(
+    emit: Emitter, conv: torch.fx.Node, gram_out: torch.fx.Node, lead: Size, dtype
+) -> torch.fx.Node:
     """sum_{t,t'} (go go^T)_{tt'} (U^T U)_{tt'} per sample and group, (B*g,), without unfolding:
     (U^T U)_{tt'} = sum_o Xp_{pos(o,t)}^T Xp_{pos(o,t')}, the padded input's Gram matrix (B*g, P, P) read at
     the positions each kernel offset o maps the output positions to."""
-    x, weight, padding = conv.args[1], conv.args[2], conv.args[5]
+    x, padding = conv.args[1], conv.args[5]
     x = emit.to_dtype(x, dtype)
     if x.meta["val"].dim() == 3:
         x = emit(aten.unsqueeze.default, x, 2)
     shape = _geometry(conv)
     pad = _as_2d(conv, padding, 0)
     padded = emit(aten.constant_pad_nd.default, x, [pad[1], pad[1], pad[0], pad[0]], 0.0)
-    flat = emit(aten.reshape.default, padded, [-1, static_shape(weight)[1], math.prod(shape.padded)])
+    flat = _by_group(emit, padded, conv.args[9], lead, math.prod(shape.padded))
     gram_in = emit(aten.bmm.default, emit(aten.permute.default, flat, [0, 2, 1]), flat)  # (B*g, P, P)
     table = _position_table(emit, shape, x.meta["val"].device)
     read = emit(
@@ -228,13 +243,16 @@ def conv_sq_norm(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: S
     if node.args[1] == 2:
         sums = conv_per_sample(emit, joint, node, batch, dtype)
         return emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, sums, sums), [1])
-    rows = _output_rows(emit, conv, dtype)
+    groups = conv.args[9]
+    lead = emit.mul(batch, groups)
+    rows = _output_rows(emit, conv, lead, dtype)
     gram_out = emit(aten.bmm.default, emit(aten.permute.default, rows, [0, 2, 1]), rows)  # (B*g, L, L)
     if _gram_of_padded(conv):
-        products = _padded_gram_products(emit, conv, gram_out, dtype)
+        products = _padded_gram_products(emit, conv, gram_out, lead, dtype)  # (B*g,)
     else:
-        products = emit(aten.mul.Tensor, gram_out, _unfolded_gram(emit, conv, dtype))
-    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, -1]), [1])
+        products = emit(aten.mul.Tensor, gram_out, _unfolded_gram(emit, conv, lead, dtype))
+        products = emit(aten.sum.dim_IntList, products, [1, 2])
+    return emit(aten.sum.dim_IntList, emit(aten.reshape.default, products, [batch, groups]), [1])
 
 
 def conv_reweight(emit: Emitter, joint: JointGraph, node: torch.fx.Node, weights, batch) -> torch.fx.Node:

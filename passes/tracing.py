@@ -1,0 +1,54 @@
+"""Tracing kernels for ops whose native kernels guard on the batch size.
+
+``mark_batch_dynamic`` makes the batch an unbacked symbol: no guard may decide anything about it while dynamo and
+aot_autograd trace. A few native kernels do (a C++ composite's check that a tensor is empty, an autograd formula's
+special case of zero repeats): dynamo then breaks the graph and runs the layer eagerly, outside the pass, or the
+joint graph fails to trace. While tracing (the Python dispatcher is on only then; eager runs keep the native
+kernels) those ops are written out here with the same values, where a batch size is symbolic; everywhere else the
+native kernel runs as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _symbolic(*sizes: object) -> bool:
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
+@aten.instance_norm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
+def instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
+    """nn.InstanceNorm on its input's statistics: the native composite views the input as (1, B*C, ...) for
+    batch_norm, whose checks guard on B*C*H*W == 0. Written out: each sample's and channel's own mean and
+    variance over the spatial dims."""
+    if not use_input_stats or running_mean is not None or running_var is not None or not _symbolic(input.shape[0]):
+        with torch._C._DisablePythonDispatcher():  # the native composite, as without this kernel
+            return aten.instance_norm.default(
+                input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled
+            )
+    spatial = list(range(2, input.dim()))
+    var, mean = torch.var_mean(input, spatial, correction=0, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    shape = [1, -1] + [1] * len(spatial)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+@aten.repeat.default.py_impl(torch._C.DispatchKey.Autograd)
+def repeat(self, repeats):
+    """``x.repeat(...)`` by a symbolic count (nn.MultiheadAttention's ``bias_k.repeat(1, B, 1)``): the native
+    backward special-cases zero repeats (a guard on B == 0). Written out: each dim (s) viewed as (1, s), expanded
+    to (r, s) and flattened, whose backward is a sum over the expanded dims."""
+    if not _symbolic(*repeats):
+        with torch._C._DisablePythonDispatcher():  # the native kernel, as without this one
+            return aten.repeat.default(self, repeats)
+    shape = [1] * (len(repeats) - self.dim()) + list(self.shape)
+    pairs = self.reshape([v for size in shape for v in (1, size)])
+    grown = pairs.expand([v for count, size in zip(repeats, shape) for v in (count, size)])
+    return grown.reshape([count * size for count, size in zip(repeats, shape)])
