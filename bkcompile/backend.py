@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -17,7 +18,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from bkcompile import rows, shared
 from bkcompile.breaks import refuse_batch_size_branch
 from bkcompile.distributed import sharded_per_module
-from bkcompile.errors import BKError, OptionError
+from bkcompile.errors import BKError, NotSupportedYetError, OptionError, run_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.ledger import GraphRecord, know_module, ledger_for
 from bkcompile.names import user_path
@@ -190,9 +191,37 @@ class _InductorJointPass:
             _joint_pass(gm, len(graph.output_node().args[0]) - primals, self.job)
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
+        _single_bmm_to_mm(gm)
 
     def uuid(self) -> None:
         return None  # never cache: the pass depends on the options and the model
+
+
+def _single_bmm_to_mm(gm: torch.fx.GraphModule) -> None:
+    """Each ``bmm`` of one matrix product (batch size 1: ``torch.einsum`` lowers to these) becomes an ``mm``.
+
+    Inductor's CPU lowering of ``bmm`` asks whether a matrix's rows number one, which it cannot answer when they
+    are a multiple of the unbacked batch size (``GuardOnDataDependentSymNode: Eq(3*u0, 1)``, torch 2.13); ``mm``
+    asks no such question. The values are the same: the views drop and restore the size-1 dim."""
+    graph = gm.graph
+    for node in graph.find_nodes(op="call_function", target=aten.bmm.default):
+        left, right = node.args
+        if not all(type(m.meta["val"].shape[0]) is int and m.meta["val"].shape[0] == 1 for m in (left, right)):
+            continue
+        with graph.inserting_before(node):
+            squeezed = [graph.call_function(aten.squeeze.dim, (m, 0)) for m in (left, right)]
+            product = graph.call_function(aten.mm.default, tuple(squeezed))
+            result = graph.call_function(aten.unsqueeze.default, (product, 0))
+        with _fake_mode(gm) or contextlib.nullcontext():
+            for new, m in zip(squeezed, (left, right)):
+                new.meta["val"] = m.meta["val"].squeeze(0)
+            product.meta["val"] = torch.mm(*(n.meta["val"] for n in squeezed))
+            result.meta["val"] = product.meta["val"].unsqueeze(0)
+        for new in (*squeezed, product, result):
+            new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+    gm.recompile()
 
 
 @functools.cache
@@ -336,7 +365,39 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
     return compile_fx(
         gm,
         example_inputs,
+        inner_compile=functools.partial(_inner_compile, label=context["role"].label),
         # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
         config_patches=_inductor_config(job, device),
         decompositions=_inductor_decompositions(),
+    )
+
+
+def _inner_compile(*args: Any, label: str, **kwargs: Any) -> Any:
+    """Inductor's compile of one privatized graph (forward, backward or inference; a backward compiles at its first
+    run): an exception of torch's compiler here is a bkcompile error naming it (:func:`torch_compiler_error`)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    try:
+        return compile_fx_inner(*args, **kwargs)
+    except BKError:
+        raise
+    except Exception as error:
+        raise torch_compiler_error(error, label) from error
+
+
+def torch_compiler_error(error: Exception, label: str) -> NotSupportedYetError:
+    """What reaches the user when Inductor fails on a graph the pass accepted: torch's first line, that the failure
+    is in torch's compiler, and the fixes (the original exception is chained as the cause)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return run_error(
+        NotSupportedYetError,
+        f"torch's compiler (Inductor) failed on {label}: {cause}",
+        "bk_dp accepted the model and privatized its graph; the failure is inside torch's compiler, not a privacy "
+        "refusal. A symbol u0 in the message is the batch size, marked dynamic (bkcompile.mark_batch_dynamic, as "
+        "the PoissonLoader marks each batch), which some of Inductor's lowerings cannot reason about",
+        "compile with compiler='aot_eager' (bkcompile.compile(model, max_grad_norm=R, compiler='aot_eager'), "
+        "exact, slower); or give the model a static batch (batches not marked dynamic: the PoissonLoader has no "
+        "option for it, a copy of its batch, x.clone(), is unmarked, and torch recompiles per batch size); and "
+        "please report the issue to bkcompile with this traceback",
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zoo
-from helpers import assert_matches
+from helpers import assert_matches, backend_error, raises_bk
 from oracle import clipped_sum
 from torch._dynamo.utils import counters
 
@@ -35,6 +35,35 @@ def test_backend_name_works_without_importing_bkcompile() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_a_failure_inside_inductor_is_a_bkcompile_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception of Inductor's compile of a graph the pass accepted reaches the user as a NotSupportedYetError:
+    torch's first line, that it is in torch's compiler, the fixes; torch's exception chained as the cause."""
+    from torch._inductor import compile_fx
+
+    failure = RuntimeError("GuardOnDataDependentSymNode: Eq(3*u0, 1)\n  a long lowering dump")
+
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", failing)
+    model = torch.compile(
+        torch.nn.Linear(3, 2), backend="bk_dp", options={"max_grad_norm": 1.0, "loss_reduction": "sum"}
+    )
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        "torch's compiler (Inductor) failed on bk_dp graph #",
+        "RuntimeError: GuardOnDataDependentSymNode: Eq(3*u0, 1)\n",
+        "the failure is inside torch's compiler, not a privacy refusal",
+        "fix: compile with compiler='aot_eager'",
+        "give the model a static batch",
+        "please report the issue",
+    ) as info:
+        model(torch.randn(4, 3)).sum().backward()
+    error = backend_error(info.value, bkcompile.NotSupportedYetError)
+    assert error.__cause__ is failure
+    assert "a long lowering dump" not in str(error)
 
 
 def test_changed_batch_size_does_not_recompile() -> None:

@@ -336,3 +336,20 @@ def test_recurrent_last_step_on_the_default_path() -> None:
         oracle=looped_clipped_sum,  # vmap cannot batch nn.GRU
         options={"loss_reduction": "mean"},
     )
+
+
+def test_lora_bert_on_the_default_path() -> None:
+    """peft LoRA (adapters only, the frozen base's weights in the graph) on BERT with padded batches, under Inductor
+    with a dynamic batch: the adapters' per-sample gradients next to the frozen attention and the padding mask."""
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False
+    )  # random B: A's gradient is not 0
+    model = peft.get_peft_model(tiny_bert("sdpa"), config)
+    assert all("lora_" in k for k, p in model.named_parameters() if p.requires_grad)
+    check_default_path(
+        Logits(model, "input_ids", "attention_mask"),
+        lambda b: ((token_ids(b), padding_mask(b)), (torch.randint(0, 3, (b,)),)),
+        F.cross_entropy,
+        oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks
+        options={"loss_reduction": "mean"},
+    )
