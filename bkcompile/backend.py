@@ -365,7 +365,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
     return compile_fx(
         gm,
         example_inputs,
-        inner_compile=functools.partial(_inner_compile, label=context["role"].label),
+        inner_compile=functools.partial(_inner_compile, label=job.role.label),
         # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
         config_patches=_inductor_config(job, device),
         decompositions=_inductor_decompositions(),
