@@ -67,7 +67,7 @@ from models import Batch, PerSampleCrossEntropy, Workload
 from torch.func import functional_call, grad, vmap
 
 import bkcompile
-from bkcompile.ledger import ledger_of
+from bkcompile.runtime.ledger import ledger_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,13 +9,13 @@ reduces over the batch.
 import torch
 from torch._dynamo.backends import registry as _registry
 
-from bkcompile import rules
 from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_multiplier
-from bkcompile.backend import bk_dp, compile
-from bkcompile.batch import mark_batch_dynamic, micro_batches
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
+from bkcompile.compiler import rules
+from bkcompile.compiler.backend import bk_dp, compile
+from bkcompile.compiler.options import BKOptions
+from bkcompile.compiler.report import CostReport, explain, last_report
 from bkcompile.data import DistributedPoissonLoader, PoissonLoader
-from bkcompile.deferred import last_clip_spans
 from bkcompile.errors import (
     BKError,
     ClipOnceError,
@@ -30,12 +30,12 @@ from bkcompile.errors import (
     UnclippedGradientError,
     UnsupportedOpError,
 )
-from bkcompile.ledger import last_per_sample_norms
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer, StepRelease
-from bkcompile.options import BKOptions
 from bkcompile.passes.ops import register_batch_rule
 from bkcompile.private import make_private
-from bkcompile.report import CostReport, explain, last_report
+from bkcompile.runtime.batch import mark_batch_dynamic, micro_batches
+from bkcompile.runtime.deferred import last_clip_spans
+from bkcompile.runtime.ledger import last_per_sample_norms
 
 # Dynamo skips a frame that calls nn.RNN/GRU/LSTM unless allow_rnn is set, running it eagerly: bk_dp would
 # never see it and its gradients would not be clipped. Trace them (their ops are then privatized or refused).

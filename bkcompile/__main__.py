@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from bkcompile.audit import AuditResult, CanaryGame, run_canary_game
+from bkcompile.compiler.report import explain
 from bkcompile.errors import BKError
-from bkcompile.report import explain
 
 BAR_WIDTH = 30
 

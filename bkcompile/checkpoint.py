@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from bkcompile.data import PoissonLoader
-from bkcompile.distributed import is_fully_sharded
 from bkcompile.errors import BKError
 from bkcompile.optimizer import DPOptimizer
+from bkcompile.runtime.distributed import is_fully_sharded
 
 FORMAT = "bkcompile-checkpoint-1"
 

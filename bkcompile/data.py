@@ -27,11 +27,11 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from bkcompile.accountant import steps_per_epoch
-from bkcompile.batch import map_rows, mark_rows_dynamic
-from bkcompile.distributed import world_size
-from bkcompile.draws import note_draw
 from bkcompile.errors import BKError, PrivacyError, SamplingError, run_error
 from bkcompile.randomness import secret_generator, shared_generator
+from bkcompile.runtime.batch import map_rows, mark_rows_dynamic
+from bkcompile.runtime.distributed import world_size
+from bkcompile.runtime.draws import note_draw
 
 # DataLoader arguments that choose the samples, which Poisson sampling replaces: (why, fix) of their refusal. Their
 # DataLoader defaults (None, and False: no sampler, no batch sampler, no shuffling asked for, no batch dropped)

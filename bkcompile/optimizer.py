@@ -14,17 +14,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bkcompile.accountant import AccountingError, PrivacyAccountant
 from bkcompile.data import OneBatchPerStep, PoissonLoader
-from bkcompile.distributed import (
+from bkcompile.errors import BKError, PrivacyError, release_error, run_error
+from bkcompile.randomness import shared_generator
+from bkcompile.runtime.distributed import (
     like_parameter,
     local,
     local_part,
     sum_of_clipped_sums,
     sum_over_ranks,
 )
-from bkcompile.errors import BKError, PrivacyError, release_error, run_error
-from bkcompile.ledger import Clip, ledger_for, ledger_of_params, own, owner_of, start_step, take_release
-from bkcompile.norms import ClipState
-from bkcompile.randomness import shared_generator
+from bkcompile.runtime.ledger import Clip, ledger_for, ledger_of_params, own, owner_of, start_step, take_release
+from bkcompile.runtime.norms import ClipState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +121,13 @@ class DPOptimizer(torch.optim.Optimizer):
     Noise comes from ``generator`` when given (reproducible: whoever knows its seed knows the noise),
     else from a generator seeded with OS entropy. It is drawn in float32 (float64 for float64
     parameters), added to the clipped sum and averaged in that precision, and rounded once to the
-    parameter's dtype. ``step()`` takes the sums from the model's step ledger (:mod:`bkcompile.ledger`),
+    parameter's dtype. ``step()`` takes the sums from the model's step ledger (:mod:`bkcompile.runtime.ledger`),
     which holds exactly what bk_dp clips wrote since the last step or ``zero_grad()``. Nothing in the step
     synchronises with the host: thresholds, counts and the noise scale stay on the model's device.
 
     In a process group (DDP) every rank draws the same noise from rank 0's generator state, and
     the ranks' average of their clipped sums is multiplied back by the world size: the update is the
-    single-process one on the union batch, noised once (``bkcompile.distributed``). Under FSDP2 the
+    single-process one on the union batch, noised once (``bkcompile.runtime.distributed``). Under FSDP2 the
     optimizer holds the sharded parameters: each rank draws the same whole noise and adds its shard's part.
 
     With ``data_loader`` (a :class:`PoissonLoader`; ``make_private`` passes it) the loader hands out one

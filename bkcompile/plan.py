@@ -1,7 +1,7 @@
 """The compile -> run contract: what the privatizing pass decided about one graph, for its run time.
 
 :func:`bkcompile.passes.privatize` returns a :class:`GraphPlan`; the backend hands it to the graph's run-time
-record (:class:`bkcompile.ledger.GraphRecord`), which owns it for as long as the compiled graph lives. The graph
+record (:class:`bkcompile.runtime.ledger.GraphRecord`), which owns it for as long as the compiled graph lives. The graph
 itself names its record by an integer (``key``) in its calls of the run-time ops (``bkcompile::record_norms``,
 ``bkcompile::loss_scale``, ``bkcompile::defer_grads``): a custom op takes no Python objects.
 
@@ -85,6 +85,6 @@ class GraphPlan:
     policy: ClipPolicy
     grouping: Grouping  # empty for a graph with nothing to clip
     piece: PieceSpec | None = None  # None: the whole model, clipped in the graph
-    # its bkcompile.report.CostReport (the compile side's type: the run time only hands it back); None: no site to
-    # report (a batch of one, no trainable parameter)
+    # its bkcompile.compiler.report.CostReport (the compile side's type: the run time only hands it back); None: no
+    # site to report (a batch of one, no trainable parameter)
     report: object | None = None

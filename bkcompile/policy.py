@@ -1,7 +1,7 @@
 """The clipping policy, written once: which parameters share a per-sample norm, the thresholds, the clip factor.
 
 Both clips read it: the clipping pass traces :meth:`ClipPolicy.factor` into the graph (``passes/clip.py``), and
-the clip at the end of a backward of several graphs calls it on the norms (``bkcompile.deferred``). This module
+the clip at the end of a backward of several graphs calls it on the norms (``bkcompile.runtime.deferred``). This module
 imports neither side.
 
 - **Groups.** A clipping style (``options.clipping``) puts each trainable parameter in a group by its name (as

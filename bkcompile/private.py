@@ -9,13 +9,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier
+from bkcompile.compiler.options import LossReduction, parse_options
 from bkcompile.data import DistributedPoissonLoader, PoissonLoader
-from bkcompile.distributed import is_fully_sharded, world_size
 from bkcompile.errors import BKError, SamplingError, run_error
-from bkcompile.ledger import know_module
 from bkcompile.optimizer import AdaptiveClipping, DPOptimizer
-from bkcompile.options import LossReduction, parse_options
 from bkcompile.randomness import child_generators
+from bkcompile.runtime.distributed import is_fully_sharded, world_size
+from bkcompile.runtime.ledger import know_module
 
 
 def make_private(

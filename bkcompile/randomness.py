@@ -14,7 +14,7 @@ import secrets
 import torch
 import torch.distributed as dist
 
-from bkcompile.distributed import world_size
+from bkcompile.runtime.distributed import world_size
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:

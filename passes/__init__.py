@@ -15,7 +15,7 @@ what it produces:
 
 A graph that is one piece of the model (``pieces.GraphRole``: a graph break, regional compilation) runs
 ``PIECE_PIPELINE``: its outputs must not mix samples, and instead of clipping it hands its per-sample
-gradients to the clip at the end of the backward (pieces.py, ``bkcompile.deferred``).
+gradients to the clip at the end of the backward (pieces.py, ``bkcompile.runtime.deferred``).
 
 :func:`privatize` returns the :class:`bkcompile.plan.GraphPlan` of the graph: its clipping groups, policy, piece
 spec and report, which the graph's run-time record owns. The graph reaches its record at run time by the integer
@@ -55,8 +55,8 @@ from bkcompile.passes.report import build_report
 from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
 
+from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import unset_loss_reduction
-from bkcompile.options import BKOptions
 from bkcompile.plan import GraphPlan, Grouping, PieceSpec
 from bkcompile.policy import ClipPolicy
 

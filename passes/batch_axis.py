@@ -64,7 +64,7 @@ def _fact_of(
             node,
             "the op has no batch-axis rule, so the pass cannot prove that it keeps samples apart",
             "express it with supported ops, or register a rule: "
-            "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.rules for combinators)",
+            "@bkcompile.register_batch_rule(op) def rule(r): ... (see bkcompile.compiler.rules for combinators)",
         )
     out = rule(RuleInput(node=node, batch=joint.batch, facts=facts, backward=backward))
     _deny_batch_sums(facts, node, rule, out)
@@ -88,7 +88,7 @@ def _deny_batch_sums(facts: dict[torch.fx.Node, FactOut], node: torch.fx.Node, r
             "values, so every sample's output would depend on all samples (e.g. a table or statistic built "
             "from the whole batch)",
             "compute per-sample values from that sample's rows and parameters only; a custom op whose rule "
-            "proves such a sum harmless marks the rule with bkcompile.rules.reads_batch_sums",
+            "proves such a sum harmless marks the rule with bkcompile.compiler.rules.reads_batch_sums",
         )
 
 

@@ -11,7 +11,7 @@ graph finish its work when the clip factors are known::
     per_sample(operands..., w) = its per-sample gradients (B, n)   (only when the parameter turns out to
                               have sites in another piece too: a tied weight needs its cross terms)
 
-Both are plain ``torch.fx.GraphModule``s of aten ops, run eagerly by ``bkcompile.deferred.finalize``.
+Both are plain ``torch.fx.GraphModule``s of aten ops, run eagerly by ``bkcompile.runtime.deferred.finalize``.
 A parameter is kept this way when every value the two graphs read from the joint graph is a tensor.
 """
 

@@ -36,9 +36,9 @@ from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds.common import Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
 
-import bkcompile.ledger  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
+import bkcompile.runtime.ledger  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
+from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import NotSupportedYetError, OptionError, node_error
-from bkcompile.options import BKOptions
 from bkcompile.plan import Grouping
 from bkcompile.policy import ClipPolicy
 

@@ -42,8 +42,8 @@ from bkcompile.passes.ops.table import schema_arg
 from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
 
+from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import OptionError
-from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 

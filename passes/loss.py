@@ -15,7 +15,7 @@ So a loss computed outside needs ``loss_reduction`` ("mean" or "sum"): with "aut
 in the graph the scale is *unset* (refused by :func:`bkcompile.errors.unset_loss_reduction`). A whole graph is
 refused when it compiles, once its cost report is built (``bkcompile.explain`` reports it); a piece cannot know
 whether another piece of its backward computes the loss, so the clip at the end of the backward refuses instead
-(``bkcompile.deferred``). A graph for a batch of one sample, where a sum is a mean, needs neither.
+(``bkcompile.runtime.deferred``). A graph for a batch of one sample, where a sum is a mean, needs neither.
 
 A mean whose normaliser is a count of labels (cross entropy's non-ignored targets; the smoothing term of
 ``label_smoothing`` divides by the same count) has s = that count, a graph value: every division by a count
@@ -37,8 +37,8 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.ops.table import is_count, schema_arg, uncast
 
+from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import LossReductionError, node_error, run_error, user_location
-from bkcompile.options import BKOptions
 
 aten = torch.ops.aten
 

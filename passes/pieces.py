@@ -4,7 +4,7 @@ Which graphs are pieces (``GraphRole``, read by the backend): dynamo marks a gra
 (``compile_subgraph_reason.graph_break``) and the graph of a resumed frame (``torch_dynamo_resume_in_*``
 in its user stack); a graph compiled with ``options={"graphs": "several"}`` (regional compilation) is one
 by the user's word. Any other graph is the whole model and clips in the graph (the fast path); if at run
-time it meets other bk_dp graphs in its backward, ``bkcompile.backwards`` refuses it.
+time it meets other bk_dp graphs in its backward, ``bkcompile.runtime.backwards`` refuses it.
 
 A piece's backward does not clip: each trainable parameter hands over, with the loss scale s, to
 ``bkcompile::defer_grads`` (which returns zeros) either its per-sample gradients (B, n) (explicit, as in
@@ -17,7 +17,7 @@ A piece's backward does not clip: each trainable parameter hands over, with the 
              zeros = defer_grads([w, v], [g], s, key, [n], [grad_out, act])     -> getitem(zeros, k) -> output
 
 ``key`` names the graph's run-time record, which owns the graph's plan with its :class:`bkcompile.plan.PieceSpec`
-(what the call hands over); ``bkcompile.deferred.finalize`` clips them with the other pieces' at the end of the
+(what the call hands over); ``bkcompile.runtime.deferred.finalize`` clips them with the other pieces' at the end of the
 backward.
 """
 
@@ -42,7 +42,7 @@ from bkcompile.passes.emit import Emitter
 from bkcompile.passes.facts import Reduced
 from bkcompile.passes.joint import JointGraph
 
-import bkcompile.deferred  # noqa: F401  (registers bkcompile::defer_grads)
+import bkcompile.runtime.deferred  # noqa: F401  (registers bkcompile::defer_grads)
 from bkcompile.errors import NotSupportedYetError, SampleMixingError, node_error
 from bkcompile.plan import KeptGraphs, PieceSpec
 

@@ -1,4 +1,5 @@
-"""The cost-model report of one privatized graph (:class:`bkcompile.report.CostReport`), from what the passes found."""
+"""The cost-model report of one privatized graph (:class:`bkcompile.compiler.report.CostReport`), from what the
+passes found."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 import torch.fx
 from bkcompile.passes.cost import evaluate, plan_cost
 
+from bkcompile.compiler.report import CostReport, SiteRow
 from bkcompile.errors import module_of, module_path, user_frame
-from bkcompile.report import CostReport, SiteRow
 
 if TYPE_CHECKING:
     from bkcompile.passes import PassState

@@ -14,10 +14,10 @@ from bkcompile.passes.joint import GraphInput, InputKind, joint_graph
 from functorch.compile import aot_function, make_boxed_func
 from torch._functorch.partitioners import default_partition
 
-from bkcompile.ledger import GraphRecord
-from bkcompile.options import parse_options
+from bkcompile.compiler.options import parse_options
 from bkcompile.plan import GraphPlan
 from bkcompile.policy import ClipPolicy
+from bkcompile.runtime.ledger import GraphRecord
 
 
 def capture(fn: Callable, params: dict[str, torch.Tensor], *batch: torch.Tensor) -> tuple[Any, Any]:

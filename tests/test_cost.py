@@ -77,7 +77,7 @@ class Tokens(nn.Module):
         return self.fc(x).sum(1)
 
 
-def _row(report: bkcompile.CostReport, param: str) -> bkcompile.report.SiteRow:
+def _row(report: bkcompile.CostReport, param: str) -> bkcompile.compiler.report.SiteRow:
     return next(row for row in report.rows if row.param == param)
 
 

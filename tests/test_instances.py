@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 import bkcompile
 from bkcompile.errors import ClipOnceError, PrivacyError
-from bkcompile.ledger import ledger_of
+from bkcompile.runtime.ledger import ledger_of
 
 R = 0.1
 OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean"}  # _loss: a batch mean

@@ -20,7 +20,7 @@ from helpers import TOL, assert_matches_model, check_default_path, raises_bk
 from oracle import clipped_sum, compiled_grads, looped_clipped_sum
 
 import bkcompile
-from bkcompile.ledger import ledger_of
+from bkcompile.runtime.ledger import ledger_of
 
 pytestmark = pytest.mark.slow  # real transformers models: seconds each
 

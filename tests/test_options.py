@@ -15,8 +15,8 @@ from helpers import assert_matches
 from oracle import clipped_sum
 
 import bkcompile
-import bkcompile.backend
-from bkcompile.options import parse_options
+import bkcompile.compiler.backend
+from bkcompile.compiler.options import parse_options
 
 
 @pytest.mark.slow
@@ -188,14 +188,14 @@ def test_a_compile_mode_reaches_inductor_and_trains_as_the_oracle(monkeypatch: p
     """mode="max-autotune-no-cudagraphs" and an ``inductor`` entry are Inductor's config while it runs the
     privatizing pass on the joint graph (read inside the pass), for the bk_dp graphs only."""
     seen = []
-    privatize = bkcompile.backend.privatize
+    privatize = bkcompile.compiler.backend.privatize
 
     def recording(*args, **kwargs):
         config = torch._inductor.config
         seen.append((config.max_autotune, config.coordinate_descent_tuning, config.max_autotune_gemm_backends))
         return privatize(*args, **kwargs)
 
-    monkeypatch.setattr(bkcompile.backend, "privatize", recording)
+    monkeypatch.setattr(bkcompile.compiler.backend, "privatize", recording)
     model, x, y = zoo.MLP().double(), torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     twin = copy.deepcopy(model)
     # ATen's GEMMs only: max_autotune has one choice per matrix product and benchmarks nothing (quick on a CPU)

@@ -15,7 +15,7 @@ from oracle import clipped_sum, compiled_grads, per_sample_grads
 from torch import nn
 
 import bkcompile
-import bkcompile.backend
+import bkcompile.compiler.backend
 
 R = 0.5
 LOG = logging.getLogger("bkcompile.tests.pieces")
@@ -346,13 +346,13 @@ def test_replacing_one_sample_moves_the_clipped_sum_by_at_most_2R() -> None:
 def _joint_graphs(monkeypatch: pytest.MonkeyPatch) -> list[torch.fx.GraphModule]:
     """The joint graphs the backend partitions, after the privatizing pass."""
     graphs = []
-    partition = bkcompile.backend.min_cut_rematerialization_partition
+    partition = bkcompile.compiler.backend.min_cut_rematerialization_partition
 
     def spy(joint, *args, **kwargs):
         graphs.append(copy.deepcopy(joint))
         return partition(joint, *args, **kwargs)
 
-    monkeypatch.setattr(bkcompile.backend, "min_cut_rematerialization_partition", spy)
+    monkeypatch.setattr(bkcompile.compiler.backend, "min_cut_rematerialization_partition", spy)
     return graphs
 
 
@@ -635,11 +635,11 @@ def test_a_shared_input_is_checked_on_every_call() -> None:
 def test_defer_grads_keeps_copies_of_what_it_is_handed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The op declares no aliasing, so Inductor reuses its inputs' buffers once it returns (a bias's per-sample
     sums were overwritten before the clip under FSDP2 per block): what the piece keeps must be its own."""
-    import bkcompile.deferred as deferred
-    from bkcompile.ledger import GraphRecord
-    from bkcompile.options import BKOptions
+    import bkcompile.runtime.deferred as deferred
+    from bkcompile.compiler.options import BKOptions
     from bkcompile.plan import ClipGroup, GraphPlan, Grouping, PieceSpec
     from bkcompile.policy import ClipPolicy
+    from bkcompile.runtime.ledger import GraphRecord
 
     joined = []
     monkeypatch.setattr(deferred, "join_piece", lambda piece, finalize: joined.append(piece))

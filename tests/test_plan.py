@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import bkcompile
-import bkcompile.backend
-from bkcompile.ledger import live_records
-from bkcompile.options import CLIPPING_STYLES, ClipFn
+import bkcompile.compiler.backend
+from bkcompile.compiler.options import CLIPPING_STYLES, ClipFn
 from bkcompile.plan import GraphPlan
 from bkcompile.policy import CLIP_FUNCTIONS, EPS, STYLES, ClipPolicy
+from bkcompile.runtime.ledger import live_records
 
 
 def test_every_clip_function_has_its_option_value_and_every_style_its_name() -> None:
@@ -77,13 +77,13 @@ def test_models_compiled_and_dropped_leave_nothing_behind(monkeypatch: pytest.Mo
     gc.collect()
     before = {record.key for record in live_records()}  # what earlier tests left alive is theirs
     joints: list[weakref.ref] = []
-    privatize = bkcompile.backend.privatize
+    privatize = bkcompile.compiler.backend.privatize
 
     def recording(gm, *args, **kwargs) -> GraphPlan:
         joints.append(weakref.ref(gm))
         return privatize(gm, *args, **kwargs)
 
-    monkeypatch.setattr(bkcompile.backend, "privatize", recording)
+    monkeypatch.setattr(bkcompile.compiler.backend, "privatize", recording)
     models = [_train_one_step(number) for number in range(30)]
     records = [weakref.ref(record) for record in live_records() if record.key not in before]
     assert len(records) >= 30 and len(joints) >= 30

@@ -1,7 +1,7 @@
 """torch recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) against the oracle, on both compilers.
 
 The oracle loops over samples (``looped_clipped_sum``: torch.func.vmap cannot batch these layers). Covered: an
-LSTM in float32 on CPU (which torch would trace into oneDNN's fused layer, ``bkcompile.recurrent``),
+LSTM in float32 on CPU (which torch would trace into oneDNN's fused layer, ``bkcompile.compiler.recurrent``),
 bidirectional layers (a flip of the time axis: ``aten.flip``, ``prims.rev`` under Inductor), two layers with
 dropout between them in eval mode, a time-major input (``batch_first=False``, the batch on dim 1 of the input:
 option ``batch_dim=1``), the last step's output and every step's output. Under ``aot_eager`` with a static and a
@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import bkcompile
-from bkcompile.ledger import ledger_of
+from bkcompile.runtime.ledger import ledger_of
 
 IN, HIDDEN, CLASSES = 4, 5, 3
 

@@ -86,7 +86,7 @@ def test_registered_rule_makes_a_custom_op_work() -> None:
     x = torch.randn(6, 4, dtype=torch.float64)
     loss = lambda out: out.sum(1).mean()  # noqa: E731
     twin = copy.deepcopy(model)
-    bkcompile.register_batch_rule(torch.ops.bktest.mystery.default)(bkcompile.rules.pointwise)
+    bkcompile.register_batch_rule(torch.ops.bktest.mystery.default)(bkcompile.compiler.rules.pointwise)
     try:
         _train_step(twin, x, {"max_grad_norm": 0.3, "compiler": "aot_eager", "loss_reduction": "mean"})
     finally:

@@ -20,7 +20,7 @@ from torch import nn
 
 import bkcompile
 from bkcompile.__main__ import main
-from bkcompile.report import WIDTH, _seconds
+from bkcompile.compiler.report import WIDTH, _seconds
 
 FAST = {"compiler": "aot_eager"}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_a_plain_modules_sources_are_its_forward_line() -> None:
     text = str(report)
     assert text.count(where) == 1  # one note for the four rows
     assert re.search(r"^enc\.0\.weight +matmul +T=1 p=4 d=4 +ghost \(less memory\) .* \[1\]$", text, re.M)
-    assert "bkcompile/report.py" not in text and "bkcompile_explain" not in text
+    assert "bkcompile/compiler/report.py" not in text and "bkcompile_explain" not in text
 
 
 def test_a_sequentials_sources_are_its_modules_not_bkcompiles_code() -> None:
@@ -69,7 +69,7 @@ def test_a_sequentials_sources_are_its_modules_not_bkcompiles_code() -> None:
     assert [row.module for row in report.rows] == ["0", "0", "2", "2"]
     text = str(report)
     assert "  [1] module '0' (Linear)\n  [2] module '2' (Linear)" in text
-    assert "bkcompile/report.py" not in text + report.to_markdown() and "bkcompile_explain" not in text
+    assert "bkcompile/compiler/report.py" not in text + report.to_markdown() and "bkcompile_explain" not in text
     assert re.fullmatch(r"bk_dp graph #\d+", report.graph)  # no frame of the user's ends the graph
 
 

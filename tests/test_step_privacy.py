@@ -1,5 +1,5 @@
 """The step is the unit of privacy: every road to the optimizer is either clipped once per sample (exact
-against the oracle) or refused with an error naming the road and the fix (bkcompile.ledger)."""
+against the oracle) or refused with an error naming the road and the fix (bkcompile.runtime.ledger)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import raises_bk
 from oracle import clipped_sum
 
 import bkcompile
-from bkcompile.ledger import ledger_of
+from bkcompile.runtime.ledger import ledger_of
 
 R = 0.5
 OPTIONS = {"max_grad_norm": R, "compiler": "aot_eager", "loss_reduction": "mean"}  # the losses here: batch means

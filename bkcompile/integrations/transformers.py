@@ -30,10 +30,10 @@ import torch.nn.functional as F
 import transformers
 
 from bkcompile.accountant import PrivacyAccountant, get_noise_multiplier, steps_per_epoch
-from bkcompile.batch import mark_batch_dynamic
+from bkcompile.compiler.options import parse_options
 from bkcompile.errors import BKError, OptionError
 from bkcompile.optimizer import DPOptimizer
-from bkcompile.options import parse_options
+from bkcompile.runtime.batch import mark_batch_dynamic
 
 IGNORE_INDEX = -100
 

@@ -82,7 +82,7 @@ def register_batch_rule(ops: torch._ops.OpOverload | Iterable[torch._ops.OpOverl
 
     Public: a custom op (``torch.library.custom_op``) gets a rule this way, e.g. an elementwise one::
 
-        bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.rules.pointwise)
+        bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.compiler.rules.pointwise)
     """
     return law(ops)
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import BKError
-from bkcompile.options import BKOptions
 
 WARM_STEPS = 2  # each: the first compiles the backward
 TIMED_STEPS = 5  # each, alternating

@@ -11,7 +11,7 @@ autograd backward, to recompute what the first call did not keep:
 
 Either way it is the same call again, not a second call: the same piece (its parameters, by identity)
 over the same rows (its batched inputs are the first call's tensors, or detached views of their storage:
-the same data pointer, shape and strides). ``bkcompile.backwards.CALLS`` keeps the batched inputs of the
+the same data pointer, shape and strides). ``bkcompile.runtime.backwards.CALLS`` keeps the batched inputs of the
 calls made since the last backward of pieces ended (weakly: a call whose inputs are gone can no longer be
 recomputed) and lets each be recomputed once. A forward inside a backward that matches no such call (another
 call, or a call of an earlier step) is a second call on rows not known to be the same samples, and is
@@ -19,7 +19,7 @@ refused. (Two forwards before their two backwards, ``a = cm(x); b = cm(y); a.bac
 the first backward's end forgets the second call, whose recomputation is then refused.)
 
 An accepted recomputation's backward, when it runs in a nested graph task, belongs to the backward that
-recomputed it: ``bkcompile.backwards`` maps the nested task to it, so its pieces are clipped with the
+recomputed it: ``bkcompile.runtime.backwards`` maps the nested task to it, so its pieces are clipped with the
 others, once, at the end of the outer backward.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from bkcompile import backwards
-from bkcompile.deferred import finalize
 from bkcompile.errors import ClipOnceError, run_error
+from bkcompile.runtime import backwards
+from bkcompile.runtime.deferred import finalize
 
 
 def recomputed(

@@ -15,14 +15,12 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from bkcompile import rows, shared
-from bkcompile.breaks import refuse_batch_size_branch
-from bkcompile.distributed import sharded_per_module
+from bkcompile.compiler.breaks import refuse_batch_size_branch
+from bkcompile.compiler.options import BKOptions, parse_options
+from bkcompile.compiler.recurrent import unfuse_recurrent
 from bkcompile.errors import BKError, NotSupportedYetError, OptionError, run_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
-from bkcompile.ledger import GraphRecord, know_module, ledger_for
 from bkcompile.names import user_path
-from bkcompile.options import BKOptions, parse_options
 from bkcompile.passes import privatize
 from bkcompile.passes.decompose import inline_decompositions
 from bkcompile.passes.facts import REPLICATED, Batched
@@ -31,7 +29,9 @@ from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
-from bkcompile.recurrent import unfuse_recurrent
+from bkcompile.runtime import rows, shared
+from bkcompile.runtime.distributed import sharded_per_module
+from bkcompile.runtime.ledger import GraphRecord, know_module, ledger_for
 
 aten = torch.ops.aten
 
@@ -82,7 +82,7 @@ def _classify(node: torch.fx.Node, example: Any, options: BKOptions) -> GraphInp
     ``options.batch_dim``."""
     source = _source_name(node)
     is_state = _is_module_state(source)
-    if shared.is_shared(example):  # an earlier piece computed it without sample data (bkcompile.shared)
+    if shared.is_shared(example):  # an earlier piece computed it without sample data (bkcompile.runtime.shared)
         return GraphInput(node.name, source, InputKind.STATE, REPLICATED, False)
     if isinstance(example, torch.nn.Parameter):
         return GraphInput(_param_name(source), source, InputKind.PARAMETER, REPLICATED, example.requires_grad)
@@ -258,7 +258,7 @@ def bk_dp(
     """The ``bk_dp`` backend: the compiled backward returns the sum of per-sample-clipped gradients (a piece
     of the model: hands its per-sample gradients to the clip at the end of the backward).
 
-    The compiled graph is returned wrapped (:meth:`bkcompile.ledger.GraphRecord.wrap`): its clipped
+    The compiled graph is returned wrapped (:meth:`bkcompile.runtime.ledger.GraphRecord.wrap`): its clipped
     gradients reach ``p.grad`` through the model's step ledger, which refuses every other road. An
     :class:`OptionError` raised while compiling leaves dynamo unwrapped (:class:`_OptionErrorPastDynamo`)."""
     indices = tuple(i for i, e in enumerate(example_inputs) if isinstance(e, torch.nn.Parameter) and e.requires_grad)

@@ -13,7 +13,7 @@ step must be clipped once. The ledger makes that checkable, per parameter (by id
 - Each tap belongs to one forward call. A tap whose backward runs twice is a second backward through
   the same forward; two taps in one autograd backward (one graph task) are two calls clipped on their
   own, unless all are pieces of a model (clipped together at the end of the backward,
-  ``bkcompile.deferred``). Both would let a sample contribute more than R, and are refused by
+  ``bkcompile.runtime.deferred``). Both would let a sample contribute more than R, and are refused by
   :class:`_BackwardWatch`.
 - A call whose inputs were computed with parameters outside any bk_dp graph (an eager stem before a
   compiled block) is refused when its backward runs.
@@ -34,7 +34,7 @@ never those of the instance that compiled the graph: dynamo reuses a graph for e
 Each compiled graph has one :class:`GraphRecord`, which owns the graph's :class:`bkcompile.plan.GraphPlan` and
 lives as long as the compiled graph. The graph names its record by an integer in its calls of the run-time ops
 (``bkcompile::record_norms``, ``bkcompile::loss_scale`` here, ``bkcompile::defer_grads`` in
-``bkcompile.deferred``): :func:`record_of` finds it in a table of weak references, so a model dropped (and
+``bkcompile.runtime.deferred``): :func:`record_of` finds it in a table of weak references, so a model dropped (and
 ``torch._dynamo.reset()``) leaves nothing behind.
 """
 
@@ -54,8 +54,11 @@ from torch._dynamo.utils import orig_code_map
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bkcompile.backwards import current_task, storage_key
-from bkcompile.distributed import (
+from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error, run_error
+from bkcompile.frames import is_dynamo_entry, is_generated, is_library
+from bkcompile.plan import GraphPlan
+from bkcompile.runtime.backwards import current_task, storage_key
+from bkcompile.runtime.distributed import (
     average_over_ranks,
     from_fsdp_reduce,
     fsdp_accumulated,
@@ -64,11 +67,8 @@ from bkcompile.distributed import (
     sync_under_ddp,
     used_eagerly_in_sharded_model,
 )
-from bkcompile.draws import Span, StepRows, span_of
-from bkcompile.errors import ClipOnceError, PrivacyError, UnclippedGradientError, release_error, run_error
-from bkcompile.frames import is_dynamo_entry, is_generated, is_library
-from bkcompile.norms import ClipState, latest_norms
-from bkcompile.plan import GraphPlan
+from bkcompile.runtime.draws import Span, StepRows, span_of
+from bkcompile.runtime.norms import ClipState, latest_norms
 
 _RECORDS: weakref.WeakValueDictionary[int, GraphRecord] = weakref.WeakValueDictionary()  # by key, in compile order
 _KEYS = itertools.count()
@@ -185,7 +185,7 @@ class GraphRecord:
         return run
 
     def note_samples(self, call: CallRecord, args: list) -> None:
-        """The call's rows: its batch size and the memory of its sample inputs (:mod:`bkcompile.draws`)."""
+        """The call's rows: its batch size and the memory of its sample inputs (:mod:`bkcompile.runtime.draws`)."""
         batch = [args[i] for i in self.samples if isinstance(args[i], torch.Tensor)]
         if batch:
             call.rows = batch[0].shape[self.batch_dim]

@@ -2,7 +2,7 @@
 
 Example, for an elementwise custom op::
 
-    bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.rules.pointwise)
+    bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.compiler.rules.pointwise)
 
 A rule reads the op's arguments by schema name (``r.arg("dim")``) and their facts (``r.fact(value)``).
 """

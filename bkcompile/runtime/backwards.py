@@ -2,13 +2,13 @@
 
 A model compiled as one graph clips inside that graph's backward. A model in pieces (graph breaks,
 regionally compiled blocks) clips at the end of the backward, once every piece has handed over its part
-of each sample's gradient (``bkcompile.deferred``). Each piece's backward *joins* the autograd backward
+of each sample's gradient (``bkcompile.runtime.deferred``). Each piece's backward *joins* the autograd backward
 it runs in (keyed by the engine's graph task id); the first to join queues a callback that runs when
 that backward ends (``queue_callback``) and calls the finalizer. That a graph compiled as the whole
-model meets no other bk_dp graph in its backward is the step ledger's check (``bkcompile.ledger``).
+model meets no other bk_dp graph in its backward is the step ledger's check (``bkcompile.runtime.ledger``).
 
 A piece recomputed by reentrant activation checkpointing runs its backward in a nested graph task, which
-the checkpoint's backward starts inside the outer one (``bkcompile.recompute``): its task is mapped to the
+the checkpoint's backward starts inside the outer one (``bkcompile.runtime.recompute``): its task is mapped to the
 outer backward (:func:`current_task`), so its pieces join that backward's clip.
 """
 
@@ -43,7 +43,7 @@ class _Call:
 
 
 class Calls:
-    """The forward calls of the pieces that a recomputation (activation checkpointing, ``bkcompile.recompute``)
+    """The forward calls of the pieces that a recomputation (activation checkpointing, ``bkcompile.runtime.recompute``)
     may repeat, each once."""
 
     def __init__(self) -> None:

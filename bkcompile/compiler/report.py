@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from bkcompile.batch import mark_batch_dynamic
+from bkcompile.compiler.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
+from bkcompile.compiler.options import parse_options
 from bkcompile.errors import BKError, LossReductionError
-from bkcompile.ledger import live_records, records_of
-from bkcompile.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
-from bkcompile.options import parse_options
+from bkcompile.runtime.batch import mark_batch_dynamic
+from bkcompile.runtime.ledger import live_records, records_of
 
 _EXPLAINED = itertools.count()  # names the code object of each explain() call
 
@@ -324,9 +324,9 @@ def explain(
     training refuses is refused here with the same error (a :class:`bkcompile.PrivacyError`, not dynamo's
     wrapper of it), except a loss computed outside with no ``loss_reduction``: the report says that its scale is
     unknown (the costs do not depend on it). ``measure=True`` also times a private step (forward and backward)
-    against a non-private one (a second copy, plain ``torch.compile``, the same compiler; :mod:`bkcompile.measure`):
-    ``report.measured``; a step with no loss returned differentiates the sum of the outputs, as
-    ``loss_reduction="sum"``.
+    against a non-private one (a second copy, plain ``torch.compile``, the same compiler;
+    :mod:`bkcompile.compiler.measure`): ``report.measured``; a step with no loss returned differentiates the sum of
+    the outputs, as ``loss_reduction="sum"``.
 
     Dynamo keeps compiled graphs per code object, and what it learnt of sizes per code name: the copy is compiled
     through a function with a code object and a name of its own, so it neither reuses nor evicts the graphs

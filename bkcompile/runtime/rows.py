@@ -7,7 +7,7 @@ its batched inputs back to a piece's output or a leaf: any other op (an index or
 batch, a mean over it, a concatenation, an eager layer) is refused, naming the op.
 
 A piece whose forward runs again inside a backward must be the recomputation of a call seen before
-(activation checkpointing, ``bkcompile.recompute``). The output of a reentrant checkpoint
+(activation checkpointing, ``bkcompile.runtime.recompute``). The output of a reentrant checkpoint
 (``CheckpointFunctionBackward``) was computed under ``no_grad``, so its history is checked when the
 checkpoint recomputes it in the backward, before that recomputation's backward runs.
 """
@@ -23,10 +23,10 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
-from bkcompile import backwards, recompute
-from bkcompile.batch import mark_batch_dynamic
 from bkcompile.errors import PrivacyError, run_error
-from bkcompile.ledger import parameter_of
+from bkcompile.runtime import backwards, recompute
+from bkcompile.runtime.batch import mark_batch_dynamic
+from bkcompile.runtime.ledger import parameter_of
 
 _MARK = "bkcompile_piece"
 _ALIAS = "bkcompile_piece_output"  # (a detached alias of the piece's output, its version when produced)
@@ -72,7 +72,7 @@ def _identity_hook(hook: Any) -> bool:
 
 def mark_outputs(outputs: Any, label: str, unbacked: int | None = None) -> None:
     """Mark the outputs' autograd nodes as a piece's; with ``unbacked`` (the batch size of inputs marked by
-    :func:`bkcompile.batch.mark_batch_dynamic`), mark the outputs with that many rows too, so that the next
+    :func:`bkcompile.runtime.batch.mark_batch_dynamic`), mark the outputs with that many rows too, so that the next
     piece sees the same batch symbol on them as on the data it receives directly."""
     for value in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
         if isinstance(value, torch.Tensor) and value.grad_fn is not None:
@@ -209,7 +209,7 @@ def _check_when_recomputed(node: Any, label: str) -> None:
 
 def guard(compiled: Callable, batched: list[int], params: list[int], label: str) -> Callable:
     """``compiled`` (a piece's forward, as dynamo calls a backend's result) with its inputs checked and its
-    outputs marked; run inside a backward, it must recompute a call seen (``bkcompile.recompute``)."""
+    outputs marked; run inside a backward, it must recompute a call seen (``bkcompile.runtime.recompute``)."""
 
     def run(*args: Any) -> Any:
         inputs = [args[i] for i in batched if isinstance(args[i], torch.Tensor)]

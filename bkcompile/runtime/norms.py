@@ -1,6 +1,6 @@
 """Clip state: the thresholds, per-sample norms and adaptive-clipping counts of one model's clipping groups.
 
-Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` (``bkcompile.ledger``) on the
+Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` (``bkcompile.runtime.ledger``) on the
 per-sample norms (B,) of each clipping group, before clipping. The op finds the clip state of the running call
 and :meth:`ClipState.record` records them, counts the samples under the group's threshold (for adaptive
 clipping), and returns the group's current threshold, which the graph's clip factors use: thresholds are
@@ -17,7 +17,7 @@ them before the noise.
 
 Everything stays on the model's device: the op reads and writes device tensors only (no ``.cpu()``,
 no ``.item()``, no host synchronisation); the optimizer and ``last_per_sample_norms`` copy when
-asked. A :class:`ClipState` belongs to the step ledger of its model (``bkcompile.ledger``), keyed by
+asked. A :class:`ClipState` belongs to the step ledger of its model (``bkcompile.runtime.ledger``), keyed by
 the identity of its parameters.
 """
 
@@ -46,7 +46,7 @@ class ClipState:
     rows: torch.Tensor = dataclasses.field(init=False)  # (G,) samples recorded since the reset
     latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     grad_scaler: Any = None  # the torch.amp.GradScaler whose scale multiplies the gradients, if any
-    spans: list | None = None  # a clip over several graphs: its groups' ClipSpans (bkcompile.deferred)
+    spans: list | None = None  # a clip over several graphs: its groups' ClipSpans (bkcompile.runtime.deferred)
     backwards: int = 0  # backwards that recorded norms
     task: int = -1  # the autograd graph task of ``latest`` (tasks are numbered in order)
     _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded

@@ -5,8 +5,8 @@ break, or a graph compiled with ``options={"graphs": "several"}`` (regional comp
 backward does not clip. Through ``bkcompile::defer_grads`` it hands over its trainable parameters (the
 tensors themselves: parameters are keyed by identity), the per-sample gradients (B, n) of each one's
 share of the loss, and the loss scale s; it returns zero gradients. The call names the graph's run-time
-record (``bkcompile.ledger.GraphRecord``), whose plan says what was handed over (``bkcompile.plan.PieceSpec``).
-When the autograd backward ends (``bkcompile.backwards``), :func:`finalize`, once for all its pieces:
+record (``bkcompile.runtime.ledger.GraphRecord``), whose plan says what was handed over (``bkcompile.plan.PieceSpec``).
+When the autograd backward ends (``bkcompile.runtime.backwards``), :func:`finalize`, once for all its pieces:
 
 1. adds a parameter's per-sample gradients over the pieces (a tied embedding used by the first and the
    last piece gets its cross terms exactly: sample i's gradient is the sum of its parts);
@@ -28,12 +28,12 @@ import dataclasses
 
 import torch
 
-from bkcompile.backwards import Backward, join_piece
-from bkcompile.distributed import average_over_ranks, reduce_to_shards
 from bkcompile.errors import ClipOnceError, LossReductionError, PrivacyError, run_error, unset_loss_reduction
-from bkcompile.ledger import Clip, GraphRecord, ledger_for, ledger_of, live_ledgers, parameter_of, record_of
 from bkcompile.plan import KeptGraphs, PieceSpec
 from bkcompile.policy import ClipPolicy
+from bkcompile.runtime.backwards import Backward, join_piece
+from bkcompile.runtime.distributed import average_over_ranks, reduce_to_shards
+from bkcompile.runtime.ledger import Clip, GraphRecord, ledger_for, ledger_of, live_ledgers, parameter_of, record_of
 
 
 @dataclasses.dataclass
