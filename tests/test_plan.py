@@ -18,7 +18,7 @@ import bkcompile.compiler.backend
 from bkcompile.compiler.options import CLIPPING_STYLES, ClipFn
 from bkcompile.plan import GraphPlan
 from bkcompile.policy import CLIP_FUNCTIONS, EPS, STYLES, ClipPolicy
-from bkcompile.runtime.ledger import live_records
+from bkcompile.runtime.ledger import ledger_of, live_records
 
 
 def test_every_clip_function_has_its_option_value_and_every_style_its_name() -> None:
@@ -65,14 +65,14 @@ def _train_one_step(number: int) -> weakref.ref:
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     F.cross_entropy(compiled(model, x), y).backward()
     assert all([p.grad is not None for p in model.parameters()])
-    return weakref.ref(model)
+    return weakref.ref(model), weakref.ref(model[0].weight), weakref.ref(ledger_of(model))
 
 
 @pytest.mark.slow
 def test_models_compiled_and_dropped_leave_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """30 small MLPs, half of them in pieces (graphs="several", ghost norms: the plan keeps site graphs), each
-    compiled, trained one step and dropped: the models, their joint graphs and their records are freed once
-    dynamo forgets its graphs, and the table of records holds none of theirs."""
+    compiled, trained one step and dropped: the models, their parameters, their step ledgers, their joint graphs
+    and their records are freed once dynamo forgets its graphs, and the table of records holds none of theirs."""
     torch._dynamo.reset()
     gc.collect()
     before = {record.key for record in live_records()}  # what earlier tests left alive is theirs
@@ -84,13 +84,13 @@ def test_models_compiled_and_dropped_leave_nothing_behind(monkeypatch: pytest.Mo
         return privatize(gm, *args, **kwargs)
 
     monkeypatch.setattr(bkcompile.compiler.backend, "privatize", recording)
-    models = [_train_one_step(number) for number in range(30)]
+    models, params, ledgers = zip(*[_train_one_step(number) for number in range(30)])
     records = [weakref.ref(record) for record in live_records() if record.key not in before]
     assert len(records) >= 30 and len(joints) >= 30
     assert any(r().plan.piece is not None and r().plan.piece.kept for r in records)
     torch._dynamo.reset()
     gc.collect()
-    kinds = {"model": models, "joint graph": joints, "record": records}
+    kinds = {"model": models, "parameter": params, "ledger": ledgers, "joint graph": joints, "record": records}
     alive = {name: [i for i, r in enumerate(refs) if r() is not None] for name, refs in kinds.items()}
     alive = {name: found for name, found in alive.items() if found}
     assert not alive, f"still alive: {alive}"

@@ -265,7 +265,7 @@ def test_blocks_compiled_one_by_one_are_refused_and_never_share_a_clip_state() -
     # both blocks name their parameters "fc.weight" and "fc.bias": their clip states are still apart
     states = ledger_of(model[0]).states + ledger_of(model[1]).states
     assert len(states) == 2 and states[0].names == states[1].names == (("fc.weight", "fc.bias"),)
-    assert {id(s.members[0][0]) for s in states} == {id(model[0].fc.weight), id(model[1].fc.weight)}
+    assert {id(s.members[0][0]()) for s in states} == {id(model[0].fc.weight), id(model[1].fc.weight)}
 
 
 def test_blocks_stepped_from_different_backwards_need_one_optimizer_per_model() -> None:

@@ -24,6 +24,7 @@ the identity of its parameters.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -34,10 +35,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 class ClipState:
     """The clipping groups of one graph's parameters (recompiles with the same groups share it).
 
-    ``members`` holds each group's parameters by identity; ``names`` their names, for messages."""
+    ``members`` holds each group's parameters by identity, weakly: the model's step ledger (a value of a table
+    keyed weakly by these parameters) holds its clip states, which must not keep the parameters alive;
+    ``names`` their names, for messages."""
 
     groups: tuple[str, ...]  # group names
-    members: tuple[tuple[torch.nn.Parameter, ...], ...]  # the parameters of each group
+    members: tuple[tuple[torch.nn.Parameter, ...], ...]  # the parameters of each group (held as weakref.ref)
     names: tuple[tuple[str, ...], ...]  # their names
     initial: tuple[float, ...]  # the thresholds the options gave
     device: torch.device
@@ -52,6 +55,7 @@ class ClipState:
     _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded
 
     def __post_init__(self) -> None:
+        self.members = tuple(tuple(weakref.ref(p) for p in group) for group in self.members)
         with unset_fake_temporarily():  # the pass may run under a fake mode: the state holds real tensors
             self.thresholds = torch.tensor(self.initial, dtype=torch.float64, device=self.device)
             self.below = torch.zeros_like(self.thresholds)
@@ -62,7 +66,7 @@ class ClipState:
             self.groups == groups
             and self.initial == tuple(initial)
             and len(self.members) == len(members)
-            and all(len(a) == len(b) and all(p is q for p, q in zip(a, b)) for a, b in zip(self.members, members))
+            and all(len(a) == len(b) and all(p() is q for p, q in zip(a, b)) for a, b in zip(self.members, members))
         )
 
     def sensitivity_tensor(self) -> torch.Tensor:
