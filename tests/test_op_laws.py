@@ -175,6 +175,7 @@ CASES: dict[Any, Case] = {
     aten.slice_backward.default: C(S(4, 3), Dep(lambda b: [b, 4, 5]), 2, 1, 4, 1),
     aten.select_scatter.default: C(X, S(5), 1, 2),
     aten.slice_scatter.default: C(X, S(4, 2), 2, 1, 3),
+    aten.copy.default: C(X, S(4, 5)),
     aten.constant_pad_nd.default: C(X, [1, 2]),
     aten.split.Tensor: C(X, 2, 1),
     aten.split_with_sizes.default: C(X, [2, 3], 2),
@@ -326,6 +327,15 @@ VARIANTS: dict[str, tuple[Any, Case]] = {
         Case((X, R(1, 4, 5), 0, 0, 1), refused=bkcompile.SampleMixingError),
     ),
     # stack over a new leading dim, flattened: the gradient of unbind (an RNN's steps) as Inductor decomposes it
+    # an in-place slice assignment, functionalized: copy(mask[..., :n], v) (a shared v, or a per-sample v into a
+    # mask of B shared rows, as transformers 4.50's Llama builds its padding mask); src broadcast onto other axes
+    # than the batch mixes samples
+    "copy-shared-into-per-sample": (aten.copy.default, C(X, R(5))),
+    "copy-per-sample-into-shared-rows": (aten.copy.default, C(Zeros((4, 5)), X)),
+    "copy-batch-onto-another-axis": (
+        aten.copy.default,
+        Case((S(3, 5), S(5)), refused=bkcompile.SampleMixingError),
+    ),
     "cat-blocks-of-the-batch": (aten.cat.default, C([S(5), S(5), S(5)], 0)),
     "cat-batch-and-shared-rows": (aten.cat.default, Case(([X, R(1, 4, 5)], 0), refused=bkcompile.SampleMixingError)),
     "select_scatter-batch": (

@@ -249,3 +249,30 @@ def test_a_buffer_counter_of_steps_is_allowed() -> None:
     for size in (1, 3):
         compiled(torch.randn(size, 4).double()).sum().backward()
     assert model.steps.item() == 2
+
+
+class _MaskFromOtherRows(nn.Module):
+    """A padding mask edited in place as transformers 4.50's Llama builds it (``mask[..., :n] = ...``, a copy into
+    a slice, allowed), then each sample's rows overwritten with the previous sample's (refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, keep):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)  # (B, T, T)
+        mask = torch.zeros_like(scores)
+        n = keep.shape[1]
+        mask[:, :, :n] = mask[:, :, :n].masked_fill(keep[:, None, :] == 0, -1e9)
+        mask[1:, :, :n] = mask[:-1, :, :n].clone()  # sample i reads sample i - 1's padding
+        return (scores + mask).softmax(-1).sum((1, 2))
+
+
+def test_a_copy_into_a_slice_from_other_samples_rows_is_refused() -> None:
+    torch.manual_seed(0)
+    x, keep = torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.long)
+    keep[1, 3:] = 0
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    compiled = torch.compile(_MaskFromOtherRows(), backend="bk_dp", options=options)
+    with raises_bk(bkcompile.SampleMixingError, "slices the sample axis", "mask[:-1, :, :n]"):
+        compiled(x, keep).mean().backward()

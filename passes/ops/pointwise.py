@@ -138,6 +138,10 @@ def _filled_with_zero(node: torch.fx.Node) -> torch.fx.Node | None:
 define(aten.masked_fill.Scalar, rule=pointwise, lift_linear=_lift_scaling, linear_in=_filled_with_zero)
 # add and sub are linear in all operands
 define([aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar], rule=pointwise, loss="add")
+# copy(self, src): src's values broadcast into self's shape and dtype, the functional form of an in-place slice
+# assignment ``mask[..., :n] = v`` (copy into the slice, then a slice_scatter back). Elementwise in src, self lends
+# only its shape: a per-sample src lands in the rows of its own samples, one broadcast over the batch is refused
+define(aten.copy.default, rule=pointwise)
 
 
 @law(aten.native_dropout.default)
