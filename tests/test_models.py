@@ -375,3 +375,17 @@ def test_gpt2_sdpa_on_the_default_path(lora: bool) -> None:
         oracle=looped_clipped_sum,  # vmap refuses the packed-sequence check on the position ids (.all())
         options={"loss_reduction": "mean"},
     )
+
+
+def test_gpt2_without_position_ids_under_a_dynamic_batch_is_refused() -> None:
+    """GPT-2's own (1, T) position ids with an unbacked batch: the refusal names transformers' branch and the fix,
+    where the attention graph after the break would otherwise be refused for an input it cannot trace back."""
+    compiled = torch.compile(
+        Logits(tiny_gpt2("sdpa"), "input_ids"),
+        backend="bk_dp",
+        options={"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"},
+    )
+    ids = token_ids()
+    bkcompile.mark_batch_dynamic(ids)
+    with raises_bk(bkcompile.NotSupportedYetError, "_preprocess_mask_arguments", "position_ids of shape (B, T)"):
+        per_sample_token_loss(compiled(ids), ids).backward()
