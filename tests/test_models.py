@@ -219,8 +219,7 @@ def test_gpt2_loss_inside_token_mean_over_the_batch_is_refused() -> None:
 # --- 5. LoRA adapters (peft) on a frozen base -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_lora_gpt2_adapters_only(attn: str) -> None:
+def lora_gpt2(attn: str) -> nn.Module:
     config = peft.LoraConfig(
         r=2,
         lora_alpha=4,
@@ -229,7 +228,12 @@ def test_lora_gpt2_adapters_only(attn: str) -> None:
         fan_in_fan_out=True,
         init_lora_weights=False,
     )  # random B: A's gradient is not 0
-    model = peft.get_peft_model(tiny_gpt2(attn), config)
+    return peft.get_peft_model(tiny_gpt2(attn), config)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_lora_gpt2_adapters_only(attn: str) -> None:
+    model = lora_gpt2(attn)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
     ids = token_ids()
@@ -353,3 +357,35 @@ def test_lora_bert_on_the_default_path() -> None:
         oracle=looped_clipped_sum,  # vmap refuses the padding mask's data-dependent checks
         options={"loss_reduction": "mean"},
     )
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gpt2_sdpa_on_the_default_path(lora: bool) -> None:
+    """GPT-2 with SDPA attention (and peft LoRA on it), its position ids given per sample. Without them GPT-2 makes
+    ``position_ids`` of shape (1, T) and transformers' mask preprocessing asks ``batch_size != position_ids.shape[0]``
+    (``masking_utils._preprocess_mask_arguments``): with the batch an unbacked symbol dynamo cannot decide it and
+    breaks the graph there, so the mask is built eagerly and the resumed attention graph is refused (its batch
+    computed outside the bk_dp graphs). Given as (B, T), marked with the batch, the sizes are equal by the shared
+    batch symbol: one graph for both batch sizes, causal SDPA with no mask."""
+    model = lora_gpt2("sdpa") if lora else tiny_gpt2("sdpa")
+    check_default_path(
+        Logits(model, "input_ids", "position_ids"),
+        lambda b: ((token_ids(b), torch.arange(LENGTH).expand(b, LENGTH).contiguous()), (token_ids(b),)),
+        per_sample_token_loss,
+        oracle=looped_clipped_sum,  # vmap refuses the packed-sequence check on the position ids (.all())
+        options={"loss_reduction": "mean"},
+    )
+
+
+def test_gpt2_without_position_ids_under_a_dynamic_batch_is_refused() -> None:
+    """GPT-2's own (1, T) position ids with an unbacked batch: the refusal names transformers' branch and the fix,
+    where the attention graph after the break would otherwise be refused for an input it cannot trace back."""
+    compiled = torch.compile(
+        Logits(tiny_gpt2("sdpa"), "input_ids"),
+        backend="bk_dp",
+        options={"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"},
+    )
+    ids = token_ids()
+    bkcompile.mark_batch_dynamic(ids)
+    with raises_bk(bkcompile.NotSupportedYetError, "_preprocess_mask_arguments", "position_ids of shape (B, T)"):
+        per_sample_token_loss(compiled(ids), ids).backward()
