@@ -122,8 +122,7 @@ def test_matches_oracle_with_inductor(name: str, monkeypatch: pytest.MonkeyPatch
 # The zoo on the default path, one case per family whose sites no other default-path test has (the README's testing
 # section lists them all; CI's time on 2 cores decides). Left out: the other loss variants; "prenorm-block" and
 # "rmsnorm" (BERT's and Llama's default-path tests have their sites); "resnet-groupnorm" and "conv-geometries" (the
-# small CNN's and "convnet-depthwise-transposed"'s). Not on the default path yet, failing there:
-# "embedding-padding-mha-masks" (nn.MultiheadAttention's reshape guards on the batch size).
+# small CNN's and "convnet-depthwise-transposed"'s).
 DEFAULT_PATH = [
     "mlp-sum-outside",
     "mlp-loss-inside-sq-mean",
@@ -136,6 +135,7 @@ DEFAULT_PATH = [
     "raw-params-einsum",
     "conv1d-instancenorm-conv3d",
     "batchnorm-eval",
+    "embedding-padding-mha-masks",
 ]
 
 
