@@ -192,6 +192,7 @@ class _InductorJointPass:
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
         _single_bmm_to_mm(gm)
+        _contiguous_bmm_inputs(gm)
         _split_head_views(gm)
 
     def uuid(self) -> None:
@@ -222,6 +223,27 @@ def _single_bmm_to_mm(gm: torch.fx.GraphModule) -> None:
             new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
         node.replace_all_uses_with(result)
         graph.erase_node(node)
+    gm.recompile()
+
+
+def _contiguous_bmm_inputs(gm: torch.fx.GraphModule) -> None:
+    """Each ``bmm`` operand whose last two strides depend on the batch size (time-major ``nn.MultiheadAttention``'s
+    ``(B * H, L, D)``, a transpose of ``(L, B * H, D)``) is copied contiguous first.
+
+    Inductor's CPU lowering of ``bmm`` compares those strides with the sizes to decide on that copy, which it cannot
+    when they are a multiple of the unbacked batch size (``GuardOnDataDependentSymNode: 4*u0 >= 4``, torch 2.13);
+    the copy has the same values."""
+    graph = gm.graph
+    for node in graph.find_nodes(op="call_function", target=aten.bmm.default):
+        for operand in dict.fromkeys(node.args):  # each once: bmm(x, x) copies x once
+            if not any(isinstance(stride, torch.SymInt) for stride in operand.meta["val"].stride()[-2:]):
+                continue
+            with graph.inserting_before(node):
+                copy = graph.call_function(aten.clone.default, (operand,), {"memory_format": torch.contiguous_format})
+            with _fake_mode(gm) or contextlib.nullcontext():
+                copy.meta["val"] = operand.meta["val"].clone(memory_format=torch.contiguous_format)
+            copy.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+            node.replace_input_with(operand, copy)
     gm.recompile()
 
 
