@@ -40,6 +40,25 @@ def instance_norm(input, weight, bias, running_mean, running_var, use_input_stat
     return out
 
 
+@aten.batch_norm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
+def batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled):
+    """nn.BatchNorm in eval mode (``F.batch_norm`` on running statistics): the native composite's checks guard on
+    the input being empty (``Eq(8*u0, 0)``). Written out: the input less the running mean, over the running
+    standard deviation, each channel's along dim 1."""
+    if training or running_mean is None or running_var is None or not _symbolic(input.shape[0]):
+        with torch._C._DisablePythonDispatcher():  # the native composite, as without this kernel
+            return aten.batch_norm.default(
+                input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
+            )
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    out = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
 @aten.repeat.default.py_impl(torch._C.DispatchKey.Autograd)
 def repeat(self, repeats):
     """``x.repeat(...)`` by a symbolic count (nn.MultiheadAttention's ``bias_k.repeat(1, B, 1)``): the native

@@ -122,9 +122,7 @@ def test_matches_oracle_with_inductor(name: str, monkeypatch: pytest.MonkeyPatch
 # The zoo on the default path, one case per family whose sites no other default-path test has (the README's testing
 # section lists them all; CI's time on 2 cores decides). Left out: the other loss variants; "prenorm-block" and
 # "rmsnorm" (BERT's and Llama's default-path tests have their sites); "resnet-groupnorm" and "conv-geometries" (the
-# small CNN's and "convnet-depthwise-transposed"'s). Not on the default path yet, refused or failing there:
-# "conv1d-instancenorm-conv3d" and "batchnorm-eval" (F.batch_norm breaks the graph on the unbacked batch size, then
-# refused), "embedding-padding-mha-masks" (nn.MultiheadAttention's reshape guards on the batch size).
+# small CNN's and "convnet-depthwise-transposed"'s).
 DEFAULT_PATH = [
     "mlp-sum-outside",
     "mlp-loss-inside-sq-mean",
@@ -135,6 +133,9 @@ DEFAULT_PATH = [
     "unrolled-rnn-raw-params",
     "tied-embeddings-sdpa-lm",
     "raw-params-einsum",
+    "conv1d-instancenorm-conv3d",
+    "batchnorm-eval",
+    "embedding-padding-mha-masks",
 ]
 
 

@@ -337,11 +337,10 @@ GROUPS = {
     "sequences": ("linear", "rnn", "gru", "lstm", "attention"),
 }
 if PROFILE == "ci":
-    # nn.MultiheadAttention is left out of CI here: under Inductor with a dynamic batch it still fails in Inductor's
-    # lowering (GuardOnDataDependentSymNode: 4*u0 >= 4), an open miss that the long profile finds
     GROUPS = {
         "convolutions": ("conv1d", "conv2d", "conv3d"),
         "lookups and instance norm": ("embedding", "embedding_bag", "instance_norm"),
+        "attention": ("attention",),
     }
 
 

@@ -192,6 +192,8 @@ class _InductorJointPass:
         # Inductor has no lowering for the ops kept whole for the analysis: decompose them now.
         inline_decompositions(gm, _KEEP + _EMITTED, _full_inductor_decompositions(), _fake_mode(gm))
         _single_bmm_to_mm(gm)
+        _contiguous_bmm_inputs(gm)
+        _split_head_views(gm)
 
     def uuid(self) -> None:
         return None  # never cache: the pass depends on the options and the model
@@ -222,6 +224,75 @@ def _single_bmm_to_mm(gm: torch.fx.GraphModule) -> None:
         node.replace_all_uses_with(result)
         graph.erase_node(node)
     gm.recompile()
+
+
+def _contiguous_bmm_inputs(gm: torch.fx.GraphModule) -> None:
+    """Each ``bmm`` operand whose last two strides depend on the batch size (time-major ``nn.MultiheadAttention``'s
+    ``(B * H, L, D)``, a transpose of ``(L, B * H, D)``) is copied contiguous first.
+
+    Inductor's CPU lowering of ``bmm`` compares those strides with the sizes to decide on that copy, which it cannot
+    when they are a multiple of the unbacked batch size (``GuardOnDataDependentSymNode: 4*u0 >= 4``, torch 2.13);
+    the copy has the same values."""
+    graph = gm.graph
+    for node in graph.find_nodes(op="call_function", target=aten.bmm.default):
+        for operand in dict.fromkeys(node.args):  # each once: bmm(x, x) copies x once
+            if not any(isinstance(stride, torch.SymInt) for stride in operand.meta["val"].stride()[-2:]):
+                continue
+            with graph.inserting_before(node):
+                copy = graph.call_function(aten.clone.default, (operand,), {"memory_format": torch.contiguous_format})
+            with _fake_mode(gm) or contextlib.nullcontext():
+                copy.meta["val"] = operand.meta["val"].clone(memory_format=torch.contiguous_format)
+            copy.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+            node.replace_input_with(operand, copy)
+    gm.recompile()
+
+
+def _split_head_views(gm: torch.fx.GraphModule) -> None:
+    """Each view that moves a factor between a batch-sized dim and the next (``nn.MultiheadAttention``'s
+    ``(L, B, E) -> (L, B * H, E / H)`` and back) becomes two views through their common refinement
+    ``(L, B, H, E / H)``.
+
+    Inductor's CPU lowering of such a view matches sizes from the last dim and asserts ``Eq(8*u0, 8)`` (the batch is
+    one) when the batch size is unbacked (torch 2.13); a view that only splits, then one that only merges, asserts
+    nothing. The values are the same: the same elements in the same order."""
+    graph = gm.graph
+    for target in (aten.view.default, aten._unsafe_view.default):
+        for node in graph.find_nodes(op="call_function", target=target):
+            refined = _refinement(node.args[0].meta["val"].shape, node.meta["val"].shape)
+            if refined is None:
+                continue
+            with graph.inserting_before(node):
+                split = graph.call_function(target, (node.args[0], refined))
+            with _fake_mode(gm) or contextlib.nullcontext():
+                split.meta["val"] = node.args[0].meta["val"].view(refined)
+            split.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+            node.args = (split, *node.args[1:])
+    gm.recompile()
+
+
+def _refinement(old: torch.Size, new: torch.Size) -> list | None:
+    """The shape that splits ``old``'s and ``new``'s one differing pair of dims ``(s, a)`` / ``(s * k, a / k)``
+    (``s`` symbolic, ``a`` an int), or the reverse, into ``(s, k, a / k)``; None for any other pair of shapes."""
+    if len(old) != len(new) or len(old) < 2:
+        return None
+    differ = [i for i in range(len(old)) if old[i] is not new[i] and not _same_size(old[i], new[i])]
+    if len(differ) != 2 or differ[1] != differ[0] + 1:
+        return None
+    i = differ[0]
+    (p, q), (r, t) = old[i : i + 2], new[i : i + 2]
+    if not (isinstance(p, torch.SymInt) and isinstance(r, torch.SymInt) and type(q) is int and type(t) is int):
+        return None
+    small, large, fine = (p, r, t) if q > t else (r, p, q)
+    coarse = max(q, t)
+    if min(q, t) < 1 or coarse % fine or not _same_size(small * (coarse // fine), large):
+        return None
+    return [*old[:i], small, coarse // fine, fine, *old[i + 2 :]]
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return type(a) is int and type(b) is int and a == b
 
 
 @functools.cache
