@@ -189,9 +189,10 @@ FOUND = {
         ),
         "refused: PrivacyError",
     ),
-    # group_norm's data-dependent guard on an unbacked batch breaks the graph inside forward's loop: dynamo runs
-    # forward eagerly and compiles each function it calls as a graph of its own (each clipped on its own, and
-    # x - x.mean(0) in a graph without parameters); without the step ledger this was a silent wrong clipped sum
+    # group_norm's data-dependent guard on an unbacked batch (torch's _verify_batch_size, Eq(9*u0, 1)) breaks the
+    # graph inside forward's loop: dynamo runs forward eagerly and compiles each function it calls as a graph of its
+    # own; without the step ledger this was a silent wrong clipped sum, then an UnclippedGradientError at the
+    # step; now refused where it happens, naming the branch on the batch size (bkcompile/compiler/breaks.py)
     "forward-run-eagerly-with-compiled-callees": (
         dataclasses.replace(
             DYNAMIC,
@@ -201,7 +202,7 @@ FOUND = {
             batch=8,
             seed=8262,
         ),
-        "refused: UnclippedGradientError",
+        "refused: NotSupportedYetError",
     ),
 }
 
