@@ -32,7 +32,8 @@ def ranks():
 
 
 class Net(nn.Module):
-    """Three linear layers; ``width`` 384 in float64 puts more than DDP's 1 MB first bucket in one layer."""
+    """Three linear layers; ``width`` 384 in float64 (544 in float32) puts more than DDP's 1 MB first bucket in one
+    layer."""
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
@@ -67,7 +68,8 @@ def _ddp_grads(rank: int, order: str, several: bool, dtype: torch.dtype, optimiz
     1 MB first bucket); without ``optimize_ddp`` DDP's reducer all-reduces several buckets of one graph."""
     torch._dynamo.config.optimize_ddp = optimize_ddp
     try:
-        model = Net(384 if several and optimize_ddp else 8).to(dtype)
+        wide = 384 if dtype == torch.float64 else 544  # a layer over DDP's 1 MB first bucket
+        model = Net(wide if several and optimize_ddp else 8).to(dtype)
         x, y = _union_batch(dtype)
         _, norms = clipped_sum(model, F.cross_entropy, (x,), (y,), max_grad_norm=math.inf)
         radius = norms.median().item()  # half the samples are clipped
