@@ -31,13 +31,7 @@ def instance_norm(input, weight, bias, running_mean, running_var, use_input_stat
             )
     spatial = list(range(2, input.dim()))
     var, mean = torch.var_mean(input, spatial, correction=0, keepdim=True)
-    out = (input - mean) * torch.rsqrt(var + eps)
-    shape = [1, -1] + [1] * len(spatial)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    return _affine((input - mean) * torch.rsqrt(var + eps), weight, bias)
 
 
 @aten.batch_norm.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
@@ -51,12 +45,17 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, momentu
                 input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled
             )
     shape = [1, -1] + [1] * (input.dim() - 2)
-    out = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    return _affine((input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps), weight, bias)
+
+
+def _affine(normed, weight, bias):
+    """A norm's per-channel scale and shift, each channel's along dim 1."""
+    shape = [1, -1] + [1] * (normed.dim() - 2)
     if weight is not None:
-        out = out * weight.view(shape)
+        normed = normed * weight.view(shape)
     if bias is not None:
-        out = out + bias.view(shape)
-    return out
+        normed = normed + bias.view(shape)
+    return normed
 
 
 @aten.repeat.default.py_impl(torch._C.DispatchKey.Autograd)
