@@ -72,7 +72,8 @@ CASES = {
 
 
 def run_case(case: Case, batch: int, dtype: torch.dtype, compiler: str, threshold_quantile: float = 0.5):
-    """Compile the case's model with bk_dp; return (compiled grads, oracle grads, oracle norms, R)."""
+    """Compile the case's model with bk_dp; return (compiled grads, oracle grads, oracle norms, R, the compiled
+    model: its step ledger lives as long as it does)."""
     model = case.make().to(dtype)
     inputs, targets = case.make_data(batch, dtype)
     _, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=float("inf"))
@@ -80,24 +81,24 @@ def run_case(case: Case, batch: int, dtype: torch.dtype, compiler: str, threshol
     want, norms = clipped_sum(model, case.loss, inputs, targets, max_grad_norm=radius)
     said = {} if case.loss_inside else {"loss_reduction": "mean"}  # a loss outside: a mean unless options say
     options = {"max_grad_norm": radius, "compiler": compiler, **said, **case.options}
-    got, _ = compiled_grads(model, inputs, case.loss, targets, options)
-    return got, want, norms, radius
+    got, compiled = compiled_grads(model, inputs, case.loss, targets, options)
+    return got, want, norms, radius, compiled
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("batch", [1, 7, 32])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_oracle(name: str, batch: int, dtype: torch.dtype) -> None:
-    got, want, _, _ = run_case(CASES[name], batch, dtype, "aot_eager")
+    got, want, *_ = run_case(CASES[name], batch, dtype, "aot_eager")
     assert_matches(got, want, dtype)
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp-loss-inside-ce-mean", "prenorm-block"])
 def test_clips_some_samples_and_not_others(name: str) -> None:
-    got, want, norms, radius = run_case(CASES[name], 16, torch.float64, "aot_eager", threshold_quantile=0.4)
+    got, want, norms, radius, compiled = run_case(CASES[name], 16, torch.float64, "aot_eager", threshold_quantile=0.4)
     assert (norms > radius).sum() >= 3 and (norms < radius).sum() >= 3
     assert_matches(got, want, torch.float64)
-    recorded = bkcompile.last_per_sample_norms()
+    recorded = bkcompile.last_per_sample_norms(compiled)
     torch.testing.assert_close(recorded, norms, rtol=1e-10, atol=0)
 
 
@@ -115,7 +116,7 @@ def test_frozen_parameters_get_no_gradient_and_no_norm_work() -> None:
 @pytest.mark.parametrize("name", ["mlp-loss-inside-ce-mean", "prenorm-block"])
 def test_matches_oracle_with_inductor(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "1")  # Inductor's strict checks, on as in a user's CI
-    got, want, _, _ = run_case(CASES[name], 7, torch.float32, "inductor")
+    got, want, *_ = run_case(CASES[name], 7, torch.float32, "inductor")
     assert_matches(got, want, torch.float32)
 
 
