@@ -6,11 +6,22 @@ special case of zero repeats): dynamo then breaks the graph and runs the layer e
 joint graph fails to trace. While tracing (the Python dispatcher is on only then; eager runs keep the native
 kernels) those ops are written out here with the same values, where a batch size is symbolic; everywhere else the
 native kernel runs as before.
+
+One such check is Python, not a kernel: ``F.group_norm`` (and train-mode ``F.batch_norm``) first refuse an input of
+one value per channel, ``_verify_batch_size``'s ``B * C // G * H * ... == 1``. Dynamo puts ``F.group_norm`` in its
+graph whole and runs that Python on fake tensors, where the product is ``c * u0`` of the unbacked batch ``u0``: the
+shape environment decides ``Eq(c*u0, 1)`` only for an even ``c`` (by parity), so a GroupNorm on a (B, C) input, or
+any whose ``C // G * H * ...`` is odd, cut the graph. :func:`verify_batch_size` (installed in
+``torch.nn.functional``) asks the same of a symbolic size by ``torch._check``, a run-time assertion of the compiled
+graph instead of a guard; a concrete size goes to torch's own check, as before.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 aten = torch.ops.aten
 
@@ -70,3 +81,18 @@ def repeat(self, repeats):
     pairs = self.reshape([v for size in shape for v in (1, size)])
     grown = pairs.expand([v for count, size in zip(repeats, shape) for v in (count, size)])
     return grown.reshape([count * size for count, size in zip(repeats, shape)])
+
+
+_native_verify_batch_size = F._verify_batch_size
+
+
+def verify_batch_size(size: list) -> None:
+    """torch's ``_verify_batch_size`` (more than one value per channel), asserted at run time where the size is
+    symbolic."""
+    values = math.prod(size[2:], start=size[0])
+    if not _symbolic(values):
+        return _native_verify_batch_size(size)
+    torch._check(values != 1, lambda: f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+F._verify_batch_size = verify_batch_size

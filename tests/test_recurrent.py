@@ -12,13 +12,14 @@ compiles that group the cases.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TOL, assert_matches, raises_bk
-from oracle import looped_clipped_sum
+from helpers import TOL, assert_matches, check_default_path, raises_bk
+from oracle import clipped_sum, looped_clipped_sum
 from torch._dynamo.utils import counters
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -231,3 +232,28 @@ def test_a_torch_function_that_branches_on_a_dynamic_batch_size_is_refused(layer
         "fix: compile with a static batch size (leave out mark_batch_dynamic)",
     ):
         last_step_loss(compiled(x), labels).backward()
+
+
+@pytest.mark.parametrize(
+    ("groups", "shape"),
+    [(2, (6,)), (2, (6, 3))],
+    ids=["2d-3-values-per-group", "3d-9-values-per-group"],
+)
+def test_group_norm_under_a_dynamic_batch_matches_the_oracle(groups: int, shape: tuple) -> None:
+    """``F.group_norm`` first checks ``B * C // G * H * ... != 1`` in Python: on an unbacked batch ``u0`` the shape
+    environment decides it only for an even ``C // G * H * ...`` (by parity), so a (B, C) input broke the graph.
+    Now a run-time assertion of the one graph (``bkcompile.passes.tracing``): exact for batches of 5, 3 and 1."""
+    torch.manual_seed(0)
+    width = math.prod(shape)
+    model = nn.Sequential(
+        nn.Linear(shape[-1], shape[-1]), nn.GroupNorm(groups, shape[0]), nn.Flatten(), nn.Linear(width, CLASSES)
+    )
+    check_default_path(
+        model,
+        lambda b: ((torch.randn(b, *shape),), (torch.randint(0, CLASSES, (b,)),)),
+        last_step_loss,
+        sizes=(5, 3, 1),
+        oracle=clipped_sum,
+        tol=TOL[torch.float32],
+        options={"loss_reduction": "mean", "compiler": "aot_eager"},
+    )
