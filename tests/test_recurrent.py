@@ -12,7 +12,9 @@ compiles that group the cases.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,14 +174,60 @@ def test_padded_sequences_of_different_lengths_match_the_oracle(dynamic: bool) -
         assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float32)
 
 
-def test_packed_sequences_are_refused() -> None:
-    """``pack_padded_sequence`` stops dynamo's graph (its batch sizes are data), so the layer runs eagerly on the
-    packed rows, outside every bk_dp graph: refused, never trained unclipped."""
+class EmbeddedPacked(nn.Module):
+    """Token ids embedded, packed by length and run through a GRU: the packing takes a batch that needs a
+    gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.rnn, self.head = (
+            nn.Embedding(10, IN),
+            nn.GRU(IN, HIDDEN, batch_first=True),
+            nn.Linear(HIDDEN, 3),
+        )
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def _line_of(function, text: str) -> str:
+    lines, start = inspect.getsourcelines(function)
+    return f"test_recurrent.py:{start + next(i for i, line in enumerate(lines) if text in line)}:"
+
+
+@pytest.mark.parametrize(
+    ("model", "ids", "dynamic"),
+    [(lambda: LastValidStep(packed=True), False, False), (EmbeddedPacked, True, True)],
+    ids=["static-padded-data", "dynamic-embedded"],
+)
+def test_packed_sequences_are_refused(model, ids: bool, dynamic: bool) -> None:
+    """``pack_padded_sequence`` stops dynamo's graph (dynamo does not trace it: its rows are the samples sorted by
+    length, its step sizes data), so the packing and the layer run eagerly, outside every bk_dp graph: refused where
+    the next graph takes their output, naming the packing's line and the padded recipe, which trains
+    (``test_padded_sequences_of_different_lengths_match_the_oracle``)."""
     (x, lengths), (labels,) = lengths_batch(5)
+    x = torch.randint(0, 10, (5, 6)) if ids else x
+    if dynamic:
+        bkcompile.mark_batch_dynamic(x, lengths)
     options = {"max_grad_norm": 1.0, "loss_reduction": "mean", "compiler": "aot_eager"}
-    compiled = torch.compile(LastValidStep(packed=True), backend="bk_dp", options=options)
-    with raises_bk(bkcompile.PrivacyError, "computed outside the bk_dp graphs"):
+    model = model()
+    compiled = torch.compile(model, backend="bk_dp", options=options)
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        f"torch.nn.utils.rnn.pack_padded_sequence at {Path(__file__)}:",
+        _line_of(type(model).forward, "pack_padded_sequence("),
+        "resumed after a graph break, ending at",
+        "takes a batch computed from a PackedSequence\n  why: dynamo does not trace pack_padded_sequence (its rows are "
+        "the samples sorted by length, each step's batch size read from the lengths on the CPU: data-dependent "
+        "shapes), so the packing and the recurrent layer on it run eagerly, outside the bk_dp graphs, where nothing "
+        "proves per-sample gradients\n  fix: run the layer on the padded batch and read each sample's last valid "
+        "step (a forward layer's output there never reads the padding): `out, _ = self.rnn(x)` then "
+        "`last = out[torch.arange(x.shape[0]), lengths - 1]`",
+    ):
         last_step_loss(compiled(x, lengths), labels).backward()
+    assert all(p.grad is None for p in model.parameters()), "a gradient left the refused step"
 
 
 @pytest.mark.slow

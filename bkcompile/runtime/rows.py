@@ -4,7 +4,9 @@ That holds when each piece's batched inputs come from the data, or from another 
 eager code that keeps every row where it is (elementwise maths, dtype casts, views). Each piece's forward
 therefore marks its outputs' autograd nodes, and checks, before it runs, the autograd history of each of
 its batched inputs back to a piece's output or a leaf: any other op (an index or a permutation of the
-batch, a mean over it, a concatenation, an eager layer) is refused, naming the op.
+batch, a mean over it, a concatenation, an eager layer) is refused, naming the op. A batch computed from a
+``PackedSequence`` (``pack_padded_sequence``, which dynamo does not trace) is refused naming the packing's line,
+found in the frame dynamo resumed after it, and the padded recipe that trains.
 
 A piece whose forward runs again inside a backward must be the recomputation of a call seen before
 (activation checkpointing, ``bkcompile.runtime.recompute``). The output of a reentrant checkpoint
@@ -14,6 +16,8 @@ checkpoint recomputes it in the backward, before that recomputation's backward r
 
 from __future__ import annotations
 
+import re
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,8 +26,9 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+from torch.nn.utils.rnn import PackedSequence
 
-from bkcompile.errors import PrivacyError, run_error
+from bkcompile.errors import NotSupportedYetError, PrivacyError, run_error
 from bkcompile.runtime import backwards, recompute
 from bkcompile.runtime.batch import mark_batch_dynamic
 from bkcompile.runtime.ledger import parameter_of
@@ -58,6 +63,8 @@ _ROW_WISE = frozenset(
 )
 _LEAF = "torch::autograd::AccumulateGrad"
 _CHECKPOINT = "CheckpointFunctionBackward"
+_PACKED = "PackPaddedSequenceBackward0"  # torch.nn.utils.rnn.pack_padded_sequence
+_RESUME = re.compile(r"torch_dynamo_resume_in_\w+?_at_(?P<line>\d+)$")  # dynamo's code after a graph break
 # Autograd functions that are the identity on their tensors (by class): FSDP2's hook on a sharded block's
 # inputs, whose backward runs the block's post-backward (the reduce-scatter) and passes the gradients on.
 _IDENTITIES = (RegisterPostBackwardFunction._backward_cls,)
@@ -178,6 +185,9 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
         if node.name() == _CHECKPOINT:
             _check_when_recomputed(node, label)
         elif node.name() not in _ROW_WISE and not isinstance(node, _IDENTITIES) or _untraced_operand(node):
+            where = _resumed_with_packed()
+            if where is not None or _packed(node):
+                raise _refuse_packed(label, where or "an unknown line")
             raise run_error(
                 PrivacyError,
                 f"{label} takes a batch computed outside the bk_dp graphs by {_untraced_operand(node) or node.name()}",
@@ -188,6 +198,46 @@ def check_inputs(inputs: Sequence[Any], batched: list[int], label: str) -> None:
                 "and the data between the compiled modules",
             )
         stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _packed(node: Any) -> bool:
+    """Whether ``node``'s history holds ``pack_padded_sequence`` (of a batch that needs a gradient)."""
+    stack, seen = [node], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or _MARK in node.metadata:
+            continue
+        if node.name() == _PACKED:
+            return True
+        seen.add(id(node))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _resumed_with_packed() -> str | None:
+    """Where the running model left its graph at ``pack_padded_sequence``: the outermost frame that dynamo resumed
+    after a graph break holding a PackedSequence (``file:line`` of the break), else None."""
+    frame, where = sys._getframe(), None
+    while frame is not None:
+        resumed = _RESUME.match(frame.f_code.co_name)
+        values = list(frame.f_locals.values()) if resumed is not None else []
+        values += [v for value in values if isinstance(value, (tuple, list)) for v in value]
+        if any(isinstance(value, PackedSequence) for value in values):
+            where = f"{frame.f_code.co_filename}:{resumed['line']}"
+        frame = frame.f_back
+    return where
+
+
+def _refuse_packed(label: str, where: str) -> NotSupportedYetError:
+    return run_error(
+        NotSupportedYetError,
+        f"torch.nn.utils.rnn.pack_padded_sequence at {where}: {label} takes a batch computed from a PackedSequence",
+        "dynamo does not trace pack_padded_sequence (its rows are the samples sorted by length, each step's batch "
+        "size read from the lengths on the CPU: data-dependent shapes), so the packing and the recurrent layer on it "
+        "run eagerly, outside the bk_dp graphs, where nothing proves per-sample gradients",
+        "run the layer on the padded batch and read each sample's last valid step (a forward layer's output there "
+        "never reads the padding): `out, _ = self.rnn(x)` then `last = out[torch.arange(x.shape[0]), lengths - 1]`",
+    )
 
 
 def _check_when_recomputed(node: Any, label: str) -> None:
