@@ -12,8 +12,9 @@ one value per channel, ``_verify_batch_size``'s ``B * C // G * H * ... == 1``. D
 graph whole and runs that Python on fake tensors, where the product is ``c * u0`` of the unbacked batch ``u0``: the
 shape environment decides ``Eq(c*u0, 1)`` only for an even ``c`` (by parity), so a GroupNorm on a (B, C) input, or
 any whose ``C // G * H * ...`` is odd, cut the graph. :func:`verify_batch_size` (installed in
-``torch.nn.functional``) asks the same of a symbolic size by ``torch._check``, a run-time assertion of the compiled
-graph instead of a guard; a concrete size goes to torch's own check, as before.
+``torch.nn.functional``) answers it for a multiple ``c * u0`` with ``c >= 2``, which is never 1; any other size goes
+to torch's own check, as before (one value per group, ``c == 1``, stays a branch on the batch size, refused by
+``bkcompile.compiler.breaks`` under a dynamic batch).
 """
 
 from __future__ import annotations
@@ -87,12 +88,14 @@ _native_verify_batch_size = F._verify_batch_size
 
 
 def verify_batch_size(size: list) -> None:
-    """torch's ``_verify_batch_size`` (more than one value per channel), asserted at run time where the size is
-    symbolic."""
+    """torch's ``_verify_batch_size`` (more than one value per channel), passed at once for a symbolic multiple of
+    an integer >= 2."""
     values = math.prod(size[2:], start=size[0])
-    if not _symbolic(values):
-        return _native_verify_batch_size(size)
-    torch._check(values != 1, lambda: f"Expected more than 1 value per channel when training, got input size {size}")
+    if _symbolic(values):
+        factor, rest = values.node.expr.as_coeff_Mul()
+        if rest.is_Symbol and factor.is_Integer and factor >= 2:
+            return None
+    return _native_verify_batch_size(size)
 
 
 F._verify_batch_size = verify_batch_size

@@ -192,7 +192,7 @@ FOUND = {
     # group_norm's check of one value per channel on an unbacked batch (torch's _verify_batch_size, Eq(9*u0, 1): an
     # odd C // G * T) broke the graph inside forward's loop: dynamo ran forward eagerly and compiled each function
     # it called as a graph of its own (a silent wrong clipped sum before the step ledger, then a refusal naming the
-    # branch). The check is now a run-time assertion of the graph (passes/tracing.py): one graph, exact
+    # branch). A multiple of 9 is never 1: the check now passes it (passes/tracing.py), one graph, exact
     "groupnorm-odd-values-per-group-dynamic": (
         dataclasses.replace(
             DYNAMIC,

@@ -333,8 +333,8 @@ def test_recurrent_last_step_on_the_default_path() -> None:
     """An RNN's ``out[:, -1]`` (a ``slice_scatter`` over the whole batch in its gradient); the gradient of its
     ``unbind`` over the time steps, decomposed into a ``cat`` of (B, d) blocks along the batch dim, (T*B, d) with
     the samples inside each block; the weight gradients then read that sequence-first layout. A GroupNorm of the
-    last step, (B, 5): 5 values per group, whose one-value check (odd: undecidable on the batch symbol) is a run-time
-    assertion of the graph."""
+    last step, (B, 5): 5 values per group, whose one-value check (``5 * u0 != 1``, odd: the shape environment cannot
+    decide it) ``bkcompile.passes.tracing`` answers."""
     model = Recurrent(nn.GRU)
     model.head = nn.Sequential(nn.GroupNorm(1, 5), model.head)
     check_default_path(

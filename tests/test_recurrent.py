@@ -290,7 +290,8 @@ def test_a_torch_function_that_branches_on_a_dynamic_batch_size_is_refused(layer
 def test_group_norm_under_a_dynamic_batch_matches_the_oracle(groups: int, shape: tuple) -> None:
     """``F.group_norm`` first checks ``B * C // G * H * ... != 1`` in Python: on an unbacked batch ``u0`` the shape
     environment decides it only for an even ``C // G * H * ...`` (by parity), so a (B, C) input broke the graph.
-    Now a run-time assertion of the one graph (``bkcompile.passes.tracing``): exact for batches of 5, 3 and 1."""
+    ``bkcompile.passes.tracing`` answers it for any multiple of 2 or more: one graph, exact for batches of 5, 3
+    and 1."""
     torch.manual_seed(0)
     width = math.prod(shape)
     model = nn.Sequential(
@@ -305,3 +306,29 @@ def test_group_norm_under_a_dynamic_batch_matches_the_oracle(groups: int, shape:
         tol=TOL[torch.float32],
         options={"loss_reduction": "mean", "compiler": "aot_eager"},
     )
+
+
+class OneValuePerGroup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(IN, 6), nn.GroupNorm(6, 6), nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.fc(x)))
+
+
+def test_group_norm_of_one_value_per_group_under_a_dynamic_batch_is_refused() -> None:
+    """``G == C`` on a (B, C) input: ``B != 1`` is a real branch on the batch size (eager torch refuses a batch of
+    one), so the graph break is refused, naming torch's check and the GroupNorm's line."""
+    x, labels = torch.randn(5, IN), torch.randint(0, CLASSES, (5,))
+    bkcompile.mark_batch_dynamic(x)
+    options = {"max_grad_norm": 1.0, "loss_reduction": "mean", "compiler": "aot_eager"}
+    compiled = torch.compile(OneValuePerGroup(), backend="bk_dp", options=options)
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        "torch's _verify_batch_size (torch/nn/functional.py:",
+        "nn/modules/normalization.py:",
+        "it branches on the batch size (Eq(u0, 1)",
+        "fix: compile with a static batch size (leave out mark_batch_dynamic)",
+    ):
+        last_step_loss(compiled(x), labels).backward()
