@@ -328,7 +328,7 @@ def test_group_norm_of_one_value_per_group_under_a_dynamic_batch_is_refused() ->
         bkcompile.NotSupportedYetError,
         "torch's _verify_batch_size (torch/nn/functional.py:",
         "nn/modules/normalization.py:",
-        "it branches on the batch size (Eq(u0, 1)",
+        "it branches on the batch size (Eq(u0, 1), a batch of one)",
         "fix: compile with a static batch size (leave out mark_batch_dynamic)",
     ):
         last_step_loss(compiled(x), labels).backward()

@@ -69,7 +69,7 @@ def refuse_batch_size_branch(gm: torch.fx.GraphModule, batched: Sequence[bool], 
     raise run_error(
         NotSupportedYetError,
         f"torch's {cause['fn']} (torch/{cause['file']}:{cause['line']}) at {cause['user']}: it branches on the "
-        f"batch size ({branch['expr']}, an empty batch)",
+        f"batch size ({branch['expr']}, {'a batch of one' if branch['expr'].endswith(', 1)') else 'an empty batch'})",
         "with a dynamic batch (bkcompile.mark_batch_dynamic, the Poisson loader: any size, 0 included) dynamo "
         "cannot decide the branch, so it cuts the graph there and runs the function eagerly, outside the bk_dp "
         "graphs, where nothing proves that it keeps samples apart",
