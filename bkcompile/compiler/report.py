@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from bkcompile.compiler.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
 from bkcompile.compiler.options import parse_options
-from bkcompile.errors import BKError, LossReductionError
+from bkcompile.errors import BKError, LossReductionError, find_error
 from bkcompile.runtime.batch import mark_batch_dynamic
 from bkcompile.runtime.ledger import live_records, records_of
 
@@ -301,17 +301,6 @@ def _loader_batch(inputs: tuple, batch_dim: int, dynamic: bool) -> tuple:
     return pytree.tree_map(alias, inputs)
 
 
-def _backend_error(error: BaseException) -> BKError | None:
-    """The bkcompile error dynamo wrapped (``BackendCompilerFailed``), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, BKError):
-            return error
-        seen.add(id(error))
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return None
-
-
 def explain(
     model: torch.nn.Module, *example_inputs: Any, measure: bool = False, dynamic_batch: bool = True, **options: Any
 ) -> CostReport:
@@ -366,7 +355,7 @@ def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> tuple[A
         with torch.enable_grad():
             compiled(model, *inputs)
     except torch._dynamo.exc.BackendCompilerFailed as failed:
-        refusal = _backend_error(failed)
+        refusal = find_error(failed)
         if refusal is None:
             raise
         if isinstance(refusal, LossReductionError) and refusal.report is not None:
