@@ -3,8 +3,8 @@
 Both get the quickstart's settings (examples/quickstart.py): the same split, MLP, SGD(lr), R, target
 (epsilon, delta) over the same epochs, the same DataLoader (batch size = expected batch size), Poisson
 sampling and a PRV accountant. Opacus derives its sample rate from the loader as 1 / len(loader), bkcompile as
-batch_size / len(dataset); the table shows both. The methods take turns seed by seed (bkcompile, Opacus, then the
-next seed), so a load that comes and goes weighs on both. Wall time is make_private (the noise calibration, for
+batch_size / len(dataset); the table shows both. The methods take turns seed by seed (each method on seed 0, then
+on seed 1, ...), so a load that comes and goes weighs on each. Wall time is make_private (the noise calibration, for
 bkcompile also wrapping the model) plus the epochs; the first epoch includes compiling. bkcompile runs as the
 quickstart does (aot_eager inside bk_dp), bkcompile-inductor with bk_dp's default compiler, Inductor, whose cache is
 torch's default: the first run on a machine compiles its C++ kernels, later runs load them.
