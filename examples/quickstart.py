@@ -16,11 +16,6 @@ from tqdm import tqdm
 import bkcompile
 
 EPSILON, DELTA, EPOCHS, BATCH, R, LR = 8.0, 1e-5, 40, 128, 1.0, 2.0
-# bk_dp's inner compiler. For a model this small, Inductor's compile (its C++ kernels: about 8 s on a 2-core CPU
-# when they are cached, 20 s when not) costs more than the whole training; aot_eager runs the same privatized
-# graphs through eager kernels: the same clipped gradients, no C++ compile. Larger models: "inductor" (the
-# default), whose kernels pay for their compile (benchmarks/quickstart_vs_opacus.py measures both).
-COMPILER = "aot_eager"
 
 
 def load_data() -> list[torch.Tensor]:
@@ -46,7 +41,7 @@ def make_private_sgd(
     loader: torch.utils.data.DataLoader,
     epochs: int = EPOCHS,
     generator: torch.Generator | None = None,
-    compiler: str = COMPILER,
+    compiler: str = "inductor",
 ):
     """bkcompile.make_private with the quickstart's settings (SGD, R, epsilon and delta over ``epochs``, the
     ``compiler`` inside bk_dp)."""
