@@ -57,7 +57,7 @@ def test_a_plain_modules_sources_are_its_forward_line() -> None:
     assert all(row.source.endswith(where) for row in report.rows)
     text = str(report)
     assert text.count(where) == 1  # one note for the four rows
-    assert re.search(r"^enc\.0\.weight +matmul +T=1 p=4 d=4 +ghost \(less memory\) .* \[1\]$", text, re.M)
+    assert re.search(r"^enc\.0\.weight +matmul +T=1 p=4 d=4 +ghost \(faster\) .* \[1\]$", text, re.M)
     assert "bkcompile/compiler/report.py" not in text and "bkcompile_explain" not in text
 
 
@@ -165,7 +165,9 @@ def test_measure_times_a_private_step_against_a_non_private_one() -> None:
     assert (
         f"measured forward+backward (aot_eager, median of 5): private {_seconds(measured.private_s)}, non-private "
         f"{_seconds(measured.non_private_s)}: {measured.ratio:.2f}x, overhead {100 * measured.overhead:.1f}% "
-        f"(estimated {100 * report.overhead:.1f}%)"
+        f"(predicted {100 * report.overhead:.1f}%: private "
+        f"{_seconds(report.non_private_predicted_s + report.predicted_s)}, non-private "
+        f"{_seconds(report.non_private_predicted_s)})"
     ) in text
     # the graph privatized last is the timed one (loss_reduction="sum"): the same sites
     assert bkcompile.last_report().rows == report.rows and bkcompile.last_report() is not report
