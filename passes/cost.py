@@ -101,9 +101,14 @@ def with_expected_batch(sizes: dict[sympy.Symbol, int], batch: sympy.Expr, optio
 def evaluate(expr: sympy.Expr, sizes: dict, compiled: dict) -> float:
     """``expr`` at the site's ``sizes`` and the ``compiled_sizes``; a symbolic size without a value (an
     unbacked batch) counts as 1."""
-    value = sympy.sympify(expr).subs(sizes).subs(compiled)
-    value = value.subs({s: 1 for s in value.free_symbols})
-    return float(value)
+    return evaluate_all([expr], sizes, compiled)[0]
+
+
+def evaluate_all(exprs: list[sympy.Expr], sizes: dict, compiled: dict) -> list[float]:
+    """:func:`evaluate` of each of ``exprs``, substituted at once."""
+    values = sympy.Tuple(*exprs).subs(sizes).subs(compiled)
+    values = values.subs({s: 1 for s in values.free_symbols})
+    return [float(v) for v in values]
 
 
 # --- choosing the strategy per parameter ---------------------------------------------------------------
@@ -214,8 +219,8 @@ def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: R
     seconds = flops = held = 0.0
     for site in costs:
         cost = site.ghost if strategy is Strategy.GHOST else site.explicit
-        kernels = sympy.Tuple(cost.time, cost.memory, *(e for k in cost.kernels for e in (k.flops, k.values)))
-        values = [float(v) for v in sympy.Tuple(*(evaluate(e, site.sizes, compiled) for e in kernels))]
+        kernels = [cost.time, cost.memory, *(e for k in cost.kernels for e in (k.flops, k.values))]
+        values = evaluate_all(kernels, site.sizes, compiled)
         flops, held = flops + values[0], held + values[1] * itemsize
         for i, kernel in enumerate(cost.kernels):
             seconds += kernel.count * rates.seconds(kernel.rate, *values[2 + 2 * i : 4 + 2 * i], itemsize)
@@ -304,9 +309,9 @@ def choose(
         plans.append(plan)
     if options.strategy in ("auto", "fastest"):
         for i, strategy in mix(plans, budget.bytes, groups).items():
-            faster = min(Strategy, key=lambda s, plan=plans[i]: (plan.estimates[s].seconds, s is Strategy.EXPLICIT))
-            plans[i].strategy = strategy
-            plans[i].reason = Reason.FASTER if strategy is faster else Reason.MEMORY_BUDGET
+            estimates = plans[i].estimates
+            faster = estimates[strategy].seconds <= estimates[strategy.other].seconds
+            plans[i].strategy, plans[i].reason = strategy, Reason.FASTER if faster else Reason.MEMORY_BUDGET
         used = held_bytes(plans, {}, groups)
         if options.memory_budget is not None and used > budget.bytes:
             warnings.warn(

@@ -137,8 +137,8 @@ def test_peft_lora_on_bert_fits_and_names_the_attention_modules() -> None:
     assert [row.param for row in report.rows] == [n for n, p in model.named_parameters() if p.requires_grad]
     text = str(report)
     # the 80-character names are wrapped after a dot in their column
-    assert re.search(r"^base_model\.model\.bert\.encoder\. +matmul", text, re.M)
-    assert re.search(r"^layer\.0\.attention\.self\.query\. *$", text, re.M)
+    assert re.search(r"^base_model\.model\.bert\.encoder\.layer\.0\. +matmul", text, re.M)
+    assert re.search(r"^attention\.self\.query\.lora_A\.default\. *$", text, re.M)
     assert "peft/tuners/lora/layer.py:" in text
 
 

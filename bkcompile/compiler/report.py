@@ -110,7 +110,7 @@ class CostReport:
 
     def _header(self) -> list[str]:
         batch = f"B = {self.batch}" + (
-            " (dynamic: the costs count B = 1, or expected_batch_size where it is given)" if self.batch_dynamic else ""
+            " (dynamic: the costs count B = 1, or expected_batch_size)" if self.batch_dynamic else ""
         )
         lines = [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
@@ -187,8 +187,8 @@ class CostReport:
                 row.kind,
                 " ".join(f"{k}={v}" for k, v in row.sizes.items() if k != "B"),
                 _strategy(row),
-                _at(row.ghost_values, row.ghost_seconds),
-                _at(row.explicit_values, row.explicit_seconds),
+                _time_bytes(row.ghost_values, row.ghost_seconds),
+                _time_bytes(row.explicit_values, row.explicit_seconds),
                 f"[{sources.setdefault(row.source, len(sources) + 1)}]",
             ]
             for row in self.rows
@@ -197,7 +197,7 @@ class CostReport:
         lines += [
             "",
             *_wrap(
-                "costs: predicted seconds, FLOPs and bytes each strategy adds at the compiled sizes (symbolic "
+                "costs: predicted seconds and bytes held each strategy adds at the compiled sizes (FLOPs, symbolic "
                 "costs and modules: to_markdown(), to_dict())",
                 WIDTH,
                 indent=4,
@@ -230,6 +230,10 @@ def _at(values: tuple[float, float] | None, seconds: float | None = None) -> str
     if not values:
         return "-"
     return (f"{_seconds(seconds)}, " if seconds is not None else "") + f"{_flops(values[0])}, {_bytes(values[1])}"
+
+
+def _time_bytes(values: tuple[float, float] | None, seconds: float | None) -> str:
+    return f"{_seconds(seconds)}, {_bytes(values[1])}" if values else "-"
 
 
 def _budget(budget: dict[str, Any]) -> str:
