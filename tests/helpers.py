@@ -15,6 +15,17 @@ import bkcompile
 from bkcompile.errors import find_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# The kernel rates every test compiles with (conftest pins them in a calibration file of its own), so that the cost
+# model's choices do not depend on the machine: about this project's 2-core CPU's.
+PINNED_RATES = bkcompile.compiler.calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="pinned by the tests")
+
+
+def pin_rates(rates=PINNED_RATES) -> None:
+    """Store ``rates`` for the CPU (and CUDA, where there is one) in float32 and float64 in the calibration file."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.float64):
+            bkcompile.compiler.calibration.save(bkcompile.compiler.calibration.key(device, dtype), rates)
 
 
 def assert_matches(got: dict, want: dict, dtype: torch.dtype, tol: float | None = None) -> None:
