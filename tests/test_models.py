@@ -359,6 +359,11 @@ def test_lora_bert_on_the_default_path() -> None:
     )
 
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+PACKED_MASK = "transformers 4 builds the packed-sequence mask under torch.vmap: refused under a dynamic batch"
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason=PACKED_MASK)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gpt2_sdpa_on_the_default_path(lora: bool) -> None:
     """GPT-2 with SDPA attention (and peft LoRA on it), its position ids given per sample, (B, T), marked with the
@@ -374,10 +379,7 @@ def test_gpt2_sdpa_on_the_default_path(lora: bool) -> None:
     )
 
 
-@pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) < 5,
-    reason="transformers 4 builds the packed-sequence mask under torch.vmap: refused under a dynamic batch",
-)
+@pytest.mark.skipif(TRANSFORMERS_4, reason=PACKED_MASK)
 def test_gpt2_input_ids_alone_on_the_default_path() -> None:
     """GPT-2 called with its input ids alone makes position ids of shape (1, T), and transformers' mask preprocessing
     asks ``batch_size != position_ids.shape[0]``: with the batch an unbacked symbol, dynamo meets that comparison
