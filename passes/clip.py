@@ -35,6 +35,7 @@ from bkcompile.passes.loss import LossScale, ScaleKind
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds.common import Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
+from torch._prims_common import is_contiguous_or_false
 
 import bkcompile.runtime.ledger  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
 from bkcompile.compiler.options import BKOptions
@@ -105,7 +106,7 @@ def products_in_layout(emit: Emitter, grads: torch.fx.Node) -> torch.fx.Node:
     while product.op == "call_function" and product.target in _VIEWS:
         chain.append(product)
         product = product.args[0]
-    if grads.meta["val"].is_contiguous() or product.target is not aten.bmm.default or product.kwargs:
+    if is_contiguous_or_false(grads.meta["val"]) or product.target is not aten.bmm.default or product.kwargs:
         return grads
     a, b = product.args
     swapped = emit(aten.bmm.default, *(emit(aten.permute.default, v, [0, 2, 1]) for v in (b, a)))
@@ -114,7 +115,8 @@ def products_in_layout(emit: Emitter, grads: torch.fx.Node) -> torch.fx.Node:
         value = emit(view.target, value, *view.args[1:], **view.kwargs)
         if not torch._C._is_alias_of(value.meta["val"], swapped.meta["val"]):  # a reshape that copies
             break
-    if not value.meta["val"].is_contiguous() or not torch._C._is_alias_of(value.meta["val"], swapped.meta["val"]):
+    laid_out = value.meta["val"]  # known contiguous without a guard on the batch size (unbacked under a dynamic batch)
+    if not is_contiguous_or_false(laid_out) or not torch._C._is_alias_of(laid_out, swapped.meta["val"]):
         erase_dead(emit.graph, value)
         return grads
     return value

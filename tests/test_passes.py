@@ -9,6 +9,7 @@ from bkcompile.passes.cost import Reason, Strategy
 from bkcompile.passes.facts import REDUCED, REPLICATED, Batched
 from bkcompile.passes.loss import ScaleKind
 from bkcompile.passes.site_kinds import SITE_KINDS, kept_ops, mv
+from helpers import check_default_path
 from joint_graphs import node, run_until
 from torch.func import grad, vmap
 
@@ -348,3 +349,24 @@ def test_explicit_products_are_written_once_in_the_layout_the_norm_and_the_weigh
     factors = (0.5 / (gw.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1)
     assert factors.min() < 1
     torch.testing.assert_close(grad_w, torch.einsum("b,bij->ij", factors, gw), rtol=1e-10, atol=1e-12)
+
+
+class _EinsumTokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return torch.einsum("btd,pd->btp", x, self.w).tanh().mean(1)
+
+
+def test_explicit_products_written_transposed_under_a_dynamic_batch_match_the_oracle() -> None:
+    """The transposed product is checked contiguous without a guard on the batch size (unbacked when marked
+    dynamic): one compile for two batch sizes, each equal to the oracle."""
+    torch.manual_seed(0)
+    check_default_path(
+        _EinsumTokens(),
+        lambda batch: ((torch.randn(batch, 5, 4),), (torch.randint(0, 3, (batch,)),)),
+        F.cross_entropy,
+        options={"compiler": "aot_eager", "strategy": "explicit", "loss_reduction": "mean"},
+    )
