@@ -13,6 +13,7 @@ from bkcompile.accountant import AccountingError, PrivacyAccountant, get_noise_m
 from bkcompile.checkpoint import load_checkpoint, save_checkpoint
 from bkcompile.compiler import rules
 from bkcompile.compiler.backend import bk_dp, compile
+from bkcompile.compiler.calibration import calibrate
 from bkcompile.compiler.options import BKOptions
 from bkcompile.compiler.report import CostReport, explain, last_report
 from bkcompile.data import DistributedPoissonLoader, PoissonLoader
@@ -83,6 +84,7 @@ __all__ = [
     "UnclippedGradientError",
     "UnsupportedOpError",
     "bk_dp",
+    "calibrate",
     "compile",
     "explain",
     "last_report",

@@ -7,6 +7,10 @@ below ``--int-input``) as training would (``--compiler``, a dynamic batch unless
 the cost-model report (``--measure``: with a private step timed against a non-private one), or the refusal
 training would meet (exit status 1).
 
+``python -m bkcompile calibrate [--device cuda] [--dtype float32 ...]`` measures the kernel rates the cost model
+predicts time with (:mod:`bkcompile.compiler.calibration`) again, stores them in the calibration file and prints
+them.
+
 ``python -m bkcompile audit --noise-multiplier S --steps T --canaries M --seed K [--sample-rate Q]`` plays
 the canary game of :mod:`bkcompile.audit` (a progress bar on stderr) and prints, last,
 ``empirical epsilon lower bound X <= epsilon Y``.
@@ -25,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from bkcompile.audit import AuditResult, CanaryGame, run_canary_game
+from bkcompile.compiler.calibration import cache_path, calibrate
 from bkcompile.compiler.report import explain
 from bkcompile.errors import BKError
 
@@ -102,6 +107,28 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_parser(commands) -> None:
+    cmd = commands.add_parser("calibrate", help="measure the kernel rates of the cost model again, and store them")
+    cmd.add_argument("--device", help="e.g. cpu, cuda:0 (default: the current CUDA device if there is one, else cpu)")
+    cmd.add_argument(
+        "--dtype",
+        action="append",
+        choices=("float32", "float64"),
+        help="a dtype of the per-sample norm work (repeatable; default: both)",
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    dtypes = tuple(getattr(torch, name) for name in args.dtype or ("float32", "float64"))
+    for key, rates in calibrate(args.device, dtypes).items():
+        print(
+            f"{key}: mm {rates.mm / 1e9:.3g} GFLOP/s, bmm {rates.bmm / 1e9:.3g} GFLOP/s, "
+            f"bandwidth {rates.bandwidth / 1e9:.3g} GB/s"
+        )
+    print(f"stored in {cache_path()}")
+    return 0
+
+
 def _audit_parser(commands) -> None:
     cmd = commands.add_parser("audit", help="an empirical lower bound on epsilon from a canary game")
     cmd.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="sigma (0: no noise)")
@@ -166,10 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bkcompile", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _explain_parser(commands)
+    _calibrate_parser(commands)
     _audit_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     try:
         return _audit(args)
     except BKError as error:

@@ -78,6 +78,20 @@ class ReleaseError(PrivacyError):
 E = TypeVar("E", bound=BKError)
 
 
+def find_error(error: BaseException, error_type: type[E] = BKError) -> E | None:
+    """The ``error_type`` (by default any bkcompile error) inside ``error``, or None. Dynamo wraps what a backend
+    raises in its ``BackendCompilerFailed`` (and Inductor in its own errors): this follows the wrapped, cause and
+    context chain to the bkcompile error, so ``except Exception as e: find_error(e, SampleMixingError)`` reaches it.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, error_type):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
+
+
 def run_error(cls: type[E], what: str, why: str, fix: str) -> E:
     """The one builder of run-time errors (no graph node: a call, a backward, a step): what happened, why it is
     refused, the fix; the twin of :func:`node_error` for what the passes refuse."""

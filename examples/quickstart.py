@@ -4,6 +4,7 @@ Run: python examples/quickstart.py   (prints epsilon, delta, private and non-pri
 """
 
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -40,8 +41,10 @@ def make_private_sgd(
     loader: torch.utils.data.DataLoader,
     epochs: int = EPOCHS,
     generator: torch.Generator | None = None,
+    compiler: str = "inductor",
 ):
-    """bkcompile.make_private with the quickstart's settings (SGD, R, epsilon and delta over ``epochs``)."""
+    """bkcompile.make_private with the quickstart's settings (SGD, R, epsilon and delta over ``epochs``, the
+    ``compiler`` inside bk_dp)."""
     return bkcompile.make_private(
         model,
         torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0),
@@ -52,17 +55,23 @@ def make_private_sgd(
         epochs=epochs,
         generator=generator,
         loss_reduction="mean",  # the training loop's F.cross_entropy(model(x), y): a mean over the batch
+        compiler=compiler,
     )
 
 
-def train(model: nn.Module, optimizer, loader, epochs: int, desc: str) -> None:
-    """Cross-entropy training; an empty (Poisson) batch skips the backward but still steps."""
+def train(model: nn.Module, optimizer, loader, epochs: int, desc: str) -> list[float]:
+    """Cross-entropy training; an empty (Poisson) batch skips the backward but still steps. Returns each
+    epoch's wall time in seconds (the first includes compiling the model)."""
+    seconds = []
     for _ in tqdm(range(epochs), desc=desc):
+        start = time.perf_counter()
         for x, y in loader:
             optimizer.zero_grad()
             if len(x):
                 F.cross_entropy(model(x), y).backward()
             optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -44,6 +44,9 @@ from bkcompile.passes.cost import (
     backward_flops,
     choose,
     compiled_sizes,
+    mixes,
+    non_private_peak,
+    resolve_budget,
     with_expected_batch,
 )
 from bkcompile.passes.driver import Pass, named, run_passes
@@ -55,6 +58,7 @@ from bkcompile.passes.report import build_report
 from bkcompile.passes.schedule import appended, place_early
 from bkcompile.passes.sites import ParamGrad, find_sites
 
+from bkcompile.compiler.calibration import rates_for
 from bkcompile.compiler.options import BKOptions
 from bkcompile.errors import unset_loss_reduction
 from bkcompile.plan import GraphPlan, Grouping, PieceSpec
@@ -111,9 +115,15 @@ def _cost(state: PassState) -> PassState:
     # a piece holds its per-sample values until the end of the backward: its groups are not freed one by one
     names = state.joint.inputs
     groups = () if state.role.piece else tuple(tuple(names[m].name for m in g.members) for g in state.grouping.groups)
-    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, groups)
-    flops = backward_flops(state.joint, backward_nodes(state.joint), sizes)
-    return dataclasses.replace(state, cost=CostPlan(tuple(plans), sizes, flops, dtype))
+    backward = backward_nodes(state.joint)
+    device = state.params[0].grad.meta["val"].device if state.params else torch.device("cpu")
+    rates = rates_for(device, dtype)
+    budget = resolve_budget(state.options, non_private_peak(state.joint, backward, sizes))
+    plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, rates, budget, groups)
+    flops = backward_flops(state.joint, backward, sizes)
+    groups = groups if len(groups) > 1 else ()
+    cost = CostPlan(tuple(plans), sizes, flops, dtype, rates, budget, groups, mixes(plans, budget.bytes, groups))
+    return dataclasses.replace(state, cost=cost)
 
 
 def _sorted(state: PassState) -> PassState:

@@ -35,6 +35,7 @@ from bkcompile.passes.loss import LossScale, ScaleKind
 from bkcompile.passes.ops import law_for
 from bkcompile.passes.site_kinds.common import Size
 from bkcompile.passes.sites import ParamGrad, linear_term, preserved_operand, split_free_terms
+from torch._prims_common import is_contiguous_or_false
 
 import bkcompile.runtime.ledger  # noqa: F401  (registers bkcompile::record_norms and bkcompile::loss_scale)
 from bkcompile.compiler.options import BKOptions
@@ -90,6 +91,35 @@ def per_sample_grad(emit: Emitter, joint: JointGraph, node: torch.fx.Node, sites
         grads = per_sample_grad(emit, joint, term, sites, batch, dtype)
         return law_for(node.target).lift_linear(emit, node, term, grads, batch)
     return _lift(emit, node, per_sample_grad(emit, joint, preserved_operand(node), sites, batch, dtype))
+
+
+_VIEWS = (aten.permute.default, aten.reshape.default, aten.view.default)
+
+
+def products_in_layout(emit: Emitter, grads: torch.fx.Node) -> torch.fx.Node:
+    """``grads`` (B, *shape), contiguous where it is views of one product ``bmm(a, b)`` that transpose it (a weight
+    whose gradient is the transpose of the site's, as einsum writes it): the product computed transposed,
+    ``bmm(b^T, a^T)``, and the same views applied to its transpose, so that the per-sample gradients are written
+    once, in the layout the norm and the weighted sum read them (viewing them flat would otherwise copy them, or
+    read them across their rows). Else ``grads`` itself."""
+    chain, product = [], grads
+    while product.op == "call_function" and product.target in _VIEWS:
+        chain.append(product)
+        product = product.args[0]
+    if is_contiguous_or_false(grads.meta["val"]) or product.target is not aten.bmm.default or product.kwargs:
+        return grads
+    a, b = product.args
+    swapped = emit(aten.bmm.default, *(emit(aten.permute.default, v, [0, 2, 1]) for v in (b, a)))
+    value = emit(aten.permute.default, swapped, [0, 2, 1])
+    for view in reversed(chain):
+        value = emit(view.target, value, *view.args[1:], **view.kwargs)
+        if not torch._C._is_alias_of(value.meta["val"], swapped.meta["val"]):  # a reshape that copies
+            break
+    laid_out = value.meta["val"]  # known contiguous without a guard on the batch size (unbacked under a dynamic batch)
+    if not is_contiguous_or_false(laid_out) or not torch._C._is_alias_of(laid_out, swapped.meta["val"]):
+        erase_dead(emit.graph, value)
+        return grads
+    return value
 
 
 def param_numel(grad: torch.fx.Node) -> int:
@@ -230,7 +260,10 @@ def insert_clipping(
             continue
         with graph.inserting_before(param.grad):  # where the gradient is complete: its operands are not held
             grads = per_sample_grad(emit, joint, param.grad, {s.node: s for s in param.sites}, batch, dtype)
-            flat = emit(aten.reshape.default, grads, [batch, param_numel(param.grad)])
+            laid_out = products_in_layout(emit, grads)
+            if laid_out is not grads:  # the product emitted transposed: the first one and its views are unread
+                erase_dead(graph, grads)
+            flat = emit(aten.reshape.default, laid_out, [batch, param_numel(param.grad)])
             squares[param.index] = emit(aten.sum.dim_IntList, emit(aten.mul.Tensor, flat, flat), [1])
             explicit[param.index] = flat
     with graph.inserting_before(graph.output_node()):

@@ -1,4 +1,4 @@
-"""The cost model: for each site, the extra time (FLOPs) and memory (bytes) of each strategy, in sympy.
+"""The cost model: for each site, the extra FLOPs, predicted seconds and held bytes of each strategy, in sympy.
 
 Each site kind gives the sizes of the symbols at its site and the cost of each strategy (its ``cost``, in its
 module of ``site_kinds``). Symbols (``site_kinds.common``): ``B`` the batch size, ``T`` the rows each sample
@@ -11,26 +11,33 @@ embedding's table size. Costs count what privacy adds to the ordinary backward:
 - explicit: the per-sample gradients replace the original reduction (same FLOPs); the clipped sum
   2Bpd and the norms Bpd are extra, and the B per-sample gradients (Bpd values) are held.
 
+Each ``Cost`` also lists the kernels the strategy runs (``site_kinds.common.Kernel``): a large product, small
+products one per sample, or elementwise passes, with their FLOPs and the values they read and write. With the kernel
+rates calibrated once per machine and device (``bkcompile.compiler.calibration``) each kernel takes the longer of
+its FLOPs at its rate and its bytes at the memory bandwidth (a roofline): that gives each strategy's predicted
+seconds at a site (``estimate``), which the per-sample products' slower rate and their passes over B x p x d values
+enter, where FLOPs alone did not see them.
+
 ``choose`` picks per parameter: explicit where every site's two costs are the same (a sum site: its norm needs
 the per-sample sums, and they give the clipped sum too, so the operand is not read again after clipping); the
-forced strategy; for "auto", the one that holds fewer values at the
-compiled sizes, the fewer FLOPs on a tie (for a matmul site Bu et al.'s mixed rule, ghost when 2T^2 < pd); for
-"fastest", the fewer FLOPs, then, under ``memory_budget``, it trades time for memory where the budget is exceeded.
-With several clipping groups (layer-wise, param-wise, custom groups) in one graph, each group's per-sample values
-are formed, used and freed before the next group's (``schedule.py``): nothing is held across groups, so "auto"
-picks the fewer FLOPs too, and ``memory_budget`` bounds the largest group's values, not their sum. A batch size
-without a value at compile time (the unbacked batch of a dynamic batch) is evaluated at ``expected_batch_size``
-(what make_private and the Trainer set from the Poisson loader); a ``memory_budget`` needs one of the two.
-FLOPs leave out what a per-sample gradient costs beyond them: B small products run below one large product's
-rate, and the B x p x d values are written and read twice more. On the benchmark models (CPU), "auto" trains as
-fast as "fastest" with 1.3-1.9x less peak memory, so it is the default.
+forced strategy; for "auto" and "fastest", the faster by the predicted seconds, where the bytes the per-sample norm
+work holds fit the memory budget (``resolve_budget``: by default for "auto" 1.25x the non-private step's peak,
+estimated from what the forward keeps for the backward, ``non_private_peak``; "fastest" has no limit unless one is
+given). ``mix`` fits the budget like a knapsack, greedily by ratio: every parameter at its leaner strategy, then
+switched to its faster one, the most seconds saved per byte added first, where it still fits. With several clipping
+groups (layer-wise, param-wise, custom groups) in one graph, each group's per-sample values are formed, used and
+freed before the next group's (``schedule.py``): the budget bounds the largest group's values, not their sum.
+``mixes`` gives the report the model's ceiling: the best mix within the budget, all ghost and all explicit. A batch
+size without a value at compile time (the unbacked batch of a dynamic batch) is evaluated at
+``expected_batch_size`` (what make_private and the Trainer set from the Poisson loader); a budget in bytes needs
+one of the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import operator
+import math
 import warnings
 
 import sympy
@@ -41,8 +48,10 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.ops.table import schema_arg
 from bkcompile.passes.site_kinds.common import Cost, Sizes
 from bkcompile.passes.sites import ParamGrad, Site
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from bkcompile.compiler.options import BKOptions
+from bkcompile.compiler.calibration import Rates
+from bkcompile.compiler.options import DEFAULT_BUDGET, BKOptions
 from bkcompile.errors import OptionError
 
 aten = torch.ops.aten
@@ -80,7 +89,7 @@ def with_expected_batch(sizes: dict[sympy.Symbol, int], batch: sympy.Expr, optio
         return sizes
     if options.expected_batch_size is not None:
         return {**sizes, batch: max(1, round(options.expected_batch_size))}
-    if options.memory_budget is not None:
+    if isinstance(options.memory_budget, int):
         raise OptionError(
             "option 'memory_budget' is in bytes at a batch size, and the batch size is dynamic: give "
             "options={'expected_batch_size': E} (make_private and the Trainer integration set it from the "
@@ -92,9 +101,14 @@ def with_expected_batch(sizes: dict[sympy.Symbol, int], batch: sympy.Expr, optio
 def evaluate(expr: sympy.Expr, sizes: dict, compiled: dict) -> float:
     """``expr`` at the site's ``sizes`` and the ``compiled_sizes``; a symbolic size without a value (an
     unbacked batch) counts as 1."""
-    value = sympy.sympify(expr).subs(sizes).subs(compiled)
-    value = value.subs({s: 1 for s in value.free_symbols})
-    return float(value)
+    return evaluate_all([expr], sizes, compiled)[0]
+
+
+def evaluate_all(exprs: list[sympy.Expr], sizes: dict, compiled: dict) -> list[float]:
+    """:func:`evaluate` of each of ``exprs``, substituted at once."""
+    values = sympy.Tuple(*exprs).subs(sizes).subs(compiled)
+    values = values.subs({s: 1 for s in values.free_symbols})
+    return [float(v) for v in values]
 
 
 # --- choosing the strategy per parameter ---------------------------------------------------------------
@@ -117,12 +131,19 @@ class Reason(enum.Enum):
     NO_GHOST = "no ghost"  # the site's kind has no ghost norm for it: explicit
     DIRECT = "per-sample sums"  # the norm needs the per-sample values anyway: explicit, reused for the sum
     FORCED = "forced"  # options.strategy is "ghost" or "explicit"
-    LESS_MEMORY = "less memory"  # "auto"
-    FASTER = "faster"  # "fastest"
-    GROUP_FASTER = "faster: per-sample values live within their clipping group"  # "auto", several groups
-    MEMORY_BUDGET = "memory_budget"  # "fastest", switched to fit options.memory_budget
+    FASTER = "faster"  # "auto", "fastest": the faster by the predicted time, and it fits the memory budget
+    MEMORY_BUDGET = "memory_budget"  # "auto", "fastest": the slower, as the faster does not fit the budget
     DEFERRED = "deferred: per-sample gradients kept until the end of the backward"  # a piece of the model
     DEFERRED_GHOST = "deferred: ghost norm, site operands kept until the end of the backward"  # a piece, ghost
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What one strategy adds for a parameter, at the compiled sizes."""
+
+    seconds: float  # predicted, from the calibrated rates
+    flops: float
+    bytes: float  # held by the per-sample norm work
 
 
 @dataclasses.dataclass
@@ -131,6 +152,7 @@ class ParamPlan:
     costs: list[SiteCost]
     strategy: Strategy
     reason: Reason
+    estimates: dict[Strategy, Estimate] = dataclasses.field(default_factory=dict)  # the strategies it can take
 
     def describe(self) -> str:
         """The reason in words, as the report shows it."""
@@ -144,6 +166,20 @@ class ParamPlan:
             return f"strategy={self.strategy.value!r}"
         return self.reason.value
 
+    @property
+    def free(self) -> bool:
+        """Whether the options and the cost model chose the strategy (it could take the other)."""
+        return self.reason in (Reason.FASTER, Reason.MEMORY_BUDGET, Reason.FORCED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The bytes the per-sample norm work may hold at once (with several clipping groups, the largest group's)."""
+
+    bytes: float | None  # None: no limit
+    source: str  # how it was set, as the report says it
+    peak: float  # the estimated peak bytes of the non-private step (``non_private_peak``)
+
 
 @dataclasses.dataclass(frozen=True)
 class CostPlan:
@@ -153,6 +189,16 @@ class CostPlan:
     compiled_sizes: dict[sympy.Symbol, int]  # the shape symbols' values at the compiled sizes
     backward_flops: float  # of the ordinary backward's matrix products and convolutions
     norm_dtype: torch.dtype  # what the per-sample norms accumulate in
+    rates: Rates  # the calibrated kernel throughputs the seconds are predicted with
+    budget: Budget
+    groups: tuple[tuple[str, ...], ...]  # the clipping groups' members when each group's values are freed in turn
+    mixes: dict[str, Estimate]  # the whole graph's: the best mix within the budget, all ghost, all explicit
+
+    @property
+    def non_private_seconds(self) -> float:
+        """The predicted forward and backward of the non-private step: its matrix products and convolutions (the
+        backward's, and the forward's, about half as many) at the large-product rate."""
+        return 1.5 * self.backward_flops / self.rates.mm
 
 
 def _ghost_blocked(param: ParamGrad) -> Reason | None:
@@ -167,13 +213,67 @@ def _ghost_blocked(param: ParamGrad) -> Reason | None:
     return None
 
 
-def plan_cost(plan: ParamPlan, strategy: Strategy, compiled: dict) -> tuple[float, float]:
-    """(FLOPs, values) of ``plan``'s parameter under ``strategy``."""
-    costs = [c.ghost if strategy is Strategy.GHOST else c.explicit for c in plan.costs]
-    return (
-        sum(evaluate(c.time, sc.sizes, compiled) for c, sc in zip(costs, plan.costs, strict=True)),
-        sum(evaluate(c.memory, sc.sizes, compiled) for c, sc in zip(costs, plan.costs, strict=True)),
-    )
+def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: Rates, itemsize: int) -> Estimate:
+    """What ``strategy`` adds at the sites ``costs`` (of one parameter): its kernels' seconds by the roofline of
+    ``rates``, its FLOPs and the bytes it holds."""
+    seconds = flops = held = 0.0
+    for site in costs:
+        cost = site.ghost if strategy is Strategy.GHOST else site.explicit
+        kernels = [cost.time, cost.memory, *(e for k in cost.kernels for e in (k.flops, k.values))]
+        values = evaluate_all(kernels, site.sizes, compiled)
+        flops, held = flops + values[0], held + values[1] * itemsize
+        for i, kernel in enumerate(cost.kernels):
+            seconds += kernel.count * rates.seconds(kernel.rate, *values[2 + 2 * i : 4 + 2 * i], itemsize)
+    return Estimate(seconds, flops, held)
+
+
+def held_bytes(plans, strategies: dict[int, Strategy], groups: tuple[tuple[str, ...], ...]) -> float:
+    """The bytes the per-sample norm work holds at once, with ``strategies`` (by position in ``plans``) in place
+    of the plans' own: all parameters' values, or with ``groups`` (each group's freed before the next's) the
+    largest group's."""
+    held = {plan.param.name: plan.estimates[strategies.get(i, plan.strategy)].bytes for i, plan in enumerate(plans)}
+    if not groups:
+        return sum(held.values())
+    return max(sum(held.get(name, 0.0) for name in members) for members in groups)
+
+
+def mix(plans: list[ParamPlan], budget: float | None, groups: tuple[tuple[str, ...], ...]) -> dict[int, Strategy]:
+    """The strategies of the free plans (by position) within ``budget``: each at its leaner strategy (fewer bytes
+    held, the faster on a tie), then switched to its faster one, the most seconds saved per byte added first, where
+    the switch still fits (every switch, without a budget): a knapsack's greedy by ratio."""
+    chosen = {}
+    switches = []
+    for i, plan in enumerate(plans):
+        if not plan.free:
+            continue
+        lean = min(Strategy, key=lambda s, plan=plan: (plan.estimates[s].bytes, plan.estimates[s].seconds))
+        chosen[i] = lean
+        saved = plan.estimates[lean].seconds - plan.estimates[lean.other].seconds
+        if saved > 0:
+            added = plan.estimates[lean.other].bytes - plan.estimates[lean].bytes
+            switches.append((-saved / added if added > 0 else -math.inf, i))
+    for _, i in sorted(switches):
+        chosen[i] = chosen[i].other
+        if budget is not None and held_bytes(plans, chosen, groups) > budget:
+            chosen[i] = chosen[i].other
+    return chosen
+
+
+def _total(plans: list[ParamPlan], strategies: dict[int, Strategy], groups) -> Estimate:
+    picked = [plan.estimates[strategies.get(i, plan.strategy)] for i, plan in enumerate(plans)]
+    seconds, flops = sum(e.seconds for e in picked), sum(e.flops for e in picked)
+    return Estimate(seconds, flops, held_bytes(plans, strategies, groups))
+
+
+def mixes(plans: list[ParamPlan], budget: float | None, groups) -> dict[str, Estimate]:
+    """The whole graph's estimate for the best mix within ``budget`` (the model's ceiling), all ghost and all
+    explicit (the free parameters; the others keep theirs)."""
+    free = [i for i, plan in enumerate(plans) if plan.free]
+    return {
+        "best within the budget": _total(plans, mix(plans, budget, groups), groups),
+        "all ghost": _total(plans, dict.fromkeys(free, Strategy.GHOST), groups),
+        "all explicit": _total(plans, dict.fromkeys(free, Strategy.EXPLICIT), groups),
+    }
 
 
 def choose(
@@ -182,70 +282,81 @@ def choose(
     options: BKOptions,
     compiled: dict,
     itemsize: int,
+    rates: Rates,
+    budget: Budget,
     groups: tuple[tuple[str, ...], ...] = (),
-):
-    """One plan per parameter: its site costs and the strategy the options and the cost model pick
-    (``compiled``: the ``compiled_sizes``; ``groups``: the clipping groups' members when each group's values are
-    freed before the next group's, else empty)."""
-    grouped = len(groups) > 1
+) -> list[ParamPlan]:
+    """One plan per parameter: its site costs, the estimate of each strategy it can take, and the strategy the
+    options and the cost model pick (``compiled``: the ``compiled_sizes``; ``rates``: the calibrated throughputs;
+    ``groups``: the clipping groups' members when each group's values are freed before the next group's, else
+    empty). "auto" and "fastest" pick per parameter the faster strategy by the predicted time, where the bytes
+    held fit ``budget`` (:func:`mix`)."""
+    groups = groups if len(groups) > 1 else ()
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
         blocked = _ghost_blocked(param)
         if blocked is None and all(c.ghost == c.explicit for c in costs):
-            plans.append(ParamPlan(param, costs, Strategy.EXPLICIT, Reason.DIRECT))
+            plan = ParamPlan(param, costs, Strategy.EXPLICIT, Reason.DIRECT)
         elif blocked is not None:
-            plans.append(ParamPlan(param, costs, Strategy.EXPLICIT, blocked))
+            plan = ParamPlan(param, costs, Strategy.EXPLICIT, blocked)
         elif options.strategy in ("ghost", "explicit"):
-            plans.append(ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED))
+            plan = ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED)
         else:
-            plan = ParamPlan(param, costs, Strategy.GHOST, Reason.LESS_MEMORY)
-            ghost, explicit = plan_cost(plan, Strategy.GHOST, compiled), plan_cost(plan, Strategy.EXPLICIT, compiled)
-            if options.strategy == "fastest" or grouped:
-                plan.reason = Reason.FASTER if options.strategy == "fastest" else Reason.GROUP_FASTER
-                plan.strategy = Strategy.GHOST if ghost[0] <= explicit[0] else Strategy.EXPLICIT
-            else:  # fewer values held, then fewer FLOPs
-                lean = (ghost[1], ghost[0]) <= (explicit[1], explicit[0])
-                plan.strategy = Strategy.GHOST if lean else Strategy.EXPLICIT
-            plans.append(plan)
-    if options.memory_budget is not None:
-        _fit_budget(plans, options.memory_budget, compiled, itemsize, groups if grouped else ())
+            plan = ParamPlan(param, costs, Strategy.GHOST, Reason.FASTER)
+        strategies = [plan.strategy] if not plan.free else list(Strategy)
+        plan.estimates = {s: estimate(costs, s, compiled, rates, itemsize) for s in strategies}
+        plans.append(plan)
+    if options.strategy in ("auto", "fastest"):
+        for i, strategy in mix(plans, budget.bytes, groups).items():
+            estimates = plans[i].estimates
+            faster = estimates[strategy].seconds <= estimates[strategy.other].seconds
+            plans[i].strategy, plans[i].reason = strategy, Reason.FASTER if faster else Reason.MEMORY_BUDGET
+        used = held_bytes(plans, {}, groups)
+        if options.memory_budget is not None and used > budget.bytes:
+            warnings.warn(
+                f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={options.memory_budget} "
+                f"({budget.bytes:.3g} bytes) even with the leanest strategy for every parameter",
+                stacklevel=2,
+            )
     return plans
 
 
-def held_bytes(plans: list[ParamPlan], compiled: dict, itemsize: int, groups: tuple[tuple[str, ...], ...]) -> float:
-    """The bytes the per-sample norm work holds at once: all parameters' values, or with ``groups`` (each group's
-    freed before the next's) the largest group's."""
-    values = {plan.param.name: plan_cost(plan, plan.strategy, compiled)[1] for plan in plans}
-    if not groups:
-        return sum(values.values()) * itemsize
-    return max(sum(values.get(name, 0.0) for name in members) for members in groups) * itemsize
+def resolve_budget(options: BKOptions, peak: float) -> Budget:
+    """The memory budget the options give: bytes; a multiple r of the non-private step's estimated ``peak`` (the
+    norm work may hold (r - 1) x peak); by default 1.25x ("fastest": no limit)."""
+    budget = options.memory_budget
+    if budget is None and options.strategy == "fastest":
+        return Budget(None, "none (strategy 'fastest' without memory_budget)", peak)
+    if isinstance(budget, int):
+        return Budget(float(budget), f"{budget} bytes (option memory_budget)", peak)
+    ratio = DEFAULT_BUDGET if budget is None else float(budget.removesuffix("x"))
+    how = "the default" if budget is None else "option memory_budget"
+    return Budget((ratio - 1) * peak, f"{ratio:g}x the non-private step's estimated peak ({how})", peak)
 
 
-def _fit_budget(plans: list[ParamPlan], budget: int, compiled: dict, itemsize: int, groups) -> None:
-    """Switch parameters to their other strategy, least time lost per byte saved first, until it fits."""
-    used = held_bytes(plans, compiled, itemsize, groups)
-    options = []
-    for plan in plans:
-        if plan.reason not in (Reason.FASTER, Reason.GROUP_FASTER):
-            continue
-        other = plan.strategy.other
-        time_now, mem_now = plan_cost(plan, plan.strategy, compiled)
-        time_other, mem_other = plan_cost(plan, other, compiled)
-        if mem_other < mem_now:
-            saved = (mem_now - mem_other) * itemsize
-            options.append(((time_other - time_now) / saved, plan, other))
-    for _, plan, other in sorted(options, key=operator.itemgetter(0)):
-        if used <= budget:
-            return
-        plan.strategy, plan.reason = other, Reason.MEMORY_BUDGET
-        used = held_bytes(plans, compiled, itemsize, groups)
-    if used > budget:
-        warnings.warn(
-            f"bk_dp: the per-sample norm work needs {used:.3g} bytes, over memory_budget={budget} "
-            "even with the leanest strategy for every parameter",
-            stacklevel=2,
-        )
+def non_private_peak(joint: JointGraph, backward: set[torch.fx.Node], compiled: dict) -> float:
+    """An estimate of the bytes a non-private step holds at the start of its backward: the values the forward
+    keeps for the backward (activations, inputs, parameters; a storage once) and the trainable parameters'
+    gradients. It leaves out the kernels' workspaces and the optimizer's state."""
+    trainable = [node for node, graph_input in zip(joint.primals, joint.inputs, strict=True) if graph_input.trainable]
+    kept = [
+        node
+        for node in joint.gm.graph.nodes
+        if node not in backward and node.op != "output" and any(user in backward for user in node.users)
+    ]
+    largest: dict[StorageWeakRef, float] = {}  # the largest view of each storage kept
+    for node in [*kept, *trainable]:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            storage = StorageWeakRef(value.untyped_storage())
+            size = evaluate(product(shape_exprs(value)), {}, compiled) * value.element_size()
+            largest[storage] = max(largest.get(storage, 0.0), size)
+    gradients = sum(
+        evaluate(product(shape_exprs(n.meta["val"])), {}, compiled) * n.meta["val"].element_size() for n in trainable
+    )
+    total = sum(largest.values())
+    return total + gradients
 
 
 # --- the ordinary backward, for the overhead estimate ------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.cost import evaluate, plan_cost
+from bkcompile.passes.cost import Strategy, estimate, evaluate, held_bytes
 
 from bkcompile.compiler.report import CostReport, SiteRow
 from bkcompile.errors import module_of, module_path, user_frame
@@ -41,10 +41,8 @@ def build_report(state: PassState) -> CostReport:
     """The report of one privatized graph (``state``: what the passes found)."""
     cost = state.cost
     itemsize = cost.norm_dtype.itemsize
-    rows, total_flops, total_bytes = [], 0.0, 0.0
+    rows = []
     for plan in cost.plans:
-        flops, values = plan_cost(plan, plan.strategy, cost.compiled_sizes)
-        total_flops, total_bytes = total_flops + flops, total_bytes + values * itemsize
         for site in plan.costs:
             node = site.site.node
 
@@ -53,6 +51,9 @@ def build_report(state: PassState) -> CostReport:
                     evaluate(c.time, site.sizes, cost.compiled_sizes),
                     evaluate(c.memory, site.sizes, cost.compiled_sizes) * itemsize,
                 )
+
+            def seconds(strategy, site=site):
+                return estimate([site], strategy, cost.compiled_sizes, cost.rates, itemsize).seconds
 
             direct, module = site.ghost == site.explicit, module_path(node)
             rows.append(
@@ -71,8 +72,16 @@ def build_report(state: PassState) -> CostReport:
                     explicit_memory=str(site.explicit.memory * itemsize),
                     ghost_values=at(site.ghost) if site.ghost else None,
                     explicit_values=at(site.explicit),
+                    ghost_seconds=seconds(Strategy.GHOST) if site.ghost else None,
+                    explicit_seconds=seconds(Strategy.EXPLICIT),
                 )
             )
+    chosen = [plan.estimates[plan.strategy] for plan in cost.plans]
+    budget = cost.budget
+    mixes = {
+        name: {"seconds": e.seconds, "bytes": e.bytes, "fits": budget.bytes is None or e.bytes <= budget.bytes}
+        for name, e in cost.mixes.items()
+    }
     batch = state.joint.batch
     options = {
         k: getattr(state.options, k) for k in ("max_grad_norm", "strategy", "memory_budget", "compiler", "clip_fn")
@@ -91,8 +100,19 @@ def build_report(state: PassState) -> CostReport:
         loss_scale=state.scale.describe(),
         options=options,
         backward_flops=cost.backward_flops,
-        total_flops=total_flops,
-        total_bytes=total_bytes,
+        total_flops=sum(e.flops for e in chosen),
+        total_bytes=sum(e.bytes for e in chosen),
+        predicted_s=sum(e.seconds for e in chosen),
+        non_private_predicted_s=cost.non_private_seconds,
+        held_bytes=held_bytes(list(cost.plans), {}, cost.groups),
+        budget={"bytes": budget.bytes, "source": budget.source, "non_private_peak": budget.peak},
+        mixes=mixes,
+        rates={
+            "mm": cost.rates.mm,
+            "bmm": cost.rates.bmm,
+            "bandwidth": cost.rates.bandwidth,
+            "source": cost.rates.source,
+        },
         groups=groups,
         graph=state.role.label,
         clipped="at the end of the backward, once for all the model's graphs (see last_clip_spans())"

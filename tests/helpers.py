@@ -12,8 +12,20 @@ from oracle import clipped_sum
 from torch._dynamo.utils import counters
 
 import bkcompile
+from bkcompile.errors import find_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# The kernel rates every test compiles with (conftest pins them in a calibration file of its own), so that the cost
+# model's choices do not depend on the machine: about this project's 2-core CPU's.
+PINNED_RATES = bkcompile.compiler.calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="pinned by the tests")
+
+
+def pin_rates(rates=PINNED_RATES) -> None:
+    """Store ``rates`` for the CPU (and CUDA, where there is one) in float32 and float64 in the calibration file."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.float64):
+            bkcompile.compiler.calibration.save(bkcompile.compiler.calibration.key(device, dtype), rates)
 
 
 def assert_matches(got: dict, want: dict, dtype: torch.dtype, tol: float | None = None) -> None:
@@ -69,7 +81,7 @@ def raises_bk(error_type: type, *fragments: str):
     """The bk_dp backend raised ``error_type`` (dynamo wraps it in BackendCompilerFailed) with ``fragments``."""
     with pytest.raises(Exception) as info:
         yield info
-    error = backend_error(info.value, error_type)
+    error = find_error(info.value, error_type)
     assert error is not None, f"expected {error_type.__name__}, got {type(info.value).__name__}: {info.value}"
     for fragment in fragments:
         assert fragment in str(error), f"{fragment!r} not in: {error}"
@@ -89,14 +101,3 @@ def expected_groups(names: list[str], style: str, radius: float) -> list[tuple[l
         layers = list(dict.fromkeys(_layer(n) for n in names))
         return [([n for n in names if _layer(n) == layer], radius / math.sqrt(len(layers))) for layer in layers]
     raise ValueError(f"not a built-in clipping style: {style!r}")
-
-
-def backend_error(error: BaseException, error_type: type) -> BaseException | None:
-    """The ``error_type`` inside what dynamo raised (BackendCompilerFailed wraps the backend's error), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, error_type):
-            return error
-        seen.add(id(error))
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return None

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zoo
-from helpers import assert_matches, backend_error, raises_bk
+from helpers import assert_matches, raises_bk
 from oracle import clipped_sum
 from torch._dynamo.utils import counters
 
 import bkcompile
+from bkcompile.errors import find_error
 
 
 @pytest.mark.slow  # a fresh interpreter
@@ -61,7 +62,7 @@ def test_a_failure_inside_inductor_is_a_bkcompile_error(monkeypatch: pytest.Monk
         "please report the issue",
     ) as info:
         model(torch.randn(4, 3)).sum().backward()
-    error = backend_error(info.value, bkcompile.NotSupportedYetError)
+    error = find_error(info.value, bkcompile.NotSupportedYetError)
     assert error.__cause__ is failure
     assert "a long lowering dump" not in str(error)
 
@@ -135,3 +136,17 @@ def test_plain_tensor_attributes_are_replicated() -> None:
     loss(compiled(x)).backward()
     want, _ = clipped_sum(model, loss, (x,), max_grad_norm=0.2)
     assert_matches({k: p.grad for k, p in twin.named_parameters()}, want, torch.float64)
+
+
+def test_find_error_follows_the_wrapped_cause_and_context_chain() -> None:
+    refusal = bkcompile.SampleMixingError("mixes samples")
+    wrapped = RuntimeError("dynamo")
+    wrapped.inner_exception = refusal  # what BackendCompilerFailed keeps
+    outer = ValueError("outer")
+    outer.__context__ = wrapped
+    assert find_error(outer) is refusal
+    assert find_error(outer, bkcompile.SampleMixingError) is refusal
+    assert find_error(outer, bkcompile.OptionError) is None
+    looped = ValueError("loop")
+    looped.__cause__ = looped
+    assert find_error(looped) is None

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backend_error
 from torch._dynamo.utils import counters
 
 import bkcompile
+from bkcompile.errors import find_error
 
 FAST = {"compiler": "aot_eager"}  # the tests' compiler; explain's default is training's, Inductor
 
@@ -76,7 +76,7 @@ def _training_refusal(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         x, y = next(batch for batch in batches if len(batch[0]) > 1)
     with pytest.raises(Exception) as wrapped:  # dynamo's BackendCompilerFailed
         F.cross_entropy(compiled(x), y).backward()
-    refusal = backend_error(wrapped.value, bkcompile.PrivacyError)
+    refusal = find_error(wrapped.value, bkcompile.PrivacyError)
     assert refusal is not None, wrapped.value
     return refusal
 

@@ -104,7 +104,12 @@ def test_llama_sequence_classification(batch: int) -> None:
     )
 
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+VMAP_MASKS = "transformers 4 builds the padding mask under torch.vmap: refused under a dynamic batch (below)"
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(TRANSFORMERS_4, reason=VMAP_MASKS)
 def test_llama_sequence_classification_on_the_default_path() -> None:
     """Under Inductor both ``arange(B)`` (the padding mask's batch index, the pooling's sample index) arrive as
     ``prims.iota``: each sample still reads its own mask row and its own last token."""
@@ -116,6 +121,25 @@ def test_llama_sequence_classification_on_the_default_path() -> None:
         oracle=looped_clipped_sum,
         options={"loss_reduction": "mean"},
     )
+
+
+@pytest.mark.skipif(not TRANSFORMERS_4, reason="transformers 5 builds the padding mask by broadcasting")
+def test_padding_mask_under_a_dynamic_batch_on_transformers_4_is_refused() -> None:
+    """4.57's sdpa mask indexes the padding mask under torch.vmap, whose rule tests the batch size: the refusal names
+    the version, transformers' function and the fix."""
+    config = llm_config("llama", "sdpa", num_labels=3, pad_token_id=0)
+    model = Logits(transformers.LlamaForSequenceClassification(config).train(), "input_ids", "attention_mask")
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "mean"}
+    compiled = torch.compile(model, backend="bk_dp", options=options)
+    ids, mask = padded_batch(4)
+    bkcompile.mark_batch_dynamic(ids, mask)
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        f"transformers {transformers.__version__}'s sdpa_mask_recent_torch",
+        "under torch.vmap",
+        "transformers>=5.24",
+    ):
+        F.cross_entropy(compiled(ids, mask), torch.randint(0, 3, (4,))).backward()
 
 
 # --- ops along per-sample dims (F.glu, gather, F.one_hot, sort and argsort, triu and tril) -------------------------

@@ -20,12 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fuzz_models import CLASSES, VOCAB, FuzzNet, ModelSpec, Piece, model_specs
-from helpers import backend_error, expected_groups
+from helpers import expected_groups
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from oracle import clipped_sum
 
 import bkcompile
+from bkcompile.errors import find_error
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
@@ -133,7 +134,7 @@ def check_case(case: Case) -> str:
     try:
         got = _released_gradient(model, x, y, loss, options)
     except Exception as error:
-        refusal = backend_error(error, bkcompile.BKError)
+        refusal = find_error(error, bkcompile.BKError)
         if refusal is not None:
             return f"refused: {type(refusal).__name__}"
         if not _torch_compiles(model, case, x, y, loss):

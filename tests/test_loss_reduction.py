@@ -18,10 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_matches, backend_error, raises_bk
+from helpers import assert_matches, raises_bk
 from oracle import clipped_sum
 
 import bkcompile
+from bkcompile.errors import find_error
 
 VOCAB, LENGTH = 7, 5
 
@@ -170,7 +171,7 @@ def test_a_loss_outside_without_loss_reduction_is_refused_when_it_compiles(name:
     )
     with pytest.raises(Exception) as info:
         compiled(*inputs)
-    assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+    assert str(find_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
 
 
 def test_the_readme_shows_the_refusal() -> None:
@@ -198,7 +199,7 @@ def test_a_sum_outside_the_model_is_never_silently_taken_as_a_mean() -> None:
     case = CASES["sum-outside"]
     with raises_bk(bkcompile.LossReductionError) as info:
         _step(case, model, (x,), (y,), options)
-    assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+    assert str(find_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
     want, true_norms = clipped_sum(model, ce_sum, (x,), (y,), max_grad_norm=10.0)
     got, norms = _step(case, model, (x,), (y,), {**options, "loss_reduction": "sum"})
     assert_matches(got, want, torch.float64)
@@ -346,7 +347,7 @@ def test_inductor_per_token_mean_outside_with_a_dynamic_batch() -> None:
             if reduction is None:
                 with pytest.raises(Exception) as info:
                     compiled(ids)
-                assert str(backend_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
+                assert str(find_error(info.value, bkcompile.LossReductionError)) == WHOLE_UNSET
                 break
             loss(compiled(ids), *targets).backward()
             want, norms = clipped_sum(model, loss, (ids,), targets, max_grad_norm=0.3)

@@ -18,3 +18,4 @@ def test_two_epochs_reach_an_accuracy_within_the_target_epsilon(run):
     result = run(seed=0, epochs=2)
     assert 0 <= result["accuracy"] <= 1
     assert result["epsilon"] <= bench.qs.EPSILON * 1.01
+    assert 0 < result["make_private_s"] + result["first_epoch_s"] < result["seconds"]

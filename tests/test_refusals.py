@@ -276,3 +276,20 @@ def test_a_copy_into_a_slice_from_other_samples_rows_is_refused() -> None:
     compiled = torch.compile(_MaskFromOtherRows(), backend="bk_dp", options=options)
     with raises_bk(bkcompile.SampleMixingError, "slices the sample axis", "mask[:-1, :, :n]"):
         compiled(x, keep).mean().backward()
+
+
+def test_transformers_older_than_the_oldest_supported_release(monkeypatch) -> None:
+    """A graph running transformers code on a release before 4.57 is refused with the version and the fix (the
+    release string patched: CI runs one release)."""
+    import transformers.activations
+
+    monkeypatch.setattr(transformers, "__version__", "4.51.3")
+    model = nn.Sequential(nn.Linear(4, 6), transformers.activations.NewGELUActivation(), nn.Linear(6, 2))
+    with raises_bk(
+        bkcompile.NotSupportedYetError,
+        "transformers 4.51.3 is older than 4.57, the oldest release bkcompile supports",
+        "(transformers/activations.py:",
+        "finfo(float64).min",
+        "fix: upgrade transformers: pip install -U 'transformers>=4.57'",
+    ):
+        _train_step(model, torch.randn(8, 4))

@@ -18,6 +18,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from bkcompile.compiler.breaks import refuse_batch_size_branch
 from bkcompile.compiler.options import BKOptions, parse_options
 from bkcompile.compiler.recurrent import unfuse_recurrent
+from bkcompile.compiler.transformers_version import refuse_old_transformers
 from bkcompile.errors import BKError, NotSupportedYetError, OptionError, run_error
 from bkcompile.frames import is_dynamo_entry, is_generated, is_library
 from bkcompile.names import user_path
@@ -355,6 +356,7 @@ def bk_dp(
         record = GraphRecord(indices, names, piece=role.piece, anchor=anchor, samples=samples, batch_dim=opts.batch_dim)
         data = [x.kind in (InputKind.SAMPLES, InputKind.OTHER) and isinstance(e, torch.Tensor)
                 for x, e in zip(inputs, example_inputs)]  # fmt: skip
+        refuse_old_transformers(gm)
         refuse_batch_size_branch(gm, [isinstance(x.fact, Batched) for x in inputs], opts.batch_dim)
         tagged = shared.shared_outputs(gm, data) if role.piece else ()
         unfuse_recurrent(gm)

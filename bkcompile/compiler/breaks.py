@@ -6,13 +6,16 @@ dynamo cannot decide that test: it cuts the graph there and runs the function ea
 where nothing proves that it keeps samples apart. :func:`refuse_batch_size_branch` names the function and the
 fix when the graph before the break compiles, instead of the later graph refusing an input it cannot trace back.
 A branch on the batch size in the user's own code is left alone: dynamo resumes the frame in a new graph. One
-library branch is named too: transformers' mask preprocessing, whose eager mask the attention graph after it
-cannot take.
+library branch is named too: transformers 4's attention masks, built under ``torch.vmap`` whose indexing rule
+tests the batch size (transformers 5 builds them by broadcasting; its mask preprocessing's own branch on the batch
+size is taken before dynamo sees it, :mod:`bkcompile.runtime.transformers_masks`).
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +28,7 @@ _BRANCH = re.compile(r"Could not guard on data-dependent expression (?P<expr>.+?
 # dynamo's "Caused by: <line>  # <user file>:<line> in <function> (<torch file>:<line> in <torch function>)"
 _CAUSE = re.compile(r"Caused by: .*?# (?P<user>\S+:\d+) in \S+ \((?P<file>\S+):(?P<line>\d+) in (?P<fn>\w+)\)")
 _TORCH = Path(torch.__file__).parent
-# transformers broadcasts the (1, T) position ids a decoder (GPT-2) makes: ``if batch_size != position_ids.shape[0]``
-_HF_MASK = re.compile(r"# (?P<user>transformers/masking_utils\.py:\d+) in _preprocess_mask_arguments ")
+_HF_MASKS = "transformers/masking_utils.py"
 
 
 def _batch_symbols(gm: torch.fx.GraphModule, batched: Sequence[bool], dim: int) -> set[str]:
@@ -40,6 +42,14 @@ def _batch_symbols(gm: torch.fx.GraphModule, batched: Sequence[bool], dim: int) 
     return symbols
 
 
+def _vmapped_mask(stack: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The frame of transformers' mask builder that called ``torch.vmap`` in ``stack`` (outermost first), or None."""
+    for frame, callee in zip(stack, stack[1:]):
+        if frame.filename.endswith(_HF_MASKS) and "torch/_functorch/" in callee.filename:
+            return frame
+    return None
+
+
 def refuse_batch_size_branch(gm: torch.fx.GraphModule, batched: Sequence[bool], dim: int) -> None:
     """Raise :class:`NotSupportedYetError` when dynamo cut ``gm`` because a torch function branches on the batch
     size (a symbol of the inputs whose ``batched`` flag is set, on ``dim``)."""
@@ -50,22 +60,28 @@ def refuse_batch_size_branch(gm: torch.fx.GraphModule, batched: Sequence[bool], 
     if branch is None or cause is None:
         return
     on_batch = any(re.search(rf"\b{symbol}\b", branch["expr"]) for symbol in _batch_symbols(gm, batched, dim))
-    mask = _HF_MASK.search(reason.reason)
-    if mask is not None and on_batch:
-        raise run_error(
-            NotSupportedYetError,
-            f"transformers' _preprocess_mask_arguments ({mask['user']}) compares the batch size with the position "
-            f"ids' ({branch['expr']}): the model made position ids of shape (1, T) and no attention mask was given",
-            "with a dynamic batch (bkcompile.mark_batch_dynamic, the Poisson loader) dynamo cannot decide it, so it "
-            "cuts the graph there and builds the attention mask eagerly, outside the bk_dp graphs: the attention "
-            "graph after it takes a batch nothing proves per-sample, or recompiles for each batch size",
-            "pass position_ids of shape (B, T) with the batch (torch.arange(T).expand(B, T), marked by "
-            "mark_batch_dynamic with the input ids) or an attention_mask, or compile with a static batch size",
-        )
     if cause["file"].startswith("_dynamo/") or not (_TORCH / cause["file"]).is_file():
         return  # not torch's code (a branch of the user's own code, evaluated by dynamo)
     if not on_batch:
         return
+    mask = _vmapped_mask(reason.user_stack or [])
+    if mask is not None:
+        version = sys.modules["transformers"].__version__
+        upgrade = (  # transformers 5 vmaps only the mask functions a model adds of its own (and_mask_function)
+            "upgrade transformers (pip install -U 'transformers>=5.24': it builds the mask by broadcasting), or "
+            if int(version.split(".")[0]) < 5
+            else ""
+        )
+        raise run_error(
+            NotSupportedYetError,
+            f"transformers {version}'s {mask.name} "
+            f"(transformers/masking_utils.py:{mask.lineno}) builds the attention mask under torch.vmap, "
+            f"whose indexing tests the batch size ({branch['expr']})",
+            "with a dynamic batch (bkcompile.mark_batch_dynamic, the Poisson loader) dynamo cannot decide it, so it "
+            "cuts the graph there and builds the mask eagerly, outside the bk_dp graphs, where nothing proves that "
+            "the attention after it keeps samples apart",
+            f"{upgrade}compile with a static batch size (leave out mark_batch_dynamic)",
+        )
     raise run_error(
         NotSupportedYetError,
         f"torch's {cause['fn']} (torch/{cause['file']}:{cause['line']}) at {cause['user']}: it branches on the "

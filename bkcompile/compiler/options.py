@@ -52,12 +52,14 @@ class BKOptions:
     batch_dim: the sample axis of every tensor input that is not a parameter or buffer.
     strategy: how per-sample norms are formed: "ghost" (norms without per-sample gradients, where the
         site has a ghost norm), "explicit" (per-sample gradients, reused for the clipped sum), "auto"
-        (per parameter, the one that holds less memory by the cost model, the faster on a tie; with several
-        clipping groups, whose values are freed group by group, the fewer FLOPs), or
-        "fastest" (per parameter, the fewer FLOPs by the cost model, within memory_budget).
-    memory_budget: bytes the per-sample norm work may hold at once at the compiled batch size, or at
-        expected_batch_size under a dynamic batch; with several clipping groups, the largest group's ("fastest"
-        then trades time for memory until it fits); None: no limit. Only with strategy "fastest".
+        (per parameter, the faster by the cost model's predicted time, where the bytes held fit memory_budget;
+        the time is predicted from kernel rates calibrated once per machine: ``bkcompile.compiler.calibration``),
+        or "fastest" ("auto" without a memory limit unless memory_budget is given).
+    memory_budget: what the per-sample norm work may hold at once (with several clipping groups, the largest
+        group's): an int, bytes at the compiled batch size (at expected_batch_size under a dynamic batch), or a
+        string "<r>x" (r >= 1): the private step's peak at most r times the non-private step's, as the cost model
+        estimates it (the work may hold (r - 1) x that peak). None: "1.25x" for "auto", no limit for "fastest".
+        Only with strategy "auto" or "fastest".
     report: print the cost-model report when the backend compiles.
     clipping: how parameters are grouped for clipping, each group with its own per-sample norm and
         threshold: "all-layer" (one group), "layer-wise" (one per module owning parameters),
@@ -94,7 +96,7 @@ class BKOptions:
     compiler: Compiler = "inductor"
     batch_dim: int = 0
     strategy: Strategy = "auto"
-    memory_budget: int | None = None
+    memory_budget: int | str | None = None
     report: bool = False
     clipping: ClippingStyle | tuple = "all-layer"
     clip_fn: ClipFn = "abadi"
@@ -156,6 +158,26 @@ def _clipping(raw: Any) -> str | tuple:
             )
         groups.append((selector, None if threshold is None else _positive(threshold, "clipping[].max_grad_norm")))
     return tuple(groups)
+
+
+DEFAULT_BUDGET = 1.25  # memory_budget=None under "auto": "1.25x"
+
+
+def _memory_budget(value: Any) -> int | str | None:
+    """Bytes (an int >= 0), a multiple "<r>x" (r >= 1) of the non-private peak, or None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value.endswith("x"):
+        try:
+            ratio = float(value.removesuffix("x"))
+        except ValueError:
+            ratio = math.nan
+        if math.isfinite(ratio) and ratio >= 1:
+            return f"{ratio:g}x"
+    raise OptionError(
+        "option 'memory_budget' must be a non-negative int (bytes), a multiple of the non-private peak as a string "
+        f"'<r>x' with r >= 1 (e.g. '1.25x'), or None; got {value!r}"
+    )
 
 
 def _expected_batch_size(value: Any) -> float | None:
@@ -230,16 +252,14 @@ def parse_options(raw: dict[str, Any] | None) -> BKOptions:
     batch_dim = raw.get("batch_dim", 0)
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
         raise OptionError(f"option 'batch_dim' must be a non-negative int, got {batch_dim!r}")
-    budget = raw.get("memory_budget")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-        raise OptionError(f"option 'memory_budget' must be a non-negative int (bytes) or None, got {budget!r}")
+    budget = _memory_budget(raw.get("memory_budget"))
     dump = raw.get("dump", os.environ.get("BKCOMPILE_DUMP") or None)
     if dump is not None and not isinstance(dump, (str, os.PathLike)):
         raise OptionError(f"option 'dump' must be a directory path or None, got {dump!r}")
-    if budget is not None and raw.get("strategy", "auto") != "fastest":
+    if budget is not None and raw.get("strategy", "auto") not in ("auto", "fastest"):
         raise OptionError(
-            "option 'memory_budget' applies to strategy='fastest' (the other strategies do not trade "
-            f"time for memory); got strategy={raw.get('strategy', 'auto')!r}"
+            "option 'memory_budget' applies to strategy 'auto' or 'fastest' (a forced strategy does not trade "
+            f"time for memory); got strategy={raw.get('strategy')!r}"
         )
     mode = _mode(raw)
     inductor = _inductor(raw.get("inductor", {}))

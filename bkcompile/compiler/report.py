@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from bkcompile.compiler.measure import TIMED_STEPS, non_private_compile, time_steps, training_step
 from bkcompile.compiler.options import parse_options
-from bkcompile.errors import BKError, LossReductionError
+from bkcompile.errors import BKError, LossReductionError, find_error
 from bkcompile.runtime.batch import mark_batch_dynamic
 from bkcompile.runtime.ledger import live_records, records_of
 
@@ -44,6 +44,8 @@ class SiteRow:
     explicit_memory: str
     ghost_values: tuple[float, float] | None  # (FLOPs, bytes) at the compiled sizes
     explicit_values: tuple[float, float]
+    ghost_seconds: float | None  # predicted from the calibrated rates, at the compiled sizes
+    explicit_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,12 @@ class CostReport:
     backward_flops: float  # matrix products and convolutions of the ordinary backward
     total_flops: float  # what the chosen strategies add
     total_bytes: float
+    predicted_s: float  # the seconds the chosen strategies add to a step, predicted from the calibrated rates
+    non_private_predicted_s: float  # a non-private forward and backward: its products at the large-product rate
+    held_bytes: float  # what the per-sample norm work holds at once (several groups: the largest group's)
+    budget: dict[str, Any]  # bytes (None: no limit), source (how it was set), non_private_peak (estimated bytes)
+    mixes: dict[str, dict[str, Any]]  # the best mix within the budget, all ghost, all explicit: seconds, bytes, fits
+    rates: dict[str, Any]  # the calibration: mm, bmm (FLOP/s), bandwidth (bytes/s), source
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
     graph: str = "the whole model"  # which graph of the model this is
     clipped: str = "in this graph"  # or: at the end of the backward, with the model's other graphs
@@ -83,18 +91,26 @@ class CostReport:
 
     @property
     def overhead(self) -> float:
-        """Estimated extra backward time of privacy: added FLOPs over the ordinary backward's."""
-        return self.total_flops / self.backward_flops if self.backward_flops else float("nan")
+        """Predicted extra time of privacy: its seconds over the predicted non-private step's."""
+        return self._overhead(self.predicted_s)
+
+    @property
+    def ceiling(self) -> float:
+        """The model's ceiling for the budget: the predicted overhead of the best mix of strategies that fits."""
+        return self._overhead(self.mixes["best within the budget"]["seconds"])
+
+    def _overhead(self, seconds: float) -> float:
+        return seconds / self.non_private_predicted_s if self.non_private_predicted_s else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        data = {**dataclasses.asdict(self), "overhead": self.overhead}
+        data = {**dataclasses.asdict(self), "overhead": self.overhead, "ceiling": self.ceiling}
         if self.measured is not None:
             data["measured"].update(ratio=self.measured.ratio, overhead=self.measured.overhead)
         return data
 
     def _header(self) -> list[str]:
         batch = f"B = {self.batch}" + (
-            " (dynamic: the costs count B = 1, the choice does not depend on B)" if self.batch_dynamic else ""
+            " (dynamic: the costs count B = 1, or expected_batch_size)" if self.batch_dynamic else ""
         )
         lines = [
             f"bk_dp cost model: {len(self.rows)} sites, {batch}, norms in {self.norm_dtype}",
@@ -103,18 +119,31 @@ class CostReport:
             "options: " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()),
             "clipping groups: "
             + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
-            f"estimated overhead {100 * self.overhead:.1f}%: privacy adds {_flops(self.total_flops)} and "
-            f"{_bytes(self.total_bytes)} to a backward of {_flops(self.backward_flops)} (matrix products and "
-            "convolutions)",
+            f"predicted overhead {100 * self.overhead:.1f}%: privacy adds {_seconds(self.predicted_s)} to a "
+            f"non-private step of {_seconds(self.non_private_predicted_s)} (its products at the mm rate); "
+            f"{_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
+            f"{_flops(self.backward_flops)} (matrix products and convolutions)",
+            f"memory budget: {_budget(self.budget)}; the norm work holds {_bytes(self.held_bytes)}",
+            "ceiling for the budget: " + "; ".join(f"{name} {self._mix(mix)}" for name, mix in self.mixes.items()),
+            f"rates: mm {_si(self.rates['mm'], 'FLOP/s')}, bmm {_si(self.rates['bmm'], 'FLOP/s')}, bandwidth "
+            f"{_si(self.rates['bandwidth'], 'B/s')} ({self.rates['source']})",
         ]
         if self.measured is not None:
             m = self.measured
             lines.append(
                 f"measured forward+backward ({m.compiler}, median of {m.steps}): private {_seconds(m.private_s)}, "
                 f"non-private {_seconds(m.non_private_s)}: {m.ratio:.2f}x, overhead {100 * m.overhead:.1f}% "
-                f"(estimated {100 * self.overhead:.1f}%)"
+                f"(predicted {100 * self.overhead:.1f}%: private "
+                f"{_seconds(self.non_private_predicted_s + self.predicted_s)}, non-private "
+                f"{_seconds(self.non_private_predicted_s)})"
             )
         return lines
+
+    def _mix(self, mix: dict[str, Any]) -> str:
+        """A mix's predicted overhead, throughput against non-private, bytes held and whether they fit."""
+        overhead = self._overhead(mix["seconds"])
+        fits = "" if mix["fits"] else ", over the budget"
+        return f"{100 * overhead:.1f}% ({1 / (1 + overhead):.2f}x throughput, holds {_bytes(mix['bytes'])}{fits})"
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         """Every column, as to_markdown() shows it."""
@@ -126,7 +155,7 @@ class CostReport:
             "strategy",
             "ghost time / memory",
             "explicit time / memory",
-            "at compiled sizes (ghost | explicit)",
+            "at compiled sizes: seconds, FLOPs, bytes (ghost | explicit)",
             "source",
         ]
         body = []
@@ -141,7 +170,7 @@ class CostReport:
                     _strategy(row),
                     ghost,
                     f"{row.explicit_time} / {row.explicit_memory}",
-                    f"{_at(row.ghost_values)} | {_at(row.explicit_values)}",
+                    f"{_at(row.ghost_values, row.ghost_seconds)} | {_at(row.explicit_values, row.explicit_seconds)}",
                     row.source,
                 ]
             )
@@ -158,8 +187,8 @@ class CostReport:
                 row.kind,
                 " ".join(f"{k}={v}" for k, v in row.sizes.items() if k != "B"),
                 _strategy(row),
-                _at(row.ghost_values),
-                _at(row.explicit_values),
+                _time_bytes(row.ghost_values, row.ghost_seconds),
+                _time_bytes(row.explicit_values, row.explicit_seconds),
                 f"[{sources.setdefault(row.source, len(sources) + 1)}]",
             ]
             for row in self.rows
@@ -168,8 +197,8 @@ class CostReport:
         lines += [
             "",
             *_wrap(
-                "costs: FLOPs and bytes each strategy adds at the compiled sizes (symbolic costs and modules: "
-                "to_markdown(), to_dict())",
+                "costs: predicted seconds and bytes held each strategy adds at the compiled sizes (FLOPs, symbolic "
+                "costs and modules: to_markdown(), to_dict())",
                 WIDTH,
                 indent=4,
             ),
@@ -197,8 +226,20 @@ def _strategy(row: SiteRow) -> str:
     return f"{row.strategy} ({row.reason})"
 
 
-def _at(values: tuple[float, float] | None) -> str:
-    return f"{_flops(values[0])}, {_bytes(values[1])}" if values else "-"
+def _at(values: tuple[float, float] | None, seconds: float | None = None) -> str:
+    if not values:
+        return "-"
+    return (f"{_seconds(seconds)}, " if seconds is not None else "") + f"{_flops(values[0])}, {_bytes(values[1])}"
+
+
+def _time_bytes(values: tuple[float, float] | None, seconds: float | None) -> str:
+    return f"{_seconds(seconds)}, {_bytes(values[1])}" if values else "-"
+
+
+def _budget(budget: dict[str, Any]) -> str:
+    if budget["bytes"] is None:
+        return budget["source"]
+    return f"{_bytes(budget['bytes'])}, {budget['source']}; non-private peak {_bytes(budget['non_private_peak'])}"
 
 
 # --- the printed table: cells wrapped to fit the width -----------------------------------------------------------
@@ -254,7 +295,9 @@ def _bytes(value: float) -> str:
 
 
 def _seconds(value: float) -> str:
-    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+    if abs(value) < 1e-3:
+        return f"{value * 1e6:.3g} us"
+    return f"{value * 1e3:.3g} ms" if abs(value) < 1 else f"{value:.3g} s"
 
 
 def _si(value: float, unit: str) -> str:
@@ -299,17 +342,6 @@ def _loader_batch(inputs: tuple, batch_dim: int, dynamic: bool) -> tuple:
         return copy_
 
     return pytree.tree_map(alias, inputs)
-
-
-def _backend_error(error: BaseException) -> BKError | None:
-    """The bkcompile error dynamo wrapped (``BackendCompilerFailed``), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, BKError):
-            return error
-        seen.add(id(error))
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return None
 
 
 def explain(
@@ -366,7 +398,7 @@ def _privatized(model: torch.nn.Module, inputs: tuple, options: dict) -> tuple[A
         with torch.enable_grad():
             compiled(model, *inputs)
     except torch._dynamo.exc.BackendCompilerFailed as failed:
-        refusal = _backend_error(failed)
+        refusal = find_error(failed)
         if refusal is None:
             raise
         if isinstance(refusal, LossReductionError) and refusal.report is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bkcompile.errors import BKError
+from bkcompile.runtime.transformers_masks import substitute_mask_preprocessing
 
 
 def mark_batch_dynamic(*tensors: torch.Tensor, dim: int = 0) -> None:
@@ -22,8 +23,10 @@ def mark_batch_dynamic(*tensors: torch.Tensor, dim: int = 0) -> None:
     Call it on each batch before the compiled model sees it (bkcompile's data loader does). It marks
     the dim as an unbacked symbol: the graph is traced once for any batch size. Every marked dim shares
     one symbol (dynamo checks at run time that the sizes agree), so a model with several per-sample inputs
-    (ids and attention mask) sees one batch size.
+    (ids and attention mask) sees one batch size. With transformers loaded, dynamo traces its mask preprocessing
+    with the position ids broadcast over the batch first (:mod:`bkcompile.runtime.transformers_masks`).
     """
+    substitute_mask_preprocessing()
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor) and tensor.dim() > dim:
             torch._dynamo.decorators.mark_unbacked(tensor, dim, shape_id="bkcompile-batch")

@@ -38,9 +38,39 @@ B, T, p, d, V, G = sympy.symbols("B T p d V G", positive=True, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel a strategy runs, for the time model: at a calibrated rate (``bkcompile.compiler.calibration``)
+    "mm" (one large product), "bmm" (a small product per sample) or "pass" (elementwise or a reduction: the
+    bandwidth alone), its FLOPs and the values it reads and writes; ``count`` -1: a kernel of the ordinary
+    backward that the strategy runs in its place (the product the per-sample products replace)."""
+
+    rate: str
+    flops: sympy.Expr
+    values: sympy.Expr
+    count: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Cost:
     time: sympy.Expr  # FLOPs
     memory: sympy.Expr  # values held (times the norm dtype's size: bytes)
+    kernels: tuple[Kernel, ...] = ()  # what the FLOPs run as, for the predicted seconds
+
+
+def passes(*values: sympy.Expr) -> tuple[Kernel, ...]:
+    """Elementwise passes or reductions reading and writing ``values`` each."""
+    return tuple(Kernel("pass", sympy.Integer(0), v) for v in values)
+
+
+def direct_cost() -> Cost:
+    """A per-sample sum over T rows of width p (a bias, a norm layer's affine weight): the sum, in place of the
+    ordinary one over all B T rows, its norms and its weighted sum; the same for either strategy."""
+    kernels = (
+        Kernel("pass", B * T * p, B * T * p + B * p),
+        Kernel("pass", B * T * p, B * T * p + p, count=-1),
+        *passes(B * p, B * p + p),
+    )
+    return Cost(B * T * p + 2 * B * p, B * p, kernels)
 
 
 Sizes = dict[sympy.Symbol, sympy.Expr]  # what the symbols stand for at one site

@@ -20,12 +20,15 @@ from bkcompile.passes.site_kinds.common import (
     B,
     Cost,
     G,
+    Kernel,
     SiteKind,
     Size,
     T,
     d,
+    direct_cost,
     on_dim0,
     p,
+    passes,
     row_weights,
     rows,
 )
@@ -272,7 +275,7 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     grad_out = shape_exprs(conv.args[0].meta["val"])
     positions = rows(product(grad_out), joint.batch, grad_out[1])
     if node.args[1] == 2:  # bias: a per-sample sum over positions
-        direct = Cost(B * T * p + 2 * B * p, B * p)
+        direct = direct_cost()
         return {B: joint.batch, T: positions, p: grad_out[1]}, direct, direct
     weight = shape_exprs(conv.args[2].meta["val"])
     groups = sympy.Integer(conv.args[9])
@@ -282,11 +285,26 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     shape = _geometry(conv) if _gram_of_padded(conv) else None
     if shape is None:
         gram_in = 2 * T**2 * d
+        gram_in_kernels = (Kernel("pass", 0, G * B * T * d), Kernel("bmm", G * B * gram_in, G * B * (T * d + T**2)))
     else:
         kernel, padded = math.prod(shape.kernel), math.prod(shape.padded)
         gram_in = 2 * padded**2 * d / kernel + kernel * T**2
-    ghost = Cost(G * B * (2 * T**2 * p + gram_in + T**2), 2 * G * B * T**2)
-    return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d)
+        gram_in_kernels = (
+            Kernel("bmm", G * B * 2 * padded**2 * d / kernel, G * B * (padded * d / kernel + padded**2)),
+            *passes(G * B * (kernel * T**2 + T**2)),  # the kernel offsets' entries read and summed
+        )
+    ghost_kernels = (
+        Kernel("bmm", G * B * 2 * T**2 * p, G * B * (T * p + T**2)),  # the output gradient's Grams
+        *gram_in_kernels,
+        *passes(2 * G * B * T**2, 2 * G * B * T * p),  # the Grams' product summed; the weighting
+    )
+    ghost = Cost(G * B * (2 * T**2 * p + gram_in + T**2), 2 * G * B * T**2, ghost_kernels)
+    explicit_kernels = (
+        Kernel("bmm", 2 * G * B * T * p * d, G * B * (T * p + T * d + p * d)),  # the per-sample gradients
+        Kernel("mm", 2 * G * B * T * p * d, G * (B * T * p + B * T * d + p * d), count=-1),  # in place of this
+        *passes(G * B * p * d, G * B * p * d + G * p * d),  # the norms, the weighted sum
+    )
+    return sizes, ghost, Cost(3 * G * B * p * d, G * B * p * d, explicit_kernels)
 
 
 KIND = SiteKind(

@@ -15,12 +15,14 @@ from bkcompile.passes.ops.embedding import mask_padding, per_sample_tables
 from bkcompile.passes.site_kinds.common import (
     B,
     Cost,
+    Kernel,
     SiteKind,
     Size,
     T,
     V,
     d,
     on_dim0,
+    passes,
     reweight_operand,
     rows,
 )
@@ -96,7 +98,20 @@ def _embedding_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
 def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
     vocab, width = shape_exprs(node.meta["val"])
     sizes = {B: joint.batch, T: rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
-    return sizes, Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2), Cost(B * (T * d + 3 * V * d), B * V * d)
+    ghost_kernels = (
+        Kernel("bmm", 2 * B * T**2 * d, B * (T * d + T**2)),  # the output gradient's Grams
+        *passes(B * T**2, 2 * B * T**2, 2 * B * T * d),  # the ids' equality, the product summed, the weighting
+    )
+    explicit_kernels = (
+        Kernel("pass", B * T * d, B * V * d + 2 * B * T * d),  # B tables, zeroed and scattered into
+        Kernel("pass", B * T * d, V * d + 2 * B * T * d, count=-1),  # in place of the one table
+        *passes(B * V * d, B * V * d + V * d),  # the norms, the weighted sum
+    )
+    return (
+        sizes,
+        Cost(B * (2 * T**2 * d + 2 * T**2), 2 * B * T**2, ghost_kernels),
+        Cost(B * (T * d + 3 * V * d), B * V * d, explicit_kernels),
+    )
 
 
 KIND = SiteKind(

@@ -12,11 +12,13 @@ from bkcompile.passes.joint import JointGraph
 from bkcompile.passes.site_kinds.common import (
     B,
     Cost,
+    Kernel,
     SiteKind,
     Size,
     T,
     d,
     p,
+    passes,
     reduces_samples,
     reweight_operand,
     rows,
@@ -68,8 +70,20 @@ def product_cost(joint: JointGraph, a: list[sympy.Expr], columns: sympy.Expr):
     their product; explicit, the per-sample gradients, their norms and sum."""
     lead = a[0] if len(a) == 3 else sympy.Integer(1)
     sizes = {B: joint.batch, T: rows(a[-1], joint.batch), p: a[-2], d: columns}
-    ghost = Cost(lead * B * (2 * T**2 * (p + d) + T**2), lead * 2 * B * T**2)
-    return sizes, ghost, Cost(lead * 3 * B * p * d, lead * B * p * d)
+    L = lead
+    grams = (
+        Kernel("bmm", 2 * L * B * T**2 * p, L * B * (T * p + T**2)),
+        Kernel("bmm", 2 * L * B * T**2 * d, L * B * (T * d + T**2)),
+    )
+    # the Grams' product summed, and the narrower operand scaled by the clip weights
+    ghost_kernels = grams + passes(2 * L * B * T**2, 2 * L * B * T * sympy.Min(p, d))
+    ghost = Cost(L * B * (2 * T**2 * (p + d) + T**2), L * 2 * B * T**2, ghost_kernels)
+    explicit_kernels = (
+        Kernel("bmm", 2 * L * B * T * p * d, L * B * (T * p + T * d + p * d)),  # the per-sample products
+        Kernel("mm", 2 * L * B * T * p * d, L * (B * T * p + B * T * d + p * d), count=-1),  # in place of this one
+        *passes(L * B * p * d, L * B * p * d + L * p * d),  # the norms, the weighted sum
+    )
+    return sizes, ghost, Cost(L * 3 * B * p * d, L * B * p * d, explicit_kernels)
 
 
 def _operands(emit: Emitter, joint: JointGraph, node: torch.fx.Node, batch: Size, dtype: torch.dtype):

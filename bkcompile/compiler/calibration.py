@@ -1,0 +1,158 @@
+"""Kernel throughputs of this machine, with which the cost model turns a strategy's FLOPs and bytes into seconds.
+
+Three rates per device and dtype (the dtype the per-sample norm work runs in: float32, or float64):
+
+- ``mm``: FLOP/s of one large matrix product (what the ordinary backward's weight gradients run as);
+- ``bmm``: FLOP/s of many small products, one per sample (per-sample gradients, Gram matrices);
+- ``bandwidth``: bytes/s of an elementwise pass over a large tensor (norms, weighted sums, scaling by weights).
+
+They are measured once per (device name, torch version, dtype), in about a second, the first time a compile needs
+them, and kept in a JSON file: ``$BKCOMPILE_CACHE_DIR/calibration.json``, else
+``$XDG_CACHE_HOME/bkcompile/calibration.json``, else ``~/.cache/bkcompile/calibration.json``. :func:`calibrate`
+(``python -m bkcompile calibrate``) measures them again; :func:`save` pins given rates for a key (tests do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+REPEATS = 5  # timed runs of each kernel, after one warm-up run; the median is kept
+# (mm side, bmm samples, bmm side, bmm inner, elementwise values) of the measured kernels, by device type: the
+# small products are shaped as per-sample gradients are, (side x inner)(inner x side) with few rows per sample
+SHAPES = {"cpu": (512, 64, 128, 16, 1 << 23), "cuda": (4096, 512, 256, 32, 1 << 26)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    mm: float  # FLOP/s of one large matrix product
+    bmm: float  # FLOP/s of a batch of small products
+    bandwidth: float  # bytes/s of an elementwise pass
+    source: str = "measured"  # how they were obtained: "measured <date>", or what pinned them
+
+    def seconds(self, rate: str, flops: float, values: float, itemsize: int) -> float:
+        """A kernel's time by the roofline: its FLOPs at its rate, or its values read and written at the
+        bandwidth, whichever takes longer (a "pass" has no FLOP rate: the bandwidth alone)."""
+        memory = values * itemsize / self.bandwidth
+        if rate == "pass":
+            return memory
+        return max(flops / (self.mm if rate == "mm" else self.bmm), memory)
+
+
+def cache_path() -> pathlib.Path:
+    """The calibration file (see the module's docstring for the order of the directories)."""
+    folder = os.environ.get("BKCOMPILE_CACHE_DIR")
+    if folder:
+        return pathlib.Path(folder) / "calibration.json"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "bkcompile" / "calibration.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name for a CUDA device; for the CPU its model name (``/proc/cpuinfo``) and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu {model}, {os.cpu_count()} cores"
+
+
+def key(device: torch.device, dtype: torch.dtype) -> str:
+    """What the cache keys rates by: the device's name, torch's version and the dtype."""
+    return f"{device_name(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+
+
+def load() -> dict[str, Rates]:
+    """Every entry of the calibration file ({} when there is none, or it cannot be read)."""
+    try:
+        entries = json.loads(cache_path().read_text())
+        return {k: Rates(**v) for k, v in entries.items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def save(entry: str, rates: Rates) -> None:
+    """Store ``rates`` under ``entry`` (a :func:`key`) in the calibration file, keeping its other entries."""
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {k: dataclasses.asdict(v) for k, v in load().items()}
+    entries[entry] = dataclasses.asdict(rates)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(entries, indent=2, sort_keys=True))
+    os.replace(scratch, path)  # whole, for another process reading it
+    _MEMO[(path, entry)] = rates
+
+
+def _median_seconds(run, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()
+    times = []
+    for _ in range(REPEATS):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(device: torch.device, dtype: torch.dtype) -> Rates:
+    """Time the three kernels on ``device`` in ``dtype`` (about a second on a CPU)."""
+    with unset_fake_temporarily(), torch.no_grad():  # a compile measures them inside its fake mode
+        return _measure(device, dtype)
+
+
+def _measure(device: torch.device, dtype: torch.dtype) -> Rates:
+    side, samples, small, inner, values = SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    make = dict(device=device, dtype=dtype)
+    a, b = torch.randn(side, side, **make), torch.randn(side, side, **make)
+    mm = 2 * side**3 / _median_seconds(lambda: torch.mm(a, b), device)
+    x, y = torch.randn(samples, small, inner, **make), torch.randn(samples, inner, small, **make)
+    bmm = 2 * samples * small**2 * inner / _median_seconds(lambda: torch.bmm(x, y), device)
+    u, v, out = torch.randn(values, **make), torch.randn(values, **make), torch.empty(values, **make)
+    bandwidth = 3 * values * u.element_size() / _median_seconds(lambda: torch.mul(u, v, out=out), device)
+    return Rates(mm, bmm, bandwidth, f"measured {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+_MEMO: dict[tuple[pathlib.Path, str], Rates] = {}  # what this process read or measured, by file and key
+
+
+def rates_for(device: torch.device, dtype: torch.dtype) -> Rates:
+    """The rates of ``device`` in ``dtype``: from the calibration file, else measured now and stored there."""
+    entry = key(device, dtype)
+    memo = (cache_path(), entry)
+    if memo not in _MEMO:
+        rates = load().get(entry)
+        if rates is None:
+            rates = measure(device, dtype)
+            save(entry, rates)
+        _MEMO[memo] = rates
+    return _MEMO[memo]
+
+
+def calibrate(
+    device: torch.device | str | None = None, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+) -> dict[str, Rates]:
+    """Measure the rates again on ``device`` (default: the current CUDA device if there is one, else the CPU) for
+    each of ``dtypes``, and store them; returns them by key. Later compiles in this process use them too."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    measured = {}
+    for dtype in dtypes:
+        entry = key(device, dtype)
+        measured[entry] = measure(device, dtype)
+        save(entry, measured[entry])
+    return measured

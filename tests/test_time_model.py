@@ -1,0 +1,234 @@
+"""The time model: kernel rates calibrated once per machine and device and cached, each site's predicted seconds
+from them, "auto" picking the faster strategy within the memory budget, the mix of strategies of all-layer clipping
+against the oracle, and the report's lines for them. Every test but the calibration's runs with the rates the
+conftest pins (``helpers.PINNED_RATES``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+from helpers import PINNED_RATES, assert_matches, raises_bk
+from oracle import clipped_sum, compiled_grads
+from torch import nn
+
+import bkcompile
+from bkcompile.__main__ import main
+from bkcompile.compiler import calibration
+
+FAST = {"compiler": "aot_eager"}
+STATIC = {"compiler": "aot_eager", "dynamic_batch": False}  # costs at the example's batch size
+
+
+class Tokens(nn.Module):
+    """Linear layers over T tokens (no bias: one site each), widths ``widths``."""
+
+    def __init__(self, *widths: int) -> None:
+        super().__init__()
+        widths = widths or (64, 64)
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:], strict=False))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x).tanh()
+        return x.sum(1)
+
+
+def _strategies(report: bkcompile.CostReport) -> dict[str, tuple[str, str]]:
+    return {row.param: (row.strategy, row.reason) for row in report.rows}
+
+
+# --- the calibration ---------------------------------------------------------------------------------------------
+
+
+def test_calibration_is_measured_once_cached_and_measured_again_on_request(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("BKCOMPILE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert calibration.cache_path() == tmp_path / "xdg" / "bkcompile" / "calibration.json"
+    monkeypatch.setenv("BKCOMPILE_CACHE_DIR", str(tmp_path))
+    assert calibration.cache_path() == tmp_path / "calibration.json" and calibration.load() == {}
+    key = calibration.key(torch.device("cpu"), torch.float32)
+    assert key.startswith("cpu ") and key.endswith(f" | torch {torch.__version__} | float32")
+
+    report = bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST)  # the first compile measures them
+    (stored,) = calibration.load().values()
+    assert list(calibration.load()) == [key] and stored.source.startswith("measured ")
+    assert min(stored.mm, stored.bmm, stored.bandwidth) > 0
+    assert report.rates == {"mm": stored.mm, "bmm": stored.bmm, "bandwidth": stored.bandwidth, "source": stored.source}
+    assert bkcompile.explain(nn.Linear(4, 3), torch.randn(6, 4), **FAST).rates == report.rates  # read, not measured
+
+    calibration.save(key, PINNED_RATES)  # pinned rates are used from then on
+    assert bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST).rates["source"] == "pinned by the tests"
+
+    assert main(["calibrate", "--device", "cpu", "--dtype", "float32"]) == 0  # measured again on request
+    out = capsys.readouterr().out
+    assert out.startswith(f"{key}: mm ") and f"stored in {tmp_path / 'calibration.json'}" in out
+    again = calibration.load()[key]
+    assert again.source.startswith("measured ") and again != PINNED_RATES
+    assert bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST).rates["mm"] == again.mm
+
+
+# --- the predicted time and the choice ----------------------------------------------------------------------------
+
+
+def _linear_seconds(batch: int, tokens: int, p: int, d: int) -> tuple[float, float]:
+    """(ghost, explicit) seconds of a float32 linear site at the pinned rates, by the kernels of
+    ``site_kinds/matmul.py``: each the longer of its FLOPs at its rate and its bytes at the bandwidth."""
+    rates, size = PINNED_RATES, 4
+
+    def bmm(flops, values):
+        return max(flops / rates.bmm, values * size / rates.bandwidth)
+
+    def elementwise(values):
+        return values * size / rates.bandwidth
+
+    b, t = batch, tokens
+    ghost = (
+        bmm(2 * b * t * t * p, b * (t * p + t * t))
+        + bmm(2 * b * t * t * d, b * (t * d + t * t))
+        + elementwise(2 * b * t * t)
+        + elementwise(2 * b * t * min(p, d))
+    )
+    replaced = max(2 * b * t * p * d / rates.mm, (b * t * p + b * t * d + p * d) * size / rates.bandwidth)
+    explicit = (
+        bmm(2 * b * t * p * d, b * (t * p + t * d + p * d))
+        - replaced
+        + elementwise(b * p * d)
+        + elementwise(b * p * d + p * d)
+    )
+    return ghost, explicit
+
+
+def test_predicted_seconds_of_a_linear_site_at_the_pinned_rates() -> None:
+    report = bkcompile.explain(Tokens(64, 32), torch.randn(8, 5, 64), strategy="fastest", **STATIC)
+    (row,) = report.rows
+    assert row.sizes == {"B": "8", "T": "5", "p": "32", "d": "64"}
+    ghost, explicit = _linear_seconds(8, 5, 32, 64)
+    assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
+    assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
+    assert report.predicted_s == pytest.approx(ghost, rel=1e-12)  # the faster, chosen
+    # a non-private step: the backward's product (the weight's gradient, 2 B T p d) and the forward's, half as many
+    assert report.non_private_predicted_s == pytest.approx(1.5 * (2 * 8 * 5 * 64 * 32) / PINNED_RATES.mm)
+    assert report.overhead == pytest.approx(ghost / report.non_private_predicted_s)
+
+
+# at the pinned rates, p = d = 64, B = 8: ghost's Grams (2BT^2(p + d) FLOPs at the small-product rate) against
+# explicit's per-sample products at that rate in place of one large product, and two passes over B p d values
+@pytest.mark.parametrize(
+    ("tokens", "strategy"), [(1, "ghost"), (8, "ghost"), (21, "ghost"), (23, "explicit"), (64, "explicit")]
+)
+def test_fastest_picks_the_faster_by_predicted_time(tokens: int, strategy: str) -> None:
+    ghost, explicit = _linear_seconds(8, tokens, 64, 64)
+    assert (ghost < explicit) == (strategy == "ghost")
+    report = bkcompile.explain(Tokens(), torch.randn(8, tokens, 64), strategy="fastest", **STATIC)
+    assert _strategies(report) == {"layers.0.weight": (strategy, "faster")}
+    assert report.budget["bytes"] is None and "no limit" not in str(report)
+
+
+def test_auto_keeps_the_faster_only_where_it_fits_the_budget() -> None:
+    """At T = 64 explicit is the faster and holds 8 x 64 x 64 float32 per-sample gradients (131 kB), the ghost
+    Grams 2 x 8 x 64^2 (262 kB): explicit is both faster and leaner. At T = 23 explicit is the faster, the ghost
+    Grams hold 34 kB: the default budget (a quarter of the non-private peak, parameters, gradients and the kept
+    activations) fits neither, and "auto" keeps the leaner; a budget of 140 kB fits explicit."""
+    report = bkcompile.explain(Tokens(), torch.randn(8, 64, 64), **STATIC)
+    assert _strategies(report) == {"layers.0.weight": ("explicit", "faster")}
+    x = torch.randn(8, 23, 64)
+    report = bkcompile.explain(Tokens(), x, **STATIC)
+    peak = report.budget["non_private_peak"]
+    assert report.budget["bytes"] == 0.25 * peak < 2 * 8 * 23**2 * 4
+    assert _strategies(report) == {"layers.0.weight": ("ghost", "memory_budget")}
+    assert report.held_bytes == 2 * 8 * 23**2 * 4
+    report = bkcompile.explain(Tokens(), x, memory_budget=140_000, **STATIC)
+    assert _strategies(report) == {"layers.0.weight": ("explicit", "faster")}
+    assert report.held_bytes == 8 * 64 * 64 * 4 <= 140_000
+
+
+@pytest.mark.parametrize("budget", ["1.25x", "2x", 100_000, 300_000])
+@pytest.mark.parametrize(
+    ("make", "shape"), [(lambda: Tokens(64, 48, 32, 16), (24, 64)), (zoo.ConvNet, (3, 8, 8))], ids=["tokens", "conv"]
+)
+def test_the_budget_is_respected(make, shape: tuple, budget) -> None:
+    report = bkcompile.explain(make(), torch.randn(8, *shape), memory_budget=budget, **STATIC)
+    leanest = min(mix["bytes"] for name, mix in report.mixes.items() if name != "best within the budget")
+    if leanest <= report.budget["bytes"]:
+        assert report.held_bytes <= report.budget["bytes"]
+    if isinstance(budget, str):
+        assert report.budget["bytes"] == pytest.approx((float(budget[:-1]) - 1) * report.budget["non_private_peak"])
+    assert report.predicted_s == pytest.approx(report.mixes["best within the budget"]["seconds"])
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"memory_budget": "0.5x"}, "r >= 1"),
+        ({"memory_budget": "fast"}, "'<r>x'"),
+        ({"memory_budget": "1.25"}, "'<r>x'"),
+        ({"memory_budget": 1.5}, "non-negative int"),
+        ({"memory_budget": True}, "non-negative int"),
+        ({"memory_budget": "nanx"}, "'<r>x'"),
+        ({"memory_budget": "1.25x", "strategy": "ghost"}, "strategy 'auto' or 'fastest'"),
+    ],
+)
+def test_bad_budgets_are_refused(options: dict, fragment: str) -> None:
+    with raises_bk(bkcompile.OptionError, fragment):
+        bkcompile.explain(zoo.MLP(), torch.randn(8, 6), **options)
+
+
+# --- the mix of all-layer clipping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: Tokens(64, 48, 32, 16), (24, 64)), (zoo.PreNormBlock, (6, 8))],
+    ids=["tokens", "transformer-block"],
+)
+def test_the_mix_within_a_budget_matches_the_oracle(make, shape: tuple) -> None:
+    """A budget halfway between the bytes of the leaner of all ghost and all explicit and those of the faster
+    strategy everywhere: some parameters at their faster strategy (the most seconds saved per byte first), the
+    others at their leaner, within the budget; the clipped gradients equal the oracle's."""
+    torch.manual_seed(0)
+    model = make().to(torch.float64)
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    free = bkcompile.explain(model, x, strategy="fastest", **STATIC).mixes
+    lean = min(free["all ghost"]["bytes"], free["all explicit"]["bytes"])
+    budget = int((lean + free["best within the budget"]["bytes"]) / 2)
+    options = {"max_grad_norm": 0.1, "compiler": "aot_eager", "loss_reduction": "sum", "memory_budget": budget}
+    got, _ = compiled_grads(model, (x,), lambda out: out.sum(), (), options)
+    report = bkcompile.last_report()
+    chosen = {reason for strategy, reason in _strategies(report).values() if strategy != "direct"}
+    assert {"faster", "memory_budget"} <= chosen  # a mix
+    assert report.held_bytes <= budget < free["best within the budget"]["bytes"]
+    assert report.predicted_s == pytest.approx(report.mixes["best within the budget"]["seconds"])
+    want, _ = clipped_sum(model, lambda out: out.sum(), (x,), (), max_grad_norm=0.1)
+    assert_matches(got, want, torch.float64)
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+
+def test_the_report_shows_the_predicted_time_the_budget_and_the_ceiling() -> None:
+    """Two layers at T = 23, explicit the faster for both; each one's ghost Grams hold 33.9 kB, the per-sample
+    gradients 98.3 kB (64 x 48) and 49.2 kB (48 x 32): a 90 kB budget holds the second's, the most seconds saved per
+    byte, and the first's Grams."""
+    report = bkcompile.explain(Tokens(64, 48, 32), torch.randn(8, 23, 64), memory_budget=90_000, **STATIC)
+    assert _strategies(report) == {
+        "layers.0.weight": ("ghost", "memory_budget"),
+        "layers.1.weight": ("explicit", "faster"),
+    }
+    assert report.held_bytes == 2 * 8 * 23**2 * 4 + 8 * 48 * 32 * 4
+    text = " ".join(str(report).split())  # wrapped lines joined
+    assert "rates: mm 10 GFLOP/s, bmm 4 GFLOP/s, bandwidth 5 GB/s (pinned by the tests)" in text
+    assert "memory budget: 90 kB, 90000 bytes (option memory_budget); non-private peak " in text
+    assert f"the norm work holds {report.held_bytes / 1e3:.3g} kB" in text
+    best, ghost, explicit = (report.mixes[k] for k in ("best within the budget", "all ghost", "all explicit"))
+    assert ghost["fits"] and not explicit["fits"] and best["seconds"] < ghost["seconds"]
+    assert best["seconds"] == pytest.approx(report.predicted_s)
+    overhead = best["seconds"] / report.non_private_predicted_s
+    assert report.ceiling == pytest.approx(overhead) and report.to_dict()["ceiling"] == report.ceiling
+    joined = text.replace(". ", ".")  # a number wrapped after its dot
+    assert f"ceiling for the budget: best within the budget {100 * overhead:.1f}% ({1 / (1 + overhead):.2f}x" in joined
+    assert ", over the budget)" in text.split("all explicit")[1] and text.count("predicted overhead") == 1
+    row = report.rows[0]
+    assert f"{row.ghost_seconds * 1e6:.3g} us, " in text and "seconds, FLOPs, bytes" in report.to_markdown()
