@@ -5,6 +5,8 @@ conftest pins (``helpers.PINNED_RATES``)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import zoo
@@ -232,3 +234,18 @@ def test_the_report_shows_the_predicted_time_the_budget_and_the_ceiling() -> Non
     assert ", over the budget)" in text.split("all explicit")[1] and text.count("predicted overhead") == 1
     row = report.rows[0]
     assert f"{row.ghost_seconds * 1e6:.3g} us, " in text and "seconds, FLOPs, bytes" in report.to_markdown()
+
+
+def test_calibration_keeps_each_kernel_s_fastest_run_and_keys_a_cpu_by_its_threads() -> None:
+    delays = iter([0.0, 0.2, 0.001, 0.2, 0.2, 0.2])  # the warm-up, then a busy machine but for one run
+    seconds = calibration._fastest_seconds(lambda: time.sleep(next(delays)), torch.device("cpu"))
+    assert 0.001 <= seconds < 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = calibration.key(torch.device("cpu"), torch.float32)
+        torch.set_num_threads(2)
+        two = calibration.key(torch.device("cpu"), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert ", 1 threads | " in one and ", 2 threads | " in two

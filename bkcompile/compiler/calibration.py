@@ -6,7 +6,8 @@ Three rates per device and dtype (the dtype the per-sample norm work runs in: fl
 - ``bmm``: FLOP/s of many small products, one per sample (per-sample gradients, Gram matrices);
 - ``bandwidth``: bytes/s of an elementwise pass over a large tensor (norms, weighted sums, scaling by weights).
 
-They are measured once per (device name, torch version, dtype), in about a second, the first time a compile needs
+They are measured once per (device name, and for a CPU the threads torch uses; torch version; dtype), in about a
+second, the first time a compile needs
 them, and kept in a JSON file: ``$BKCOMPILE_CACHE_DIR/calibration.json``, else
 ``$XDG_CACHE_HOME/bkcompile/calibration.json``, else ``~/.cache/bkcompile/calibration.json``. :func:`calibrate`
 (``python -m bkcompile calibrate``) measures them again; :func:`save` pins given rates for a key (tests do).
@@ -19,13 +20,13 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import time
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-REPEATS = 5  # timed runs of each kernel, after one warm-up run; the median is kept
+REPEATS = 5  # timed runs of each kernel, after one warm-up run; the fastest is kept (what the kernel runs at when
+# the machine lets it: on a shared CPU a median measured in a busy second can be 5x slower, and it is cached)
 # (mm side, bmm samples, bmm side, bmm inner, elementwise values) of the measured kernels, by device type: the
 # small products are shaped as per-sample gradients are, (side x inner)(inner x side) with few rows per sample
 SHAPES = {"cpu": (512, 64, 128, 16, 1 << 23), "cuda": (4096, 512, 256, 32, 1 << 26)}
@@ -57,7 +58,8 @@ def cache_path() -> pathlib.Path:
 
 
 def device_name(device: torch.device) -> str:
-    """The card's name for a CUDA device; for the CPU its model name (``/proc/cpuinfo``) and core count."""
+    """The card's name for a CUDA device; for the CPU its model name (``/proc/cpuinfo``), its core count and the
+    threads torch runs on (the rates scale with them)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -66,11 +68,11 @@ def device_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"cpu {model}, {os.cpu_count()} cores"
+    return f"cpu {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def key(device: torch.device, dtype: torch.dtype) -> str:
-    """What the cache keys rates by: the device's name, torch's version and the dtype."""
+    """What the cache keys rates by: the device's name (a CPU's with its threads), torch's version and the dtype."""
     return f"{device_name(device)} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
 
 
@@ -95,7 +97,7 @@ def save(entry: str, rates: Rates) -> None:
     _MEMO[(path, entry)] = rates
 
 
-def _median_seconds(run, device: torch.device) -> float:
+def _fastest_seconds(run, device: torch.device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run()
     times = []
@@ -105,7 +107,7 @@ def _median_seconds(run, device: torch.device) -> float:
         run()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure(device: torch.device, dtype: torch.dtype) -> Rates:
@@ -118,11 +120,11 @@ def _measure(device: torch.device, dtype: torch.dtype) -> Rates:
     side, samples, small, inner, values = SHAPES["cuda" if device.type == "cuda" else "cpu"]
     make = dict(device=device, dtype=dtype)
     a, b = torch.randn(side, side, **make), torch.randn(side, side, **make)
-    mm = 2 * side**3 / _median_seconds(lambda: torch.mm(a, b), device)
+    mm = 2 * side**3 / _fastest_seconds(lambda: torch.mm(a, b), device)
     x, y = torch.randn(samples, small, inner, **make), torch.randn(samples, inner, small, **make)
-    bmm = 2 * samples * small**2 * inner / _median_seconds(lambda: torch.bmm(x, y), device)
+    bmm = 2 * samples * small**2 * inner / _fastest_seconds(lambda: torch.bmm(x, y), device)
     u, v, out = torch.randn(values, **make), torch.randn(values, **make), torch.empty(values, **make)
-    bandwidth = 3 * values * u.element_size() / _median_seconds(lambda: torch.mul(u, v, out=out), device)
+    bandwidth = 3 * values * u.element_size() / _fastest_seconds(lambda: torch.mul(u, v, out=out), device)
     return Rates(mm, bmm, bandwidth, f"measured {time.strftime('%Y-%m-%d %H:%M')}")
 
 
