@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from bkcompile.compiler.transformers_version import release
 from bkcompile.errors import NotSupportedYetError, run_error
 
 _BRANCH = re.compile(r"Could not guard on data-dependent expression (?P<expr>.+?) \(unhinted")
@@ -69,7 +70,7 @@ def refuse_batch_size_branch(gm: torch.fx.GraphModule, batched: Sequence[bool], 
         version = sys.modules["transformers"].__version__
         upgrade = (  # transformers 5 vmaps only the mask functions a model adds of its own (and_mask_function)
             "upgrade transformers (pip install -U 'transformers>=5.24': it builds the mask by broadcasting), or "
-            if int(version.split(".")[0]) < 5
+            if release(version) < (5, 0)
             else ""
         )
         raise run_error(

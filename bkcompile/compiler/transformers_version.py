@@ -22,7 +22,8 @@ from bkcompile.errors import NotSupportedYetError, run_error
 OLDEST = (4, 57)
 
 
-def _release(version: str) -> tuple[int, int]:
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a transformers version string."""
     major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
     return int(major), int(minor)
 
@@ -31,7 +32,7 @@ def refuse_old_transformers(gm: torch.fx.GraphModule) -> None:
     """Raise :class:`NotSupportedYetError` when ``gm`` runs code of a transformers release older than
     :data:`OLDEST`."""
     module = sys.modules.get("transformers")
-    if module is None or _release(module.__version__) >= OLDEST:
+    if module is None or release(module.__version__) >= OLDEST:
         return
     code = re.compile(rf'File "{re.escape(str(Path(module.__file__).parent))}/(\S+)", line (\d+)')
     sites = [site for n in gm.graph.nodes for site in code.findall(n.meta.get("stack_trace") or "")]
