@@ -8,13 +8,16 @@ import functools
 import itertools
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+import bkcompile.passes
 from bkcompile.compiler.breaks import refuse_batch_size_branch
 from bkcompile.compiler.options import BKOptions, parse_options
 from bkcompile.compiler.recurrent import unfuse_recurrent
@@ -177,7 +180,7 @@ def _partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, job: _Job, **k
     return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
 
-class _InductorJointPass:
+class _InductorJointPass(CustomGraphPass):
     """Inductor's ``joint_custom_pre_pass`` hook: privatize the joint graph before Inductor partitions it."""
 
     def __init__(self, job: _Job) -> None:
@@ -196,8 +199,31 @@ class _InductorJointPass:
         _contiguous_bmm_inputs(gm)
         _split_head_views(gm)
 
-    def uuid(self) -> None:
-        return None  # never cache: the pass depends on the options and the model
+    def uuid(self) -> bytes:
+        """What Inductor's FX graph cache adds to its key for this pass: a hash of bkcompile's source.
+
+        That cache keys each graph Inductor compiles (the forward and the backward, after the partition) by the
+        graph's code, its inputs' shapes, strides and dtypes, Inductor's config and torch's version; this pass
+        runs before, on the joint graph, so every choice of the privatization is in the code keyed: the clipping
+        groups and their norms, ghost or explicit per site, the clip function and its constants, the loss
+        rescale, the record's integer key (``bkcompile::record_norms(norms, key, group)``). What the options
+        leave to run time (each group's threshold R_g, the loss scale) the graph reads from its record, which the
+        pass plans again at every compile (a hit skips Inductor's compile, never the pass). A different privatized
+        graph is different code, so it misses; the same code compiles to the same kernels whatever options
+        produced it. What the key's graph does not show is bkcompile's code the compiled graph depends on: its
+        custom ops' schemas and fake kernels (the output layouts Inductor compiled in). Any change to bkcompile's
+        source gives another uuid.
+
+        The AOTAutograd cache, whose key is the graph before this pass, is off for bk_dp's compiles
+        (:func:`_compile`): a hit there would skip the pass and leave the record without a plan."""
+        return _source_hash()
+
+
+@functools.cache
+def _source_hash() -> bytes:
+    """A hash of every Python file of bkcompile and its passes (read once per process)."""
+    roots = (Path(__file__).resolve().parents[1], Path(bkcompile.passes.__file__).resolve().parent)
+    return get_hash_for_files(tuple(sorted(str(p) for root in roots for p in root.rglob("*.py"))))
 
 
 def _single_bmm_to_mm(gm: torch.fx.GraphModule) -> None:
@@ -303,10 +329,22 @@ def _full_inductor_decompositions() -> dict:
     return select_decomp_table()
 
 
+class _DecompositionTable(dict):
+    """bk_dp's decomposition table, pickled as the function that builds it.
+
+    Inductor's FX graph cache pickles the table Inductor is given into its key, and many of torch's decomposition
+    functions do not pickle (``geometric``: not the object ``torch._refs.geometric`` names), which makes Inductor
+    bypass its cache. The table is a function of torch's version and bkcompile's source, both in the key
+    (:meth:`_InductorJointPass.uuid`), so the function's name stands for its entries."""
+
+    def __reduce__(self) -> tuple:
+        return _inductor_decompositions, ()
+
+
 @functools.cache
-def _inductor_decompositions() -> dict:
+def _inductor_decompositions() -> _DecompositionTable:
     kept = {op: fn for op, fn in _full_inductor_decompositions().items() if op not in _KEEP}
-    return {**kept, **DECOMPOSITIONS}
+    return _DecompositionTable({**kept, **DECOMPOSITIONS})
 
 
 class _OptionErrorPastDynamo(OptionError, torch._dynamo.exc.ShortenTraceback):
@@ -435,14 +473,17 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
         )(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(
-        gm,
-        example_inputs,
-        inner_compile=functools.partial(_inner_compile, label=job.role.label),
-        # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
-        config_patches=_inductor_config(job, device),
-        decompositions=_inductor_decompositions(),
-    )
+    # Inductor's FX graph cache may hit (keyed after the pass: _InductorJointPass.uuid); the AOTAutograd cache,
+    # keyed before it, may not: a hit there skips the pass.
+    with torch._functorch.config.patch(enable_autograd_cache=False, enable_remote_autograd_cache=False):
+        return compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=functools.partial(_inner_compile, label=job.role.label),
+            # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
+            config_patches=_inductor_config(job, device),
+            decompositions=_inductor_decompositions(),
+        )
 
 
 def _inner_compile(*args: Any, label: str, **kwargs: Any) -> Any:
