@@ -470,7 +470,7 @@ class StepLedger:
         key = (tuple(groups), tuple(map(tuple, names)), tuple(initial))
         for state in self.states:
             if (state.groups, state.names, state.initial) == key:
-                state.thresholds.copy_(thresholds)
+                state.move_thresholds(thresholds)
                 return
         self._pending.append((key, thresholds))
 
