@@ -2,11 +2,12 @@
 
 Each privatized graph calls ``bkcompile::record_norms(norms, key, group)`` (``bkcompile.runtime.ledger``) on the
 per-sample norms (B,) of each clipping group, before clipping. The op finds the clip state of the running call
-and :meth:`ClipState.record` records them, counts the samples under the group's threshold (for adaptive
-clipping), and returns the group's current threshold, which the graph's clip factors use: thresholds are
-runtime values, so the DP optimizer can adapt them without a recompile, and the op's result feeds the
-gradients, so no compiler removes it. One call per group keeps the groups independent: a group's weighted
-reductions need only its own norms.
+and :meth:`ClipState.record` records them and returns the group's current threshold, which the graph's clip
+factors use: thresholds are runtime values, so the DP optimizer can adapt them without a recompile, and the op's
+result feeds the gradients, so no compiler removes it. One call per group keeps the groups independent: a group's
+weighted reductions need only its own norms. The samples under each threshold (for adaptive clipping) are
+counted when the counts are read, for all the backwards recorded since, in a few ops (the op runs in every
+backward, the count once per step).
 
 Mixed precision: under ``torch.amp.GradScaler`` the loss scale S multiplies every per-sample gradient in
 the backward. Each graph divides its per-sample norms by ``bkcompile::loss_scale(like, key)`` before
