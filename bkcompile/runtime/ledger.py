@@ -529,7 +529,7 @@ class StepLedger:
         there is none, else is added to it (by the caller, from ``held`` and ``added``, in place). ``released``:
         whether a DP optimizer releases parameters of this ledger (:meth:`released_by_optimizer`)."""
         entry.written = True
-        if owner_of(p) is not None:
+        if released and owner_of(p) is not None:  # no DP optimizer releases the ledger: it owns none of them
             grad = self._unscaled(grad)
             if entry.sealed is None:
                 entry.sealed = grad.clone() if grad._is_view() else grad
@@ -576,6 +576,8 @@ class StepLedger:
 
     def released_by_optimizer(self) -> bool:
         """Whether a live DP optimizer releases parameters of this ledger."""
+        if not self.owned:  # the plain path: no walk of the (empty) weak table
+            return False
         return any(owner_of(p) is not None for p in self.owned)
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
