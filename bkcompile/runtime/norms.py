@@ -111,7 +111,8 @@ class ClipState:
         if self._recorded:  # the running backward's record is complete as far as the counts are read now
             self._uncounted.append((self.latest, frozenset(self._recorded)))
             self._recorded = set()
-        whole = [latest for latest, groups in self._uncounted if len(groups) == len(self.groups)]
+        device = self._below.device  # the state's (a model moved after the state was made records elsewhere)
+        whole = [latest.to(device) for latest, groups in self._uncounted if len(groups) == len(self.groups)]
         if whole:
             norms = torch.cat(whole) if len(whole) > 1 else whole[0]
             self._below += (norms <= self.thresholds).sum(0).to(self._below)
@@ -119,7 +120,8 @@ class ClipState:
         for latest, groups in self._uncounted:  # a backward that recorded some of the groups only
             if len(groups) < len(self.groups):
                 for group in groups:
-                    self._below[group] += (latest[:, group] <= self.thresholds[group]).sum().to(self._below)
+                    below = latest[:, group].to(device) <= self.thresholds[group]
+                    self._below[group] += below.sum().to(self._below)
                     self._rows[group] += len(latest)
         self._uncounted.clear()
 
