@@ -15,6 +15,7 @@ from torch import nn
 
 import bkcompile
 from bkcompile.optimizer import gradient_noise_multiplier
+from bkcompile.runtime.ledger import ledger_of
 
 MODELS = {"transformer-block": (zoo.PreNormBlock, (4, 8)), "conv": (zoo.ConvNet, (3, 8, 8))}
 
@@ -126,6 +127,30 @@ def test_adaptive_thresholds_converge_to_the_target_quantile() -> None:
         optimizer.step()
     target = stream.icdf(torch.tensor(0.7)).item()
     assert optimizer.sensitivity == pytest.approx(target, rel=0.1)
+
+
+def test_adaptive_counts_of_many_backwards_use_the_thresholds_each_clipped_with() -> None:
+    """The counts wait for a read (or 16 backwards) and are counted together: they equal each backward's own
+    count at its thresholds, thresholds moved by a restored checkpoint included, and a reset drops them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    options = {"max_grad_norm": 1.0, "compiler": "aot_eager", "loss_reduction": "sum", "clipping": "layer-wise"}
+    compiled = torch.compile(model, backend="bk_dp", options=options)
+    below, rows = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for step in range(20):  # more backwards than wait to be counted
+        x = torch.randn(5, 3)
+        compiled(x).sum().backward()
+        state = ledger_of(model).last_state()
+        norms = bkcompile.last_per_sample_norms(model)
+        below += (norms <= state.thresholds).sum(0)
+        rows += 5
+        if step == 17:  # the next backwards clip at other thresholds
+            ledger_of(model).restore_thresholds(state.groups, state.names, state.initial, state.thresholds * 2)
+    assert state.rows.tolist() == rows.tolist()
+    assert state.below.tolist() == below.tolist()
+    compiled(torch.randn(5, 3)).sum().backward()
+    state.reset_counts()
+    assert state.below.tolist() == state.rows.tolist() == [0.0, 0.0]
 
 
 def test_noise_scale_is_sigma_times_the_groups_sensitivity() -> None:

@@ -39,6 +39,7 @@ rank draws the whole parameter's noise from the shared generator and keeps its s
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -279,7 +280,7 @@ def sync_under_ddp(params: list[torch.Tensor]) -> None:
         _SYNCED[p] = True
 
 
-def average_over_ranks(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+def average_over_ranks(params: list[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> None:
     """Average the clipped sums ``grads`` of the parameters DDP holds over the ranks, in place, once they are
     written (every rank runs the same graphs, so every rank calls this with the same parameters).
 

@@ -45,7 +45,7 @@ import functools
 import itertools
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -265,26 +265,32 @@ def running_state(record: GraphRecord) -> ClipState:
     )
 
 
-@torch.library.custom_op("bkcompile::record_norms", mutates_args=())
+# The run-time ops are plain kernels for every device (no ``torch.library.custom_op``, whose Python autograd
+# wrapper costs four times the op itself on every call): they run inside a compiled backward, without gradients.
+_LIB = torch.library.Library("bkcompile", "FRAGMENT")
+
+
 def record_norms(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
     """Record a clipping group's per-sample norms (B,) of this backward; its current threshold R_g."""
     return running_state(record_of(key)).record(norms, group)
 
 
-@record_norms.register_fake
-def _record_norms_fake(norms: torch.Tensor, key: int, group: int) -> torch.Tensor:
-    return norms.new_empty(())
-
-
-@torch.library.custom_op("bkcompile::loss_scale", mutates_args=())
 def loss_scale(like: torch.Tensor, key: int) -> torch.Tensor:
     """The GradScaler's scale S in this backward's gradients (1 without one), like ``like``."""
     return running_state(record_of(key)).loss_scale(like)
 
 
-@loss_scale.register_fake
-def _loss_scale_fake(like: torch.Tensor, key: int) -> torch.Tensor:
-    return like.new_empty(())
+def _scalar_like(value: torch.Tensor, key: int, group: int = 0) -> torch.Tensor:
+    return value.new_empty(())
+
+
+for _op, _schema in (
+    (record_norms, "(Tensor norms, int key, int group) -> Tensor"),
+    (loss_scale, "(Tensor like, int key) -> Tensor"),
+):
+    _LIB.define(_op.__name__ + _schema, tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(_op.__name__, _op, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"bkcompile::{_op.__name__}", _scalar_like, lib=_LIB)
 
 
 @dataclasses.dataclass(eq=False)
@@ -464,7 +470,7 @@ class StepLedger:
         key = (tuple(groups), tuple(map(tuple, names)), tuple(initial))
         for state in self.states:
             if (state.groups, state.names, state.initial) == key:
-                state.thresholds.copy_(thresholds)
+                state.move_thresholds(thresholds)
                 return
         self._pending.append((key, thresholds))
 
@@ -488,9 +494,10 @@ class StepLedger:
         held: list[torch.Tensor] = []
         added: list[torch.Tensor] = []
         clip = call.binding.clip
+        released = self.released_by_optimizer()  # once per call, not per parameter
         for p, entry, grad in zip(call.params, call.binding.entries_in(self, call.params), grads):
             if grad is not None:
-                self._take(p, entry, grad.detach(), held, added)
+                self._take(p, entry, grad.detach(), held, added, released)
                 if clip is not None:
                     entry.clips.add(clip)
         if held:
@@ -502,28 +509,27 @@ class StepLedger:
         held: list[torch.Tensor] = []
         added: list[torch.Tensor] = []
         entry = self.entries[p]
-        self._take(p, entry, grad.detach(), held, added)
+        self._take(p, entry, grad.detach(), held, added, self.released_by_optimizer())
         if clip is not None:
             entry.clips.add(clip)
         if held:
             held[0].add_(added[0])
 
-    def gradients(self, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    def gradients(self, params: Sequence[torch.nn.Parameter]) -> Iterator[torch.Tensor | None]:
         """Where each parameter's clipped sum of this step is: sealed in the ledger when a DP optimizer releases
-        it, else ``p.grad``."""
-        found = []
+        it, else ``p.grad``. Lazily: a single process never walks them (:func:`average_over_ranks`)."""
         for p in params:
             entry = self.entries.get(p)
-            found.append(entry.sealed if entry is not None and owner_of(p) is not None else p.grad)
-        return found
+            yield entry.sealed if entry is not None and owner_of(p) is not None else p.grad
 
-    def _take(self, p, entry: _Entry, grad: torch.Tensor, held: list, added: list) -> None:
+    def _take(self, p, entry: _Entry, grad: torch.Tensor, held: list, added: list, released: bool) -> None:
         """A clipped gradient for ``p``. A parameter a DP optimizer releases keeps it sealed in its entry,
         divided by the GradScaler's current scale (the scale of this backward: micro-batches of one step may
         be scaled differently); nothing un-noised reaches ``p.grad``. Otherwise it becomes ``p.grad`` when
-        there is none, else is added to it (by the caller, from ``held`` and ``added``, in place)."""
+        there is none, else is added to it (by the caller, from ``held`` and ``added``, in place). ``released``:
+        whether a DP optimizer releases parameters of this ledger (:meth:`released_by_optimizer`)."""
         entry.written = True
-        if owner_of(p) is not None:
+        if released and owner_of(p) is not None:  # no DP optimizer releases the ledger: it owns none of them
             grad = self._unscaled(grad)
             if entry.sealed is None:
                 entry.sealed = grad.clone() if grad._is_view() else grad
@@ -531,7 +537,8 @@ class StepLedger:
                 held.append(entry.sealed)
                 added.append(grad)
             return
-        self._refuse_unreleased(p, entry)
+        if released:
+            self._refuse_unreleased(p, entry)
         current = p.grad
         if current is None:
             p.grad = grad.clone() if grad._is_view() else grad
@@ -552,11 +559,10 @@ class StepLedger:
         return grad / scale.detach().reshape(()).to(dtype=grad.dtype, device=grad.device)
 
     def _refuse_unreleased(self, p: torch.nn.Parameter, entry: _Entry) -> None:
-        """A clip wrote a parameter no DP optimizer releases, while one releases others of this model: its clipped
-        sum would sit un-noised in ``p.grad``, where a plain optimizer (or ``p -= lr * p.grad``) would step it.
-        FSDP2's unsharded parameter passes when the optimizer releases its shard."""
-        if not self.released_by_optimizer():
-            return
+        """A clip wrote a parameter no DP optimizer releases, while one releases others of this model (the caller
+        checked that one does): its clipped sum would sit un-noised in ``p.grad``, where a plain optimizer (or
+        ``p -= lr * p.grad``) would step it. FSDP2's unsharded parameter passes when the optimizer releases its
+        shard."""
         shard = entry.shard() if entry.shard is not None else None
         if shard is not None and owner_of(shard) is not None:
             return
@@ -570,6 +576,8 @@ class StepLedger:
 
     def released_by_optimizer(self) -> bool:
         """Whether a live DP optimizer releases parameters of this ledger."""
+        if not self.owned:  # the plain path: no walk of the (empty) weak table
+            return False
         return any(owner_of(p) is not None for p in self.owned)
 
     def start_step(self, params: Iterable[torch.nn.Parameter]) -> None:
