@@ -219,11 +219,18 @@ def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: R
     seconds = flops = held = 0.0
     for site in costs:
         cost = site.ghost if strategy is Strategy.GHOST else site.explicit
-        kernels = [cost.time, cost.memory, *(e for k in cost.kernels for e in (k.flops, k.values))]
+        one = sympy.Integer(1)
+        kernels = [
+            cost.time,
+            cost.memory,
+            *(e for k in cost.kernels for e in (k.flops, k.values, *(k.shape or (one, one, one)))),
+        ]
         values = evaluate_all(kernels, site.sizes, compiled)
         flops, held = flops + values[0], held + values[1] * itemsize
         for i, kernel in enumerate(cost.kernels):
-            seconds += kernel.count * rates.seconds(kernel.rate, *values[2 + 2 * i : 4 + 2 * i], itemsize)
+            flop, moved, *shape = values[2 + 5 * i : 7 + 5 * i]
+            shaped = tuple(shape) if kernel.shape is not None else None
+            seconds += kernel.count * rates.seconds(kernel.rate, flop, moved, itemsize, shaped)
     return Estimate(seconds, flops, held)
 
 

@@ -112,6 +112,7 @@ def build_report(state: PassState) -> CostReport:
             "bmm": cost.rates.bmm,
             "bandwidth": cost.rates.bandwidth,
             "source": cost.rates.source,
+            "small": [list(point) for point in cost.rates.small],
         },
         groups=groups,
         graph=state.role.label,

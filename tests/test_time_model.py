@@ -5,8 +5,11 @@ conftest pins (``helpers.PINNED_RATES``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
+import helpers
 import pytest
 import torch
 import zoo
@@ -57,10 +60,22 @@ def test_calibration_is_measured_once_cached_and_measured_again_on_request(
     report = bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST)  # the first compile measures them
     (stored,) = calibration.load().values()
     assert list(calibration.load()) == [key] and stored.source.startswith("measured ")
-    assert min(stored.mm, stored.bmm, stored.bandwidth) > 0
-    assert report.rates == {"mm": stored.mm, "bmm": stored.bmm, "bandwidth": stored.bandwidth, "source": stored.source}
+    assert min(stored.mm, stored.bmm, stored.bandwidth) > 0 and stored.version == calibration.VERSION
+    inners, sides, *_ = calibration.GRID["cpu"]
+    assert [(k, s) for k, s, _ in stored.small] == [(k, s) for k in inners for s in sides]
+    assert min(rate for _, _, rate in stored.small) > 0
+    assert report.rates == {
+        "mm": stored.mm,
+        "bmm": stored.bmm,
+        "bandwidth": stored.bandwidth,
+        "source": stored.source,
+        "small": [list(point) for point in stored.small],
+    }
     assert bkcompile.explain(nn.Linear(4, 3), torch.randn(6, 4), **FAST).rates == report.rates  # read, not measured
 
+    old = {**dataclasses.asdict(stored), "version": calibration.VERSION - 1}  # measured before the grid existed
+    (tmp_path / "calibration.json").write_text(json.dumps({key: old}))
+    assert calibration.load() == {}  # measured again
     calibration.save(key, PINNED_RATES)  # pinned rates are used from then on
     assert bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST).rates["source"] == "pinned by the tests"
 
@@ -234,6 +249,37 @@ def test_the_report_shows_the_predicted_time_the_budget_and_the_ceiling() -> Non
     assert ", over the budget)" in text.split("all explicit")[1] and text.count("predicted overhead") == 1
     row = report.rows[0]
     assert f"{row.ghost_seconds * 1e6:.3g} us, " in text and "seconds, FLOPs, bytes" in report.to_markdown()
+
+
+def test_small_products_run_at_the_rate_of_their_shape() -> None:
+    """The grid's rates interpolated in the logarithms of inner, side and rate, the edges' outside the grid; a
+    linear site's Grams (T x width)(width x T) and per-sample products (p x T)(T x d) at their own shapes."""
+    grid = tuple((k, s, 1e7 * k * s) for k in (4, 64) for s in (16, 256))  # log rate = log k + log s + const
+    rates = calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="a grid", small=grid)
+    assert rates.small_rate(16, 4, 16) == pytest.approx(64e7) and rates.small_rate(8, 16, 32) == pytest.approx(256e7)
+    assert rates.small_rate(1, 1, 1) == pytest.approx(64e7)  # the grid's edges outside it
+    assert rates.small_rate(1000, 1000, 1000) == pytest.approx(64 * 256e7)
+    assert calibration.Rates(1e10, 4e9, 5e9).small_rate(8, 16, 32) == 4e9  # no grid: bmm
+    helpers.pin_rates(rates)
+    try:
+        (row,) = bkcompile.explain(Tokens(64, 32), torch.randn(8, 5, 64), strategy="fastest", **STATIC).rows
+    finally:
+        helpers.pin_rates()
+    size, t, p, d, b = 4, 5, 32, 64, 8
+
+    def small(rows, inner, columns, values):
+        flops = 2 * b * rows * inner * columns
+        return max(flops / rates.small_rate(rows, inner, columns), values * size / rates.bandwidth)
+
+    ghost = (
+        small(t, p, t, b * (t * p + t * t))
+        + small(t, d, t, b * (t * d + t * t))
+        + (2 * b * t * t + 2 * b * t * min(p, d)) * size / rates.bandwidth
+    )
+    replaced = max(2 * b * t * p * d / rates.mm, (b * t * p + b * t * d + p * d) * size / rates.bandwidth)
+    explicit = small(p, t, d, b * (t * p + t * d + p * d)) - replaced + (2 * b * p * d + p * d) * size / rates.bandwidth
+    assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
+    assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
 
 
 def test_calibration_keeps_each_kernel_s_fastest_run_and_keys_a_cpu_by_its_threads() -> None:

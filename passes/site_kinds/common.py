@@ -42,12 +42,14 @@ class Kernel:
     """One kernel a strategy runs, for the time model: at a calibrated rate (``bkcompile.compiler.calibration``)
     "mm" (one large product), "bmm" (a small product per sample) or "pass" (elementwise or a reduction: the
     bandwidth alone), its FLOPs and the values it reads and writes; ``count`` -1: a kernel of the ordinary
-    backward that the strategy runs in its place (the product the per-sample products replace)."""
+    backward that the strategy runs in its place (the product the per-sample products replace). Small products
+    give the ``shape`` (rows, inner, columns) of each: their rate depends on it (``Rates.small_rate``)."""
 
     rate: str
     flops: sympy.Expr
     values: sympy.Expr
     count: int = 1
+    shape: tuple[sympy.Expr, sympy.Expr, sympy.Expr] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

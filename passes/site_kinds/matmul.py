@@ -72,14 +72,14 @@ def product_cost(joint: JointGraph, a: list[sympy.Expr], columns: sympy.Expr):
     sizes = {B: joint.batch, T: rows(a[-1], joint.batch), p: a[-2], d: columns}
     L = lead
     grams = (
-        Kernel("bmm", 2 * L * B * T**2 * p, L * B * (T * p + T**2)),
-        Kernel("bmm", 2 * L * B * T**2 * d, L * B * (T * d + T**2)),
+        Kernel("bmm", 2 * L * B * T**2 * p, L * B * (T * p + T**2), shape=(T, p, T)),
+        Kernel("bmm", 2 * L * B * T**2 * d, L * B * (T * d + T**2), shape=(T, d, T)),
     )
     # the Grams' product summed, and the narrower operand scaled by the clip weights
     ghost_kernels = grams + passes(2 * L * B * T**2, 2 * L * B * T * sympy.Min(p, d))
     ghost = Cost(L * B * (2 * T**2 * (p + d) + T**2), L * 2 * B * T**2, ghost_kernels)
     explicit_kernels = (
-        Kernel("bmm", 2 * L * B * T * p * d, L * B * (T * p + T * d + p * d)),  # the per-sample products
+        Kernel("bmm", 2 * L * B * T * p * d, L * B * (T * p + T * d + p * d), shape=(p, T, d)),  # per-sample products
         Kernel("mm", 2 * L * B * T * p * d, L * (B * T * p + B * T * d + p * d), count=-1),  # in place of this one
         *passes(L * B * p * d, L * B * p * d + L * p * d),  # the norms, the weighted sum
     )
