@@ -188,6 +188,7 @@ class CostPlan:
     plans: tuple[ParamPlan, ...]  # one per clipped parameter
     compiled_sizes: dict[sympy.Symbol, int]  # the shape symbols' values at the compiled sizes
     backward_flops: float  # of the ordinary backward's matrix products and convolutions
+    other_seconds: float  # of the non-private step's attention and elementwise kernels (``other_seconds``)
     norm_dtype: torch.dtype  # what the per-sample norms accumulate in
     rates: Rates  # the calibrated kernel throughputs the seconds are predicted with
     budget: Budget
@@ -197,8 +198,8 @@ class CostPlan:
     @property
     def non_private_seconds(self) -> float:
         """The predicted forward and backward of the non-private step: its matrix products and convolutions (the
-        backward's, and the forward's, about half as many) at the large-product rate."""
-        return 1.5 * self.backward_flops / self.rates.mm
+        backward's, and the forward's, about half as many) at the large-product rate, and its other kernels."""
+        return 1.5 * self.backward_flops / self.rates.mm + self.other_seconds
 
 
 def _ghost_blocked(param: ParamGrad) -> Reason | None:
@@ -366,7 +367,68 @@ def non_private_peak(joint: JointGraph, backward: set[torch.fx.Node], compiled: 
     return total + gradients
 
 
-# --- the ordinary backward, for the overhead estimate ------------------------------------------------------
+# --- the ordinary step, for the overhead estimate ----------------------------------------------------------
+
+_ATTENTION = {  # fused attention, forward or backward: (query, key, value) are its first three arguments
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 1,
+    aten._scaled_dot_product_flash_attention.default: 1,
+    aten._scaled_dot_product_efficient_attention.default: 1,
+    aten._scaled_dot_product_cudnn_attention.default: 1,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 2.5,
+    aten._scaled_dot_product_flash_attention_backward.default: 2.5,
+    aten._scaled_dot_product_efficient_attention_backward.default: 2.5,
+    aten._scaled_dot_product_cudnn_attention_backward.default: 2.5,
+}
+# kernels the elementwise count leaves out: views (no kernel), products (counted by FLOPs), attention (above)
+_NOT_ELEMENTWISE = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.convolution.default,
+    aten.convolution_backward.default,
+    *_ATTENTION,
+}
+
+
+def other_seconds(joint: JointGraph, compiled: dict, rates: Rates) -> float:
+    """The predicted seconds of the non-private step's kernels other than its matrix products and convolutions.
+
+    Fused attention: the forward's two products per head, 2 L S (E + Ev) FLOPs for queries (L x E), keys (S x E)
+    and values (S x Ev); the backward's five, 2.5x the forward's; each at the small products' rate of a head's
+    (L x E)(E x S) product. Every other op that is not a view: its output written once and read once at the
+    bandwidth (a fused group of elementwise ops writes less; a reduction reads more)."""
+    seconds = 0.0
+    for node in joint.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _ATTENTION:
+            seconds += _attention_seconds(node, compiled, rates)
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or node.target in _NOT_ELEMENTWISE or _is_view(node, value):
+            continue
+        seconds += 2 * evaluate(product(shape_exprs(value)), {}, compiled) * value.element_size() / rates.bandwidth
+    return seconds
+
+
+def _is_view(node: torch.fx.Node, value: torch.Tensor) -> bool:
+    """A node whose output aliases an input's storage (no kernel runs: a view, a reshape of a contiguous value)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return True  # getitem of a multi-output op: that op wrote it
+    storage = StorageWeakRef(value.untyped_storage())
+    return any(
+        isinstance(a.meta.get("val"), torch.Tensor) and StorageWeakRef(a.meta["val"].untyped_storage()) == storage
+        for a in node.all_input_nodes
+    )
+
+
+def _attention_seconds(node: torch.fx.Node, compiled: dict, rates: Rates) -> float:
+    query, key, value = (shape_exprs(a.meta["val"]) for a in node.args[:3])
+    heads = product(query[:-2])
+    rows, width, keys, out = query[-2], query[-1], key[-2], value[-1]
+    flops = _ATTENTION[node.target] * 2 * heads * rows * keys * (width + out)
+    flops, rows, width, keys = evaluate_all([flops, rows, width, keys], {}, compiled)
+    return flops / rates.small_rate(rows, width, keys)
 
 
 def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], compiled: dict) -> float:

@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from types import SimpleNamespace
 
 import helpers
 import pytest
 import torch
 import zoo
+from bkcompile.passes import cost
 from helpers import PINNED_RATES, assert_matches, raises_bk
 from oracle import clipped_sum, compiled_grads
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import bkcompile
 from bkcompile.__main__ import main
@@ -126,8 +129,11 @@ def test_predicted_seconds_of_a_linear_site_at_the_pinned_rates() -> None:
     assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
     assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
     assert report.predicted_s == pytest.approx(ghost, rel=1e-12)  # the faster, chosen
-    # a non-private step: the backward's product (the weight's gradient, 2 B T p d) and the forward's, half as many
-    assert report.non_private_predicted_s == pytest.approx(1.5 * (2 * 8 * 5 * 64 * 32) / PINNED_RATES.mm)
+    # a non-private step: the backward's product (the weight's gradient, 2 B T p d) and the forward's, half as many,
+    # and its other kernels' outputs written and read once: tanh (B T p), the sum over tokens (B p), tanh's backward
+    products = 1.5 * (2 * 8 * 5 * 64 * 32) / PINNED_RATES.mm
+    elementwise = 2 * 4 * (8 * 5 * 32 + 8 * 32 + 8 * 5 * 32) / PINNED_RATES.bandwidth
+    assert report.non_private_predicted_s == pytest.approx(products + elementwise, rel=1e-12)
     assert report.overhead == pytest.approx(ghost / report.non_private_predicted_s)
 
 
@@ -280,6 +286,21 @@ def test_small_products_run_at_the_rate_of_their_shape() -> None:
     explicit = small(p, t, d, b * (t * p + t * d + p * d)) - replaced + (2 * b * p * d + p * d) * size / rates.bandwidth
     assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
     assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
+
+
+def test_the_non_private_step_s_attention_runs_at_the_small_products_rate() -> None:
+    """A fused attention's forward: 2 L S (E + Ev) FLOPs per head, at the rate of a head's (L x E)(E x S)
+    product; its output is the attention's (a getitem: no kernel of its own)."""
+    batch, heads, rows, keys, width, out = 2, 3, 7, 5, 8, 4
+    q, k, v = torch.randn(batch, heads, rows, width), torch.randn(batch, heads, keys, width), torch.randn(2, 3, 5, out)
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    gm = make_fx(lambda q, k, v: attention(q, k, v)[0], tracing_mode="fake")(q, k, v)
+    grid = tuple((i, s, 1e7 * i * s) for i in (4, 64) for s in (4, 64))
+    rates = calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="a grid", small=grid)
+    flops = 2 * batch * heads * rows * keys * (width + out)
+    assert cost.other_seconds(SimpleNamespace(gm=gm), {}, rates) == pytest.approx(
+        flops / rates.small_rate(rows, width, keys), rel=1e-12
+    )
 
 
 def test_calibration_keeps_each_kernel_s_fastest_run_and_keys_a_cpu_by_its_threads() -> None:

@@ -79,7 +79,7 @@ class CostReport:
     total_flops: float  # what the chosen strategies add
     total_bytes: float
     predicted_s: float  # the seconds the chosen strategies add to a step, predicted from the calibrated rates
-    non_private_predicted_s: float  # a non-private forward and backward: its products at the large-product rate
+    non_private_predicted_s: float  # a non-private forward and backward: products, attention, other kernels
     held_bytes: float  # what the per-sample norm work holds at once (several groups: the largest group's)
     budget: dict[str, Any]  # bytes (None: no limit), source (how it was set), non_private_peak (estimated bytes)
     mixes: dict[str, dict[str, Any]]  # the best mix within the budget, all ghost, all explicit: seconds, bytes, fits
@@ -120,7 +120,8 @@ class CostReport:
             "clipping groups: "
             + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
             f"predicted overhead {100 * self.overhead:.1f}%: privacy adds {_seconds(self.predicted_s)} to a "
-            f"non-private step of {_seconds(self.non_private_predicted_s)} (its products at the mm rate); "
+            f"non-private step of {_seconds(self.non_private_predicted_s)} (its products at the mm rate, attention at "
+            "the small products', other kernels at the bandwidth); "
             f"{_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
             f"{_flops(self.backward_flops)} (matrix products and convolutions)",
             f"memory budget: {_budget(self.budget)}; the norm work holds {_bytes(self.held_bytes)}",
