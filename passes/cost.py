@@ -214,9 +214,18 @@ def _ghost_blocked(param: ParamGrad) -> Reason | None:
     return None
 
 
-def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: Rates, itemsize: int) -> Estimate:
+def estimate(
+    costs: list[SiteCost],
+    strategy: Strategy,
+    compiled: dict,
+    rates: Rates,
+    itemsize: int,
+    shared: dict[torch.fx.Node, int] | None = None,
+) -> Estimate:
     """What ``strategy`` adds at the sites ``costs`` (of one parameter): its kernels' seconds by the roofline of
-    ``rates``, its FLOPs and the bytes it holds."""
+    ``rates``, its FLOPs and the bytes it holds. A Gram matrix of a value that ``shared`` counts n sites' Grams of
+    runs once for them: each counts 1/n of its seconds (exact when all n take ghost norms)."""
+    shared = shared or {}
     seconds = flops = held = 0.0
     for site in costs:
         cost = site.ghost if strategy is Strategy.GHOST else site.explicit
@@ -231,8 +240,21 @@ def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: R
         for i, kernel in enumerate(cost.kernels):
             flop, moved, *shape = values[2 + 5 * i : 7 + 5 * i]
             shaped = tuple(shape) if kernel.shape is not None else None
-            seconds += kernel.count * rates.seconds(kernel.rate, flop, moved, itemsize, shaped)
+            share = shared.get(kernel.gram_of, 1) if kernel.gram_of is not None else 1
+            seconds += kernel.count * rates.seconds(kernel.rate, flop, moved, itemsize, shaped) / share
     return Estimate(seconds, flops, held)
+
+
+def shared_grams(plans: list[ParamPlan]) -> dict[torch.fx.Node, int]:
+    """How many Gram matrices the sites of ``plans`` that may take ghost norms form of each value."""
+    counts: dict[torch.fx.Node, int] = {}
+    for plan in plans:
+        if plan.strategy is Strategy.GHOST or plan.free:
+            for site in plan.costs:
+                for kernel in site.ghost.kernels if site.ghost is not None else ():
+                    if kernel.gram_of is not None:
+                        counts[kernel.gram_of] = counts.get(kernel.gram_of, 0) + 1
+    return counts
 
 
 def held_bytes(plans, strategies: dict[int, Strategy], groups: tuple[tuple[str, ...], ...]) -> float:
@@ -312,9 +334,11 @@ def choose(
             plan = ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED)
         else:
             plan = ParamPlan(param, costs, Strategy.GHOST, Reason.FASTER)
-        strategies = [plan.strategy] if not plan.free else list(Strategy)
-        plan.estimates = {s: estimate(costs, s, compiled, rates, itemsize) for s in strategies}
         plans.append(plan)
+    shared = shared_grams(plans)
+    for plan in plans:
+        strategies = [plan.strategy] if not plan.free else list(Strategy)
+        plan.estimates = {s: estimate(plan.costs, s, compiled, rates, itemsize, shared) for s in strategies}
     if options.strategy in ("auto", "fastest"):
         for i, strategy in mix(plans, budget.bytes, groups).items():
             estimates = plans[i].estimates

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.cost import Strategy, estimate, evaluate, held_bytes
+from bkcompile.passes.cost import Strategy, estimate, evaluate, held_bytes, shared_grams
 
 from bkcompile.compiler.report import CostReport, SiteRow
 from bkcompile.errors import module_of, module_path, user_frame
@@ -42,6 +42,7 @@ def build_report(state: PassState) -> CostReport:
     cost = state.cost
     itemsize = cost.norm_dtype.itemsize
     rows = []
+    shared = shared_grams(list(cost.plans))
     for plan in cost.plans:
         for site in plan.costs:
             node = site.site.node
@@ -53,7 +54,7 @@ def build_report(state: PassState) -> CostReport:
                 )
 
             def seconds(strategy, site=site):
-                return estimate([site], strategy, cost.compiled_sizes, cost.rates, itemsize).seconds
+                return estimate([site], strategy, cost.compiled_sizes, cost.rates, itemsize, shared).seconds
 
             direct, module = site.ghost == site.explicit, module_path(node)
             rows.append(

@@ -288,6 +288,27 @@ def test_small_products_run_at_the_rate_of_their_shape() -> None:
     assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
 
 
+class ThreeHeads(nn.Module):
+    """Three projections of one input (query, key and value), without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 32, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return (self.q(x).tanh() + self.k(x).tanh() * self.v(x)).sum(1)
+
+
+def test_projections_of_one_input_share_its_gram_matrix() -> None:
+    """The input's Gram matrix runs once for the three sites (the graph's common-subexpression elimination): each
+    site's ghost time counts a third of it."""
+    report = bkcompile.explain(ThreeHeads(), torch.randn(8, 5, 64), strategy="ghost", **STATIC)
+    ghost, _ = _linear_seconds(8, 5, 32, 64)
+    gram = max(2 * 8 * 5 * 5 * 64 / PINNED_RATES.bmm, 8 * (5 * 64 + 5 * 5) * 4 / PINNED_RATES.bandwidth)
+    assert [row.ghost_seconds for row in report.rows] == pytest.approx([ghost - 2 * gram / 3] * 3, rel=1e-12)
+    assert report.predicted_s == pytest.approx(3 * ghost - 2 * gram, rel=1e-12)
+
+
 def test_the_non_private_step_s_attention_runs_at_the_small_products_rate() -> None:
     """A fused attention's forward: 2 L S (E + Ev) FLOPs per head, at the rate of a head's (L x E)(E x S)
     product; its output is the attention's (a getitem: no kernel of its own)."""
