@@ -16,7 +16,10 @@ products one per sample, or elementwise passes, with their FLOPs and the values 
 rates calibrated once per machine and device (``bkcompile.compiler.calibration``) each kernel takes the longer of
 its FLOPs at its rate and its bytes at the memory bandwidth (a roofline): that gives each strategy's predicted
 seconds at a site (``estimate``), which the per-sample products' slower rate and their passes over B x p x d values
-enter, where FLOPs alone did not see them.
+enter, where FLOPs alone did not see them. A small product's rate is that of its shape (rows, inner dim, columns),
+interpolated on the calibrated grid; a Gram matrix of a value several sites read runs once (``shared_grams``). The
+non-private step it is set against: its products at the large-product rate, its fused attention at the small
+products' rate, and each other kernel's output written and read once at the bandwidth (``other_seconds``).
 
 ``choose`` picks per parameter: explicit where every site's two costs are the same (a sum site: its norm needs
 the per-sample sums, and they give the clipped sum too, so the operand is not read again after clipping); the

@@ -12,8 +12,8 @@ Three rates per device and dtype (the dtype the per-sample norm work runs in: fl
   below it;
 - ``bandwidth``: bytes/s of an elementwise pass over a large tensor (norms, weighted sums, scaling by weights).
 
-They are measured once per (device name, and for a CPU the threads torch uses; torch version; dtype), in about a
-second, the first time a compile needs
+They are measured once per (device name, and for a CPU the threads torch uses; torch version; dtype), in a second
+or two, the first time a compile needs
 them, and kept in a JSON file: ``$BKCOMPILE_CACHE_DIR/calibration.json``, else
 ``$XDG_CACHE_HOME/bkcompile/calibration.json``, else ``~/.cache/bkcompile/calibration.json``. :func:`calibrate`
 (``python -m bkcompile calibrate``) measures them again; :func:`save` pins given rates for a key (tests do). An
@@ -161,7 +161,8 @@ def _fastest_seconds(run, device: torch.device) -> float:
 
 
 def measure(device: torch.device, dtype: torch.dtype) -> Rates:
-    """Time the three kernels on ``device`` in ``dtype`` (about a second on a CPU)."""
+    """Time the kernels on ``device`` in ``dtype``: the three rates and the small products' grid (a second or two
+    on a CPU)."""
     with unset_fake_temporarily(), torch.no_grad():  # a compile measures them inside its fake mode
         return _measure(device, dtype)
 
