@@ -54,7 +54,8 @@ def build_report(state: PassState) -> CostReport:
                 )
 
             def seconds(strategy, site=site):
-                return estimate([site], strategy, cost.compiled_sizes, cost.rates, itemsize, shared).seconds
+                at_sizes = (cost.compiled_sizes, cost.rates, itemsize, shared, not cost.groups)
+                return estimate([site], strategy, *at_sizes).seconds
 
             direct, module = site.ghost == site.explicit, module_path(node)
             rows.append(
@@ -114,6 +115,7 @@ def build_report(state: PassState) -> CostReport:
             "bandwidth": cost.rates.bandwidth,
             "source": cost.rates.source,
             "small": [list(point) for point in cost.rates.small],
+            "fresh": cost.rates.fresh,
         },
         groups=groups,
         graph=state.role.label,

@@ -66,13 +66,14 @@ def test_calibration_is_measured_once_cached_and_measured_again_on_request(
     assert min(stored.mm, stored.bmm, stored.bandwidth) > 0 and stored.version == calibration.VERSION
     inners, sides, *_ = calibration.GRID["cpu"]
     assert [(k, s) for k, s, _ in stored.small] == [(k, s) for k in inners for s in sides]
-    assert min(rate for _, _, rate in stored.small) > 0
+    assert min(rate for _, _, rate in stored.small) > 0 and stored.fresh > 0
     assert report.rates == {
         "mm": stored.mm,
         "bmm": stored.bmm,
         "bandwidth": stored.bandwidth,
         "source": stored.source,
         "small": [list(point) for point in stored.small],
+        "fresh": stored.fresh,
     }
     assert bkcompile.explain(nn.Linear(4, 3), torch.randn(6, 4), **FAST).rates == report.rates  # read, not measured
 
@@ -307,6 +308,23 @@ def test_projections_of_one_input_share_its_gram_matrix() -> None:
     gram = max(2 * 8 * 5 * 5 * 64 / PINNED_RATES.bmm, 8 * (5 * 64 + 5 * 5) * 4 / PINNED_RATES.bandwidth)
     assert [row.ghost_seconds for row in report.rows] == pytest.approx([ghost - 2 * gram / 3] * 3, rel=1e-12)
     assert report.predicted_s == pytest.approx(3 * ghost - 2 * gram, rel=1e-12)
+
+
+def test_values_held_across_the_backward_are_written_to_new_memory() -> None:
+    """All-layer clipping holds every per-sample gradient until the clip, in memory newly allocated each step:
+    their bytes are written at the fresh rate too; layer-wise, each group's are freed before the next's."""
+    x, model = torch.randn(8, 23, 64), Tokens(64, 48, 32)
+    helpers.pin_rates(dataclasses.replace(PINNED_RATES, fresh=1e9))
+    try:
+        held = bkcompile.explain(model, x, strategy="explicit", **STATIC)
+        grouped = bkcompile.explain(model, x, strategy="explicit", clipping="layer-wise", **STATIC)
+    finally:
+        helpers.pin_rates()
+    pinned = bkcompile.explain(model, x, strategy="explicit", **STATIC)
+    for row, by_group, at_pinned, (p, d) in zip(held.rows, grouped.rows, pinned.rows, [(48, 64), (32, 48)]):
+        assert row.explicit_seconds == pytest.approx(at_pinned.explicit_seconds + 8 * p * d * 4 / 1e9, rel=1e-12)
+        assert by_group.explicit_seconds == pytest.approx(at_pinned.explicit_seconds, rel=1e-12)
+    assert "new memory written at 1 GB/s" in " ".join(str(held).split())
 
 
 def test_the_non_private_step_s_attention_runs_at_the_small_products_rate() -> None:

@@ -10,7 +10,11 @@ Three rates per device and dtype (the dtype the per-sample norm work runs in: fl
   changes the rate several-fold: a ghost Gram matrix (T x width)(width x T) has a long inner dim and runs near the
   large product's rate; a per-sample gradient (p x T)(T x d) of a few rows per sample has a short one and runs far
   below it;
-- ``bandwidth``: bytes/s of an elementwise pass over a large tensor (norms, weighted sums, scaling by weights).
+- ``bandwidth``: bytes/s of an elementwise pass over a large tensor (norms, weighted sums, scaling by weights);
+- ``fresh``: bytes/s of writing a newly allocated large tensor. On a CPU a large allocation is new pages from the
+  operating system, each step again, and writing them runs about ten times slower than ``bandwidth`` (a CUDA
+  caching allocator hands back its blocks: about ``bandwidth``). Values held across the whole backward (all-layer
+  clipping's per-sample gradients) are written at this rate.
 
 They are measured once per (device name, and for a CPU the threads torch uses; torch version; dtype), in a second
 or two, the first time a compile needs
@@ -44,7 +48,7 @@ GRID = {
     "cpu": ((4, 16, 64, 256, 1024), (16, 64, 256, 768), 16, 1e9, 2e7),
     "cuda": ((16, 64, 256, 1024, 4096), (64, 256, 1024, 4096), 64, 1e11, 1e9),
 }
-VERSION = 2  # of what is measured: 2 added the small products' grid ("small")
+VERSION = 2  # of what is measured: 2 added the small products' grid ("small") and "fresh"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Rates:
     bandwidth: float  # bytes/s of an elementwise pass
     source: str = "measured"  # how they were obtained: "measured <date>", or what pinned them
     small: tuple[tuple[float, float, float], ...] = ()  # (inner, side, FLOP/s) of small products; none: bmm
+    fresh: float = 0.0  # bytes/s of writing a newly allocated large tensor; 0: not counted
     version: int = VERSION
 
     def small_rate(self, rows: float, inner: float, columns: float) -> float:
@@ -177,7 +182,8 @@ def _measure(device: torch.device, dtype: torch.dtype) -> Rates:
     u, v, out = torch.randn(values, **make), torch.randn(values, **make), torch.empty(values, **make)
     bandwidth = 3 * values * u.element_size() / _fastest_seconds(lambda: torch.mul(u, v, out=out), device)
     small = _measure_small(device, dtype)
-    return Rates(mm, bmm, bandwidth, f"measured {time.strftime('%Y-%m-%d %H:%M')}", small)
+    fresh = 2 * values * u.element_size() / _fastest_seconds(lambda: torch.empty(2 * values, **make).fill_(1), device)
+    return Rates(mm, bmm, bandwidth, f"measured {time.strftime('%Y-%m-%d %H:%M')}", small, fresh)
 
 
 def _measure_small(device: torch.device, dtype: torch.dtype) -> tuple[tuple[float, float, float], ...]:

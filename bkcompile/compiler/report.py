@@ -83,7 +83,7 @@ class CostReport:
     held_bytes: float  # what the per-sample norm work holds at once (several groups: the largest group's)
     budget: dict[str, Any]  # bytes (None: no limit), source (how it was set), non_private_peak (estimated bytes)
     mixes: dict[str, dict[str, Any]]  # the best mix within the budget, all ghost, all explicit: seconds, bytes, fits
-    rates: dict[str, Any]  # the calibration: mm, bmm (FLOP/s), bandwidth (bytes/s), source, small (by shape)
+    rates: dict[str, Any]  # the calibration: mm, bmm (FLOP/s), bandwidth (bytes/s), source, small (by shape), fresh
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
     graph: str = "the whole model"  # which graph of the model this is
     clipped: str = "in this graph"  # or: at the end of the backward, with the model's other graphs
@@ -127,7 +127,9 @@ class CostReport:
             f"memory budget: {_budget(self.budget)}; the norm work holds {_bytes(self.held_bytes)}",
             "ceiling for the budget: " + "; ".join(f"{name} {self._mix(mix)}" for name, mix in self.mixes.items()),
             f"rates: mm {_si(self.rates['mm'], 'FLOP/s')}, bmm {_si(self.rates['bmm'], 'FLOP/s')}, bandwidth "
-            f"{_si(self.rates['bandwidth'], 'B/s')}{_small(self.rates['small'])} ({self.rates['source']})",
+            f"{_si(self.rates['bandwidth'], 'B/s')}{_small(self.rates['small'])}"
+            + (f", new memory written at {_si(self.rates['fresh'], 'B/s')}" if self.rates["fresh"] else "")
+            + f" ({self.rates['source']})",
         ]
         if self.measured is not None:
             m = self.measured
