@@ -122,7 +122,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     dtypes = tuple(getattr(torch, name) for name in args.dtype or ("float32", "float64"))
     for key, rates in calibrate(args.device, dtypes).items():
         print(
-            f"{key}: mm {rates.mm / 1e9:.3g} GFLOP/s, bmm {rates.bmm / 1e9:.3g} GFLOP/s, "
+            f"{key}: mm {rates.mm / 1e9:.3g} GFLOP/s, bmm {rates.bmm / 1e9:.3g} GFLOP/s (by shape "
+            f"{min(r for _, _, r in rates.small) / 1e9:.3g} to {max(r for _, _, r in rates.small) / 1e9:.3g}), "
             f"bandwidth {rates.bandwidth / 1e9:.3g} GB/s"
         )
     print(f"stored in {cache_path()}")

@@ -46,6 +46,7 @@ from bkcompile.passes.cost import (
     compiled_sizes,
     mixes,
     non_private_peak,
+    other_seconds,
     resolve_budget,
     with_expected_batch,
 )
@@ -122,7 +123,9 @@ def _cost(state: PassState) -> PassState:
     plans = choose(state.joint, list(state.params), state.options, sizes, dtype.itemsize, rates, budget, groups)
     flops = backward_flops(state.joint, backward, sizes)
     groups = groups if len(groups) > 1 else ()
-    cost = CostPlan(tuple(plans), sizes, flops, dtype, rates, budget, groups, mixes(plans, budget.bytes, groups))
+    other = other_seconds(state.joint, sizes, rates)
+    chosen = mixes(plans, budget.bytes, groups)
+    cost = CostPlan(tuple(plans), sizes, flops, other, dtype, rates, budget, groups, chosen)
     return dataclasses.replace(state, cost=cost)
 
 

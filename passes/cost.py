@@ -16,7 +16,10 @@ products one per sample, or elementwise passes, with their FLOPs and the values 
 rates calibrated once per machine and device (``bkcompile.compiler.calibration``) each kernel takes the longer of
 its FLOPs at its rate and its bytes at the memory bandwidth (a roofline): that gives each strategy's predicted
 seconds at a site (``estimate``), which the per-sample products' slower rate and their passes over B x p x d values
-enter, where FLOPs alone did not see them.
+enter, where FLOPs alone did not see them. A small product's rate is that of its shape (rows, inner dim, columns),
+interpolated on the calibrated grid; a Gram matrix of a value several sites read runs once (``shared_grams``). The
+non-private step it is set against: its products at the large-product rate, its fused attention at the small
+products' rate, and each other kernel's output written and read once at the bandwidth (``other_seconds``).
 
 ``choose`` picks per parameter: explicit where every site's two costs are the same (a sum site: its norm needs
 the per-sample sums, and they give the clipped sum too, so the operand is not read again after clipping); the
@@ -188,6 +191,7 @@ class CostPlan:
     plans: tuple[ParamPlan, ...]  # one per clipped parameter
     compiled_sizes: dict[sympy.Symbol, int]  # the shape symbols' values at the compiled sizes
     backward_flops: float  # of the ordinary backward's matrix products and convolutions
+    other_seconds: float  # of the non-private step's attention and elementwise kernels (``other_seconds``)
     norm_dtype: torch.dtype  # what the per-sample norms accumulate in
     rates: Rates  # the calibrated kernel throughputs the seconds are predicted with
     budget: Budget
@@ -197,8 +201,8 @@ class CostPlan:
     @property
     def non_private_seconds(self) -> float:
         """The predicted forward and backward of the non-private step: its matrix products and convolutions (the
-        backward's, and the forward's, about half as many) at the large-product rate."""
-        return 1.5 * self.backward_flops / self.rates.mm
+        backward's, and the forward's, about half as many) at the large-product rate, and its other kernels."""
+        return 1.5 * self.backward_flops / self.rates.mm + self.other_seconds
 
 
 def _ghost_blocked(param: ParamGrad) -> Reason | None:
@@ -213,18 +217,52 @@ def _ghost_blocked(param: ParamGrad) -> Reason | None:
     return None
 
 
-def estimate(costs: list[SiteCost], strategy: Strategy, compiled: dict, rates: Rates, itemsize: int) -> Estimate:
+def estimate(
+    costs: list[SiteCost],
+    strategy: Strategy,
+    compiled: dict,
+    rates: Rates,
+    itemsize: int,
+    shared: dict[torch.fx.Node, int] | None = None,
+    held_fresh: bool = False,
+) -> Estimate:
     """What ``strategy`` adds at the sites ``costs`` (of one parameter): its kernels' seconds by the roofline of
-    ``rates``, its FLOPs and the bytes it holds."""
+    ``rates``, its FLOPs and the bytes it holds. A Gram matrix of a value that ``shared`` counts n sites' Grams of
+    runs once for them: each counts 1/n of its seconds (exact when all n take ghost norms). With ``held_fresh``
+    (one clipping group: the values are held across the backward, in memory newly allocated each step) the bytes
+    held are written at the ``fresh`` rate too."""
+    shared = shared or {}
     seconds = flops = held = 0.0
     for site in costs:
         cost = site.ghost if strategy is Strategy.GHOST else site.explicit
-        kernels = [cost.time, cost.memory, *(e for k in cost.kernels for e in (k.flops, k.values))]
+        one = sympy.Integer(1)
+        kernels = [
+            cost.time,
+            cost.memory,
+            *(e for k in cost.kernels for e in (k.flops, k.values, *(k.shape or (one, one, one)))),
+        ]
         values = evaluate_all(kernels, site.sizes, compiled)
         flops, held = flops + values[0], held + values[1] * itemsize
         for i, kernel in enumerate(cost.kernels):
-            seconds += kernel.count * rates.seconds(kernel.rate, *values[2 + 2 * i : 4 + 2 * i], itemsize)
+            flop, moved, *shape = values[2 + 5 * i : 7 + 5 * i]
+            shaped = tuple(shape) if kernel.shape is not None else None
+            share = shared.get(kernel.gram_of, 1) if kernel.gram_of is not None else 1
+            seconds += kernel.count * rates.seconds(kernel.rate, flop, moved, itemsize, shaped) / share
+    if held_fresh and rates.fresh:
+        seconds += held / rates.fresh
     return Estimate(seconds, flops, held)
+
+
+def shared_grams(plans: list[ParamPlan]) -> dict[torch.fx.Node, int]:
+    """How many Gram matrices the sites of ``plans`` that may take ghost norms form of each value."""
+    counts: dict[torch.fx.Node, int] = {}
+    for plan in plans:
+        if plan.strategy is Strategy.GHOST or plan.free:
+            for site in plan.costs:
+                for kernel in site.ghost.kernels if site.ghost is not None else ():
+                    if kernel.gram_of is not None:
+                        counts[kernel.gram_of] = counts.get(kernel.gram_of, 0) + 1
+    return counts
 
 
 def held_bytes(plans, strategies: dict[int, Strategy], groups: tuple[tuple[str, ...], ...]) -> float:
@@ -292,6 +330,7 @@ def choose(
     empty). "auto" and "fastest" pick per parameter the faster strategy by the predicted time, where the bytes
     held fit ``budget`` (:func:`mix`)."""
     groups = groups if len(groups) > 1 else ()
+    held_fresh = not groups
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
@@ -304,9 +343,11 @@ def choose(
             plan = ParamPlan(param, costs, Strategy(options.strategy), Reason.FORCED)
         else:
             plan = ParamPlan(param, costs, Strategy.GHOST, Reason.FASTER)
-        strategies = [plan.strategy] if not plan.free else list(Strategy)
-        plan.estimates = {s: estimate(costs, s, compiled, rates, itemsize) for s in strategies}
         plans.append(plan)
+    shared = shared_grams(plans)
+    for plan in plans:
+        strategies = [plan.strategy] if not plan.free else list(Strategy)
+        plan.estimates = {s: estimate(plan.costs, s, compiled, rates, itemsize, shared, held_fresh) for s in strategies}
     if options.strategy in ("auto", "fastest"):
         for i, strategy in mix(plans, budget.bytes, groups).items():
             estimates = plans[i].estimates
@@ -359,7 +400,68 @@ def non_private_peak(joint: JointGraph, backward: set[torch.fx.Node], compiled: 
     return total + gradients
 
 
-# --- the ordinary backward, for the overhead estimate ------------------------------------------------------
+# --- the ordinary step, for the overhead estimate ----------------------------------------------------------
+
+_ATTENTION = {  # fused attention, forward or backward: (query, key, value) are its first three arguments
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 1,
+    aten._scaled_dot_product_flash_attention.default: 1,
+    aten._scaled_dot_product_efficient_attention.default: 1,
+    aten._scaled_dot_product_cudnn_attention.default: 1,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 2.5,
+    aten._scaled_dot_product_flash_attention_backward.default: 2.5,
+    aten._scaled_dot_product_efficient_attention_backward.default: 2.5,
+    aten._scaled_dot_product_cudnn_attention_backward.default: 2.5,
+}
+# kernels the elementwise count leaves out: views (no kernel), products (counted by FLOPs), attention (above)
+_NOT_ELEMENTWISE = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.convolution.default,
+    aten.convolution_backward.default,
+    *_ATTENTION,
+}
+
+
+def other_seconds(joint: JointGraph, compiled: dict, rates: Rates) -> float:
+    """The predicted seconds of the non-private step's kernels other than its matrix products and convolutions.
+
+    Fused attention: the forward's two products per head, 2 L S (E + Ev) FLOPs for queries (L x E), keys (S x E)
+    and values (S x Ev); the backward's five, 2.5x the forward's; each at the small products' rate of a head's
+    (L x E)(E x S) product. Every other op that is not a view: its output written once and read once at the
+    bandwidth (a fused group of elementwise ops writes less; a reduction reads more)."""
+    seconds = 0.0
+    for node in joint.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _ATTENTION:
+            seconds += _attention_seconds(node, compiled, rates)
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or node.target in _NOT_ELEMENTWISE or _is_view(node, value):
+            continue
+        seconds += 2 * evaluate(product(shape_exprs(value)), {}, compiled) * value.element_size() / rates.bandwidth
+    return seconds
+
+
+def _is_view(node: torch.fx.Node, value: torch.Tensor) -> bool:
+    """A node whose output aliases an input's storage (no kernel runs: a view, a reshape of a contiguous value)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return True  # getitem of a multi-output op: that op wrote it
+    storage = StorageWeakRef(value.untyped_storage())
+    return any(
+        isinstance(a.meta.get("val"), torch.Tensor) and StorageWeakRef(a.meta["val"].untyped_storage()) == storage
+        for a in node.all_input_nodes
+    )
+
+
+def _attention_seconds(node: torch.fx.Node, compiled: dict, rates: Rates) -> float:
+    query, key, value = (shape_exprs(a.meta["val"]) for a in node.args[:3])
+    heads = product(query[:-2])
+    rows, width, keys, out = query[-2], query[-1], key[-2], value[-1]
+    flops = _ATTENTION[node.target] * 2 * heads * rows * keys * (width + out)
+    flops, rows, width, keys = evaluate_all([flops, rows, width, keys], {}, compiled)
+    return flops / rates.small_rate(rows, width, keys)
 
 
 def backward_flops(joint: JointGraph, backward: set[torch.fx.Node], compiled: dict) -> float:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import sympy
 import torch
 import torch.fx
-from bkcompile.passes.cost import Strategy, estimate, evaluate, held_bytes
+from bkcompile.passes.cost import Strategy, estimate, evaluate, held_bytes, shared_grams
 
 from bkcompile.compiler.report import CostReport, SiteRow
 from bkcompile.errors import module_of, module_path, user_frame
@@ -42,6 +42,7 @@ def build_report(state: PassState) -> CostReport:
     cost = state.cost
     itemsize = cost.norm_dtype.itemsize
     rows = []
+    shared = shared_grams(list(cost.plans))
     for plan in cost.plans:
         for site in plan.costs:
             node = site.site.node
@@ -53,7 +54,8 @@ def build_report(state: PassState) -> CostReport:
                 )
 
             def seconds(strategy, site=site):
-                return estimate([site], strategy, cost.compiled_sizes, cost.rates, itemsize).seconds
+                at_sizes = (cost.compiled_sizes, cost.rates, itemsize, shared, not cost.groups)
+                return estimate([site], strategy, *at_sizes).seconds
 
             direct, module = site.ghost == site.explicit, module_path(node)
             rows.append(
@@ -112,6 +114,8 @@ def build_report(state: PassState) -> CostReport:
             "bmm": cost.rates.bmm,
             "bandwidth": cost.rates.bandwidth,
             "source": cost.rates.source,
+            "small": [list(point) for point in cost.rates.small],
+            "fresh": cost.rates.fresh,
         },
         groups=groups,
         graph=state.role.label,

@@ -16,7 +16,8 @@ from bkcompile.errors import find_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # The kernel rates every test compiles with (conftest pins them in a calibration file of its own), so that the cost
-# model's choices do not depend on the machine: about this project's 2-core CPU's.
+# model's choices do not depend on the machine: about this project's 2-core CPU's. No grid of small products by shape:
+# they all run at ``bmm`` (test_time_model pins a grid where it tests one).
 PINNED_RATES = bkcompile.compiler.calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="pinned by the tests")
 
 

@@ -5,14 +5,20 @@ conftest pins (``helpers.PINNED_RATES``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 import zoo
+from bkcompile.passes import cost
 from helpers import PINNED_RATES, assert_matches, raises_bk
 from oracle import clipped_sum, compiled_grads
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import bkcompile
 from bkcompile.__main__ import main
@@ -57,10 +63,23 @@ def test_calibration_is_measured_once_cached_and_measured_again_on_request(
     report = bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST)  # the first compile measures them
     (stored,) = calibration.load().values()
     assert list(calibration.load()) == [key] and stored.source.startswith("measured ")
-    assert min(stored.mm, stored.bmm, stored.bandwidth) > 0
-    assert report.rates == {"mm": stored.mm, "bmm": stored.bmm, "bandwidth": stored.bandwidth, "source": stored.source}
+    assert min(stored.mm, stored.bmm, stored.bandwidth) > 0 and stored.version == calibration.VERSION
+    inners, sides, *_ = calibration.GRID["cpu"]
+    assert [(k, s) for k, s, _ in stored.small] == [(k, s) for k in inners for s in sides]
+    assert min(rate for _, _, rate in stored.small) > 0 and stored.fresh > 0
+    assert report.rates == {
+        "mm": stored.mm,
+        "bmm": stored.bmm,
+        "bandwidth": stored.bandwidth,
+        "source": stored.source,
+        "small": [list(point) for point in stored.small],
+        "fresh": stored.fresh,
+    }
     assert bkcompile.explain(nn.Linear(4, 3), torch.randn(6, 4), **FAST).rates == report.rates  # read, not measured
 
+    old = {**dataclasses.asdict(stored), "version": calibration.VERSION - 1}  # measured before the grid existed
+    (tmp_path / "calibration.json").write_text(json.dumps({key: old}))
+    assert calibration.load() == {}  # measured again
     calibration.save(key, PINNED_RATES)  # pinned rates are used from then on
     assert bkcompile.explain(nn.Linear(4, 2), torch.randn(6, 4), **FAST).rates["source"] == "pinned by the tests"
 
@@ -111,8 +130,11 @@ def test_predicted_seconds_of_a_linear_site_at_the_pinned_rates() -> None:
     assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
     assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
     assert report.predicted_s == pytest.approx(ghost, rel=1e-12)  # the faster, chosen
-    # a non-private step: the backward's product (the weight's gradient, 2 B T p d) and the forward's, half as many
-    assert report.non_private_predicted_s == pytest.approx(1.5 * (2 * 8 * 5 * 64 * 32) / PINNED_RATES.mm)
+    # a non-private step: the backward's product (the weight's gradient, 2 B T p d) and the forward's, half as many,
+    # and its other kernels' outputs written and read once: tanh (B T p), the sum over tokens (B p), tanh's backward
+    products = 1.5 * (2 * 8 * 5 * 64 * 32) / PINNED_RATES.mm
+    elementwise = 2 * 4 * (8 * 5 * 32 + 8 * 32 + 8 * 5 * 32) / PINNED_RATES.bandwidth
+    assert report.non_private_predicted_s == pytest.approx(products + elementwise, rel=1e-12)
     assert report.overhead == pytest.approx(ghost / report.non_private_predicted_s)
 
 
@@ -234,6 +256,90 @@ def test_the_report_shows_the_predicted_time_the_budget_and_the_ceiling() -> Non
     assert ", over the budget)" in text.split("all explicit")[1] and text.count("predicted overhead") == 1
     row = report.rows[0]
     assert f"{row.ghost_seconds * 1e6:.3g} us, " in text and "seconds, FLOPs, bytes" in report.to_markdown()
+
+
+def test_small_products_run_at_the_rate_of_their_shape() -> None:
+    """The grid's rates interpolated in the logarithms of inner, side and rate, the edges' outside the grid; a
+    linear site's Grams (T x width)(width x T) and per-sample products (p x T)(T x d) at their own shapes."""
+    grid = tuple((k, s, 1e7 * k * s) for k in (4, 64) for s in (16, 256))  # log rate = log k + log s + const
+    rates = calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="a grid", small=grid)
+    assert rates.small_rate(16, 4, 16) == pytest.approx(64e7) and rates.small_rate(8, 16, 32) == pytest.approx(256e7)
+    assert rates.small_rate(1, 1, 1) == pytest.approx(64e7)  # the grid's edges outside it
+    assert rates.small_rate(1000, 1000, 1000) == pytest.approx(64 * 256e7)
+    assert calibration.Rates(1e10, 4e9, 5e9).small_rate(8, 16, 32) == 4e9  # no grid: bmm
+    helpers.pin_rates(rates)
+    try:
+        (row,) = bkcompile.explain(Tokens(64, 32), torch.randn(8, 5, 64), strategy="fastest", **STATIC).rows
+    finally:
+        helpers.pin_rates()
+    size, t, p, d, b = 4, 5, 32, 64, 8
+
+    def small(rows, inner, columns, values):
+        flops = 2 * b * rows * inner * columns
+        return max(flops / rates.small_rate(rows, inner, columns), values * size / rates.bandwidth)
+
+    ghost = (
+        small(t, p, t, b * (t * p + t * t))
+        + small(t, d, t, b * (t * d + t * t))
+        + (2 * b * t * t + 2 * b * t * min(p, d)) * size / rates.bandwidth
+    )
+    replaced = max(2 * b * t * p * d / rates.mm, (b * t * p + b * t * d + p * d) * size / rates.bandwidth)
+    explicit = small(p, t, d, b * (t * p + t * d + p * d)) - replaced + (2 * b * p * d + p * d) * size / rates.bandwidth
+    assert row.ghost_seconds == pytest.approx(ghost, rel=1e-12)
+    assert row.explicit_seconds == pytest.approx(explicit, rel=1e-12)
+
+
+class ThreeHeads(nn.Module):
+    """Three projections of one input (query, key and value), without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 32, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return (self.q(x).tanh() + self.k(x).tanh() * self.v(x)).sum(1)
+
+
+def test_projections_of_one_input_share_its_gram_matrix() -> None:
+    """The input's Gram matrix runs once for the three sites (the graph's common-subexpression elimination): each
+    site's ghost time counts a third of it."""
+    report = bkcompile.explain(ThreeHeads(), torch.randn(8, 5, 64), strategy="ghost", **STATIC)
+    ghost, _ = _linear_seconds(8, 5, 32, 64)
+    gram = max(2 * 8 * 5 * 5 * 64 / PINNED_RATES.bmm, 8 * (5 * 64 + 5 * 5) * 4 / PINNED_RATES.bandwidth)
+    assert [row.ghost_seconds for row in report.rows] == pytest.approx([ghost - 2 * gram / 3] * 3, rel=1e-12)
+    assert report.predicted_s == pytest.approx(3 * ghost - 2 * gram, rel=1e-12)
+
+
+def test_values_held_across_the_backward_are_written_to_new_memory() -> None:
+    """All-layer clipping holds every per-sample gradient until the clip, in memory newly allocated each step:
+    their bytes are written at the fresh rate too; layer-wise, each group's are freed before the next's."""
+    x, model = torch.randn(8, 23, 64), Tokens(64, 48, 32)
+    helpers.pin_rates(dataclasses.replace(PINNED_RATES, fresh=1e9))
+    try:
+        held = bkcompile.explain(model, x, strategy="explicit", **STATIC)
+        grouped = bkcompile.explain(model, x, strategy="explicit", clipping="layer-wise", **STATIC)
+    finally:
+        helpers.pin_rates()
+    pinned = bkcompile.explain(model, x, strategy="explicit", **STATIC)
+    for row, by_group, at_pinned, (p, d) in zip(held.rows, grouped.rows, pinned.rows, [(48, 64), (32, 48)]):
+        assert row.explicit_seconds == pytest.approx(at_pinned.explicit_seconds + 8 * p * d * 4 / 1e9, rel=1e-12)
+        assert by_group.explicit_seconds == pytest.approx(at_pinned.explicit_seconds, rel=1e-12)
+    assert "new memory written at 1 GB/s" in " ".join(str(held).split())
+
+
+def test_the_non_private_step_s_attention_runs_at_the_small_products_rate() -> None:
+    """A fused attention's forward: 2 L S (E + Ev) FLOPs per head, at the rate of a head's (L x E)(E x S)
+    product; its output is the attention's (a getitem: no kernel of its own)."""
+    batch, heads, rows, keys, width, out = 2, 3, 7, 5, 8, 4
+    q, k, v = torch.randn(batch, heads, rows, width), torch.randn(batch, heads, keys, width), torch.randn(2, 3, 5, out)
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    gm = make_fx(lambda q, k, v: attention(q, k, v)[0], tracing_mode="fake")(q, k, v)
+    grid = tuple((i, s, 1e7 * i * s) for i in (4, 64) for s in (4, 64))
+    rates = calibration.Rates(mm=1e10, bmm=4e9, bandwidth=5e9, source="a grid", small=grid)
+    flops = 2 * batch * heads * rows * keys * (width + out)
+    assert cost.other_seconds(SimpleNamespace(gm=gm), {}, rates) == pytest.approx(
+        flops / rates.small_rate(rows, width, keys), rel=1e-12
+    )
 
 
 def test_calibration_keeps_each_kernel_s_fastest_run_and_keys_a_cpu_by_its_threads() -> None:

@@ -79,11 +79,11 @@ class CostReport:
     total_flops: float  # what the chosen strategies add
     total_bytes: float
     predicted_s: float  # the seconds the chosen strategies add to a step, predicted from the calibrated rates
-    non_private_predicted_s: float  # a non-private forward and backward: its products at the large-product rate
+    non_private_predicted_s: float  # a non-private forward and backward: products, attention, other kernels
     held_bytes: float  # what the per-sample norm work holds at once (several groups: the largest group's)
     budget: dict[str, Any]  # bytes (None: no limit), source (how it was set), non_private_peak (estimated bytes)
     mixes: dict[str, dict[str, Any]]  # the best mix within the budget, all ghost, all explicit: seconds, bytes, fits
-    rates: dict[str, Any]  # the calibration: mm, bmm (FLOP/s), bandwidth (bytes/s), source
+    rates: dict[str, Any]  # the calibration: mm, bmm (FLOP/s), bandwidth (bytes/s), source, small (by shape), fresh
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # clipping: name, params, threshold
     graph: str = "the whole model"  # which graph of the model this is
     clipped: str = "in this graph"  # or: at the end of the backward, with the model's other graphs
@@ -120,13 +120,16 @@ class CostReport:
             "clipping groups: "
             + "; ".join(f"{g['name']} (R = {g['threshold']:.4g}, {len(g['params'])} parameters)" for g in self.groups),
             f"predicted overhead {100 * self.overhead:.1f}%: privacy adds {_seconds(self.predicted_s)} to a "
-            f"non-private step of {_seconds(self.non_private_predicted_s)} (its products at the mm rate); "
+            f"non-private step of {_seconds(self.non_private_predicted_s)} (its products at the mm rate, attention at "
+            "the small products', other kernels at the bandwidth); "
             f"{_flops(self.total_flops)} and {_bytes(self.total_bytes)} to a backward of "
             f"{_flops(self.backward_flops)} (matrix products and convolutions)",
             f"memory budget: {_budget(self.budget)}; the norm work holds {_bytes(self.held_bytes)}",
             "ceiling for the budget: " + "; ".join(f"{name} {self._mix(mix)}" for name, mix in self.mixes.items()),
             f"rates: mm {_si(self.rates['mm'], 'FLOP/s')}, bmm {_si(self.rates['bmm'], 'FLOP/s')}, bandwidth "
-            f"{_si(self.rates['bandwidth'], 'B/s')} ({self.rates['source']})",
+            f"{_si(self.rates['bandwidth'], 'B/s')}{_small(self.rates['small'])}"
+            + (f", new memory written at {_si(self.rates['fresh'], 'B/s')}" if self.rates["fresh"] else "")
+            + f" ({self.rates['source']})",
         ]
         if self.measured is not None:
             m = self.measured
@@ -305,6 +308,14 @@ def _si(value: float, unit: str) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
+
+
+def _small(points: list[list[float]]) -> str:
+    """The small products' rates by shape, as their range (nothing without a grid: they run at bmm)."""
+    if not points:
+        return ""
+    rates = [rate for _, _, rate in points]
+    return f", small products {_si(min(rates), 'FLOP/s')} to {_si(max(rates), 'FLOP/s')} by shape"
 
 
 def last_report(model: torch.nn.Module | None = None) -> CostReport | None:

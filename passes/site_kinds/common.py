@@ -42,12 +42,18 @@ class Kernel:
     """One kernel a strategy runs, for the time model: at a calibrated rate (``bkcompile.compiler.calibration``)
     "mm" (one large product), "bmm" (a small product per sample) or "pass" (elementwise or a reduction: the
     bandwidth alone), its FLOPs and the values it reads and writes; ``count`` -1: a kernel of the ordinary
-    backward that the strategy runs in its place (the product the per-sample products replace)."""
+    backward that the strategy runs in its place (the product the per-sample products replace). Small products
+    give the ``shape`` (rows, inner, columns) of each: their rate depends on it (``Rates.small_rate``). A Gram
+    matrix of one site operand names it (``gram_of``): sites reading one value (the query, key and value
+    projections of one input) share its Gram matrix, which the graph's common-subexpression elimination leaves
+    once."""
 
     rate: str
     flops: sympy.Expr
     values: sympy.Expr
     count: int = 1
+    shape: tuple[sympy.Expr, sympy.Expr, sympy.Expr] | None = None
+    gram_of: torch.fx.Node | None = None
 
 
 @dataclasses.dataclass(frozen=True)

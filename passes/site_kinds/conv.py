@@ -285,22 +285,30 @@ def _conv_cost(joint: JointGraph, node: torch.fx.Node):
     shape = _geometry(conv) if _gram_of_padded(conv) else None
     if shape is None:
         gram_in = 2 * T**2 * d
-        gram_in_kernels = (Kernel("pass", 0, G * B * T * d), Kernel("bmm", G * B * gram_in, G * B * (T * d + T**2)))
+        gram_in_kernels = (
+            Kernel("pass", 0, G * B * T * d),
+            Kernel("bmm", G * B * gram_in, G * B * (T * d + T**2), shape=(T, d, T)),
+        )
     else:
         kernel, padded = math.prod(shape.kernel), math.prod(shape.padded)
         gram_in = 2 * padded**2 * d / kernel + kernel * T**2
         gram_in_kernels = (
-            Kernel("bmm", G * B * 2 * padded**2 * d / kernel, G * B * (padded * d / kernel + padded**2)),
+            Kernel(
+                "bmm",
+                G * B * 2 * padded**2 * d / kernel,
+                G * B * (padded * d / kernel + padded**2),
+                shape=(padded, d / kernel, padded),
+            ),
             *passes(G * B * (kernel * T**2 + T**2)),  # the kernel offsets' entries read and summed
         )
     ghost_kernels = (
-        Kernel("bmm", G * B * 2 * T**2 * p, G * B * (T * p + T**2)),  # the output gradient's Grams
+        Kernel("bmm", G * B * 2 * T**2 * p, G * B * (T * p + T**2), shape=(T, p, T)),  # the output gradient's Grams
         *gram_in_kernels,
         *passes(2 * G * B * T**2, 2 * G * B * T * p),  # the Grams' product summed; the weighting
     )
     ghost = Cost(G * B * (2 * T**2 * p + gram_in + T**2), 2 * G * B * T**2, ghost_kernels)
     explicit_kernels = (
-        Kernel("bmm", 2 * G * B * T * p * d, G * B * (T * p + T * d + p * d)),  # the per-sample gradients
+        Kernel("bmm", 2 * G * B * T * p * d, G * B * (T * p + T * d + p * d), shape=(p, T, d)),  # per-sample
         Kernel("mm", 2 * G * B * T * p * d, G * (B * T * p + B * T * d + p * d), count=-1),  # in place of this
         *passes(G * B * p * d, G * B * p * d + G * p * d),  # the norms, the weighted sum
     )

@@ -99,7 +99,7 @@ def _embedding_cost(joint: JointGraph, node: torch.fx.Node):
     vocab, width = shape_exprs(node.meta["val"])
     sizes = {B: joint.batch, T: rows(product(shape_exprs(node.args[1].meta["val"])), joint.batch), V: vocab, d: width}
     ghost_kernels = (
-        Kernel("bmm", 2 * B * T**2 * d, B * (T * d + T**2)),  # the output gradient's Grams
+        Kernel("bmm", 2 * B * T**2 * d, B * (T * d + T**2), shape=(T, d, T)),  # the output gradient's Grams
         *passes(B * T**2, 2 * B * T**2, 2 * B * T * d),  # the ids' equality, the product summed, the weighting
     )
     explicit_kernels = (

@@ -65,21 +65,22 @@ def per_sample_products(emit: Emitter, a3, b3, inner: Size, layers: Size, shape:
     return emit(aten.reshape.default, grads, [-1, *shape])
 
 
-def product_cost(joint: JointGraph, a: list[sympy.Expr], columns: sympy.Expr):
+def product_cost(joint: JointGraph, a: list[sympy.Expr], columns: sympy.Expr, operands=(None, None)):
     """Costs of a (L, n, K) @ b (L, K, ``columns``) (a without L for mm): ghost, the two Gram matrices and
-    their product; explicit, the per-sample gradients, their norms and sum."""
+    their product; explicit, the per-sample gradients, their norms and sum. ``operands``: the nodes of a and b,
+    which the Grams are of."""
     lead = a[0] if len(a) == 3 else sympy.Integer(1)
     sizes = {B: joint.batch, T: rows(a[-1], joint.batch), p: a[-2], d: columns}
     L = lead
     grams = (
-        Kernel("bmm", 2 * L * B * T**2 * p, L * B * (T * p + T**2)),
-        Kernel("bmm", 2 * L * B * T**2 * d, L * B * (T * d + T**2)),
+        Kernel("bmm", 2 * L * B * T**2 * p, L * B * (T * p + T**2), shape=(T, p, T), gram_of=operands[0]),
+        Kernel("bmm", 2 * L * B * T**2 * d, L * B * (T * d + T**2), shape=(T, d, T), gram_of=operands[1]),
     )
     # the Grams' product summed, and the narrower operand scaled by the clip weights
     ghost_kernels = grams + passes(2 * L * B * T**2, 2 * L * B * T * sympy.Min(p, d))
     ghost = Cost(L * B * (2 * T**2 * (p + d) + T**2), L * 2 * B * T**2, ghost_kernels)
     explicit_kernels = (
-        Kernel("bmm", 2 * L * B * T * p * d, L * B * (T * p + T * d + p * d)),  # the per-sample products
+        Kernel("bmm", 2 * L * B * T * p * d, L * B * (T * p + T * d + p * d), shape=(p, T, d)),  # per-sample products
         Kernel("mm", 2 * L * B * T * p * d, L * (B * T * p + B * T * d + p * d), count=-1),  # in place of this one
         *passes(L * B * p * d, L * B * p * d + L * p * d),  # the norms, the weighted sum
     )
@@ -104,9 +105,19 @@ def _matmul_matches(joint: JointGraph, node: torch.fx.Node) -> bool:
     return node.target in (aten.mm.default, aten.bmm.default) and reduces_samples(joint, node)
 
 
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.permute.default)
+
+
+def _viewed(node: torch.fx.Node) -> torch.fx.Node:
+    """The value ``node`` views (through views, transposes and permutes): what its Gram matrices are of."""
+    while isinstance(node, torch.fx.Node) and node.target in _VIEWS:
+        node = node.args[0]
+    return node
+
+
 def _matmul_cost(joint: JointGraph, node: torch.fx.Node):
     a, b = (shape_exprs(v.meta["val"]) for v in node.args[:2])
-    return product_cost(joint, a, b[-1])
+    return product_cost(joint, a, b[-1], tuple(_viewed(v) for v in node.args[:2]))
 
 
 KIND = SiteKind(
