@@ -223,19 +223,19 @@ def estimate(
     compiled: dict,
     rates: Rates,
     itemsize: int,
+    groups: tuple[tuple[str, ...], ...],
     shared: dict[torch.fx.Node, int] | None = None,
-    held_fresh: bool = False,
 ) -> Estimate:
     """What ``strategy`` adds at the sites ``costs`` (of one parameter): its kernels' seconds by the roofline of
     ``rates``, its FLOPs and the bytes it holds. A Gram matrix of a value that ``shared`` counts n sites' Grams of
-    runs once for them: each counts 1/n of its seconds (exact when all n take ghost norms). With ``held_fresh``
-    (one clipping group: the values are held across the backward, in memory newly allocated each step) the bytes
-    held are written at the ``fresh`` rate too."""
+    runs once for them: each counts 1/n of its seconds (exact when all n take ghost norms). Without ``groups`` (the
+    clipping groups whose values are freed one by one: :func:`choose`'s) the values are held across the backward, in
+    memory newly allocated each step, and the bytes held are written at the ``fresh`` rate too."""
     shared = shared or {}
     seconds = flops = held = 0.0
+    one = sympy.Integer(1)
     for site in costs:
         cost = site.ghost if strategy is Strategy.GHOST else site.explicit
-        one = sympy.Integer(1)
         kernels = [
             cost.time,
             cost.memory,
@@ -248,7 +248,7 @@ def estimate(
             shaped = tuple(shape) if kernel.shape is not None else None
             share = shared.get(kernel.gram_of, 1) if kernel.gram_of is not None else 1
             seconds += kernel.count * rates.seconds(kernel.rate, flop, moved, itemsize, shaped) / share
-    if held_fresh and rates.fresh:
+    if not groups and rates.fresh:
         seconds += held / rates.fresh
     return Estimate(seconds, flops, held)
 
@@ -330,7 +330,6 @@ def choose(
     empty). "auto" and "fastest" pick per parameter the faster strategy by the predicted time, where the bytes
     held fit ``budget`` (:func:`mix`)."""
     groups = groups if len(groups) > 1 else ()
-    held_fresh = not groups
     plans = []
     for param in params:
         costs = [site_cost(joint, site) for site in param.sites]
@@ -347,7 +346,7 @@ def choose(
     shared = shared_grams(plans)
     for plan in plans:
         strategies = [plan.strategy] if not plan.free else list(Strategy)
-        plan.estimates = {s: estimate(plan.costs, s, compiled, rates, itemsize, shared, held_fresh) for s in strategies}
+        plan.estimates = {s: estimate(plan.costs, s, compiled, rates, itemsize, groups, shared) for s in strategies}
     if options.strategy in ("auto", "fastest"):
         for i, strategy in mix(plans, budget.bytes, groups).items():
             estimates = plans[i].estimates

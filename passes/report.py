@@ -54,7 +54,7 @@ def build_report(state: PassState) -> CostReport:
                 )
 
             def seconds(strategy, site=site):
-                at_sizes = (cost.compiled_sizes, cost.rates, itemsize, shared, not cost.groups)
+                at_sizes = (cost.compiled_sizes, cost.rates, itemsize, cost.groups, shared)
                 return estimate([site], strategy, *at_sizes).seconds
 
             direct, module = site.ghost == site.explicit, module_path(node)
