@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 import bkcompile.passes
 from bkcompile.compiler.breaks import refuse_batch_size_branch
+from bkcompile.compiler.kernels import KernelGrouping
 from bkcompile.compiler.options import BKOptions, parse_options
 from bkcompile.compiler.recurrent import unfuse_recurrent
 from bkcompile.compiler.transformers_version import refuse_old_transformers
@@ -443,13 +444,16 @@ def _inductor_config(job: _Job, device: torch.device) -> dict:
     per-sample convolution weight gradient is one convolution over (1, B*C, H, W), a free view of an NCHW
     tensor, and the im2col of a ghost norm reads NCHW too; under channels-last (Inductor's CPU default) every
     such site copies its operands between layouts, and oneDNN's grouped channels-last kernel is slower still
-    (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW)."""
+    (ResNet-GN: 0.67x of non-private throughput in channels-last, 0.87x in NCHW). On CPU too, the scheduler's
+    kernels are grouped between extern calls (:class:`bkcompile.compiler.kernels.KernelGrouping`): each C++ kernel is
+    a build of its own, and a privatized backward's norms and weighted operands sit between its matrix products."""
     from torch._inductor import list_mode_options
 
     options = job.options
     config: dict[str, Any] = {"trace.provenance_tracking_level": 1}
     if device.type == "cpu":
         config["layout_optimization"] = False
+        config["_post_fusion_custom_pass"] = KernelGrouping()
     config.update(list_mode_options(options.mode))
     config.update(options.inductor)
     config.update({"joint_custom_pre_pass": _InductorJointPass(job), "use_joint_graph_passes": True})
