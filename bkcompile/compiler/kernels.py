@@ -26,6 +26,7 @@ Only for CPU graphs: on GPUs each fused node is a kernel of its own wherever it 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch._inductor import config
@@ -34,28 +35,18 @@ from torch._inductor.memory import estimate_peak_memory, prepare_planning_info, 
 from torch._inductor.scheduler import BaseSchedulerNode, NopKernelSchedulerNode
 from torch._inductor.virtualized import V
 
+log = logging.getLogger(__name__)
+
 
 def closes_kernel(node: BaseSchedulerNode) -> bool:
     """Whether Inductor's code generation closes the running C++ kernel at ``node`` (an extern call)."""
     return node.is_extern() or node.is_template()
 
 
-def kernel_runs(order: list[BaseSchedulerNode]) -> int:
-    """The C++ kernels ``order`` generates on CPU: its runs of kernel nodes between extern calls (a no-op node,
-    a view or alias, generates no code and closes nothing)."""
-    runs, open_run = 0, False
-    for node in order:
-        if closes_kernel(node):
-            open_run = False
-        elif not isinstance(node, NopKernelSchedulerNode):
-            runs += not open_run
-            open_run = True
-    return runs
-
-
 def _runs(order: list[BaseSchedulerNode]) -> list[tuple[int, int]]:
     """The index ranges [start, end) of ``order``'s runs: maximal spans of nodes that close no kernel, with at
-    least one kernel node (no-ops between two extern calls belong to no run)."""
+    least one kernel node (a no-op node, a view or alias, generates no code: no-ops alone between two extern calls
+    are no run)."""
     runs, start = [], None
     for index, node in enumerate([*order, None]):
         if node is None or closes_kernel(node):
@@ -65,6 +56,11 @@ def _runs(order: list[BaseSchedulerNode]) -> list[tuple[int, int]]:
         elif start is None and not isinstance(node, NopKernelSchedulerNode):
             start = index
     return runs
+
+
+def kernel_runs(order: list[BaseSchedulerNode]) -> int:
+    """The C++ kernels ``order`` generates on CPU: its runs of kernel nodes between extern calls."""
+    return len(_runs(order))
 
 
 def _joined(order: list[BaseSchedulerNode], first: tuple[int, int], second: tuple[int, int]):
@@ -104,6 +100,13 @@ class KernelGrouping(CustomSchedulerPass):
     extern calls, when that makes fewer C++ kernels at no more estimated peak memory (the module's docstring)."""
 
     def __call__(self, nodes: list[BaseSchedulerNode]) -> list[BaseSchedulerNode]:
+        try:
+            return self._grouped(nodes)
+        except Exception:  # an optimisation of compile time only: Inductor's own order is as correct
+            log.warning("bk_dp's kernel grouping failed; Inductor's order is kept", exc_info=True)
+            return nodes
+
+    def _grouped(self, nodes: list[BaseSchedulerNode]) -> list[BaseSchedulerNode]:
         graph = V.graph
         name_to_buf = {buf.get_name(): buf for node in nodes for buf in node.get_outputs()}
         name_to_fused_node = {part.get_name(): node for node in nodes for part in node.get_nodes()}
@@ -111,8 +114,7 @@ class KernelGrouping(CustomSchedulerPass):
         planning: tuple[Any, ...] = (name_to_buf, name_to_fused_node, inputs, outputs)
         base = reorder_for_peak_memory(nodes, *planning) if config.reorder_for_peak_memory else nodes
         _, freeable = prepare_planning_info(base, *planning)
-        grouped = group_kernels(base, lambda order: estimate_peak_memory(order, freeable, outputs)[0])
-        return grouped
+        return group_kernels(base, lambda order: estimate_peak_memory(order, freeable, outputs)[0])
 
     def uuid(self) -> bytes:
         """The FX graph cache's key part for the pass: it changes with this module's source."""
