@@ -8,6 +8,7 @@ same model compiles to the same privatized graphs, keys included. The runs share
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -180,3 +181,29 @@ def test_a_saved_plan_loads_as_it_was_saved(tmp_path: pathlib.Path, monkeypatch:
     assert warm.load("another") is None
     (tmp_path / "bkcompile_plans" / "k.pickle").write_bytes(b"not a pickle")
     assert warm.load("k") is None
+    unpicklable = dataclasses.replace(plan, report=lambda: None)  # a plan that cannot be written is not kept
+    warm.save("u", unpicklable)
+    assert warm.load("u") is None and not (tmp_path / "bkcompile_plans" / "u.pickle").exists()
+
+
+def test_a_saved_plan_that_clips_an_input_the_graph_does_not_train_is_not_used() -> None:
+    """The loaded plan must clip trainable inputs of the graph it is loaded for; else the graph compiles again."""
+    from bkcompile.passes.facts import REPLICATED
+    from bkcompile.passes.joint import GraphInput, InputKind
+
+    from bkcompile.compiler.backend import _clips_trainable
+    from bkcompile.plan import ClipGroup, GraphPlan, Grouping
+    from bkcompile.policy import ClipPolicy
+
+    inputs = (
+        GraphInput("w", "w", InputKind.PARAMETER, REPLICATED, True),
+        GraphInput("frozen", "frozen", InputKind.PARAMETER, REPLICATED, False),
+        GraphInput("x", "x", InputKind.OTHER, REPLICATED, False),
+    )
+    policy = ClipPolicy.of(parse_options({"max_grad_norm": 1.0}))
+
+    def plan(*members: int) -> GraphPlan:
+        return GraphPlan("g", policy, Grouping((ClipGroup("all", "all", members, 1.0, True),)))
+
+    assert _clips_trainable(plan(0), inputs)
+    assert not _clips_trainable(plan(0, 1), inputs) and not _clips_trainable(plan(2), inputs)

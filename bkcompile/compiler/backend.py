@@ -33,6 +33,7 @@ from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
+from bkcompile.plan import GraphPlan
 from bkcompile.runtime import rows, shared
 from bkcompile.runtime.distributed import sharded_per_module
 from bkcompile.runtime.ledger import GraphRecord, know_module, ledger_for
@@ -474,7 +475,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
     hits = counters["aot_autograd"]["autograd_cache_hit"]
     compiled = _compile_fx(gm, example_inputs, job, device, key, aot_cache=key is not None)
     loaded = job.record.plan is None and counters["aot_autograd"]["autograd_cache_hit"] > hits
-    if loaded and saved is not None:
+    if loaded and saved is not None and _clips_trainable(saved, job.inputs):
         job.record.plan = dataclasses.replace(saved, label=job.role.label)
         if saved.report is not None and job.options.report:
             print(saved.report)
@@ -484,6 +485,13 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
     if job.record.plan is not None and plan_key is not None:
         warm.save(plan_key, job.record.plan)
     return compiled
+
+
+def _clips_trainable(plan: GraphPlan, inputs: tuple[GraphInput, ...]) -> bool:
+    """Whether every parameter ``plan`` clips is a trainable input of the graph (a saved plan that does not fit the
+    graph it was loaded for is not used)."""
+    trainable = {i for i, graph_input in enumerate(inputs) if graph_input.trainable}
+    return all(set(group.members) <= trainable for group in plan.grouping.groups)
 
 
 def _compile_fx(

@@ -90,12 +90,17 @@ def load(key: str) -> GraphPlan | None:
 
 
 def save(key: str, plan: GraphPlan) -> None:
-    """Keep ``plan`` under ``key`` (written whole: another process may read it meanwhile)."""
+    """Keep ``plan`` under ``key`` (written whole: another process may read it meanwhile). A plan that cannot be
+    written is not kept: a later hit on its graphs compiles them again, with the pass."""
     path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".{os.getpid()}.tmp")
-    scratch.write_bytes(pickle.dumps(plan))
-    os.replace(scratch, path)
+    try:
+        content = pickle.dumps(plan)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_bytes(content)
+        os.replace(scratch, path)
+    except (OSError, pickle.PicklingError, TypeError, AttributeError):
+        return
 
 
 def _path(key: str) -> Path:
