@@ -26,7 +26,7 @@ from bkcompile.compiler.options import parse_options
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
-# One training step of a small MLP under bk_dp (Inductor, float64): the caches' counters, how often the pass ran,
+# One training step of a small MLP under bk_dp (Inductor, float64, a dynamic batch): the caches' counters, how often the pass ran,
 # whether every record has a plan and a report was made, and the relative error of the clipped gradients against
 # the oracle.
 STEP = textwrap.dedent(
@@ -49,6 +49,7 @@ STEP = textwrap.dedent(
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    bkcompile.mark_batch_dynamic(x)  # as the PoissonLoader marks each batch
     compiled = bkcompile.compile(model, loss_reduction="mean", report=True, **options)
     F.cross_entropy(compiled(x), y).backward()
     want, _ = clipped_sum(
