@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import itertools
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -148,6 +149,7 @@ class GraphRecord:
     others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
     samples: tuple[int, ...] = ()  # the indices of the inputs that hold the batch (forward arguments)
     batch_dim: int = 0
+    running: tuple[int, int, ClipState] | None = None  # (graph task, node id, clip state) of the last backward
     key: int = dataclasses.field(init=False)  # the graph's name for its record in the run-time ops
 
     def __post_init__(self) -> None:
@@ -248,13 +250,21 @@ def running_state(record: GraphRecord) -> ClipState:
     its inputs' edges is the tap of its call, which holds the clip of the parameters that call passed. A graph
     run outside any autograd backward (a joint graph called as a function, as the passes' unit tests do) has
     no call but its own: it keeps the state it was compiled with."""
-    if torch._C._current_graph_task_id() < 0:
+    task = torch._C._current_graph_task_id()
+    if task < 0:
         return record.state
     node = torch._C._current_autograd_node()
+    found = record.running
+    if found is not None and found[0] == task and found[1] == id(node):  # the graph's ops after its first
+        return found[2]
     tap = _Tap._backward_cls
     for edge, _ in node.next_functions if node is not None else ():
         if isinstance(edge, tap) and edge.call.graph is record:
-            return edge.call.binding.clip.state
+            state = edge.call.binding.clip.state
+            # a running node stays alive (so its id is its own) until its graph task ends, and tasks are numbered
+            # anew: the pair names this backward of this call
+            record.running = (task, id(node), state)
+            return state
     groups = record.plan.grouping.names if record.plan is not None else ()
     raise run_error(
         PrivacyError,
@@ -475,7 +485,7 @@ class StepLedger:
         self._pending.append((key, thresholds))
 
     def last_state(self) -> ClipState | None:
-        recorded = [s for s in self.states if s.latest is not None]
+        recorded = [s for s in self.states if s.backwards]
         return max(recorded, key=lambda s: s.task) if recorded else None
 
     def refuse_upstream(self, call: CallRecord) -> None:
@@ -686,7 +696,8 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
-        owner = frame.f_locals.get("self") if ours else None
+        # a frame's locals are a dict built on each read: read them where the code has a ``self`` only
+        owner = frame.f_locals.get("self") if ours and _has_self(frame.f_code) else None
         if isinstance(owner, OptimizedModule) and all(m is not owner._orig_mod for m in modules):
             modules.append(owner._orig_mod)  # the module torch.compile wraps: all of it, disabled submodules too
         if is_dynamo_entry(frame):
@@ -700,6 +711,10 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             first = first or f"{file}:{frame.f_lineno}"
         frame = frame.f_back
     return first or "<unknown location>", modules
+
+
+def _has_self(code: types.CodeType) -> bool:
+    return "self" in code.co_varnames or "self" in code.co_cellvars
 
 
 def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
