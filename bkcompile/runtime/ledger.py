@@ -149,7 +149,6 @@ class GraphRecord:
     others: tuple[int, ...] | None = None  # the indices of the inputs that are not trainable parameters
     samples: tuple[int, ...] = ()  # the indices of the inputs that hold the batch (forward arguments)
     batch_dim: int = 0
-    running: tuple[int, int, ClipState] | None = None  # (graph task, node id, clip state) of the last backward
     key: int = dataclasses.field(init=False)  # the graph's name for its record in the run-time ops
 
     def __post_init__(self) -> None:
@@ -250,21 +249,13 @@ def running_state(record: GraphRecord) -> ClipState:
     its inputs' edges is the tap of its call, which holds the clip of the parameters that call passed. A graph
     run outside any autograd backward (a joint graph called as a function, as the passes' unit tests do) has
     no call but its own: it keeps the state it was compiled with."""
-    task = torch._C._current_graph_task_id()
-    if task < 0:
+    if torch._C._current_graph_task_id() < 0:
         return record.state
     node = torch._C._current_autograd_node()
-    found = record.running
-    if found is not None and found[0] == task and found[1] == id(node):  # the graph's ops after its first
-        return found[2]
     tap = _Tap._backward_cls
     for edge, _ in node.next_functions if node is not None else ():
         if isinstance(edge, tap) and edge.call.graph is record:
-            state = edge.call.binding.clip.state
-            # a running node stays alive (so its id is its own) until its graph task ends, and tasks are numbered
-            # anew: the pair names this backward of this call
-            record.running = (task, id(node), state)
-            return state
+            return edge.call.binding.clip.state
     groups = record.plan.grouping.names if record.plan is not None else ()
     raise run_error(
         PrivacyError,
@@ -696,7 +687,8 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
-        # a frame's locals are a dict built on each read: read them where the code has a ``self`` only
+        # a frame's locals are a dict built on each read: read them where the code has a ``self`` only (its own, a
+        # cell of it or a closure's)
         owner = frame.f_locals.get("self") if ours and _has_self(frame.f_code) else None
         if isinstance(owner, OptimizedModule) and all(m is not owner._orig_mod for m in modules):
             modules.append(owner._orig_mod)  # the module torch.compile wraps: all of it, disabled submodules too
@@ -714,7 +706,7 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
 
 
 def _has_self(code: types.CodeType) -> bool:
-    return "self" in code.co_varnames or "self" in code.co_cellvars
+    return "self" in code.co_varnames or "self" in code.co_cellvars or "self" in code.co_freevars
 
 
 def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:
