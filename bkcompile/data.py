@@ -117,6 +117,28 @@ class PoissonBatchSampler:
             yield mask.nonzero().squeeze(1)[self.part].tolist()
 
 
+class _Rows(list):
+    """A batch a :class:`_TensorRows` collated already: its tensors' rows."""
+
+
+class _TensorRows(Dataset):
+    """A ``TensorDataset`` fetched a batch at a time: each tensor indexed once with the batch's indices, which is
+    what ``default_collate`` of the batch's samples gives (their rows stacked), without a Python call per sample."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> _Rows:
+        rows = torch.tensor(indices, dtype=torch.long)
+        return _Rows(tensor[rows] for tensor in self.dataset.tensors)
+
+
 class _CollateWithEmpty:
     """``collate_fn`` that also collates an empty batch (zero rows of the collated [example 0, example 0]);
     returns (rows, batch) so that the loader knows each batch's size whatever its structure."""
@@ -125,6 +147,8 @@ class _CollateWithEmpty:
         self.collate_fn, self.dataset = collate_fn, dataset
 
     def __call__(self, samples: list) -> tuple[int, Any]:
+        if isinstance(samples, _Rows):
+            return len(samples[0]), list(samples)
         if samples:
             return len(samples), self.collate_fn(samples)
         example = self.dataset[0]
@@ -192,8 +216,10 @@ class PoissonLoader:
         self.generator = generator if generator is not None else secret_generator()
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self.batch_sampler = PoissonBatchSampler(self.dataset_size, sample_rate, self.steps, self.generator)
+        # a TensorDataset under the default collate_fn is fetched a batch at a time (the same batches)
+        fast = type(self.dataset) is TensorDataset and self.collate_fn is default_collate
         self._loader = torch.utils.data.DataLoader(
-            self.dataset,
+            _TensorRows(self.dataset) if fast else self.dataset,
             batch_sampler=self.batch_sampler,
             collate_fn=_CollateWithEmpty(self.collate_fn, self.dataset),
             generator=worker_generator if worker_generator is not None else secret_generator(),

@@ -141,6 +141,26 @@ def test_empty_batches_keep_the_collated_shapes_and_dtypes() -> None:
     assert (ex.shape, ex.dtype, ey.shape, ey.dtype) == ((0, 5), torch.float64, (0,), torch.long)
 
 
+def test_a_tensor_dataset_fetched_a_batch_at_a_time_gives_the_per_sample_batches() -> None:
+    """Under the default collate_fn a TensorDataset's batch is each tensor indexed once; the batches (an empty one
+    too) are those of collating the samples one by one, value for value, dtype and shape."""
+    from torch.utils.data import default_collate
+
+    x, y = torch.randn(40, 3, 2, dtype=torch.float64), torch.randint(0, 5, (40,))
+    batched, per_sample = (
+        bkcompile.PoissonLoader(x, y, sample_rate=0.05, steps=30, generator=torch.Generator().manual_seed(2), **kw)
+        for kw in ({}, {"collate_fn": lambda samples: default_collate(samples)})
+    )
+    assert type(batched._loader.dataset).__name__ == "_TensorRows"  # the batched fetch is the one tested
+    assert type(per_sample._loader.dataset) is torch.utils.data.TensorDataset
+    pairs = list(zip(batched, per_sample, strict=True))
+    assert any(len(b[1]) == 0 for b, _ in pairs) and any(len(b[1]) > 1 for b, _ in pairs)
+    for fast, slow in pairs:
+        assert isinstance(fast, list) and len(fast) == len(slow) == 2
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def test_map_style_dataset_with_a_padding_collate_fn_trains_as_eager_dp_sgd() -> None:
     torch.manual_seed(0)
     model = BagOfWords().double()

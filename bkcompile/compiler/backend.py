@@ -8,16 +8,16 @@ import functools
 import itertools
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import bkcompile.passes
+from bkcompile.compiler import warm
 from bkcompile.compiler.breaks import refuse_batch_size_branch
 from bkcompile.compiler.kernels import KernelGrouping
 from bkcompile.compiler.options import BKOptions, parse_options
@@ -34,6 +34,7 @@ from bkcompile.passes.ops import DECOMPOSITIONS
 from bkcompile.passes.ops.embedding import refuse_uneven_bags
 from bkcompile.passes.pieces import GraphRole
 from bkcompile.passes.site_kinds import kept_ops
+from bkcompile.plan import GraphPlan
 from bkcompile.runtime import rows, shared
 from bkcompile.runtime.distributed import sharded_per_module
 from bkcompile.runtime.ledger import GraphRecord, know_module, ledger_for
@@ -182,10 +183,14 @@ def _partition(joint: torch.fx.GraphModule, joint_inputs: Any, *, job: _Job, **k
 
 
 class _InductorJointPass(CustomGraphPass):
-    """Inductor's ``joint_custom_pre_pass`` hook: privatize the joint graph before Inductor partitions it."""
+    """Inductor's ``joint_custom_pre_pass`` hook: privatize the joint graph before Inductor partitions it.
 
-    def __init__(self, job: _Job) -> None:
+    ``key``: :func:`bkcompile.compiler.warm.pass_key`, what the pass's output depends on beyond dynamo's graph, or
+    None where the graph may not load from the AOTAutograd cache."""
+
+    def __init__(self, job: _Job, key: str | None) -> None:
         self.job = job
+        self.key = key
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
@@ -200,31 +205,22 @@ class _InductorJointPass(CustomGraphPass):
         _contiguous_bmm_inputs(gm)
         _split_head_views(gm)
 
-    def uuid(self) -> bytes:
-        """What Inductor's FX graph cache adds to its key for this pass: a hash of bkcompile's source.
+    def uuid(self) -> str:
+        """What torch's caches add to their keys for this pass.
 
-        That cache keys each graph Inductor compiles (the forward and the backward, after the partition) by the
-        graph's code, its inputs' shapes, strides and dtypes, Inductor's config and torch's version; this pass
-        runs before, on the joint graph, so every choice of the privatization is in the code keyed: the clipping
-        groups and their norms, ghost or explicit per site, the clip function and its constants, the loss
-        rescale, the record's integer key (``bkcompile::record_norms(norms, key, group)``). What the options
-        leave to run time (each group's threshold R_g, the loss scale) the graph reads from its record, which the
-        pass plans again at every compile (a hit skips Inductor's compile, never the pass). A different privatized
-        graph is different code, so it misses; the same code compiles to the same kernels whatever options
-        produced it. What the key's graph does not show is bkcompile's code the compiled graph depends on: its
-        custom ops' schemas and fake kernels (the output layouts Inductor compiled in). Any change to bkcompile's
-        source gives another uuid.
+        Inductor's FX graph cache keys each graph Inductor compiles (the forward and the backward, after the
+        partition) by the graph's code, its inputs' shapes, strides and dtypes, Inductor's config and torch's
+        version; this pass runs before, on the joint graph, so every choice of the privatization is in the code
+        keyed: the clipping groups and their norms, ghost or explicit per site, the clip function and its constants,
+        the loss rescale, the record's integer key (``bkcompile::record_norms(norms, key, group)``). What the
+        options leave to run time (each group's threshold R_g, the loss scale) the graph reads from its record. What
+        the key's graph does not show is bkcompile's code the compiled graph depends on (its custom ops' schemas and
+        fake kernels): the uuid holds a hash of bkcompile's source.
 
-        The AOTAutograd cache, whose key is the graph before this pass, is off for bk_dp's compiles
-        (:func:`_compile`): a hit there would skip the pass and leave the record without a plan."""
-        return _source_hash()
-
-
-@functools.cache
-def _source_hash() -> bytes:
-    """A hash of every Python file of bkcompile and its passes (read once per process)."""
-    roots = (Path(__file__).resolve().parents[1], Path(bkcompile.passes.__file__).resolve().parent)
-    return get_hash_for_files(tuple(sorted(str(p) for root in roots for p in root.rglob("*.py"))))
+        The AOTAutograd cache keys dynamo's graph, before this pass, so the uuid is the pass key, which also holds
+        the compile-time options, the record key, the inputs' classification and the kernel rates
+        (:mod:`bkcompile.compiler.warm`); without one that cache is off, and the uuid is the source hash."""
+        return self.key or warm.source_hash()
 
 
 def _single_bmm_to_mm(gm: torch.fx.GraphModule) -> None:
@@ -435,7 +431,7 @@ def compile(model: Any, *, dynamic: bool | None = None, fullgraph: bool = False,
     return torch.compile(model, backend="bk_dp", options=options, dynamic=dynamic, fullgraph=fullgraph)
 
 
-def _inductor_config(job: _Job, device: torch.device) -> dict:
+def _inductor_config(job: _Job, device: torch.device, key: str | None) -> dict:
     """Inductor's options for a bk_dp graph: bk_dp's defaults, the entries of the ``mode`` option, the user's
     ``inductor`` entries, then what bk_dp needs: its joint-graph pass, with the joint-graph passes on whatever
     the global config says (``use_joint_graph_passes=False`` skips them: the graph would not be privatized).
@@ -456,7 +452,7 @@ def _inductor_config(job: _Job, device: torch.device) -> dict:
         config["_post_fusion_custom_pass"] = KernelGrouping()
     config.update(list_mode_options(options.mode))
     config.update(options.inductor)
-    config.update({"joint_custom_pre_pass": _InductorJointPass(job), "use_joint_graph_passes": True})
+    config.update({"joint_custom_pre_pass": _InductorJointPass(job, key), "use_joint_graph_passes": True})
     return config
 
 
@@ -475,17 +471,51 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], job: _Job,
             decompositions={**get_decompositions(_DECOMPOSE), **DECOMPOSITIONS},
             keep_inference_input_mutations=True,
         )(gm, example_inputs)
+    # Inductor's FX graph cache may hit (keyed after the pass); the AOTAutograd cache, keyed before it, skips the
+    # pass on a hit: it is on only with a pass key (bkcompile.compiler.warm), and a hit takes the plan saved beside
+    key = warm.pass_key(job.options, job.record.key, job.inputs, device, job.role.piece)
+    plan_key = warm.plan_key(key, gm, example_inputs, job.options) if key is not None else None
+    saved = warm.load(plan_key) if plan_key is not None else None
+    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    compiled = _compile_fx(gm, example_inputs, job, device, key, aot_cache=key is not None)
+    loaded = job.record.plan is None and counters["aot_autograd"]["autograd_cache_hit"] > hits
+    if loaded and saved is not None and _clips_trainable(saved, job.inputs):
+        job.record.plan = dataclasses.replace(saved, label=job.role.label)
+        if saved.report is not None and job.options.report:
+            print(saved.report)
+        return compiled
+    if loaded:  # no plan saved for this graph and these options (another threshold's): compile again, with the pass
+        compiled = _compile_fx(gm, example_inputs, job, device, key, aot_cache=False)
+    if job.record.plan is not None and plan_key is not None:
+        warm.save(plan_key, job.record.plan)
+    return compiled
+
+
+def _clips_trainable(plan: GraphPlan, inputs: tuple[GraphInput, ...]) -> bool:
+    """Whether every parameter ``plan`` clips is a trainable input of the graph (a saved plan that does not fit the
+    graph it was loaded for is not used)."""
+    trainable = {i for i, graph_input in enumerate(inputs) if graph_input.trainable}
+    return all(set(group.members) <= trainable for group in plan.grouping.groups)
+
+
+def _compile_fx(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    job: _Job,
+    device: torch.device,
+    key: str | None,
+    aot_cache: bool,
+):
+    """Inductor's compile of dynamo's graph, the pass keyed by ``key``; from the AOTAutograd cache if ``aot_cache``."""
     from torch._inductor.compile_fx import compile_fx
 
-    # Inductor's FX graph cache may hit (keyed after the pass: _InductorJointPass.uuid); the AOTAutograd cache,
-    # keyed before it, may not: a hit there skips the pass.
-    with torch._functorch.config.patch(enable_autograd_cache=False, enable_remote_autograd_cache=False):
+    with torch._functorch.config.patch(enable_autograd_cache=aot_cache, enable_remote_autograd_cache=False):
         return compile_fx(
             gm,
             example_inputs,
             inner_compile=functools.partial(_inner_compile, label=job.role.label),
             # provenance tracking keeps node.meta["stack_trace"], so errors can name the user's source line
-            config_patches=_inductor_config(job, device),
+            config_patches=_inductor_config(job, device, key),
             decompositions=_inductor_decompositions(),
         )
 

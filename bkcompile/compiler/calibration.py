@@ -224,6 +224,15 @@ def rates_for(device: torch.device, dtype: torch.dtype) -> Rates:
     return _MEMO[memo]
 
 
+def fingerprint(device: torch.device) -> str:
+    """The rates a compile on ``device`` chooses by, in every dtype: the calibration file's entries for it, with what
+    this process read or measured first (:func:`rates_for` keeps to that)."""
+    prefix, path = f"{device_name(device)} |", cache_path()
+    entries = {k: v for k, v in load().items() if k.startswith(prefix)}
+    entries.update({k: v for (p, k), v in _MEMO.items() if p == path and k.startswith(prefix)})
+    return repr(sorted(entries.items()))
+
+
 def calibrate(
     device: torch.device | str | None = None, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 ) -> dict[str, Rates]:

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import itertools
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -475,7 +476,7 @@ class StepLedger:
         self._pending.append((key, thresholds))
 
     def last_state(self) -> ClipState | None:
-        recorded = [s for s in self.states if s.latest is not None]
+        recorded = [s for s in self.states if s.backwards]
         return max(recorded, key=lambda s: s.task) if recorded else None
 
     def refuse_upstream(self, call: CallRecord) -> None:
@@ -686,7 +687,9 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 modules.append(owner)
-        owner = frame.f_locals.get("self") if ours else None
+        # a frame's locals are a dict built on each read: read them where the code has a ``self`` only (its own, a
+        # cell of it or a closure's)
+        owner = frame.f_locals.get("self") if ours and _has_self(frame.f_code) else None
         if isinstance(owner, OptimizedModule) and all(m is not owner._orig_mod for m in modules):
             modules.append(owner._orig_mod)  # the module torch.compile wraps: all of it, disabled submodules too
         if is_dynamo_entry(frame):
@@ -700,6 +703,10 @@ def _caller() -> tuple[str, list[torch.nn.Module]]:
             first = first or f"{file}:{frame.f_lineno}"
         frame = frame.f_back
     return first or "<unknown location>", modules
+
+
+def _has_self(code: types.CodeType) -> bool:
+    return "self" in code.co_varnames or "self" in code.co_cellvars or "self" in code.co_freevars
 
 
 def _contains(root: torch.nn.Module, module: torch.nn.Module) -> bool:

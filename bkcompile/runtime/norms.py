@@ -48,14 +48,18 @@ class ClipState:
     thresholds: torch.Tensor = dataclasses.field(init=False)  # (G,) float64 on the device: the current R_g
     _below: torch.Tensor = dataclasses.field(init=False)  # (G,) counted samples with group norm <= R_g (below)
     _rows: torch.Tensor = dataclasses.field(init=False)  # (G,) counted samples (rows)
-    latest: torch.Tensor | None = None  # (B, G): the norms of the last backward
     grad_scaler: Any = None  # the torch.amp.GradScaler whose scale multiplies the gradients, if any
     spans: list | None = None  # a clip over several graphs: its groups' ClipSpans (bkcompile.runtime.deferred)
     backwards: int = 0  # backwards that recorded norms
     task: int = -1  # the autograd graph task of ``latest`` (tasks are numbered in order)
-    _recorded: set[int] = dataclasses.field(default_factory=set)  # groups the task has recorded
-    # the backwards not counted yet in ``below`` and ``rows``: their norms (B, G) and the groups they recorded
-    _uncounted: list[tuple[torch.Tensor, frozenset[int]]] = dataclasses.field(default_factory=list)
+    # the norms (B,) each group recorded in the last backward, kept as recorded: one copy per record, and the
+    # (B, G) ``latest`` formed only when read
+    _columns: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    _latest: torch.Tensor | None = None  # ``latest`` once formed (until the next record)
+    _recorded: set[int] = dataclasses.field(default_factory=set)  # groups of the last backward not counted yet
+    # the backwards not counted yet in ``below`` and ``rows``: the norms (B,) of the groups each recorded
+    _uncounted: list[dict[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    _split: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None  # the thresholds and a view of each R_g
 
     def __post_init__(self) -> None:
         self.members = tuple(tuple(weakref.ref(p) for p in group) for group in self.members)
@@ -71,6 +75,13 @@ class ClipState:
             and len(self.members) == len(members)
             and all(len(a) == len(b) and all(p() is q for p, q in zip(a, b)) for a, b in zip(self.members, members))
         )
+
+    @property
+    def latest(self) -> torch.Tensor | None:
+        """(B, G): the norms of the last backward (0 for a group it did not record); None before any."""
+        if self._latest is None and self._columns:
+            self._latest = _stacked(self._columns, len(self.groups))
+        return self._latest
 
     def sensitivity_tensor(self) -> torch.Tensor:
         """The L2 sensitivity of the summed clipped gradient, sqrt(sum_g R_g^2), on the device (no sync)."""
@@ -109,20 +120,21 @@ class ClipState:
         move only after the counts are read (the DP optimizer's step reads them first) or through
         :meth:`move_thresholds`. Counted in a few ops for many backwards, not in each group's record."""
         if self._recorded:  # the running backward's record is complete as far as the counts are read now
-            self._uncounted.append((self.latest, frozenset(self._recorded)))
+            self._uncounted.append({group: self._columns[group] for group in self._recorded})
             self._recorded = set()
         device = self._below.device  # the state's (a model moved after the state was made records elsewhere)
-        whole = [latest.to(device) for latest, groups in self._uncounted if len(groups) == len(self.groups)]
+        size = len(self.groups)
+        whole = [_stacked(columns, size).to(device) for columns in self._uncounted if len(columns) == size]
         if whole:
             norms = torch.cat(whole) if len(whole) > 1 else whole[0]
             self._below += (norms <= self.thresholds).sum(0).to(self._below)
             self._rows += len(norms)
-        for latest, groups in self._uncounted:  # a backward that recorded some of the groups only
-            if len(groups) < len(self.groups):
-                for group in groups:
-                    below = latest[:, group].to(device) <= self.thresholds[group]
+        for columns in self._uncounted:  # a backward that recorded some of the groups only
+            if len(columns) < size:
+                for group, norms in columns.items():
+                    below = norms.to(device) <= self.thresholds[group]
                     self._below[group] += below.sum().to(self._below)
-                    self._rows[group] += len(latest)
+                    self._rows[group] += len(norms)
         self._uncounted.clear()
 
     def loss_scale(self, like: torch.Tensor) -> torch.Tensor:
@@ -135,23 +147,43 @@ class ClipState:
 
     def record(self, norms: torch.Tensor, group: int) -> torch.Tensor:
         """Keep a group's norms of this backward (counted under the thresholds when the counts are read, or every
-        ``_COUNT_EVERY`` backwards: :meth:`_count`); return the group's threshold."""
+        ``_COUNT_EVERY`` backwards: :meth:`_count`); return the group's threshold.
+
+        Two ops per call, a copy of the norms and one of the threshold (a graph with a group per layer records
+        dozens of groups in each backward, where every op costs its dispatch)."""
         task = torch._C._current_graph_task_id()
-        if self.latest is None or task != self.task or group in self._recorded:  # a new backward (or call)
+        if not self._columns or task != self.task or group in self._columns:  # a new backward (or call)
             if self._recorded:
-                self._uncounted.append((self.latest, frozenset(self._recorded)))
+                self._uncounted.append({g: self._columns[g] for g in self._recorded})
                 self._recorded = set()
             if len(self._uncounted) >= _COUNT_EVERY:
                 self._count()
             self.task = task
             self.backwards += 1
-            self.latest = norms.new_zeros(len(norms), len(self.groups), dtype=_norm_dtype(norms))
+            self._columns = {}
+        self._latest = None
         self._recorded.add(group)
-        self.latest[:, group] = norms.detach()
-        return self.thresholds[group].to(device=norms.device, dtype=norms.dtype, copy=True)  # not a view of the state
+        own = norms.detach() if norms.requires_grad else norms
+        self._columns[group] = own.to(dtype=_norm_dtype(norms), copy=True)  # the graph may reuse its buffer
+        return self._thresholds()[group].to(device=norms.device, dtype=norms.dtype, copy=True)  # not the state's
+
+    def _thresholds(self) -> tuple[torch.Tensor, ...]:
+        """A view of each threshold R_g (views: they follow the in-place updates of adaptive clipping)."""
+        split = self._split
+        if split is None or split[0] is not self.thresholds:
+            split = self._split = (self.thresholds, self.thresholds.unbind())
+        return split[1]
 
 
 _COUNT_EVERY = 16  # backwards whose norms wait to be counted together (their (B, G) norms are kept until then)
+
+
+def _stacked(columns: dict[int, torch.Tensor], size: int) -> torch.Tensor:
+    """(B, ``size``): the recorded norms of each group side by side, 0 for a group not recorded."""
+    if len(columns) == size:
+        return torch.stack([columns[group] for group in range(size)], 1)
+    some = next(iter(columns.values()))
+    return torch.stack([columns[g] if g in columns else torch.zeros_like(some) for g in range(size)], 1)
 
 
 def _norm_dtype(norms: torch.Tensor) -> torch.dtype:

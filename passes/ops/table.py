@@ -55,6 +55,8 @@ class OpLaw:
 
 
 LAWS: dict[torch._ops.OpOverload, OpLaw] = {}
+# the ops given a rule through the public register_batch_rule in this process: their rules are the user's code
+USER_RULES: set = set()
 
 
 def _op_list(ops: Any) -> list:
@@ -84,6 +86,8 @@ def register_batch_rule(ops: torch._ops.OpOverload | Iterable[torch._ops.OpOverl
 
         bkcompile.register_batch_rule(torch.ops.mylib.scaled_tanh.default)(bkcompile.compiler.rules.pointwise)
     """
+    ops = _op_list(ops)
+    USER_RULES.update(ops)
     return law(ops)
 
 
