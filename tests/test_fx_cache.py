@@ -26,9 +26,9 @@ from bkcompile.compiler.options import parse_options
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
-# One training step of a small MLP under bk_dp (Inductor, float64, a dynamic batch): the caches' counters, how often the pass ran,
-# whether every record has a plan and a report was made, and the relative error of the clipped gradients against
-# the oracle.
+# One training step of a small MLP under bk_dp (Inductor, float64, a dynamic batch): the caches' counters, how often
+# the pass ran, whether every record has a plan and a report was made, and the relative error of the clipped
+# gradients against the oracle.
 STEP = textwrap.dedent(
     """
     import json, sys
