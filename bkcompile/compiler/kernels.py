@@ -35,6 +35,8 @@ from torch._inductor.memory import estimate_peak_memory, prepare_planning_info, 
 from torch._inductor.scheduler import BaseSchedulerNode, NopKernelSchedulerNode
 from torch._inductor.virtualized import V
 
+from bkcompile.compiler.warm import source_hash
+
 log = logging.getLogger(__name__)
 
 
@@ -116,8 +118,6 @@ class KernelGrouping(CustomSchedulerPass):
         _, freeable = prepare_planning_info(base, *planning)
         return group_kernels(base, lambda order: estimate_peak_memory(order, freeable, outputs)[0])
 
-    def uuid(self) -> bytes:
-        """The FX graph cache's key part for the pass: it changes with this module's source."""
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
-        return get_hash_for_files((__file__,))
+    def uuid(self) -> str:
+        """The FX graph cache's key part for the pass: it changes with bkcompile's source, this module's included."""
+        return source_hash()

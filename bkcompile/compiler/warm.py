@@ -13,9 +13,10 @@ pass handed to the graph's run-time record; this module keeps it, pickled in Ind
   the cost model chose by. It is the pass's uuid, so it is in both torch caches' keys.
 - :func:`plan_key` adds dynamo's graph and its inputs' metadata, and the whole options: it names one plan.
 
-A graph loads from the AOTAutograd cache only when its plan was found here first (:func:`load`); else that cache
-is off for the compile, the pass runs and its plan is saved (:func:`save`). Plans of the same pass key and graph
-are the same but for the options' threshold, so a loaded plan is the plan the loaded graph was privatized with.
+With a pass key the AOTAutograd cache is on. A hit takes the plan saved under the plan key (:func:`load`); a hit
+without one (another threshold's, a plan lost or not written) compiles again with that cache off, the pass runs, and
+its plan is saved (:func:`save`), as after a miss. Plans of the same pass key and graph are the same but for the
+options' threshold, so a loaded plan is the plan the loaded graph was privatized with.
 Nothing is cached for a piece of the model, options holding code (a callable), a dump directory, or when a batch
 rule was registered in this process (:func:`bkcompile.register_batch_rule`): the pass's output may then depend on
 code no key shows.
@@ -34,10 +35,12 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._inductor.custom_graph_pass import get_hash_for_files
 
 import bkcompile.passes
 from bkcompile.compiler import calibration
 from bkcompile.compiler.options import BKOptions
+from bkcompile.passes.ops.table import LAWS, USER_RULES
 from bkcompile.plan import GraphPlan
 
 # options read at run time (the initial thresholds, from the record) or only when the pass prints: not in the pass key
@@ -49,18 +52,12 @@ _VERSION = 1  # of the saved plans' format
 def source_hash() -> str:
     """A hash of every Python file of bkcompile and its passes (read once per process)."""
     roots = (Path(__file__).resolve().parents[1], Path(bkcompile.passes.__file__).resolve().parent)
-    digest = hashlib.sha256()
-    for path in sorted(p for root in roots for p in root.rglob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return get_hash_for_files(tuple(sorted(str(p) for root in roots for p in root.rglob("*.py")))).hex()
 
 
 def pass_key(options: BKOptions, record_key: int, inputs: tuple, device: torch.device, piece: bool) -> str | None:
     """What the pass's output depends on beyond dynamo's graph (module docstring); None where nothing may be cached
     (the pass's uuid is then bkcompile's source alone, and the AOTAutograd cache stays off)."""
-    from bkcompile.passes.ops.table import LAWS, USER_RULES
-
     fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     user_rules = any(op in LAWS for op in USER_RULES)
     if piece or options.dump or user_rules or not all(_plain(value) for value in fields.values()):
@@ -123,8 +120,14 @@ def _plain(value: Any) -> bool:
 def _metadata(value: Any, values: bool = False) -> Any:
     if not isinstance(value, torch.Tensor):
         return (type(value).__name__, repr(value))
-    shape = (type(value).__name__, value.dtype, value.device.type, str(value.shape), str(value.stride()))
-    meta = (*shape, value.requires_grad)
+    meta = (
+        type(value).__name__,
+        value.dtype,
+        value.device.type,
+        str(value.shape),
+        str(value.stride()),
+        value.requires_grad,
+    )
     if values:
         meta += (hashlib.sha256(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest(),)
     return meta
