@@ -175,6 +175,7 @@ def test_prv_is_skipped_where_its_domain_would_be_huge() -> None:
     assert 3000 < result.upper <= _rdp_epsilon([(0.125, 0.1, 320)], 1e-5)  # RDP: 10501; PLD at 1e-3: 3228.4
 
 
+@pytest.mark.slow  # dp_accounting's PLD as the reference: 1.5 s
 def test_a_history_of_several_noise_multipliers_is_composed() -> None:
     history = [(0.125, 0.9, 50), (0.125, 1.2, 100)]
     accountant = bkcompile.PrivacyAccountant()
