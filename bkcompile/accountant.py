@@ -2,23 +2,22 @@
 
 How epsilon is computed (:meth:`PrivacyAccountant.epsilon`), in order:
 
-1. prv-accountant's PRV accountant, where it resolves: an estimate within ``eps_error`` of the true
-   epsilon and certified bounds around it (``method="prv"``). It does not resolve everywhere. At
-   q = 0.125, sigma <= 1.45, 320 steps (batch 32 of 256 rows for 40 epochs) its discretiser refuses
-   ("Discrete mean differs from continuous mean significantly": its quadrature of the mean privacy
-   loss gives 0.0129 where the true mean is 0.0110). Its domain grows with the epsilon of one step at
-   a tiny delta, so at small sigma it would hold 1e8 points and more; it is skipped beyond
-   ``_PRV_MAX_POINTS``.
+1. The PRV accountant of Gopi, Lee and Wutschitz 2021 in float64 (:mod:`bkcompile.prv`), where it resolves:
+   an estimate within ``eps_error`` of the true epsilon and certified bounds around it
+   (``method="prv"``), 0.07 s for the quickstart's history (prv-accountant's long-double one: 0.6 s).
+   It does not resolve where float64 cannot vouch for its sums (its domain's points times float64's eps
+   not far below delta_error = delta / 1000: delta below about 6e-7 for the quickstart's history), nor
+   where a numerical check fails. Its domain grows with the epsilon of one step at a tiny delta, so at
+   small sigma it would hold 1e8 points and more; it is skipped beyond ``_PRV_MAX_POINTS``.
 2. Where PRV does not resolve: dp-accounting's PLD accountant with a pessimistic discretisation, a
    certified upper bound (``method="pld"``), which equals PRV's estimate to about 1e-4 where both
    resolve. Its grid is coarser for a larger epsilon (``_pld_interval``), so it stays fast.
 3. Should PLD fail as well: dp-accounting's RDP accountant, a looser certified upper bound
    (``method="rdp"``).
 
-The noise search (:func:`get_noise_multiplier`) never calls PRV (0.2 to 10 s a call, it grows with the
-steps). It solves PLD's epsilon(sigma) = target - eps_error in three or four PLD evaluations (0.05 to
-0.3 s each): the first probe from a vectorised RDP bound, the second from RDP scaled by PLD/RDP at the
-first, then secants.
+The noise search (:func:`get_noise_multiplier`) never calls PRV. It solves PLD's epsilon(sigma) =
+target - eps_error in three or four PLD evaluations (0.05 to 0.3 s each): the first probe from a
+vectorised RDP bound, the second from RDP scaled by PLD/RDP at the first, then secants.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,10 +32,9 @@ import dp_accounting
 import numpy as np
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
-from prv_accountant.accountant import compute_safe_domain_size
 from scipy import optimize, special
 
+from bkcompile import prv
 from bkcompile.errors import BKError
 
 
@@ -47,9 +44,8 @@ class AccountingError(BKError, ValueError):
 
 Method = Literal["exact", "prv", "pld", "rdp"]
 
-# PRV's domain holds 2 L / mesh points (remark 5.6 and theorem 5.5 of Gopi et al. 2021), long doubles:
-# 0.5 s at 300,000 points, 10 s near this cap. At small sigma it would be 1e8 points and more (minutes,
-# gigabytes); PLD answers instead.
+# PRV's domain holds 2 L / mesh points (remark 5.6 and theorem 5.5 of Gopi et al. 2021): 0.1 s at 400,000
+# points. At small sigma it would be 1e8 points and more (gigabytes); PLD answers instead.
 _PRV_MAX_POINTS = 4_000_000
 _MAX_SIGMA = 1e4  # the search's upper end
 
@@ -154,23 +150,14 @@ def _pld_epsilon(history: History, delta: float, interval: float) -> float:
 
 
 def _prv_bounds(history: History, delta: float, eps_error: float) -> tuple[float, float, float] | str:
-    """PRV's (lower, estimate, upper) clamped at 0, or why it does not resolve."""
-    prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=s) for q, s, _ in history]
-    steps = [n for _, _, n in history]
+    """PRV's (lower, estimate, upper) clamped at 0 (:mod:`bkcompile.prv`), or why it does not resolve."""
     delta_error = delta / 1000
     try:
-        with warnings.catch_warnings():  # eps_max's "assuming that true epsilon < ...", overflows at small sigma
-            warnings.simplefilter("ignore")
-            domain = compute_safe_domain_size(prvs, steps, eps_error=eps_error, delta_error=delta_error)
-            mesh = eps_error / math.sqrt(sum(steps) / 2 * math.log(12 / delta_error))
-            if 2 * domain / mesh > _PRV_MAX_POINTS:
-                return (
-                    f"skipped, its domain would hold {2 * domain / mesh:.2g} points (more than {_PRV_MAX_POINTS:.0g})"
-                )
-            accountant = PRVAccountant(
-                prvs=prvs, max_self_compositions=steps, eps_error=eps_error, delta_error=delta_error, eps_max=domain
-            )
-            bounds = accountant.compute_epsilon(delta=delta, num_self_compositions=steps)
+        half_domain = prv.domain_size(history, eps_error, delta_error, _rdp_epsilon)
+        points = 2 * half_domain / prv.mesh_size(history, eps_error, delta_error)
+        if points > _PRV_MAX_POINTS:
+            return f"skipped, its domain would hold {points:.2g} points (more than {_PRV_MAX_POINTS:.0g})"
+        bounds = prv.epsilon_bounds(history, delta, eps_error, delta_error, half_domain)
     except (ArithmeticError, MemoryError, RuntimeError, ValueError) as error:
         return f"{type(error).__name__}: {error}"
     if not all(math.isfinite(b) for b in bounds):
@@ -187,7 +174,7 @@ def _epsilon(history: History, delta: float, eps_error: float) -> Epsilon:
     bounds = _prv_bounds(history, delta, eps_error)
     if not isinstance(bounds, str):
         return Epsilon(*bounds, "prv")
-    reason = f"prv-accountant: {bounds}"
+    reason = f"PRV: {bounds}"
     try:
         upper = _pld_epsilon(history, delta, _pld_interval(1e-4, _rdp_epsilon(history, delta)))
         return Epsilon(0.0, upper, upper, "pld", reason)
@@ -203,7 +190,7 @@ class PrivacyAccountant:
     """Records (sample rate q, noise multiplier sigma, steps) and answers epsilon at a delta.
 
     Each recorded step is one Poisson-subsampled Gaussian mechanism under add/remove-one neighbouring
-    datasets. ``get_epsilon`` returns prv-accountant's *estimate* by default (within ``eps_error`` of the
+    datasets. ``get_epsilon`` returns the PRV accountant's *estimate* by default (within ``eps_error`` of the
     true epsilon; it agrees with dp_accounting's PLD accountant to about 1e-4), and
     ``get_epsilon(delta, bound="upper")`` its certified upper bound (what Opacus reports);
     ``get_epsilon_bounds`` gives (lower, estimate, upper). Where PRV does not resolve a history, both are

@@ -89,6 +89,7 @@ LAYERS = {
     "bkcompile.integrations": TRAINING,
     "bkcompile.optimizer": TRAINING,
     "bkcompile.private": TRAINING,
+    "bkcompile.prv": TRAINING,
     "bkcompile.randomness": TRAINING,
 }
 # What each layer may import. The run time imports neither the compile side nor the passes: what a graph needs
