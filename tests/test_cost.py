@@ -241,3 +241,19 @@ def test_backward_flops_count_each_convolution_gradient_as_its_forward(conv, wei
     channels = weight[0] if conv is torch.nn.functional.conv_transpose2d else weight[1] * groups
     joint, fake_mode = capture(fn, {"w": torch.randn(weight, requires_grad=True)}, torch.randn(4, channels, 9, 9))
     assert backward_flops(joint, backward_nodes(joint), compiled_sizes(fake_mode)) == flops
+
+
+def test_cost_expressions_evaluate_at_the_compiled_sizes() -> None:
+    """A site's sizes are expressions of the graph's shape symbols: each expression is evaluated with the compiled
+    sizes put in, through torch's integer functions too, and a symbol with no compiled size (an unbacked batch)
+    counts as 1."""
+    from bkcompile.passes.cost import evaluate, evaluate_all
+    from torch.utils._sympy.functions import FloorDiv
+
+    B, T, p, d = sympy.symbols("B T p d", positive=True, integer=True)
+    s0, s1 = sympy.symbols("s0 s1", positive=True, integer=True)
+    sizes = {B: s0, T: 2 * s1, p: 64, d: 32}
+    compiled = {s0: 8}  # s1 has none
+    exprs = [B * T * p, T**2 * (p + d), sympy.Max(B, 3), FloorDiv(B * T, 3), sympy.Integer(7)]
+    assert evaluate_all(exprs, sizes, compiled) == [1024.0, 384.0, 8.0, 5.0, 7.0]
+    assert evaluate(s0 * s1, {}, {s0: 8, s1: 3}) == 24.0
