@@ -12,18 +12,23 @@ process of its own with an empty Inductor cache, C++ builds in that process one 
 - the first step's seconds.
 
 Kernel counts are deterministic; timings are not (others compile on the same CPU): ``--repeats`` runs each pair
-that many times, interleaved, and the summary gives each timing's range.
+that many times, interleaved, and the summary gives each timing's range. ``--parallel-builds`` leaves Inductor's
+compile threads at their default, as a user's compile runs (the builds then overlap and are not timed one by one),
+and the summary adds each method's first step over non-private's, the median of the repeats' ratios (each repeat's
+runs side by side in time).
 
 Run: OMP_NUM_THREADS=1 python benchmarks/compile_profile.py [--models mlp vit gpt2-t128] [--methods compile
-bk_dp-inductor] [--repeats 2] [--json out.json]
+bk_dp-inductor] [--repeats 2] [--parallel-builds] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,9 +49,11 @@ TIMERS = (  # dynamo_timed events worth a column, by their name in compile_times
 )
 
 
-def probe(model_name: str, method: str) -> dict:
-    """One cold first step, in this process (its Inductor cache is empty: see ``measure``)."""
-    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+def probe(model_name: str, method: str, parallel: bool) -> dict:
+    """One cold first step, in this process (its Inductor cache is empty: see ``measure``); its C++ builds one after
+    another and each timed, unless ``parallel``."""
+    if not parallel:
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     import throughput
     import torch
     from torch._dynamo.utils import counters
@@ -74,7 +81,8 @@ def probe(model_name: str, method: str) -> dict:
         finally:
             pass_s.append(time.perf_counter() - start)
 
-    async_compile.AsyncCompile.cpp_pybinding = timed_build
+    if not parallel:  # in the pool a build's call returns before the build ends
+        async_compile.AsyncCompile.cpp_pybinding = timed_build
     backend.privatize = timed_pass
     before = set(PyCodeCache.modules)
     counters.clear()
@@ -106,7 +114,7 @@ def probe(model_name: str, method: str) -> dict:
         "method": method,
         "first_step_s": first_step_s,
         "pass_s": sum(pass_s),
-        "cpp_build_s": sum(build["s"] for build in builds),
+        "cpp_build_s": sum(build["s"] for build in builds) if not parallel else math.nan,
         "timers": {name: sum(metrics.get(name, [])) for name in TIMERS},
         "counters": dict(counters["inductor"]),
         "graphs": graphs,
@@ -120,9 +128,10 @@ def _kernel_source(code: str, name: str) -> str:
     return code[begin : code.index("'''", begin)]
 
 
-def measure(model_name: str, method: str) -> dict:
+def measure(model_name: str, method: str, parallel: bool) -> dict:
     """``probe`` in a subprocess with an Inductor cache of its own, empty."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", model_name, method]
+    command += ["--parallel-builds"] * parallel
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
@@ -160,27 +169,46 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(rows + [""] + names)
 
 
+def ratios(runs: list[dict], baseline: str = "compile") -> str:
+    """Each method's first step over ``baseline``'s of the same model and repeat: the median of the repeats' ratios
+    and their range, beside the median seconds."""
+    seconds: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:
+        seconds.setdefault((run["model"], run["method"]), {})[run["repeat"]] = run["first_step_s"]
+    rows = ["| model | method | first step s (median) | × non-private (median, range over repeats) |"]
+    rows.append("|---|---|---|---|")
+    for (model_name, method), by_repeat in seconds.items():
+        base = seconds.get((model_name, baseline), {})
+        each = [by_repeat[r] / base[r] for r in by_repeat if r in base]
+        ratio = f"{statistics.median(each):.2f} ({min(each):.2f}-{max(each):.2f})" if each else ""
+        rows.append(f"| {model_name} | {method} | {statistics.median(by_repeat.values()):.1f} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "vit", "gpt2-t128"])
     parser.add_argument("--methods", nargs="+", default=["compile", "bk_dp-inductor"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--parallel-builds", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(probe(*args.probe)))
+        print(json.dumps(probe(*args.probe, args.parallel_builds)))
         return
     runs = []
     for model_name in args.models:
         for repeat in range(args.repeats):
             methods = args.methods if repeat % 2 == 0 else args.methods[::-1]  # interleaved, the order alternated
             for method in methods:
-                runs.append(measure(model_name, method))
+                runs.append({**measure(model_name, method, args.parallel_builds), "repeat": repeat})
                 print(f"{model_name} {method}: {runs[-1]['first_step_s']:.1f} s", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     print(summary(runs))
+    print()
+    print(ratios(runs))
 
 
 if __name__ == "__main__":
