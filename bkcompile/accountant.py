@@ -85,7 +85,7 @@ def steps_per_epoch(sample_rate: float) -> int:
     return max(1, math.ceil(1 / sample_rate))
 
 
-History = tuple[tuple[float, float, int], ...]  # ((q, sigma, steps), ...)
+History = prv.History  # ((q, sigma, steps), ...)
 
 
 # Integer Renyi orders from 2 to 256 (every one up to 16, then about 8% apart), and log C(alpha, k) for

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import warnings
 
-import dp_accounting
 import pytest
-from dp_accounting.pld import pld_privacy_accountant
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 from prv_accountant.accountant import compute_safe_domain_size
 
@@ -37,17 +35,6 @@ def _prv_accountant(history, delta: float) -> tuple[float, float, float]:
             prvs=prvs, max_self_compositions=steps, eps_error=0.01, delta_error=delta / 1000, eps_max=1.5 * domain
         )
         return accountant.compute_epsilon(delta=delta, num_self_compositions=steps)
-
-
-def _pld_epsilon(history, delta: float) -> float:
-    accountant = pld_privacy_accountant.PLDAccountant()
-    for q, sigma, steps in history:
-        accountant.compose(
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-            )
-        )
-    return accountant.get_epsilon(delta)
 
 
 def _epsilon(history, delta: float) -> bkcompile.accountant.Epsilon:
