@@ -27,6 +27,13 @@ def per_sample_grads(model: torch.nn.Module, sample_loss: Callable, inputs: tupl
     return vmap(grad(loss_of_one), in_dims=in_dims, randomness="same")(trainable, *inputs, *targets)
 
 
+def clip_factors(norms: torch.Tensor, threshold: float, clip_fn: str = "abadi", gamma: float = 0.01) -> torch.Tensor:
+    """C_i from the per-sample norms: automatic clipping R / (n_i + gamma), else Abadi's min(1, R / n_i)."""
+    if clip_fn == "automatic":
+        return threshold / (norms + gamma)
+    return (threshold / (norms + EPS)).clamp(max=1.0)
+
+
 def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi", gamma=0.01):
     """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping; with ``groups``
     (a list of (parameter names, threshold)) each group is clipped on its own and the norms are (B, G)."""
@@ -35,10 +42,7 @@ def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, group
     out, columns = {}, []
     for names, threshold in groups:
         norms = torch.stack([grads[k].flatten(1).pow(2).sum(1) for k in names]).sum(0).sqrt()
-        if clip_fn == "automatic":
-            factors = threshold / (norms + gamma)
-        else:
-            factors = (threshold / (norms + EPS)).clamp(max=1.0)
+        factors = clip_factors(norms, threshold, clip_fn, gamma)
         out.update({k: torch.einsum("b,b...->...", factors, grads[k]) for k in names})
         columns.append(norms)
     return out, columns[0] if len(columns) == 1 else torch.stack(columns, 1)
