@@ -71,22 +71,23 @@ def _inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _oracle(model: torch.nn.Module, case: Case, x: torch.Tensor, y: torch.Tensor, loss):
     """(clipped sums, max_grad_norm, noise floors) in float64: R is the median per-sample norm (some samples are
-    clipped). A parameter's noise floor is the largest value its group's clip factor can give a rounding error of the
-    unclipped per-sample gradients: the largest factor times their largest value. A group whose gradient is zero in
-    exact arithmetic (an embedding under a batch norm whose output is averaged) has rounding noise for its norm, and
-    automatic clipping multiplies it by up to R / gamma."""
+    clipped). A group whose gradient is zero within the tolerance of the backward's scale (the largest unclipped
+    per-sample value; an embedding under a batch norm whose output is averaged) has rounding noise for its norm, which
+    automatic clipping multiplies by up to R / gamma: its parameters' noise floor is that scale times the group's
+    largest clip factor (0 for every other group)."""
     reference, x64 = copy.deepcopy(model).double(), x if case.spec.embed else x.double()
     _, norms = clipped_sum(reference, loss, (x64,), (y,), max_grad_norm=float("inf"))
     radius = max(norms.median().item(), 1e-3)
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     groups = expected_groups(names, case.clipping, radius)
     want, norms = clipped_sum(reference, loss, (x64,), (y,), groups=groups, clip_fn=case.clip_fn)
-    largest = max(g.abs().max().item() for g in per_sample_grads(reference, loss, (x64,), (y,)).values())
+    scale = max(g.abs().max().item() for g in per_sample_grads(reference, loss, (x64,), (y,)).values())
     norms = norms.reshape(norms.shape[0], -1)  # (B, groups)
     floors = {}
     for column, (members, threshold) in enumerate(groups):
+        zero = norms[:, column].max().item() <= TOLERANCE[case.dtype] * scale
         factor = clip_factors(norms[:, column], threshold, case.clip_fn).max().item()
-        floors.update(dict.fromkeys(members, factor * largest))
+        floors.update(dict.fromkeys(members, factor * scale if zero else 0.0))
     return want, radius, floors
 
 
@@ -152,7 +153,7 @@ def check_case(case: Case) -> str:
         raise AssertionError(f"neither exact nor refused with a bkcompile error: {error!r}") from error
     # against the largest oracle value, or the parameter's noise floor where larger: a parameter whose gradient is
     # zero in exact arithmetic (a norm's weight under a mean of its normalised output) has rounding noise as its
-    # oracle value, which its group's clip factor scales
+    # oracle value, which its group's clip factor scales when the whole group's gradient is zero
     top = max(ref.abs().max().item() for ref in want.values())
     for name, ref in want.items():
         error = (got[name].double() - ref).abs().max().item() / max(top, floors[name], 1e-30)
