@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import datetime
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,14 +68,7 @@ def explicit(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        throughput.synchronize()
-        start = time.perf_counter()
-        fn()
-        throughput.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(throughput.timed(fn) for _ in range(repeats))
 
 
 @dataclasses.dataclass
