@@ -34,10 +34,13 @@ def clip_factors(norms: torch.Tensor, threshold: float, clip_fn: str = "abadi", 
     return (threshold / (norms + EPS)).clamp(max=1.0)
 
 
-def clipped_sum(model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi", gamma=0.01):
+def clipped_sum(
+    model, sample_loss, inputs, targets=(), max_grad_norm=1.0, groups=None, clip_fn="abadi", gamma=0.01, grads=None
+):
     """(sum_i C_i g_i per parameter, per-sample norms ||g_i||) with all-layer clipping; with ``groups``
-    (a list of (parameter names, threshold)) each group is clipped on its own and the norms are (B, G)."""
-    grads = per_sample_grads(model, sample_loss, inputs, targets)
+    (a list of (parameter names, threshold)) each group is clipped on its own and the norms are (B, G). ``grads``:
+    the per-sample gradients when the caller has them (else computed here)."""
+    grads = per_sample_grads(model, sample_loss, inputs, targets) if grads is None else grads
     groups = groups or [(list(grads), max_grad_norm)]
     out, columns = {}, []
     for names, threshold in groups:

@@ -76,12 +76,13 @@ def _oracle(model: torch.nn.Module, case: Case, x: torch.Tensor, y: torch.Tensor
     automatic clipping multiplies by up to R / gamma: its parameters' noise floor is that scale times the group's
     largest clip factor (0 for every other group)."""
     reference, x64 = copy.deepcopy(model).double(), x if case.spec.embed else x.double()
-    _, norms = clipped_sum(reference, loss, (x64,), (y,), max_grad_norm=float("inf"))
+    grads = per_sample_grads(reference, loss, (x64,), (y,))
+    _, norms = clipped_sum(reference, loss, (x64,), (y,), max_grad_norm=float("inf"), grads=grads)
     radius = max(norms.median().item(), 1e-3)
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     groups = expected_groups(names, case.clipping, radius)
-    want, norms = clipped_sum(reference, loss, (x64,), (y,), groups=groups, clip_fn=case.clip_fn)
-    scale = max(g.abs().max().item() for g in per_sample_grads(reference, loss, (x64,), (y,)).values())
+    want, norms = clipped_sum(reference, loss, (x64,), (y,), groups=groups, clip_fn=case.clip_fn, grads=grads)
+    scale = max(g.abs().max().item() for g in grads.values())
     norms = norms.reshape(norms.shape[0], -1)  # (B, groups)
     floors = {}
     for column, (members, threshold) in enumerate(groups):
