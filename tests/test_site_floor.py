@@ -25,7 +25,7 @@ def test_ghost_and_explicit_compute_the_norm_weighted_sum_of_per_sample_products
 
 
 @pytest.mark.slow  # explain and a non-private Inductor compile of the tiny MLP
-def test_the_mlp_has_a_timed_row_per_linear_weight_and_a_floor_of_the_cheaper_strategies() -> None:
+def test_the_mlp_has_a_timed_row_per_linear_weight_whose_choice_columns_agree() -> None:
     rows, step_s, floor_s = site_floor.model_floor("mlp", "layer-wise", repeats=2, quick=True, compile_fns=False)
     weights = [row for row in rows if ".weight |" in row]
     assert len(weights) == 3 and all("not timed" not in row for row in weights)
